@@ -1,0 +1,44 @@
+"""accord: a distributed runtime for agents on NATS JetStream."""
+
+from ._agent import Agent as Agent
+from ._agent import handler as handler
+from ._connect import connect as connect
+from ._errors import AccordError as AccordError
+from ._errors import AgentTypeNotFound as AgentTypeNotFound
+from ._errors import BadRequest as BadRequest
+from ._errors import ConfigurationError as ConfigurationError
+from ._errors import DeliveryTimeout as DeliveryTimeout
+from ._errors import EngineError as EngineError
+from ._errors import Fenced as Fenced
+from ._errors import LeaseLost as LeaseLost
+from ._errors import NotConnected as NotConnected
+from ._errors import RemoteError as RemoteError
+from ._errors import UnknownMessageType as UnknownMessageType
+from ._ids import AgentId as AgentId
+from ._mesh import Mesh as Mesh
+from ._node import Node as Node
+from ._server import EmbeddedServer as EmbeddedServer
+from ._settings import NodeSettings as NodeSettings
+
+__all__ = [
+    "AccordError",
+    "Agent",
+    "AgentId",
+    "AgentTypeNotFound",
+    "BadRequest",
+    "ConfigurationError",
+    "DeliveryTimeout",
+    "EmbeddedServer",
+    "Fenced",
+    "LeaseLost",
+    "Mesh",
+    "Node",
+    "NodeSettings",
+    "NotConnected",
+    "RemoteError",
+    "UnknownMessageType",
+    "connect",
+    "handler",
+]
+
+__version__ = "0.1.0"

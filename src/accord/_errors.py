@@ -1,0 +1,99 @@
+"""The one exception hierarchy of accord.
+
+Every error a caller can see derives from `AccordError`; library errors (nats-py, msgspec) are
+translated at the boundary so callers never catch a dependency's exception types.
+"""
+
+from __future__ import annotations
+
+
+class AccordError(Exception):
+    """Root of every error raised by accord."""
+
+    #: Stable wire code for errors that travel in a reply envelope.
+    code = "error"
+
+
+class ConfigurationError(AccordError, ValueError):
+    """Bad arguments or settings given by the user (an invalid agent id, cluster name, ...)."""
+
+    code = "bad_config"
+
+
+class BadRequest(AccordError):
+    """The receiver could not decode or validate a request; it was not processed."""
+
+    code = "bad_request"
+
+
+class AgentTypeNotFound(AccordError):
+    """No node of the cluster hosts the requested agent type; the message was not processed."""
+
+    code = "agent_type_not_found"
+
+
+class UnknownMessageType(AccordError):
+    """The agent type has no handler for this message type; the message was not processed."""
+
+    code = "unknown_message_type"
+
+
+class RemoteError(AccordError):
+    """The handler raised; the agent keeps serving.
+
+    `remote_type` names the exception class raised on the remote side, `remote_message` its text.
+    The message *was* processed up to the point of the failure.
+    """
+
+    code = "remote_error"
+
+    def __init__(self, remote_type: str, remote_message: str) -> None:
+        super().__init__(f"{remote_type}: {remote_message}")
+        self.remote_type = remote_type
+        self.remote_message = remote_message
+
+
+class DeliveryTimeout(AccordError, TimeoutError):
+    """The deadline passed before a reply arrived.
+
+    `maybe_delivered` is False when no node ever accepted the message (every attempt found no owner
+    for the shard), so it was certainly not processed; True when a request reached an owner and the
+    outcome is unknown.
+    """
+
+    code = "timeout"
+
+    def __init__(self, message: str, *, maybe_delivered: bool) -> None:
+        super().__init__(message)
+        self.maybe_delivered = maybe_delivered
+
+
+class NotConnected(AccordError, ConnectionError):
+    """The client could not reach, or lost, the NATS server."""
+
+    code = "not_connected"
+
+
+class LeaseLost(AccordError):
+    """A lease (shard or named) was lost or expired while work depended on it."""
+
+    code = "lease_lost"
+
+
+class Fenced(AccordError):
+    """A write carried an epoch older than the one already recorded, and was refused."""
+
+    code = "fenced"
+
+
+class EngineError(AccordError):
+    """The embedded nats-server could not be started or stopped."""
+
+    code = "engine_error"
+
+
+#: Codes that a reply envelope may carry, mapped to the exception the caller raises.
+WIRE_ERRORS: dict[str, type[AccordError]] = {
+    cls.code: cls
+    for cls in (BadRequest, AgentTypeNotFound, UnknownMessageType, DeliveryTimeout, Fenced)
+}

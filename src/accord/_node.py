@@ -1,0 +1,360 @@
+"""A node: an OS process's membership in the cluster, hosting agents for the shards it owns.
+
+It joins (membership + shard manager), subscribes to the subject of each shard it gains, turns
+requests into work for activations, and short-circuits messages for its own shards in-process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import time
+import uuid
+from collections.abc import Iterable
+from typing import Any
+
+import msgspec
+from nats.aio.msg import Msg
+
+from . import _codec as codec
+from ._activation import Activation, Work
+from ._agent import Agent, AgentSpec, spec_of
+from ._errors import (
+    AccordError,
+    AgentTypeNotFound,
+    BadRequest,
+    ConfigurationError,
+    UnknownMessageType,
+)
+from ._ids import AgentId, shard_of
+from ._mesh import Mesh
+from ._settings import NodeSettings, Stats
+from ._transport import NatsTransport, Subscription
+from .cluster._config import Names, open_cluster
+from .cluster._membership import MemberInfo, Membership
+from .cluster._shards import ShardManager
+
+log = logging.getLogger("accord.node")
+
+
+class Node(Mesh):
+    """Hosts agent types on the cluster. Use `async with Node(agents=[...], nats=url) as node`.
+
+    On exit it leaves gracefully: stops intake, drains in-flight turns, deactivates its agents and
+    releases its shards so peers take them over without failed asks.
+    """
+
+    def __init__(
+        self,
+        agents: Iterable[type[Agent]] = (),
+        *,
+        nats: str | list[str] | None = None,
+        name: str | None = None,
+        settings: NodeSettings | None = None,
+    ) -> None:
+        self.settings = settings or NodeSettings()
+        self.specs: dict[str, AgentSpec] = {}
+        for cls in agents:
+            spec = spec_of(cls)
+            if spec.type_name in self.specs:
+                raise ConfigurationError(f"two agent classes share the type {spec.type_name!r}")
+            self.specs[spec.type_name] = spec
+        self.node_name = name or f"node-{socket.gethostname()}-{os.getpid()}"
+        if not Names(self.node_name.replace(".", "-")[:32]).cluster:
+            raise ConfigurationError(f"bad node name {self.node_name!r}")
+        if "." in self.node_name or "*" in self.node_name or ">" in self.node_name:
+            raise ConfigurationError(
+                f"node name may not contain '.', '*' or '>': {self.node_name!r}"
+            )
+        self._nats = nats
+        self.stats = Stats()
+        self._activations: dict[AgentId, Activation] = {}
+        self._by_shard: dict[int, dict[AgentId, Activation]] = {}
+        self._deactivating: dict[AgentId, asyncio.Task[None]] = {}
+        self._shard_subs: dict[int, Subscription] = {}
+        self._engine: Any = None
+        self._started = False
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    async def start(self) -> Node:
+        from ._connect import resolve_servers
+
+        self.loop = asyncio.get_running_loop()
+        servers, self._engine = await resolve_servers(self._nats)
+        try:
+            transport = await NatsTransport.connect(servers, self.node_name)
+            names = Names(self.settings.cluster)
+            config, kvs = await open_cluster(
+                transport.js,
+                names,
+                num_shards=self.settings.num_shards,
+                lease_ttl=self.settings.lease_ttl,
+                replicas=self.settings.replicas,
+            )
+            super().__init__(transport, names, config, kvs["subs"])
+            self._nc = transport
+            for spec in self.specs.values():
+                for topic in spec.topics:
+                    await self.subscribe(topic, spec.type_name)
+            me = MemberInfo(
+                name=self.node_name,
+                incarnation=uuid.uuid4().hex,
+                pid=os.getpid(),
+                host=socket.gethostname(),
+                started_at=time.time(),
+                labels=dict(self.settings.labels),
+            )
+            s = self.settings
+            self.membership = Membership(
+                transport.js,
+                kvs["members"],
+                names,
+                me,
+                heartbeat_interval=s.heartbeat_interval,
+                suspect_after=s.suspect_after,
+                dead_after=s.dead_after,
+                on_change=self._membership_changed,
+            )
+            self.shards = ShardManager(transport.js, kvs["leases"], config, self.membership, self)
+            self._admin = await transport.subscribe(
+                names.admin_subject, self._on_admin, queue="admin"
+            )
+            self._node_admin = await transport.subscribe(
+                f"{names.admin_subject}.{self.node_name}", self._on_admin
+            )
+            await self.membership.start()
+            await self.shards.start()
+            self._sweeper = self.loop.create_task(self._sweep_idle(), name="accord-idle-sweep")
+            self._started = True
+        except BaseException:
+            await self._stop_engine()
+            raise
+        log.info("node %s up (cluster %s, %d shards)", self.node_name, names.cluster,
+                 config.num_shards)  # fmt: skip
+        return self
+
+    async def stop(self) -> None:
+        """Leave the cluster gracefully and close everything this node started."""
+        if not self._started:
+            await self._stop_engine()
+            return
+        self._started = False
+        await self.membership.leave()
+        await self.shards.leave(self.settings.drain_timeout)
+        await self.shards.stop()
+        self._sweeper.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._sweeper
+        await self.membership.stop()
+        with contextlib.suppress(Exception):
+            await self._admin.unsubscribe()
+            await self._node_admin.unsubscribe()
+        await self.close()
+        await self._stop_engine()
+        log.info("node %s stopped", self.node_name)
+
+    async def _stop_engine(self) -> None:
+        if self._engine is not None:
+            engine, self._engine = self._engine, None
+            await asyncio.to_thread(engine.stop)
+
+    async def __aenter__(self) -> Node:
+        return await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    def _membership_changed(self) -> None:
+        if hasattr(self, "shards"):
+            self.shards.wake()
+
+    # -- ShardOwner -------------------------------------------------------------------------
+
+    async def shard_acquired(self, shard: int, epoch: int) -> None:
+        async def on_msg(msg: Msg) -> None:
+            self._on_request(shard, msg)
+
+        self._shard_subs[shard] = await self._nc.subscribe(self.names.shard_subject(shard), on_msg)
+        self.membership.me.shards = len(self._shard_subs)
+
+    async def shard_released(self, shard: int, graceful: bool) -> None:
+        sub = self._shard_subs.pop(shard, None)
+        self.membership.me.shards = len(self._shard_subs)
+        if sub is not None:
+            with contextlib.suppress(Exception):
+                if graceful:
+                    await sub.drain()  # type: ignore[attr-defined]
+                else:
+                    await sub.unsubscribe()
+        acts = list(self._by_shard.get(shard, {}).values())
+        if graceful:
+            for act in acts:
+                act.close()
+            await asyncio.wait(
+                [a.task for a in acts] or [self.loop.create_future()],
+                timeout=self.settings.drain_timeout if acts else 0,
+            )
+            acts = [a for a in acts if not a.task.done()]
+        for act in acts:
+            act.task.cancel()
+        for act in acts:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await act.task
+
+    def shards_valid(self, shard: int, epoch: int) -> bool:
+        return self.shards.valid(shard, epoch)
+
+    # -- inbound ----------------------------------------------------------------------------
+
+    def _on_request(self, shard: int, msg: Msg) -> None:
+        epoch = self.shards.serving(shard)
+        if epoch is None:
+            self.stats.dropped_not_owner += 1
+            return  # a stale subscription: stay silent, the valid owner answers
+        reply_to = msg.reply or None
+        enc: codec.Encoding = codec.sniff(msg.data)
+        try:
+            req, enc = codec.decode_request(msg.data)
+            agent_id = AgentId.parse(req.target)
+            if shard_of(agent_id, self.config.num_shards) != shard:
+                raise BadRequest(f"{agent_id} does not live in shard {shard}")
+            spec = self.specs.get(agent_id.type)
+            if spec is None:
+                raise AgentTypeNotFound(f"no agent type {agent_id.type!r} on this cluster")
+            h = spec.handler_for_name(req.type)
+            if h is None:
+                raise UnknownMessageType(
+                    f"agent type {agent_id.type!r} has no handler for {req.type!r}"
+                )
+            body = codec.decode_as(req.body, h.msg_type, enc)
+        except AccordError as exc:
+            self._reject(exc, reply_to, enc)
+            return
+        except Exception as exc:  # anything a hostile envelope provokes must not kill the node
+            self._reject(BadRequest(f"rejected: {exc}"), reply_to, enc)
+            return
+        deadline = None
+        if req.timeout_ms is not None:
+            deadline = self.loop.time() + req.timeout_ms / 1000
+        reply = None
+        if req.kind == "ask" and reply_to is not None:
+            reply = self._remote_replier(reply_to, enc, epoch)
+        self._activation(agent_id, spec, shard, epoch).put(Work(h, body, deadline, reply))
+
+    def _reject(self, exc: AccordError, reply_to: str | None, enc: codec.Encoding) -> None:
+        self.stats.rejected += 1
+        log.debug("rejected request: %s", exc)
+        if reply_to:
+            self._send(reply_to, codec.error_reply(exc.code, str(exc), enc))
+
+    def _remote_replier(self, reply_to: str, enc: codec.Encoding, epoch: int) -> Any:
+        def reply(result: Any, error: BaseException | None) -> None:
+            if error is not None:
+                code = getattr(error, "code", "error")
+                rtype = getattr(error, "remote_type", type(error).__name__)
+                rmsg = getattr(error, "remote_message", str(error))
+                data = codec.error_reply(code, rmsg, enc, rtype)
+            else:
+                try:
+                    data = codec.ok_reply(codec.encode(result, enc), enc, epoch, self.node_name)
+                except (TypeError, ValueError, OverflowError) as exc:
+                    data = codec.error_reply("remote_error", f"reply not encodable: {exc}", enc,
+                                             "TypeError")  # fmt: skip
+            self._send(reply_to, data)
+
+        return reply
+
+    def _send(self, subject: str, data: bytes) -> None:
+        self.loop.create_task(self._nc.publish(subject, data))
+
+    async def _on_admin(self, msg: Msg) -> None:
+        from ._status import node_status
+
+        if msg.reply:
+            with contextlib.suppress(Exception):
+                await self._nc.publish(msg.reply, msgspec.json.encode(node_status(self)))
+
+    # -- activations ------------------------------------------------------------------------
+
+    def _activation(self, agent_id: AgentId, spec: AgentSpec, shard: int, epoch: int) -> Activation:
+        act = self._activations.get(agent_id)
+        if act is not None and act.epoch == epoch and not act.closing:
+            return act
+        previous = act.task if act is not None else self._deactivating.get(agent_id)
+        act = Activation(self, agent_id, spec, shard, epoch, previous)
+        self._activations[agent_id] = act
+        self._by_shard.setdefault(shard, {})[agent_id] = act
+        return act
+
+    def activation_ended(self, act: Activation) -> None:
+        if self._activations.get(act.id) is act:
+            del self._activations[act.id]
+        by = self._by_shard.get(act.shard)
+        if by is not None and by.get(act.id) is act:
+            del by[act.id]
+        self._deactivating[act.id] = act.task
+        act.task.add_done_callback(lambda t: self._forget(act.id, t))
+        self.stats.deactivations += 1
+
+    def _forget(self, agent_id: AgentId, task: asyncio.Task[None]) -> None:
+        if self._deactivating.get(agent_id) is task:
+            del self._deactivating[agent_id]
+
+    def _route_local(
+        self, agent_id: AgentId, shard: int, msg: Any, deadline: float | None, *, ask: bool
+    ) -> asyncio.Future[Any] | None:
+        epoch = self.shards.serving(shard) if self._started else None
+        if epoch is None:
+            return None
+        fut: asyncio.Future[Any] = self.loop.create_future()
+        spec = self.specs.get(agent_id.type)
+        h = spec.by_class.get(type(msg)) if spec is not None else None
+        if spec is None or h is None:
+            err: AccordError = (
+                AgentTypeNotFound(f"no agent type {agent_id.type!r} on this cluster")
+                if spec is None
+                else UnknownMessageType(
+                    f"{agent_id.type!r} has no handler for {type(msg).__name__}"
+                )
+            )
+            if not ask:
+                raise err
+            fut.set_exception(err)
+            return fut
+        reply = _future_replier(fut) if ask else None
+        self._activation(agent_id, spec, shard, epoch).put(Work(h, msg, deadline, reply))
+        if not ask:
+            fut.set_result(None)
+        return fut
+
+    async def _sweep_idle(self) -> None:
+        while True:
+            idle = min((s.idle_timeout for s in self.specs.values()), default=60.0)
+            await asyncio.sleep(max(0.05, min(idle / 4, 1.0)))
+            now = self.loop.time()
+            for act in list(self._activations.values()):
+                if (
+                    not act.busy
+                    and not act.queue
+                    and now - act.last_active >= act.spec.idle_timeout
+                ):
+                    act.close()
+
+    def activation_count(self) -> int:
+        return len(self._activations)
+
+
+def _future_replier(fut: asyncio.Future[Any]) -> Any:
+    def reply(result: Any, error: BaseException | None) -> None:
+        if fut.done():
+            return
+        if error is not None:
+            fut.set_exception(error)
+        else:
+            fut.set_result(result)
+
+    return reply

@@ -1,0 +1,43 @@
+"""Node settings (one typed object, a docstring line per field) and node counters."""
+
+from __future__ import annotations
+
+import msgspec
+
+
+class NodeSettings(msgspec.Struct, kw_only=True):
+    cluster: str = "default"
+    """Cluster name; every subject and bucket is scoped by it."""
+    num_shards: int | None = None
+    """Shard count, used only when this node creates the cluster (None: 64, or as stored)."""
+    lease_ttl: int | None = None
+    """Shard lease TTL in whole seconds, used only at cluster creation (None: 2 or stored)."""
+    replicas: int = 1
+    """JetStream replicas of the cluster's buckets and streams (production: min(3, servers))."""
+    heartbeat_interval: float = 0.25
+    """Seconds between membership heartbeats."""
+    suspect_after: float = 0.75
+    """Seconds without a heartbeat before a peer is suspected."""
+    dead_after: float = 1.5
+    """Seconds without a heartbeat before a peer is declared dead and its shards re-placed."""
+    drain_timeout: float = 10.0
+    """Seconds a graceful handoff waits for queued turns before cancelling them."""
+    deactivate_timeout: float = 5.0
+    """Seconds an `on_deactivate` hook may run."""
+    labels: dict[str, str] = msgspec.field(default_factory=dict)
+    """Free-form node labels (zone, cost, ...) published with membership."""
+
+
+class Stats(msgspec.Struct):
+    """Counters of one node, reported by `accord status`."""
+
+    turns: int = 0
+    activations: int = 0
+    deactivations: int = 0
+    handler_errors: int = 0
+    rejected: int = 0
+    """Malformed or unroutable requests refused (error reply where a reply subject exists)."""
+    dropped_not_owner: int = 0
+    """Requests that reached a stale subscription and were ignored."""
+    expired: int = 0
+    """Messages whose deadline passed before their turn; not run."""

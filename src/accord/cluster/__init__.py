@@ -1,0 +1,1 @@
+"""The cluster layer: configuration, membership and failure detection, shard leases, placement."""

@@ -1,0 +1,155 @@
+"""Cluster identity and its JetStream resources (subjects, KV buckets, the events stream).
+
+The shard count and lease TTL are fixed when a cluster is created and stored in its meta bucket;
+every node and client reads them from there, so they can never disagree.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import time
+from dataclasses import dataclass
+
+import msgspec
+import nats.js.errors
+from nats.js import JetStreamContext
+from nats.js.api import KeyValueConfig, StorageType, StreamConfig
+from nats.js.kv import KeyValue
+
+from .._errors import ConfigurationError, NotConnected
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9_\-]{1,32}$")
+DEFAULT_SHARDS = 64
+DEFAULT_LEASE_TTL = 2
+
+
+class ClusterConfig(msgspec.Struct, frozen=True):
+    """Stored under key `config` of the meta bucket."""
+
+    v: int = 1
+    num_shards: int = DEFAULT_SHARDS
+    lease_ttl: int = DEFAULT_LEASE_TTL
+    created_at: float = 0.0
+
+
+@dataclass(frozen=True)
+class Names:
+    """Every subject and resource name of one cluster, derived from its name."""
+
+    cluster: str
+
+    def __post_init__(self) -> None:
+        if not _NAME_RE.match(self.cluster):
+            raise ConfigurationError(
+                f"cluster name must be 1-32 of [A-Za-z0-9_-], got {self.cluster!r}"
+            )
+
+    @property
+    def prefix(self) -> str:
+        return f"accord.{self.cluster}"
+
+    def shard_subject(self, shard: int) -> str:
+        return f"{self.prefix}.shard.{shard}"
+
+    @property
+    def admin_subject(self) -> str:
+        return f"{self.prefix}.admin.status"
+
+    def events_subject(self, kind: str) -> str:
+        return f"{self.prefix}.events.{kind}"
+
+    @property
+    def events_stream(self) -> str:
+        return f"accord_{self.cluster}_events"
+
+    def bucket(self, what: str) -> str:
+        return f"accord_{self.cluster}_{what}"
+
+
+def replicas_for(cluster_size: int) -> int:
+    return max(1, min(3, cluster_size))
+
+
+async def open_cluster(
+    js: JetStreamContext,
+    names: Names,
+    *,
+    num_shards: int | None = None,
+    lease_ttl: int | None = None,
+    replicas: int = 1,
+) -> tuple[ClusterConfig, dict[str, KeyValue]]:
+    """Create the cluster's buckets and stream if missing and return the stored configuration.
+
+    Creation is idempotent and race-free: the config is written with `create`, so when two nodes
+    start at once exactly one configuration wins and both read it back.
+    """
+    if num_shards is not None and not 1 <= num_shards <= 4096:
+        raise ConfigurationError(f"num_shards must be 1..4096, got {num_shards}")
+    if lease_ttl is not None and not 1 <= lease_ttl <= 60:
+        raise ConfigurationError(f"lease_ttl must be 1..60 whole seconds, got {lease_ttl}")
+    try:
+        kvs = {
+            "meta": await _bucket(js, names.bucket("meta"), replicas),
+            "members": await _bucket(js, names.bucket("members"), replicas, marker_ttl=1),
+            "leases": await _bucket(js, names.bucket("leases"), replicas, marker_ttl=1),
+            "subs": await _bucket(js, names.bucket("subs"), replicas),
+        }
+        await _stream(js, names, replicas)
+        wanted = ClusterConfig(
+            num_shards=num_shards or DEFAULT_SHARDS,
+            lease_ttl=lease_ttl or DEFAULT_LEASE_TTL,
+            created_at=time.time(),
+        )
+        with contextlib.suppress(nats.js.errors.KeyWrongLastSequenceError):
+            await kvs["meta"].create("config", msgspec.json.encode(wanted))
+        entry = await kvs["meta"].get("config")
+    except nats.js.errors.Error as exc:
+        raise NotConnected(f"JetStream is not available: {exc}") from None
+    except TimeoutError:
+        raise NotConnected("JetStream did not answer in time") from None
+    config = msgspec.json.decode(entry.value or b"", type=ClusterConfig)
+    if num_shards is not None and num_shards != config.num_shards:
+        raise ConfigurationError(
+            f"cluster {names.cluster!r} was created with {config.num_shards} shards, "
+            f"not {num_shards}; shard count is fixed at creation"
+        )
+    return config, kvs
+
+
+async def _bucket(
+    js: JetStreamContext, name: str, replicas: int, marker_ttl: float | None = None
+) -> KeyValue:
+    try:
+        return await js.key_value(name)
+    except nats.js.errors.BucketNotFoundError:
+        pass
+    cfg = KeyValueConfig(
+        bucket=name,
+        history=1,
+        replicas=replicas,
+        storage=StorageType.FILE,
+        limit_marker_ttl=marker_ttl,
+    )
+    try:
+        return await js.create_key_value(cfg)
+    except nats.js.errors.BadRequestError:  # created concurrently by another node
+        return await js.key_value(name)
+
+
+async def _stream(js: JetStreamContext, names: Names, replicas: int) -> None:
+    try:
+        await js.stream_info(names.events_stream)
+        return
+    except nats.js.errors.NotFoundError:
+        pass
+    cfg = StreamConfig(
+        name=names.events_stream,
+        subjects=[f"{names.prefix}.events.>"],
+        num_replicas=replicas,
+        storage=StorageType.FILE,
+        max_msgs=100_000,
+        max_age=7 * 24 * 3600,
+    )
+    with contextlib.suppress(nats.js.errors.BadRequestError):  # created concurrently
+        await js.add_stream(cfg)

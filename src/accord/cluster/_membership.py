@@ -1,0 +1,183 @@
+"""Membership: each node heartbeats its entry in the members bucket; every node watches the bucket,
+feeds its failure detector and records each transition in the cluster's events stream.
+
+Heartbeats carry a per-message TTL so a dead node's entry disappears from the bucket on its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+
+import msgspec
+from nats.js import JetStreamContext
+from nats.js.kv import KeyValue
+
+from .._background import Background
+from ._config import Names
+from ._detector import FailureDetector, State, Transition
+
+log = logging.getLogger("accord.membership")
+
+MEMBER_TTL = "30s"
+
+
+class MemberInfo(msgspec.Struct):
+    """A node's self-description, rewritten with every heartbeat."""
+
+    name: str
+    incarnation: str
+    pid: int
+    host: str
+    started_at: float
+    status: str = "up"  # "up" | "leaving"
+    shards: int = 0
+    labels: dict[str, str] = msgspec.field(default_factory=dict)
+    ts: float = 0.0
+
+
+_info_dec = msgspec.json.Decoder(MemberInfo)
+_trans_enc = msgspec.json.Encoder()
+
+
+class Membership:
+    def __init__(
+        self,
+        js: JetStreamContext,
+        kv: KeyValue,
+        names: Names,
+        me: MemberInfo,
+        *,
+        heartbeat_interval: float,
+        suspect_after: float,
+        dead_after: float,
+        on_change: Callable[[], None],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._js = js
+        self._kv = kv
+        self._names = names
+        self.me = me
+        self._interval = heartbeat_interval
+        self._on_change = on_change
+        self.detector = FailureDetector(
+            me.name,
+            suspect_after=suspect_after,
+            dead_after=dead_after,
+            clock=clock,
+            wall=time.time,
+        )
+        self.infos: dict[str, MemberInfo] = {}
+        self.history: deque[Transition] = deque(maxlen=200)
+        self._tasks: list[asyncio.Task[None]] = []
+        self._synced = asyncio.Event()
+        self._bg = Background()
+
+    async def start(self) -> None:
+        await self.beat()
+        self._tasks = [
+            asyncio.create_task(self._watch(), name="accord-members-watch"),
+            asyncio.create_task(self._beat_loop(), name="accord-heartbeat"),
+            asyncio.create_task(self._tick_loop(), name="accord-fd-tick"),
+        ]
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._synced.wait(), 5.0)
+
+    def live(self) -> list[str]:
+        return self.detector.live()
+
+    def state(self, node: str) -> State | None:
+        return self.detector.state(node)
+
+    async def beat(self) -> None:
+        self.me.ts = time.time()
+        key = f"$KV.{self._kv._name}.node.{self.me.name}"
+        await self._js.publish(
+            key, msgspec.json.encode(self.me), headers={"Nats-TTL": MEMBER_TTL}, timeout=2.0
+        )
+
+    async def leave(self) -> None:
+        """Announce a clean departure: peers stop placing shards here."""
+        self.me.status = "leaving"
+        with contextlib.suppress(Exception):
+            await self.beat()
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        self._tasks = []
+        await self._bg.close()
+        with contextlib.suppress(Exception):
+            await self._kv.delete(f"node.{self.me.name}")
+
+    async def _beat_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._interval)
+            try:
+                await self.beat()
+            except Exception as exc:  # NATS away: the detector on the other side will judge us
+                log.warning("heartbeat failed: %s", exc)
+
+    async def _tick_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._interval / 2)
+            self._record(self.detector.tick())
+
+    async def _watch(self) -> None:
+        while True:
+            try:
+                watcher = await self._kv.watchall()
+                async for entry in watcher:
+                    if entry is None:
+                        self._synced.set()
+                        continue
+                    self._apply(entry.key, entry.value, entry.operation)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("members watch failed, restarting: %s", exc)
+                await asyncio.sleep(0.5)
+
+    def _apply(self, key: str, value: bytes | None, op: str | None) -> None:
+        name = key.removeprefix("node.")
+        if op in ("DEL", "PURGE") or not value:
+            self.infos.pop(name, None)
+            self._record(self.detector.departed(name, "member entry removed"))
+            return
+        try:
+            info = _info_dec.decode(value)
+        except msgspec.DecodeError:
+            log.warning("ignoring malformed member entry %r", key)
+            return
+        self.infos[name] = info
+        leaving = info.status == "leaving"
+        was_leaving = self._was_leaving(name)
+        self._record(self.detector.heartbeat(name, info.incarnation, leaving))
+        if leaving != was_leaving:
+            self._on_change()
+
+    def _was_leaving(self, name: str) -> bool:
+        return name not in self.detector.live() and self.detector.state(name) in (
+            State.ALIVE,
+            State.SUSPECT,
+        )
+
+    def _record(self, transitions: list[Transition]) -> None:
+        if not transitions:
+            return
+        for t in transitions:
+            self.history.append(t)
+            log.info("member %s: %s -> %s (%s)", t.node, t.old, t.new, t.reason)
+            self._bg.spawn(self._publish(t))
+        self._on_change()
+
+    async def _publish(self, t: Transition) -> None:
+        with contextlib.suppress(Exception):
+            await self._js.publish(self._names.events_subject("fd"), _trans_enc.encode(t))

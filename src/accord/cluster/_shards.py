@@ -1,0 +1,320 @@
+"""Shard ownership through leases in a KV bucket, with fencing epochs.
+
+A lease is the key `shard.<n>`, taken with `create` and a per-message TTL, renewed by
+compare-and-set on its last revision. The create revision is the shard's fencing epoch. The owner
+measures validity on its own monotonic clock from the *send* time of its last successful renewal
+and stops serving `margin` seconds before the server can expire the key: never two owners at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from typing import Protocol
+
+import msgspec
+import nats.errors
+import nats.js.errors
+from nats.js import JetStreamContext
+from nats.js.kv import KeyValue
+
+from .._background import Background
+from ._config import ClusterConfig
+from ._detector import State
+from ._membership import Membership
+from ._placement import assign, rank
+
+log = logging.getLogger("accord.shards")
+
+
+class LeaseValue(msgspec.Struct):
+    node: str
+    epoch: int = 0  # 0 in the creating write: the epoch is that entry's own revision
+    incarnation: str = ""
+
+
+class ShardOwner(Protocol):
+    """The node side: what to do when a shard is gained or given up."""
+
+    async def shard_acquired(self, shard: int, epoch: int) -> None: ...
+    async def shard_released(self, shard: int, graceful: bool) -> None: ...
+
+
+class Held:
+    __slots__ = ("epoch", "releasing", "revision", "shard", "timer", "valid_until")
+
+    def __init__(self, shard: int, epoch: int, valid_until: float) -> None:
+        self.shard = shard
+        self.epoch = epoch
+        self.revision = epoch
+        self.valid_until = valid_until
+        self.releasing = False
+        self.timer: asyncio.TimerHandle | None = None
+
+
+class LeaseView(msgspec.Struct, frozen=True):
+    node: str
+    epoch: int
+
+
+_lease_dec = msgspec.msgpack.Decoder(LeaseValue)
+_lease_enc = msgspec.msgpack.Encoder()
+
+
+class ShardManager:
+    def __init__(
+        self,
+        js: JetStreamContext,
+        kv: KeyValue,
+        config: ClusterConfig,
+        membership: Membership,
+        owner: ShardOwner,
+        *,
+        margin: float | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._js = js
+        self._kv = kv
+        self._n = config.num_shards
+        self._ttl = config.lease_ttl
+        self._margin = margin if margin is not None else max(0.25, 0.15 * config.lease_ttl)
+        self._members = membership
+        self._me = membership.me.name
+        self._owner = owner
+        self._clock = clock
+        self._held: dict[int, Held] = {}
+        self._busy: set[int] = set()  # shards with an acquire or release under way
+        self.table: dict[int, LeaseView] = {}
+        self._free_since: dict[int, float] = dict.fromkeys(range(self._n), clock())
+        self._wake = asyncio.Event()
+        self._leaving = False
+        self._tasks: list[asyncio.Task[None]] = []
+        self._bg = Background()
+        self._synced = asyncio.Event()
+
+    # -- queries used on the hot path -------------------------------------------------------
+
+    def serving(self, shard: int) -> int | None:
+        """The epoch if this node may take new messages for `shard` now, else None."""
+        h = self._held.get(shard)
+        if h is None or h.releasing or self._clock() >= h.valid_until:
+            return None
+        return h.epoch
+
+    def valid(self, shard: int, epoch: int) -> bool:
+        """May a turn of an activation born in `epoch` run (or reply) now? True while draining."""
+        h = self._held.get(shard)
+        return h is not None and h.epoch == epoch and self._clock() < h.valid_until
+
+    def held(self) -> dict[int, int]:
+        return {s: h.epoch for s, h in self._held.items()}
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._tasks = [
+            asyncio.create_task(self._watch(), name="accord-leases-watch"),
+            asyncio.create_task(self._renew_loop(), name="accord-lease-renew"),
+            asyncio.create_task(self._reconcile_loop(), name="accord-reconcile"),
+        ]
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._synced.wait(), 5.0)
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def leave(self, timeout: float) -> None:
+        """Hand every held shard off gracefully (drain, deactivate, release)."""
+        self._leaving = True
+        await asyncio.gather(
+            *(self._release(s) for s in list(self._held) if s not in self._busy),
+            return_exceptions=True,
+        )
+        deadline = self._clock() + timeout
+        while self._busy and self._clock() < deadline:
+            await asyncio.sleep(0.02)
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        await self._bg.close()
+        for shard in list(self._held):
+            await self._lose(shard, "node stopping")
+
+    # -- loops ------------------------------------------------------------------------------
+
+    async def _watch(self) -> None:
+        while True:
+            try:
+                watcher = await self._kv.watchall()
+                async for entry in watcher:
+                    if entry is None:
+                        self._synced.set()
+                        self.wake()
+                        continue
+                    self._apply(entry.key, entry.value, entry.operation, entry.revision)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("leases watch failed, restarting: %s", exc)
+                await asyncio.sleep(0.5)
+
+    def _apply(self, key: str, value: bytes | None, op: str | None, revision: int) -> None:
+        try:
+            shard = int(key.removeprefix("shard."))
+        except ValueError:
+            return
+        if op in ("DEL", "PURGE") or not value:
+            self.table.pop(shard, None)
+            self._free_since[shard] = self._clock()
+            self.wake()
+            return
+        try:
+            lease = _lease_dec.decode(value)
+        except msgspec.DecodeError:
+            log.warning("ignoring malformed lease entry %r", key)
+            return
+        self.table[shard] = LeaseView(lease.node, lease.epoch or revision)
+        self._free_since.pop(shard, None)
+
+    async def _renew_loop(self) -> None:
+        interval = self._ttl / 4
+        while True:
+            await asyncio.sleep(interval)
+            await asyncio.gather(*(self._renew(s) for s in list(self._held)))
+
+    async def _renew(self, shard: int) -> None:
+        h = self._held.get(shard)
+        if h is None:
+            return
+        sent = self._clock()
+        value = _lease_enc.encode(LeaseValue(self._me, h.epoch, self._members.me.incarnation))
+        headers = {
+            "Nats-TTL": f"{self._ttl}s",
+            "Nats-Expected-Last-Subject-Sequence": str(h.revision),
+        }
+        try:
+            ack = await self._js.publish(
+                f"$KV.{self._kv._name}.shard.{shard}", value, headers=headers, timeout=self._ttl / 2
+            )
+        except nats.js.errors.APIError as exc:
+            if exc.err_code in (10071, 10164):
+                await self._lose(shard, "lease taken or expired (renewal refused)")
+            return
+        except (nats.errors.Error, TimeoutError) as exc:
+            log.debug("renewal of shard %d failed: %s", shard, exc)
+            return
+        if self._held.get(shard) is h:
+            h.revision = ack.seq
+            self._set_valid(h, sent + self._ttl - self._margin)
+
+    def _set_valid(self, h: Held, until: float) -> None:
+        h.valid_until = until
+        if h.timer:
+            h.timer.cancel()
+        loop = asyncio.get_running_loop()
+        h.timer = loop.call_later(max(0.0, until - self._clock()), self._check_valid, h)
+
+    def _check_valid(self, h: Held) -> None:
+        if self._held.get(h.shard) is h and self._clock() >= h.valid_until:
+            self._bg.spawn(self._lose(h.shard, "lease not renewed in time"))
+
+    async def _reconcile_loop(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(0.25):
+                    await self._wake.wait()
+            self._wake.clear()
+            try:
+                self._reconcile()
+            except Exception:
+                log.exception("reconcile failed")
+
+    def _reconcile(self) -> None:
+        live = self._members.live()
+        desired = assign(self._n, live)
+        now = self._clock()
+        for shard in range(self._n):
+            if shard in self._busy:
+                continue
+            want = desired.get(shard) == self._me and not self._leaving
+            h = self._held.get(shard)
+            if h is not None:
+                target = desired.get(shard)
+                handoff = target is not None and (
+                    self._leaving or self._members.state(target) is State.ALIVE
+                )
+                if not want and not h.releasing and handoff:
+                    self._busy.add(shard)
+                    self._bg.spawn(self._release(shard))
+                continue
+            if shard in self.table or self._leaving:
+                continue
+            if not want:
+                # Fallback when the desired owner never comes (views differ, or it died):
+                # after a grace period the next nodes in rank order take it, staggered.
+                order = [n for n in rank(shard, live)]
+                pos = order.index(self._me) if self._me in order else len(order)
+                free_for = now - self._free_since.get(shard, now)
+                if free_for < self._ttl + 0.25 * pos:
+                    continue
+            self._busy.add(shard)
+            self._bg.spawn(self._acquire(shard))
+
+    async def _acquire(self, shard: int) -> None:
+        try:
+            sent = self._clock()
+            value = _lease_enc.encode(LeaseValue(self._me, 0, self._members.me.incarnation))
+            try:
+                rev = await self._kv.create(f"shard.{shard}", value, msg_ttl=self._ttl)
+            except (nats.js.errors.KeyWrongLastSequenceError, nats.js.errors.APIError):
+                return  # somebody else holds it
+            except (nats.errors.Error, TimeoutError) as exc:
+                log.debug("acquire of shard %d failed: %s", shard, exc)
+                return
+            h = Held(shard, rev, sent + self._ttl - self._margin)
+            self._held[shard] = h
+            self._set_valid(h, h.valid_until)
+            self.table[shard] = LeaseView(self._me, rev)
+            self._free_since.pop(shard, None)
+            log.info("acquired shard %d epoch %d", shard, rev)
+            await self._owner.shard_acquired(shard, rev)
+            await self._renew(shard)  # records the epoch in the lease value
+        finally:
+            self._busy.discard(shard)
+
+    async def _release(self, shard: int) -> None:
+        self._busy.add(shard)
+        try:
+            h = self._held.get(shard)
+            if h is None:
+                return
+            h.releasing = True
+            log.info("handing off shard %d epoch %d", shard, h.epoch)
+            await self._owner.shard_released(shard, True)
+            if self._held.get(shard) is not h:
+                return  # lost while draining
+            del self._held[shard]
+            if h.timer:
+                h.timer.cancel()
+            with contextlib.suppress(Exception):
+                await self._kv.delete(f"shard.{shard}", last=h.revision)
+        finally:
+            self._busy.discard(shard)
+            self.wake()
+
+    async def _lose(self, shard: int, why: str) -> None:
+        h = self._held.pop(shard, None)
+        if h is None:
+            return
+        if h.timer:
+            h.timer.cancel()
+        log.warning("lost shard %d epoch %d: %s", shard, h.epoch, why)
+        await self._owner.shard_released(shard, False)
+        self.wake()
