@@ -26,6 +26,7 @@ from ._errors import (
     AccordError,
     ConfigurationError,
     DeliveryTimeout,
+    NotConnected,
     RemoteError,
 )
 from ._ids import AgentId, shard_of, validate_agent_type
@@ -92,21 +93,55 @@ class Mesh:
         agent_id = as_agent_id(target)
         deadline = self._deadline(timeout)
         shard = shard_of(agent_id, self.config.num_shards)
-        subject = self.names.shard_subject(shard)
-        body = codec.encode(msg)
         type_name = codec.message_type_name(type(msg))
+        local = self._route_local(agent_id, shard, msg, deadline, ask=True)
+        if local is not None:
+            return await self._await_local(local, deadline, agent_id, type_name)
+        body = codec.encode(msg)
+        data, enc = await self._request(agent_id, shard, type_name, body, "msgpack", deadline, msg)
+        if isinstance(data, _LocalResult):
+            return await self._await_local(data.fut, deadline, agent_id, type_name)
+        return self._unwrap(agent_id, type_name, data, returns)
+
+    async def ask_json(
+        self, target: AgentId | str, type_name: str, body: bytes, *, timeout: float | None = None
+    ) -> Any:
+        """Ask with a JSON-encoded message named by its wire type (for the CLI and tools).
+
+        Same outcomes as `ask`; the reply body is returned as plain JSON data.
+        """
+        agent_id = as_agent_id(target)
+        deadline = self._deadline(timeout)
+        shard = shard_of(agent_id, self.config.num_shards)
+        data, _ = await self._request(agent_id, shard, type_name, body, "json", deadline, None)
+        assert not isinstance(data, _LocalResult)
+        return self._unwrap(agent_id, type_name, data, Any)
+
+    async def _request(
+        self,
+        agent_id: AgentId,
+        shard: int,
+        type_name: str,
+        body: bytes,
+        enc: codec.Encoding,
+        deadline: float,
+        msg: Any,
+    ) -> tuple[bytes | _LocalResult, codec.Encoding]:
+        """Send one ask, retrying while the shard has no owner, until `deadline`."""
+        subject = self.names.shard_subject(shard)
         backoff = _BACKOFF_START
-        sent = False
+        first = True
         while True:
-            local = self._route_local(agent_id, shard, msg, deadline, ask=True)
-            if local is not None:
-                return await self._await_local(local, deadline, agent_id, type_name)
+            if msg is not None and not first:  # the shard may have moved here meanwhile
+                local = self._route_local(agent_id, shard, msg, deadline, ask=True)
+                if local is not None:
+                    return _LocalResult(local), enc
+            first = False
             remaining = deadline - self._loop.time()
             if remaining <= 0:
                 raise DeliveryTimeout(
-                    f"ask {agent_id} {type_name}: deadline passed "
-                    + ("waiting for a reply" if sent else "with no owner for its shard"),
-                    maybe_delivered=sent,
+                    f"ask {agent_id} {type_name}: deadline passed with no owner for its shard",
+                    maybe_delivered=False,
                 )
             req = codec.Request(
                 v=codec.PROTOCOL_VERSION,
@@ -118,17 +153,17 @@ class Mesh:
                 sender=current_sender.get(),
             )
             try:
-                data = await self._transport.request(subject, codec.encode(req), remaining)
+                return await self._transport.request(
+                    subject, codec.encode(req, enc), remaining
+                ), enc
             except NoResponders:
                 await asyncio.sleep(min(backoff * (0.5 + random.random()), remaining))
                 backoff = min(backoff * 2, _BACKOFF_CAP)
-                continue
             except RequestTimeout:
                 raise DeliveryTimeout(
                     f"ask {agent_id} {type_name}: no reply within the deadline",
                     maybe_delivered=True,
                 ) from None
-            return self._unwrap(agent_id, type_name, data, returns)
 
     async def tell(self, target: AgentId | str, msg: msgspec.Struct) -> None:
         """Send `msg` to `target` without waiting for it to be handled (at-most-once).
@@ -140,27 +175,49 @@ class Mesh:
         shard = shard_of(agent_id, self.config.num_shards)
         if self._route_local(agent_id, shard, msg, None, ask=False) is not None:
             return
+        type_name = codec.message_type_name(type(msg))
+        await self._publish_tell(agent_id, shard, type_name, codec.encode(msg), "msgpack")
+
+    async def tell_json(self, target: AgentId | str, type_name: str, body: bytes) -> None:
+        """`tell` with a JSON-encoded message named by its wire type (for the CLI and tools)."""
+        agent_id = as_agent_id(target)
+        shard = shard_of(agent_id, self.config.num_shards)
+        await self._publish_tell(agent_id, shard, type_name, body, "json")
+
+    async def _publish_tell(
+        self, agent_id: AgentId, shard: int, type_name: str, body: bytes, enc: codec.Encoding
+    ) -> None:
         req = codec.Request(
             v=codec.PROTOCOL_VERSION,
             kind="tell",
             target=str(agent_id),
-            type=codec.message_type_name(type(msg)),
-            body=msgspec.Raw(codec.encode(msg)),
+            type=type_name,
+            body=msgspec.Raw(body),
             sender=current_sender.get(),
         )
-        await self._transport.publish(self.names.shard_subject(shard), codec.encode(req))
+        await self._transport.publish(self.names.shard_subject(shard), codec.encode(req, enc))
 
     async def publish(self, topic_type: str, source: str, msg: msgspec.Struct) -> int:
         """Tell `msg` to every agent type subscribed to `topic_type`, keyed by `source`.
 
         Returns how many agent types it was sent to. Delivery per agent is as for `tell`.
         """
-        validate_agent_type(topic_type)
-        subs = await self._subscriptions()
-        agent_types = sorted(subs.get(topic_type, ()))
+        agent_types = await self._subscribers(topic_type)
         for agent_type in agent_types:
             await self.tell(AgentId(agent_type, source), msg)
         return len(agent_types)
+
+    async def publish_json(self, topic_type: str, source: str, type_name: str, body: bytes) -> int:
+        """`publish` with a JSON-encoded message named by its wire type."""
+        agent_types = await self._subscribers(topic_type)
+        for agent_type in agent_types:
+            await self.tell_json(AgentId(agent_type, source), type_name, body)
+        return len(agent_types)
+
+    async def _subscribers(self, topic_type: str) -> list[str]:
+        validate_agent_type(topic_type)
+        subs = await self._subscriptions()
+        return sorted(subs.get(topic_type, ()))
 
     async def subscribe(self, topic_type: str, agent_type: str) -> None:
         """Record that messages published on `topic_type` go to agents of `agent_type`."""
@@ -242,6 +299,12 @@ class Mesh:
             else:
                 self._subs.setdefault(topic, set()).add(agent_type)
 
+    async def _transport_request(self, subject: str, data: bytes, timeout: float) -> bytes:
+        try:
+            return await self._transport.request(subject, data, timeout)
+        except (NoResponders, RequestTimeout):
+            raise NotConnected(f"no accord node answered on {subject}") from None
+
     async def close(self) -> None:
         await self._bg.close()
         await self._transport.close()
@@ -253,6 +316,13 @@ class Mesh:
         self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
     ) -> None:
         await self.close()
+
+
+class _LocalResult:
+    __slots__ = ("fut",)
+
+    def __init__(self, fut: asyncio.Future[Any]) -> None:
+        self.fut = fut
 
 
 def _reply_type(agent_type: str, type_name: str) -> Any:

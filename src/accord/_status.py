@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 if TYPE_CHECKING:
+    from ._mesh import Mesh
     from ._node import Node
 
 
@@ -34,4 +35,41 @@ def node_status(node: Node) -> dict[str, Any]:
         },
         "leases": {str(s): [v.node, v.epoch] for s, v in sorted(node.shards.table.items())},
         "history": [msgspec.structs.asdict(t) for t in list(node.membership.history)[-30:]],
+    }
+
+
+async def cluster_status(mesh: Mesh, timeout: float = 2.0) -> dict[str, Any]:
+    """The cluster as one node sees it: nodes (alive, shards held), shard owners and epochs, and
+    recent failure-detector transitions. Shape: {"nodes": [...], "shards": [...], "history": [...]}.
+
+    Raises `NotConnected` when no node answers.
+    """
+    data = await mesh._transport_request(mesh.names.admin_subject, b"{}", timeout)
+    view = msgspec.json.decode(data)
+    owners: dict[str, int] = {}
+    for owner, _epoch in view["leases"].values():
+        owners[owner] = owners.get(owner, 0) + 1
+    nodes = [
+        {
+            "name": name,
+            "alive": m["state"] in ("alive", "suspect"),
+            "state": m["state"],
+            "shards": owners.get(name, 0),
+            "pid": m["pid"],
+            "labels": m["labels"],
+        }
+        for name, m in sorted(view["members"].items())
+    ]
+    shards = [
+        {"shard": int(s), "owner": owner, "epoch": epoch}
+        for s, (owner, epoch) in sorted(view["leases"].items(), key=lambda kv: int(kv[0]))
+    ]
+    return {
+        "cluster": view["cluster"],
+        "num_shards": view["num_shards"],
+        "lease_ttl": view["lease_ttl"],
+        "reporter": view["node"],
+        "nodes": nodes,
+        "shards": shards,
+        "history": view["history"],
     }

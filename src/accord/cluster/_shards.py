@@ -265,6 +265,7 @@ class ShardManager:
                 if free_for < self._ttl + 0.25 * pos:
                     continue
             self._busy.add(shard)
+            log.debug("acquiring shard %d (desired %s)", shard, desired.get(shard))
             self._bg.spawn(self._acquire(shard))
 
     async def _acquire(self, shard: int) -> None:
@@ -272,8 +273,9 @@ class ShardManager:
             sent = self._clock()
             value = _lease_enc.encode(LeaseValue(self._me, 0, self._members.me.incarnation))
             try:
-                rev = await self._kv.create(f"shard.{shard}", value, msg_ttl=self._ttl)
-            except (nats.js.errors.KeyWrongLastSequenceError, nats.js.errors.APIError):
+                rev = await self._create(shard, value)
+            except (nats.js.errors.KeyWrongLastSequenceError, nats.js.errors.APIError) as exc:
+                log.debug("shard %d not acquired: %r", shard, exc)
                 return  # somebody else holds it
             except (nats.errors.Error, TimeoutError) as exc:
                 log.debug("acquire of shard %d failed: %s", shard, exc)
@@ -288,6 +290,28 @@ class ShardManager:
             await self._renew(shard)  # records the epoch in the lease value
         finally:
             self._busy.discard(shard)
+
+    async def _create(self, shard: int, value: bytes) -> int:
+        """Create the lease key iff it is absent or a tombstone.
+
+        A key that expired by TTL leaves a server-written marker (`Nats-Marker-Reason`) that
+        nats-py's `kv.create` does not recognise as a deletion, so this checks for it itself.
+        """
+        subject = f"$KV.{self._kv._name}.shard.{shard}"
+        headers = {"Nats-TTL": f"{self._ttl}s", "Nats-Expected-Last-Subject-Sequence": "0"}
+        try:
+            ack = await self._js.publish(subject, value, headers=headers, timeout=self._ttl / 2)
+            return int(ack.seq)
+        except nats.js.errors.APIError as exc:
+            if exc.err_code not in (10071, 10164):
+                raise
+        last = await self._js.get_msg(self._kv._stream, subject=subject)
+        hdrs = last.headers or {}
+        if hdrs.get("KV-Operation") not in ("DEL", "PURGE") and "Nats-Marker-Reason" not in hdrs:
+            raise nats.js.errors.KeyWrongLastSequenceError(description="lease is held")
+        headers["Nats-Expected-Last-Subject-Sequence"] = str(last.seq)
+        ack = await self._js.publish(subject, value, headers=headers, timeout=self._ttl / 2)
+        return int(ack.seq)
 
     async def _release(self, shard: int) -> None:
         self._busy.add(shard)

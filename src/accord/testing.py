@@ -1,0 +1,172 @@
+"""Helpers to run real accord clusters from tests, benchmarks and the demo.
+
+`Cluster` starts an embedded nats-server and `accord node` OS processes, and stops every one of them
+by PID. Nothing here is a fake: it is the same engine and the same node binary users run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from ._connect import connect
+from ._errors import AccordError
+from ._mesh import Mesh
+from ._server import EmbeddedServer
+from ._status import cluster_status
+
+
+class NodeProcess:
+    """One `accord node` OS process."""
+
+    def __init__(
+        self,
+        url: str,
+        app: str,
+        name: str,
+        *,
+        cluster: str = "default",
+        env: dict[str, str] | None = None,
+        log_dir: Path | None = None,
+        extra_args: list[str] | None = None,
+    ) -> None:
+        self.url, self.app, self.name, self.cluster = url, app, name, cluster
+        self.env = env or {}
+        self.log_dir = log_dir
+        self.extra_args = extra_args or []
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def start(self) -> NodeProcess:
+        args = [sys.executable, "-m", "accord", "node", "--nats", self.url, "--app", self.app,
+                "--name", self.name, "--cluster", self.cluster, *self.extra_args]  # fmt: skip
+        out: Any = subprocess.DEVNULL
+        if self.log_dir is not None:
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+            out = open(self.log_dir / f"{self.name}.log", "ab")  # noqa: SIM115
+        try:
+            self.proc = subprocess.Popen(
+                args, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+                env={**os.environ, **self.env},
+            )  # fmt: skip
+        finally:
+            if out is not subprocess.DEVNULL:
+                out.close()
+        return self
+
+    def signal(self, sig: int) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.kill(self.proc.pid, sig)
+
+    def kill(self) -> None:
+        self.signal(signal.SIGKILL)
+        if self.proc is not None:
+            self.proc.wait()
+
+    def stop(self, timeout: float = 15.0) -> int | None:
+        """Graceful stop (SIGTERM: the node hands its shards off), SIGKILL after `timeout`."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.signal(signal.SIGCONT)
+            self.signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+
+class Cluster:
+    """An embedded nats-server plus `accord node` processes; use as a context manager."""
+
+    def __init__(
+        self,
+        app: str,
+        nodes: int = 3,
+        *,
+        cluster: str = "default",
+        env: dict[str, str] | None = None,
+        log_dir: Path | None = None,
+        url: str | None = None,
+    ) -> None:
+        self.app = app
+        self.cluster = cluster
+        self.env = env or {}
+        self.log_dir = log_dir
+        self.server: EmbeddedServer | None = None if url else EmbeddedServer()
+        self.url = url or ""
+        self.nodes: dict[str, NodeProcess] = {}
+        self._initial = nodes
+
+    def start(self) -> Cluster:
+        if self.server is not None:
+            self.url = self.server.start()
+        try:
+            for i in range(1, self._initial + 1):
+                self.add_node(f"node-{i}")
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def add_node(self, name: str) -> NodeProcess:
+        node = NodeProcess(
+            self.url, self.app, name, cluster=self.cluster, env=self.env, log_dir=self.log_dir
+        ).start()
+        self.nodes[name] = node
+        return node
+
+    def stop(self) -> None:
+        for node in self.nodes.values():
+            node.stop()
+        if self.server is not None:
+            self.server.stop()
+
+    def __enter__(self) -> Cluster:
+        return self.start()
+
+    def __exit__(
+        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+    def connect(self) -> Any:
+        return connect(self.url, cluster=self.cluster)
+
+
+async def wait_for_placement(
+    mesh: Mesh, live: set[str], timeout: float = 30.0, *, interval: float = 0.05
+) -> dict[str, Any]:
+    """Wait until every shard is owned by a node in `live` and every node in `live` is seen alive
+    and holds at least one shard; return that status. Raises TimeoutError at the deadline."""
+    deadline = time.monotonic() + timeout
+    last: dict[str, Any] | None = None
+    while time.monotonic() < deadline:
+        try:
+            st = await cluster_status(mesh, timeout=1.0)
+        except AccordError:
+            await asyncio.sleep(interval)
+            continue
+        last = st
+        owners = {s["owner"] for s in st["shards"]}
+        alive = {n["name"] for n in st["nodes"] if n["alive"]}
+        if len(st["shards"]) == st["num_shards"] and owners == live and live <= alive:
+            return st
+        await asyncio.sleep(interval)
+    raise TimeoutError(f"placement over {sorted(live)} not reached in {timeout}s; last: {last}")

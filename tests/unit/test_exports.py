@@ -1,0 +1,56 @@
+"""The public surface of `accord`: exactly the documented names, each importable."""
+
+from __future__ import annotations
+
+import importlib
+
+import accord
+
+DOCUMENTED = {
+    "AccordError",
+    "Agent",
+    "AgentId",
+    "AgentTypeNotFound",
+    "BadRequest",
+    "ConfigurationError",
+    "DeliveryTimeout",
+    "EmbeddedServer",
+    "Fenced",
+    "LeaseLost",
+    "Mesh",
+    "Node",
+    "NodeSettings",
+    "NotConnected",
+    "RemoteError",
+    "UnknownMessageType",
+    "connect",
+    "handler",
+}
+
+
+def test_all_is_exactly_the_documented_set() -> None:
+    assert set(accord.__all__) == DOCUMENTED
+    assert len(accord.__all__) == len(DOCUMENTED), "__all__ lists a name twice"
+
+
+def test_every_exported_name_is_importable() -> None:
+    module = importlib.import_module("accord")
+    for name in accord.__all__:
+        assert getattr(module, name, None) is not None, name
+    namespace: dict[str, object] = {}
+    exec(f"from accord import {', '.join(accord.__all__)}", namespace)
+    assert DOCUMENTED <= namespace.keys()
+
+
+def test_star_import_exposes_only_the_documented_names() -> None:
+    namespace: dict[str, object] = {}
+    exec("from accord import *", namespace)
+    assert set(namespace) - {"__builtins__"} == DOCUMENTED
+
+
+def test_every_exported_exception_derives_from_accord_error() -> None:
+    exported = [getattr(accord, n) for n in accord.__all__]
+    errors = [o for o in exported if isinstance(o, type) and issubclass(o, BaseException)]
+    assert len(errors) == 10
+    for cls in errors:
+        assert issubclass(cls, accord.AccordError), cls
