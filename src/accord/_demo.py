@@ -49,9 +49,12 @@ def overlapping_activations(log_path: Path, death: dict[int, float]) -> list[tup
     bad = []
     for agent, items in spans.items():
         items.sort()
-        for (s1, e1, p1), (s2, _e2, p2) in zip(items, items[1:], strict=False):
-            if p1 != p2 and s2 < e1:
-                bad.append((agent, p1, p2))
+        reach, reach_pid = float("-inf"), -1  # the latest end among earlier spans
+        for start, end, pid in items:
+            if start < reach and pid != reach_pid:
+                bad.append((agent, reach_pid, pid))
+            if end > reach:
+                reach, reach_pid = end, pid
     return bad
 
 

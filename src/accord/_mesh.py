@@ -98,7 +98,7 @@ class Mesh:
         if local is not None:
             return await self._await_local(local, deadline, agent_id, type_name)
         body = codec.encode(msg)
-        data, enc = await self._request(agent_id, shard, type_name, body, "msgpack", deadline, msg)
+        data = await self._request(agent_id, shard, type_name, body, "msgpack", deadline, msg)
         if isinstance(data, _LocalResult):
             return await self._await_local(data.fut, deadline, agent_id, type_name)
         return self._unwrap(agent_id, type_name, data, returns)
@@ -113,7 +113,7 @@ class Mesh:
         agent_id = as_agent_id(target)
         deadline = self._deadline(timeout)
         shard = shard_of(agent_id, self.config.num_shards)
-        data, _ = await self._request(agent_id, shard, type_name, body, "json", deadline, None)
+        data = await self._request(agent_id, shard, type_name, body, "json", deadline, None)
         assert not isinstance(data, _LocalResult)
         return self._unwrap(agent_id, type_name, data, Any)
 
@@ -126,7 +126,7 @@ class Mesh:
         enc: codec.Encoding,
         deadline: float,
         msg: Any,
-    ) -> tuple[bytes | _LocalResult, codec.Encoding]:
+    ) -> bytes | _LocalResult:
         """Send one ask, retrying while the shard has no owner, until `deadline`."""
         subject = self.names.shard_subject(shard)
         backoff = _BACKOFF_START
@@ -135,7 +135,7 @@ class Mesh:
             if msg is not None and not first:  # the shard may have moved here meanwhile
                 local = self._route_local(agent_id, shard, msg, deadline, ask=True)
                 if local is not None:
-                    return _LocalResult(local), enc
+                    return _LocalResult(local)
             first = False
             remaining = deadline - self._loop.time()
             if remaining <= 0:
