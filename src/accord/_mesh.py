@@ -153,9 +153,7 @@ class Mesh:
                 sender=current_sender.get(),
             )
             try:
-                return await self._transport.request(
-                    subject, codec.encode(req, enc), remaining
-                ), enc
+                return await self._transport.request(subject, codec.encode(req, enc), remaining)
             except NoResponders:
                 await asyncio.sleep(min(backoff * (0.5 + random.random()), remaining))
                 backoff = min(backoff * 2, _BACKOFF_CAP)
