@@ -211,7 +211,9 @@ class Node(Mesh):
     # -- inbound ----------------------------------------------------------------------------
 
     def _on_request(self, shard: int, msg: Msg) -> None:
-        epoch = self.shards.serving(shard)
+        # A message that reached this subscription is ours while the lease is valid, also while
+        # the shard is being handed off: the subscription drains before the lease is released.
+        epoch = self.shards.held_epoch(shard)
         if epoch is None:
             self.stats.dropped_not_owner += 1
             return  # a stale subscription: stay silent, the valid owner answers

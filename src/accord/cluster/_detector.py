@@ -74,12 +74,16 @@ class FailureDetector:
             old = m.state.value if m else "unknown"
             self._members[node] = fresh
             return [Transition(self.observer, node, old, "alive", "joined", self._wall())]
-        if m.state in (State.DEAD, State.LEFT):
-            return []  # a late beat of an incarnation already judged; it must rejoin anew
+        if m.state is State.LEFT:
+            return []  # a late beat of a departed incarnation
         m.last_seen = now
         m.leaving = leaving
         if m.state is State.SUSPECT:
             return [self._move(node, m, State.ALIVE, "heartbeat resumed")]
+        if m.state is State.DEAD:
+            # A paused process (SIGSTOP, GC, partition) came back. Its leases are long gone and
+            # it fenced itself, so it may simply rejoin placement.
+            return [self._move(node, m, State.ALIVE, "heartbeat resumed after death")]
         return []
 
     def departed(self, node: str, reason: str) -> list[Transition]:

@@ -104,6 +104,13 @@ class ShardManager:
             return None
         return h.epoch
 
+    def held_epoch(self, shard: int) -> int | None:
+        """The epoch if this node validly holds `shard` now, even while handing it off."""
+        h = self._held.get(shard)
+        if h is None or self._clock() >= h.valid_until:
+            return None
+        return h.epoch
+
     def valid(self, shard: int, epoch: int) -> bool:
         """May a turn of an activation born in `epoch` run (or reply) now? True while draining."""
         h = self._held.get(shard)

@@ -1,0 +1,112 @@
+"""Helpers shared by the benchmarks: statistics, event-loop choice, output, the example app."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib.util
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+COUNTER_APP = ROOT / "examples" / "counter_app.py"
+BENCH_DIR = Path(__file__).resolve().parent
+
+
+def parser(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    p.add_argument(
+        "--uvloop",
+        action="store_true",
+        help="run the benchmark process on uvloop (if installed); node processes are unchanged",
+    )
+    return p
+
+
+def load_counter_app() -> ModuleType:
+    """Import examples/counter_app.py from its path (registers the `counter` agent type)."""
+    name = "accord_app_counter_app"  # the name `accord node --app <file>` gives it
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, COUNTER_APP)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def run(main: Callable[[], Coroutine[Any, Any, Any]], use_uvloop: bool) -> tuple[Any, str]:
+    """Run `main()` on a fresh loop; return its result and the loop's name."""
+    factory = None
+    loop_name = "asyncio"
+    if use_uvloop:
+        try:
+            import uvloop
+
+            factory = uvloop.new_event_loop
+            loop_name = "uvloop"
+        except ImportError:
+            print("uvloop not installed; using the default asyncio loop", file=sys.stderr)
+    with asyncio.Runner(loop_factory=factory) as runner:
+        return runner.run(main()), loop_name
+
+
+def percentile(values: list[float], p: float) -> float:
+    """Nearest-rank percentile (p in 0..100) of `values`."""
+    if not values:
+        return float("nan")
+    s = sorted(values)
+    k = max(0, min(len(s) - 1, round(p / 100 * len(s) + 0.5) - 1))
+    return s[k]
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def ratio(a: float, b: float) -> float:
+    return a / b if b else float("nan")
+
+
+def verdict(value: float, target: float, higher_is_better: bool) -> str:
+    ok = value >= target if higher_is_better else value <= target
+    sign = ">=" if higher_is_better else "<="
+    return f"{'MET' if ok else 'MISSED'} (target {sign} {target:g})"
+
+
+def environment(loop_name: str) -> dict[str, Any]:
+    return {
+        "python": platform.python_version(),
+        "loop": loop_name,
+        "cpus": os.cpu_count(),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+
+
+def emit(result: dict[str, Any], as_json: bool, lines: list[str]) -> None:
+    if as_json:
+        print(json.dumps(result, indent=2, sort_keys=True))
+    else:
+        print("\n".join(lines))
+
+
+def rss_kib(pid: int) -> int:
+    """VmRSS of `pid` in KiB, from /proc."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+def fmt_us(seconds: float) -> str:
+    return f"{seconds * 1e6:8.0f} us"
