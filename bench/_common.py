@@ -110,3 +110,10 @@ def rss_kib(pid: int) -> int:
 
 def fmt_us(seconds: float) -> str:
     return f"{seconds * 1e6:8.0f} us"
+
+
+def cpu_seconds(pid: int) -> float:
+    """User+system CPU seconds consumed so far by `pid` (from /proc/<pid>/stat)."""
+    text = Path(f"/proc/{pid}/stat").read_text()
+    fields = text[text.rindex(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")

@@ -1,0 +1,220 @@
+"""Cross-process ask: a Mesh client asking counter agents hosted by one `accord node` process.
+
+Baseline, same run, same nats-server: a bare nats-py responder process (bench/_raw_responder.py)
+answered with raw `nc.request`. Accord and raw blocks are interleaved in rounds so machine noise
+hits both alike.
+
+    python bench/ask_remote.py [--uvloop] [--json]
+
+Reports sequential p50/p99 latency to one agent and throughput with 64 asks in flight over many
+agents, and the ratios accord/raw (targets: throughput >= 0.7, p50 <= 1.3).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import nats
+from _common import (
+    BENCH_DIR,
+    COUNTER_APP,
+    cpu_seconds,
+    emit,
+    environment,
+    load_counter_app,
+    median,
+    parser,
+    percentile,
+    ratio,
+    run,
+    verdict,
+)
+
+from accord.testing import Cluster, wait_for_placement
+
+RAW_SUBJECT = "bench.raw.echo"
+REQUEST_PAYLOAD = b"\x86\xa1v\x01\xa4kind\xa3ask" + b"y" * 48  # about an accord ask envelope
+
+
+async def sequential(call: Callable[[], Awaitable[Any]], n: int) -> list[float]:
+    out = []
+    for _ in range(n):
+        t = time.perf_counter()
+        await call()
+        out.append(time.perf_counter() - t)
+    return out
+
+
+async def throughput(
+    call: Callable[[int], Awaitable[Any]], duration: float, inflight: int
+) -> tuple[int, float]:
+    """`inflight` workers call `call(i)` back to back for `duration` s; return (done, elapsed)."""
+    count = 0
+    t0 = time.perf_counter()
+    end = t0 + duration
+
+    async def worker(w: int) -> None:
+        nonlocal count
+        i = w
+        while time.perf_counter() < end:
+            await call(i)
+            count += 1
+            i += inflight
+
+    await asyncio.gather(*(worker(w) for w in range(inflight)))
+    return count, time.perf_counter() - t0
+
+
+def start_responder(url: str) -> subprocess.Popen[bytes]:
+    proc = subprocess.Popen(
+        [sys.executable, str(BENCH_DIR / "_raw_responder.py"), "--nats", url,
+         "--subject", RAW_SUBJECT],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if line.strip() != b"ready":
+        proc.kill()
+        proc.wait()
+        raise RuntimeError("raw responder did not start")
+    return proc
+
+
+def stop_process(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+async def bench(args: Any) -> dict[str, Any]:
+    app = load_counter_app()
+    inc = app.Increment(1)
+    n_agents = args.agents
+    agents = [f"counter/a{k}" for k in range(n_agents)]
+    with Cluster(app=str(COUNTER_APP), nodes=1) as cluster:
+        responder = start_responder(cluster.url)
+        try:
+            async with cluster.connect() as mesh:
+                await wait_for_placement(mesh, {"node-1"}, timeout=30)
+                nc = await nats.connect(cluster.url, name="bench-raw-client")
+                try:
+
+                    async def accord_one() -> Any:
+                        return await mesh.ask("counter/x", inc)
+
+                    async def raw_one() -> Any:
+                        return await nc.request(RAW_SUBJECT, REQUEST_PAYLOAD, timeout=10)
+
+                    async def accord_many(i: int) -> Any:
+                        return await mesh.ask(agents[i % n_agents], inc)
+
+                    async def raw_many(i: int) -> Any:
+                        return await nc.request(RAW_SUBJECT, REQUEST_PAYLOAD, timeout=10)
+
+                    # warm-up: activate every agent, warm both paths
+                    reply = await accord_one()
+                    assert reply.value >= 1, reply
+                    await throughput(accord_many, 0.5, args.inflight)
+                    await asyncio.gather(*(mesh.ask(a, inc) for a in agents))
+                    await sequential(accord_one, 300)
+                    await sequential(raw_one, 300)
+                    await throughput(raw_many, 0.5, args.inflight)
+
+                    pids = {
+                        "client": os.getpid(),
+                        "server": cluster.server.pid if cluster.server else None,
+                        "node": cluster.nodes["node-1"].pid,
+                        "responder": responder.pid,
+                    }
+                    lat: dict[str, list[float]] = {"accord": [], "raw": []}
+                    tput: dict[str, list[float]] = {"accord": [], "raw": []}
+                    cpu = {n: dict.fromkeys(pids, 0.0) for n in ("accord", "raw")}
+                    ops = {"accord": 0, "raw": 0}
+                    for _ in range(args.rounds):
+                        lat["raw"] += await sequential(raw_one, args.n)
+                        lat["accord"] += await sequential(accord_one, args.n)
+                        for name, fn in (("accord", accord_many), ("raw", raw_many)):
+                            before = {k: cpu_seconds(p) for k, p in pids.items() if p}
+                            done, elapsed = await throughput(fn, args.duration, args.inflight)
+                            for k, p in pids.items():
+                                if p:
+                                    cpu[name][k] += cpu_seconds(p) - before[k]
+                            ops[name] += done
+                            tput[name].append(done / elapsed)
+                finally:
+                    await nc.close()
+        finally:
+            stop_process(responder)
+
+    res: dict[str, Any] = {"benchmark": "ask_remote"}
+    for name in ("accord", "raw"):
+        res[name] = {
+            "seq_p50_us": percentile(lat[name], 50) * 1e6,
+            "seq_p99_us": percentile(lat[name], 99) * 1e6,
+            "seq_samples": len(lat[name]),
+            "tput_ops_s": median(tput[name]),
+            "tput_rounds_ops_s": [round(x) for x in tput[name]],
+            # CPU microseconds per op during the throughput blocks, per process
+            "cpu_us_per_op": {k: round(v / ops[name] * 1e6, 1) for k, v in cpu[name].items()},
+        }
+    a, r = res["accord"], res["raw"]
+    res["throughput_ratio"] = ratio(a["tput_ops_s"], r["tput_ops_s"])
+    res["p50_ratio"] = ratio(a["seq_p50_us"], r["seq_p50_us"])
+    res["p99_ratio"] = ratio(a["seq_p99_us"], r["seq_p99_us"])
+    res["throughput_target_met"] = res["throughput_ratio"] >= 0.7
+    res["p50_target_met"] = res["p50_ratio"] <= 1.3
+    res["params"] = {
+        "rounds": args.rounds,
+        "seq_per_round": args.n,
+        "inflight": args.inflight,
+        "duration_s": args.duration,
+        "agents": n_agents,
+    }
+    return res
+
+
+def main() -> None:
+    p = parser(__doc__.splitlines()[0])
+    p.add_argument("--rounds", type=int, default=3, help="interleaved accord/raw rounds")
+    p.add_argument("--n", type=int, default=2000, help="sequential asks per round")
+    p.add_argument("--duration", type=float, default=2.0, help="seconds per throughput block")
+    p.add_argument("--inflight", type=int, default=64)
+    p.add_argument("--agents", type=int, default=1000, help="agents for the throughput phase")
+    args = p.parse_args()
+    res, loop_name = run(lambda: bench(args), args.uvloop)
+    res["env"] = environment(loop_name)
+    a, r = res["accord"], res["raw"]
+    lines = [
+        f"ask_remote  (client loop: {loop_name}; node and raw responder: asyncio)",
+        f"  sequential ask to one agent   accord p50 {a['seq_p50_us']:7.0f} us  "
+        f"p99 {a['seq_p99_us']:7.0f} us",
+        f"  raw nc.request baseline       raw    p50 {r['seq_p50_us']:7.0f} us  "
+        f"p99 {r['seq_p99_us']:7.0f} us",
+        f"  throughput, {args.inflight} in flight       accord {a['tput_ops_s']:8.0f} ops/s  "
+        f"raw {r['tput_ops_s']:8.0f} ops/s",
+        f"  throughput_ratio accord/raw = {res['throughput_ratio']:.2f}  "
+        f"{verdict(res['throughput_ratio'], 0.7, True)}",
+        f"  p50_ratio        accord/raw = {res['p50_ratio']:.2f}  "
+        f"{verdict(res['p50_ratio'], 1.3, False)}",
+        f"  p99_ratio        accord/raw = {res['p99_ratio']:.2f}",
+        "  CPU us per op in the throughput phase (client / nats-server / node or responder):",
+        "    accord {client:6.1f} / {server:6.1f} / {node:6.1f}".format(**a["cpu_us_per_op"]),
+        "    raw    {client:6.1f} / {server:6.1f} / {responder:6.1f}".format(
+            **r["cpu_us_per_op"]
+        ),
+    ]
+    emit(res, args.json, lines)
+
+
+if __name__ == "__main__":
+    main()
