@@ -24,9 +24,6 @@ F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
 _HANDLER_MARK = "__accord_handler__"
 
-#: Default idle time after which an activation is deactivated.
-DEFAULT_IDLE_TIMEOUT = 300.0
-
 
 def handler(fn: F) -> F:
     """Mark an async method as a message handler.
@@ -47,6 +44,26 @@ class HandlerSpec(msgspec.Struct, frozen=True):
     returns: Any
 
 
+DELIVERY_MODES = ("at_most_once", "at_least_once", "exactly_once")
+CONSISTENCY_LEVELS = ("strong", "eventual", "crdt", "event_sourced")
+
+
+class AgentOptions(msgspec.Struct, frozen=True, kw_only=True):
+    """The class keywords of an agent type (see `Agent`), inherited by subclasses."""
+
+    idle_timeout: float = 300.0
+    topics: tuple[str, ...] = ()
+    delivery: str = "at_most_once"
+    consistency: str = "strong"
+    state_version: int = 1
+    max_deliver: int = 5
+    retry_backoff: float = 0.05
+    snapshot_every: int = 50
+    dedup_window: int = 1000
+    flush_interval: float = 1.0
+    events: tuple[type, ...] = ()
+
+
 class AgentSpec(msgspec.Struct, frozen=True):
     """Everything the runtime needs to know about an agent type."""
 
@@ -54,8 +71,22 @@ class AgentSpec(msgspec.Struct, frozen=True):
     cls: type[Agent]
     handlers: dict[str, HandlerSpec]
     by_class: dict[type, HandlerSpec]
-    idle_timeout: float
-    topics: tuple[str, ...]
+    options: AgentOptions
+    state_type: type | None
+    event_types: dict[str, type]
+
+    @property
+    def idle_timeout(self) -> float:
+        return self.options.idle_timeout
+
+    @property
+    def topics(self) -> tuple[str, ...]:
+        return self.options.topics
+
+    @property
+    def durable(self) -> bool:
+        """Has state kept in the state bucket (or an event stream)."""
+        return self.state_type is not None or self.options.delivery == "exactly_once"
 
     def handler_for_name(self, wire_name: str) -> HandlerSpec | None:
         return self.handlers.get(wire_name)
@@ -73,27 +104,31 @@ def known_spec(type_name: str) -> AgentSpec | None:
 class Agent:
     """Base class of agents. Subclass with `class Counter(accord.Agent, type="counter")`.
 
-    Class keywords: `type` (default: the snake_case class name), `idle_timeout` (seconds of no
-    messages before deactivation, default 300), `topics` (topic types this agent subscribes to;
-    a topic's source becomes the agent key).
+    Class keywords (all optional, inherited):
 
-    Inside handlers the agent has `self.id` (its `AgentId`) and `self.mesh` (to tell/ask/publish).
-    An instance serves one message at a time.
+    - `type`: the agent type name (default: the snake_case class name);
+    - `idle_timeout`: seconds without messages before deactivation (300);
+    - `topics`: topic types this agent subscribes to (a topic's source becomes the agent key);
+    - `delivery`: `"at_most_once"` (default), `"at_least_once"` or `"exactly_once"`;
+    - `consistency` of the durable `state`: `"strong"` (default), `"eventual"`, `"crdt"`,
+      `"event_sourced"`; `state_version` (1) and `flush_interval` (eventual, 1 s);
+    - `max_deliver` (5) and `retry_backoff` (0.05 s base) for at-least-once redelivery;
+    - `dedup_window` (1000 message ids) for exactly-once; `snapshot_every` (50) and `events`
+      (the event types) for event sourcing.
+
+    Declare durable state with a class annotation `state: MyState` (a `msgspec.Struct` with
+    defaults); it is loaded before the first turn and persisted as its consistency says.
+
+    Inside handlers the agent has `self.id` (its `AgentId`), `self.mesh` (to tell/ask/publish) and
+    `self.state`. An instance serves one message at a time.
     """
 
     __accord_spec__: ClassVar[AgentSpec]
     id: AgentId
     mesh: Mesh
+    _pending_events: list[Any]
 
-    def __init_subclass__(
-        cls,
-        *,
-        type: str | None = None,
-        idle_timeout: float | None = None,
-        topics: tuple[str, ...] | list[str] = (),
-        **kwargs: Any,
-    ) -> None:
-        super().__init_subclass__(**kwargs)
+    def __init_subclass__(cls, *, type: str | None = None, **options: Any) -> None:
         parent: AgentSpec | None = getattr(cls, "__accord_spec__", None)
         type_name = validate_agent_type(type or snake_case(cls.__name__))
         handlers = dict(parent.handlers) if parent else {}
@@ -101,17 +136,18 @@ class Agent:
             if callable(fn) and getattr(fn, _HANDLER_MARK, False):
                 spec = _handler_spec(cls, attr, fn)
                 handlers[message_type_name(spec.msg_type)] = spec
-        if idle_timeout is None:
-            idle_timeout = parent.idle_timeout if parent else DEFAULT_IDLE_TIMEOUT
-        if idle_timeout <= 0:
-            raise ConfigurationError(f"{cls.__name__}: idle_timeout must be > 0")
+        opts = _options(cls.__name__, parent.options if parent else AgentOptions(), options)
+        state_type = _state_type(cls)
+        if opts.consistency == "event_sourced" and not opts.events:
+            raise ConfigurationError(f"{cls.__name__}: event_sourced agents must declare events=")
         cls.__accord_spec__ = AgentSpec(
             type_name=type_name,
             cls=cls,
             handlers=handlers,
             by_class={h.msg_type: h for h in handlers.values()},
-            idle_timeout=float(idle_timeout),
-            topics=tuple(topics) or (parent.topics if parent else ()),
+            options=opts,
+            state_type=state_type,
+            event_types={message_type_name(t): t for t in opts.events},
         )
         _known_specs[type_name] = cls.__accord_spec__
 
@@ -120,6 +156,66 @@ class Agent:
 
     async def on_deactivate(self) -> None:
         """Called once when the activation ends (idle, shard handoff, node shutdown)."""
+
+    def apply(self, event: Any) -> None:
+        """Event-sourced agents: fold `event` into `self.state` (also used to replay the log)."""
+        raise NotImplementedError(f"{type(self).__name__} must implement apply(event)")
+
+    def emit(self, event: Any) -> None:
+        """Event-sourced agents: apply `event` now and append it to the log when the turn ends."""
+        if type(event) not in self.__accord_spec__.options.events:
+            raise ConfigurationError(f"{type(event).__name__} is not a declared event type")
+        self.apply(event)
+        self.__dict__.setdefault("_pending_events", []).append(event)
+
+
+def _options(name: str, base: AgentOptions, given: dict[str, Any]) -> AgentOptions:
+    unknown = set(given) - set(AgentOptions.__struct_fields__)
+    if unknown:
+        raise ConfigurationError(f"{name}: unknown agent option(s) {sorted(unknown)}")
+    if "topics" in given:
+        given["topics"] = tuple(given["topics"])
+    if "events" in given:
+        given["events"] = tuple(given["events"])
+    try:
+        opts = msgspec.structs.replace(base, **given)
+    except TypeError as exc:
+        raise ConfigurationError(f"{name}: {exc}") from None
+    if opts.idle_timeout <= 0:
+        raise ConfigurationError(f"{name}: idle_timeout must be > 0")
+    if opts.delivery not in DELIVERY_MODES:
+        raise ConfigurationError(f"{name}: delivery must be one of {DELIVERY_MODES}")
+    if opts.consistency not in CONSISTENCY_LEVELS:
+        raise ConfigurationError(f"{name}: consistency must be one of {CONSISTENCY_LEVELS}")
+    if opts.max_deliver < 1 or opts.snapshot_every < 1 or opts.dedup_window < 1:
+        raise ConfigurationError(f"{name}: max_deliver, snapshot_every, dedup_window must be >= 1")
+    for ev in opts.events:
+        if not (isinstance(ev, type) and issubclass(ev, msgspec.Struct)):
+            raise ConfigurationError(f"{name}: events must be msgspec.Struct types, got {ev!r}")
+    return opts
+
+
+def _state_type(cls: type) -> type | None:
+    """The `state: MyState` annotation, if the class (or a base) declares one."""
+    for klass in cls.__mro__:
+        if "state" in getattr(klass, "__annotations__", {}):
+            try:
+                hint = typing.get_type_hints(klass).get("state")
+            except Exception as exc:
+                msg = f"{cls.__name__}: cannot resolve `state` ({exc})"
+                raise ConfigurationError(msg) from None
+            if not (isinstance(hint, type) and issubclass(hint, msgspec.Struct)):
+                raise ConfigurationError(
+                    f"{cls.__name__}: `state` must be annotated with a msgspec.Struct type"
+                )
+            try:
+                hint()
+            except TypeError:
+                raise ConfigurationError(
+                    f"{cls.__name__}: state type {hint.__name__} needs defaults for every field"
+                ) from None
+            return hint
+    return None
 
 
 def _handler_spec(cls: type, attr: str, fn: Callable[..., Any]) -> HandlerSpec:

@@ -92,8 +92,53 @@ class EngineError(AccordError):
     code = "engine_error"
 
 
+
+
+class StateError(AccordError):
+    """A stored agent state cannot be used (it no longer decodes, or its schema is unknown).
+
+    Never silently reset: the agent refuses to activate until the record is migrated or removed.
+    """
+
+    code = "state_error"
+
+
+class OutcomeUnknown(AccordError):
+    """A durable send was not confirmed: the message may or may not be stored.
+
+    Retrying the same call with the same `msg_id` is safe: the mailbox drops duplicates within its
+    duplicate window.
+    """
+
+    code = "outcome_unknown"
+
+    def __init__(self, message: str, *, msg_id: str) -> None:
+        super().__init__(message)
+        self.msg_id = msg_id
+
+
+class CircuitOpen(AccordError):
+    """Calls to this target failed repeatedly; the breaker refuses new ones for a while."""
+
+    code = "circuit_open"
+
+
+class Overloaded(AccordError):
+    """The node's bulkhead for this agent type (or the whole node) is full; not processed."""
+
+    code = "overloaded"
+
+
 #: Codes that a reply envelope may carry, mapped to the exception the caller raises.
 WIRE_ERRORS: dict[str, type[AccordError]] = {
     cls.code: cls
-    for cls in (BadRequest, AgentTypeNotFound, UnknownMessageType, DeliveryTimeout, Fenced)
+    for cls in (
+        BadRequest,
+        AgentTypeNotFound,
+        UnknownMessageType,
+        DeliveryTimeout,
+        Fenced,
+        StateError,
+        Overloaded,
+    )
 }

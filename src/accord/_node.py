@@ -76,6 +76,7 @@ class Node(Mesh):
         self._deactivating: dict[AgentId, asyncio.Task[None]] = {}
         self._shard_subs: dict[int, Subscription] = {}
         self._engine: Any = None
+        self._sending: set[asyncio.Task[None]] = set()
         self._started = False
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -221,7 +222,10 @@ class Node(Mesh):
         enc: codec.Encoding = codec.sniff(msg.data)
         try:
             req, enc = codec.decode_request(msg.data)
-            agent_id = AgentId.parse(req.target)
+            try:
+                agent_id = AgentId.parse(req.target)
+            except ConfigurationError as exc:
+                raise BadRequest(f"bad target: {exc}") from None
             if shard_of(agent_id, self.config.num_shards) != shard:
                 raise BadRequest(f"{agent_id} does not live in shard {shard}")
             spec = self.specs.get(agent_id.type)
@@ -233,15 +237,17 @@ class Node(Mesh):
                     f"agent type {agent_id.type!r} has no handler for {req.type!r}"
                 )
             body = codec.decode_as(req.body, h.msg_type, enc)
+            deadline = None
+            if req.timeout_ms is not None:
+                if not -(2**63) <= req.timeout_ms < 2**64:
+                    raise BadRequest(f"timeout_ms out of range: {req.timeout_ms}")
+                deadline = self.loop.time() + req.timeout_ms / 1000
         except AccordError as exc:
             self._reject(exc, reply_to, enc)
             return
         except Exception as exc:  # anything a hostile envelope provokes must not kill the node
             self._reject(BadRequest(f"rejected: {exc}"), reply_to, enc)
             return
-        deadline = None
-        if req.timeout_ms is not None:
-            deadline = self.loop.time() + req.timeout_ms / 1000
         reply = None
         if req.kind == "ask" and reply_to is not None:
             reply = self._remote_replier(reply_to, enc, epoch)
@@ -266,12 +272,26 @@ class Node(Mesh):
                 except (TypeError, ValueError, OverflowError) as exc:
                     data = codec.error_reply("remote_error", f"reply not encodable: {exc}", enc,
                                              "TypeError")  # fmt: skip
+            if len(data) > self._nc.nc.max_payload:
+                data = codec.error_reply(
+                    "remote_error",
+                    f"reply of {len(data)} bytes exceeds the server's max_payload",
+                    enc,
+                    "MaxPayloadError",
+                )
             self._send(reply_to, data)
 
         return reply
 
     def _send(self, subject: str, data: bytes) -> None:
-        self.loop.create_task(self._nc.publish(subject, data))
+        task = self.loop.create_task(self._nc.publish(subject, data))
+        self._sending.add(task)
+        task.add_done_callback(self._sent)
+
+    def _sent(self, task: asyncio.Task[None]) -> None:
+        self._sending.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("reply not sent: %s", task.exception())
 
     async def _on_admin(self, msg: Msg) -> None:
         from ._status import node_status

@@ -1,0 +1,1 @@
+"""Durable agent state: the state bucket (records with epochs and dedup), and event logs."""

@@ -1,0 +1,213 @@
+"""The durable state of one activation: load on activation, persist per consistency level,
+roll back a failed turn, and keep the exactly-once dedup window atomically with the state.
+
+| consistency     | when the state is written                                               |
+| --------------- | ----------------------------------------------------------------------- |
+| strong          | at the end of every turn that changed it, before the reply or ack       |
+| eventual        | behind, at most `flush_interval` later; on deactivation and handoff      |
+| crdt            | like strong, but a concurrent write is merged instead of refused        |
+| event_sourced   | events appended every turn; a snapshot record every `snapshot_every`    |
+
+An exactly-once message always writes at the end of its turn (its dedup entry must be atomic with
+the state it produced), whatever the consistency.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import msgspec
+
+from .._agent import Agent, AgentSpec
+from .._errors import Fenced, StateError
+from .._ids import AgentId
+from ._events import EventLog
+from ._store import DedupEntry, StateConflict, StateRecord, StateStore
+
+log = logging.getLogger("accord.state")
+
+_enc = msgspec.msgpack.Encoder()
+
+
+def merge_states(a: Any, b: Any) -> Any:
+    """Merge two CRDT states: the type's own `merge`, else field by field."""
+    if hasattr(a, "merge"):
+        return a.merge(b)
+    values = {}
+    for name in a.__struct_fields__:
+        fa, fb = getattr(a, name), getattr(b, name)
+        values[name] = fa.merge(fb) if hasattr(fa, "merge") else fa
+    return type(a)(**values)
+
+
+class Durable:
+    def __init__(
+        self,
+        spec: AgentSpec,
+        agent_id: AgentId,
+        epoch: int,
+        store: StateStore,
+        events: EventLog | None,
+        still_owner: Callable[[], bool],
+    ) -> None:
+        self.spec = spec
+        self.id = agent_id
+        self.epoch = epoch
+        self._store = store
+        self._events = events
+        self._still_owner = still_owner
+        self.record = StateRecord(agent=str(agent_id), schema=spec.options.state_version)
+        self.revision = 0
+        self._saved = b""  # encoding of the state as last persisted (for rollback)
+        self.dirty = False
+        self._since_snapshot = 0
+
+    # -- activation ---------------------------------------------------------------------------
+
+    async def load(self, agent: Agent) -> None:
+        record, revision = await self._store.load(self.id)
+        if record is not None and record.epoch > self.epoch:
+            raise Fenced(f"state of {self.id} belongs to epoch {record.epoch} > {self.epoch}")
+        state = self._decode_state(record) if record is not None else None
+        if state is None and self.spec.state_type is not None:
+            state = self.spec.state_type()
+        agent.state = state  # type: ignore[attr-defined]
+        if record is not None:
+            self.record, self.revision = record, revision
+        if self._events is not None:
+            seq, count = await self._events.replay(
+                self.id, self.record.events_seq, self.spec.event_types, agent.apply
+            )
+            self.record.events_seq, self._since_snapshot = seq, count
+        self._saved = self._encode(agent)
+        if record is None or record.epoch < self.epoch:
+            # Claim the record for this epoch: any write by an older owner now fails.
+            self.record.epoch = self.epoch
+            self.record.schema = self.spec.options.state_version
+            self.record.state = msgspec.Raw(self._saved)
+            await self._write(agent)
+
+    def _decode_state(self, record: StateRecord) -> Any:
+        typ = self.spec.state_type
+        if typ is None or not bytes(record.state):
+            return None
+        version = self.spec.options.state_version
+        migrate = getattr(self.spec.cls, "migrate_state", None)
+        try:
+            if record.schema != version and migrate is not None:
+                return migrate(record.schema, msgspec.msgpack.decode(record.state))
+            if record.schema > version:
+                raise StateError(
+                    f"state of {self.id} has schema v{record.schema}, newer than this code's "
+                    f"v{version}"
+                )
+            return msgspec.msgpack.decode(record.state, type=typ)
+        except (msgspec.DecodeError, msgspec.ValidationError, TypeError, ValueError) as exc:
+            raise StateError(
+                f"stored state of {self.id} (schema v{record.schema}) does not decode as "
+                f"{typ.__name__} v{version}: {exc}; add a `migrate_state` classmethod or fix the "
+                "record (it was not reset)"
+            ) from None
+
+    def _encode(self, agent: Agent) -> bytes:
+        state = getattr(agent, "state", None)
+        return b"" if state is None else _enc.encode(state)
+
+    # -- turns --------------------------------------------------------------------------------
+
+    def lookup(self, msg_id: str) -> DedupEntry | None:
+        for entry in self.record.dedup:
+            if entry.id == msg_id:
+                return entry
+        return None
+
+    async def commit(self, agent: Agent, dedup: DedupEntry | None = None) -> None:
+        """Persist the end of a successful turn as the consistency level says."""
+        consistency = self.spec.options.consistency
+        if self._events is not None:
+            await self._append_events(agent)
+        encoded = self._encode(agent)
+        changed = encoded != self._saved
+        if dedup is not None:
+            self.record.dedup.append(dedup)
+            del self.record.dedup[: -self.spec.options.dedup_window]
+        if consistency == "event_sourced":
+            snapshot = self._since_snapshot >= self.spec.options.snapshot_every
+            if snapshot or dedup is not None:
+                self._since_snapshot = 0 if snapshot else self._since_snapshot
+                self.record.state = msgspec.Raw(encoded)
+                await self._write(agent)
+            self._saved = encoded
+            return
+        if consistency == "eventual" and dedup is None:
+            self.dirty = self.dirty or changed
+            return
+        if changed or dedup is not None or self.dirty:
+            self.record.state = msgspec.Raw(encoded)
+            await self._write(agent)
+        self._saved = encoded
+
+    async def _append_events(self, agent: Agent) -> None:
+        assert self._events is not None
+        pending = agent.__dict__.pop("_pending_events", [])
+        if pending:
+            seq = await self._events.append(self.id, pending, self.record.events_seq)
+            self.record.events_seq = seq
+            self.record.events_count += len(pending)
+            self._since_snapshot += len(pending)
+
+    def rollback(self, agent: Agent) -> None:
+        """Undo a failed turn's changes to the in-memory state."""
+        agent.__dict__.pop("_pending_events", None)
+        if self.spec.state_type is not None:
+            agent.state = (  # type: ignore[attr-defined]
+                msgspec.msgpack.decode(self._saved, type=self.spec.state_type)
+                if self._saved
+                else self.spec.state_type()
+            )
+
+    async def flush(self, agent: Agent) -> None:
+        """Write what `eventual` consistency kept behind (deactivation, handoff, timer)."""
+        if self.dirty:
+            encoded = self._encode(agent)
+            self.record.state = msgspec.Raw(encoded)
+            await self._write(agent)
+            self._saved = encoded
+
+    async def _write(self, agent: Agent) -> None:
+        crdt = self.spec.options.consistency == "crdt"
+        if not crdt and not self._still_owner():
+            raise Fenced(f"{self.id}: lease of epoch {self.epoch} no longer valid; write refused")
+        self.record.epoch = max(self.record.epoch, self.epoch)
+        for _ in range(20):
+            try:
+                self.revision = await self._store.save(self.id, self.record, self.revision)
+                self.dirty = False
+                return
+            except Fenced:
+                if not crdt:
+                    raise
+                current, revision = await self._store.load(self.id)
+                assert current is not None
+                self._merge_into(agent, current, revision)
+            except StateConflict as conflict:
+                if crdt and conflict.current is not None:
+                    self._merge_into(agent, conflict.current, conflict.revision)
+                else:
+                    # The record moved under an older (stale) writer whose turn was never
+                    # acknowledged: this epoch supersedes it.
+                    self.revision = conflict.revision
+        raise Fenced(f"{self.id}: could not write state after repeated conflicts")
+
+    def _merge_into(self, agent: Agent, current: StateRecord, revision: int) -> None:
+        theirs = self._decode_state(current)
+        mine = getattr(agent, "state", None)
+        merged = mine if theirs is None else theirs if mine is None else merge_states(mine, theirs)
+        agent.state = merged  # type: ignore[attr-defined]
+        encoded = self._encode(agent)
+        self.record.state = msgspec.Raw(encoded)
+        self.record.epoch = max(current.epoch, self.epoch)
+        self.revision = revision
+        log.info("merged concurrent CRDT state of %s", self.id)

@@ -1,0 +1,119 @@
+"""Agent state records in a JetStream KV bucket, written by compare-and-set and fenced by epoch.
+
+One record per agent: the encoded state, the writer's shard epoch, the state schema version, the
+exactly-once dedup window and, for event-sourced agents, the last event folded into the snapshot.
+A writer whose compare-and-set fails because a newer epoch wrote meanwhile gets `Fenced`.
+"""
+
+from __future__ import annotations
+
+import base64
+
+import msgspec
+import nats.errors
+import nats.js.errors
+from nats.js.kv import KeyValue
+
+from .._errors import Fenced, NotConnected, StateError
+from .._ids import AgentId
+
+RECORD_VERSION = 1
+
+
+class DedupEntry(msgspec.Struct, array_like=True):
+    """The recorded outcome of one exactly-once message."""
+
+    id: str
+    ok: bool
+    reply: msgspec.Raw = msgspec.Raw(b"\xc0")  # msgpack of the reply (nil when none)
+    code: str = ""
+    message: str = ""
+    rtype: str = ""
+
+
+class StateRecord(msgspec.Struct, omit_defaults=True):
+    v: int = RECORD_VERSION
+    agent: str = ""
+    schema: int = 1
+    epoch: int = 0
+    state: msgspec.Raw = msgspec.Raw(b"")
+    dedup: list[DedupEntry] = msgspec.field(default_factory=list)
+    events_seq: int = 0
+    events_count: int = 0
+
+
+_enc = msgspec.msgpack.Encoder()
+_dec = msgspec.msgpack.Decoder(StateRecord)
+
+
+class StateConflict(Exception):
+    """The record changed since it was read (by a writer of the same or an older epoch)."""
+
+    def __init__(self, current: StateRecord | None, revision: int) -> None:
+        super().__init__("state changed concurrently")
+        self.current = current
+        self.revision = revision
+
+
+def state_key(agent_id: AgentId) -> str:
+    """KV keys allow [-/_=.a-zA-Z0-9]; agent keys are arbitrary, so the key is base64url'd."""
+    key = base64.urlsafe_b64encode(agent_id.key.encode()).decode().rstrip("=")
+    return f"{agent_id.type}.{key or '_'}"
+
+
+class StateStore:
+    def __init__(self, kv: KeyValue) -> None:
+        self._kv = kv
+
+    async def load(self, agent_id: AgentId) -> tuple[StateRecord | None, int]:
+        """The stored record and its revision (None, 0 when the agent has none)."""
+        try:
+            entry = await self._kv.get(state_key(agent_id))
+        except nats.js.errors.KeyNotFoundError:
+            return None, 0
+        except (nats.errors.Error, TimeoutError) as exc:
+            raise NotConnected(f"cannot load state of {agent_id}: {exc}") from None
+        return self.decode(agent_id, entry.value or b""), int(entry.revision or 0)
+
+    @staticmethod
+    def decode(agent_id: AgentId, data: bytes) -> StateRecord:
+        try:
+            record = _dec.decode(data)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            raise StateError(f"stored record of {agent_id} does not decode: {exc}") from None
+        if record.v > RECORD_VERSION:
+            raise StateError(
+                f"stored record of {agent_id} has format v{record.v}; this accord reads "
+                f"up to v{RECORD_VERSION}"
+            )
+        return record
+
+    async def save(self, agent_id: AgentId, record: StateRecord, last_revision: int) -> int:
+        """Write `record` iff the stored revision is still `last_revision`; return the new one.
+
+        Raises `Fenced` when a newer epoch wrote meanwhile, `StateConflict` when the record changed
+        under a writer of the same or an older epoch (the caller decides: merge, or supersede).
+        """
+        key = state_key(agent_id)
+        data = _enc.encode(record)
+        try:
+            if last_revision:
+                return int(await self._kv.update(key, data, last=last_revision))
+            return int(await self._kv.create(key, data))
+        except nats.js.errors.KeyWrongLastSequenceError:
+            pass
+        except (nats.errors.Error, TimeoutError) as exc:
+            raise NotConnected(f"cannot save state of {agent_id}: {exc}") from None
+        current, revision = await self.load(agent_id)
+        if current is not None and current.epoch > record.epoch:
+            raise Fenced(
+                f"state of {agent_id} was written at epoch {current.epoch}; "
+                f"this writer holds epoch {record.epoch}"
+            )
+        raise StateConflict(current, revision)
+
+    async def delete(self, agent_id: AgentId) -> None:
+        try:
+            await self._kv.purge(state_key(agent_id))
+        except (nats.errors.Error, TimeoutError) as exc:
+            raise NotConnected(f"cannot delete state of {agent_id}: {exc}") from None
