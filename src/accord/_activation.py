@@ -2,6 +2,9 @@
 
 An activation belongs to a shard epoch. Before each turn, and again before replying, it checks that
 its node still validly holds that epoch; once not, it stops without running or answering anything.
+Durable agents load their state before the first turn and persist it per turn (`state/_durable`);
+mailbox deliveries are retried in place (keeping per-agent order), acknowledged only after the
+turn and its state write, and dead-lettered after `max_deliver` attempts.
 """
 
 from __future__ import annotations
@@ -12,10 +15,15 @@ from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+import msgspec
+
 from ._agent import Agent, AgentSpec, HandlerSpec
 from ._context import current_deadline, current_sender
-from ._errors import AccordError, RemoteError
+from ._errors import AccordError, Fenced, RemoteError, StateError
 from ._ids import AgentId
+from .delivery._mailbox import DurableDelivery, backoff_delay
+from .state._durable import Durable
+from .state._store import DedupEntry
 
 if TYPE_CHECKING:
     from ._node import Node
@@ -23,20 +31,35 @@ if TYPE_CHECKING:
 log = logging.getLogger("accord.activation")
 
 ReplyFn = Callable[[Any, BaseException | None], None]
+_enc = msgspec.msgpack.Encoder()
 
 
 class Work:
-    """A message accepted for an agent. `reply` is None for a tell."""
+    """A message accepted for an agent. `reply` is None for a tell.
 
-    __slots__ = ("deadline", "handler", "msg", "reply")
+    `delivery` is set for mailbox (at-least-once / exactly-once) messages; `lookup` marks a request
+    for the recorded outcome of an exactly-once message (`handler` is then None).
+    """
+
+    __slots__ = ("data", "deadline", "delivery", "handler", "lookup", "msg", "reply")
 
     def __init__(
-        self, handler: HandlerSpec, msg: Any, deadline: float | None, reply: ReplyFn | None
+        self,
+        handler: HandlerSpec | None,
+        msg: Any,
+        deadline: float | None,
+        reply: ReplyFn | None,
+        delivery: DurableDelivery | None = None,
+        data: bytes = b"",
+        lookup: str | None = None,
     ) -> None:
         self.handler = handler
         self.msg = msg
         self.deadline = deadline
         self.reply = reply
+        self.delivery = delivery
+        self.data = data
+        self.lookup = lookup
 
 
 class Activation:
@@ -58,12 +81,15 @@ class Activation:
         self.last_active = node.loop.time()
         self.closing = False  # drain what is queued, then deactivate
         self.busy = False
+        self.durable: Durable | None = None
         self._waiter: asyncio.Future[None] | None = None
         self._previous = previous
+        node.inflight_add(spec.type_name, 0)
         self.task = node.loop.create_task(self._run(), name=f"accord-agent-{agent_id}")
 
     def put(self, work: Work) -> None:
         self.queue.append(work)
+        self.node.inflight_add(self.spec.type_name, 1)
         w = self._waiter
         if w is not None and not w.done():
             w.set_result(None)
@@ -75,6 +101,9 @@ class Activation:
         if w is not None and not w.done():
             w.set_result(None)
 
+    def _valid(self) -> bool:
+        return self.node.shards_valid(self.shard, self.epoch)
+
     async def _run(self) -> None:
         node = self.node
         if self._previous is not None:  # the last activation of this id is still deactivating
@@ -83,21 +112,35 @@ class Activation:
         agent = self.spec.cls()
         agent.id = self.id
         agent.mesh = node
+        agent.replica_id = f"{node.node_name}:{self.epoch}"  # type: ignore[attr-defined]
         activated = False
+        graceful = False
         try:
+            if self.spec.durable:
+                self.durable = node.durable_for(self.id, self.spec, self.shard, self.epoch)
+                await self.durable.load(agent)
             await agent.on_activate()
             activated = True
             node.stats.activations += 1
             await self._turns(agent)
+            graceful = True
         except asyncio.CancelledError:
             pass  # lease lost: stop at once
+        except Fenced as exc:
+            log.warning("%s fenced: %s", self.id, exc)  # a newer owner exists: stay silent
         except Exception as exc:
             log.exception("activation of %s failed", self.id)
-            self._fail_queued(RemoteError(type(exc).__name__, f"activation failed: {exc}"))
+            error = (
+                exc
+                if isinstance(exc, StateError)
+                else RemoteError(type(exc).__name__, f"activation failed: {exc}")
+            )
+            await self._fail_queued(error)
         finally:
             node.activation_ended(self)
             if activated:
-                await self._deactivate(agent)
+                await self._deactivate(agent, graceful)
+            node.inflight_add(self.spec.type_name, -len(self.queue))
 
     async def _turns(self, agent: Agent) -> None:
         node = self.node
@@ -108,48 +151,165 @@ class Activation:
                 if self.closing:
                     return
                 self._waiter = loop.create_future()
-                await self._waiter
+                if self.durable is not None and self.durable.dirty:
+                    try:
+                        async with asyncio.timeout(self.spec.options.flush_interval):
+                            await self._waiter
+                    except TimeoutError:
+                        await self.durable.flush(agent)
+                else:
+                    await self._waiter
                 self._waiter = None
                 continue
             work = queue.popleft()
-            if not node.shards_valid(self.shard, self.epoch):
+            node.inflight_add(self.spec.type_name, -1)
+            if not self._valid():
                 return  # the lease moved on: nothing more runs or replies here
             if work.deadline is not None and loop.time() >= work.deadline:
                 node.stats.expired += 1
                 continue  # the caller has given up; running it would be wasted and unseen
             self.busy = True
-            dl_token = current_deadline.set(work.deadline)
-            sender_token = current_sender.set(str(self.id))
             try:
-                result = await work.handler.fn(agent, work.msg)
-                error: BaseException | None = None
-            except Exception as exc:
-                result, error = None, _as_remote(exc)
-                node.stats.handler_errors += 1
-                log.debug("handler %s of %s raised", work.handler.name, self.id, exc_info=True)
+                if work.lookup is not None:
+                    self._answer_lookup(work)
+                elif work.delivery is not None:
+                    await self._durable_turn(agent, work, work.delivery)
+                else:
+                    await self._turn(agent, work)
             finally:
-                current_deadline.reset(dl_token)
-                current_sender.reset(sender_token)
                 self.busy = False
                 self.last_active = loop.time()
-            node.stats.turns += 1
-            if work.reply is not None and node.shards_valid(self.shard, self.epoch):
-                work.reply(result, error)
 
-    def _fail_queued(self, error: AccordError) -> None:
+    async def _call(self, agent: Agent, work: Work) -> tuple[Any, AccordError | None]:
+        assert work.handler is not None
+        dl_token = current_deadline.set(work.deadline)
+        sender_token = current_sender.set(str(self.id))
+        try:
+            return await work.handler.fn(agent, work.msg), None
+        except Exception as exc:
+            self.node.stats.handler_errors += 1
+            log.debug("handler %s of %s raised", work.handler.name, self.id, exc_info=True)
+            return None, _as_remote(exc)
+        finally:
+            current_deadline.reset(dl_token)
+            current_sender.reset(sender_token)
+            self.node.stats.turns += 1
+
+    async def _turn(self, agent: Agent, work: Work) -> None:
+        """An at-most-once message: run once; persist state if the agent has any; reply."""
+        result, error = await self._call(agent, work)
+        if self.durable is not None:
+            if error is None:
+                await self.durable.commit(agent)  # Fenced propagates: stop, no reply
+            else:
+                self.durable.rollback(agent)
+        if work.reply is not None and self._valid():
+            work.reply(result, error)
+
+    async def _durable_turn(self, agent: Agent, work: Work, dd: DurableDelivery) -> None:
+        """A mailbox message: dedup, run with in-place retries, persist, ack, reply."""
+        exactly_once = dd.mode == "exactly_once" and self.durable is not None
+        if exactly_once:
+            assert self.durable is not None
+            entry = self.durable.lookup(dd.msg_id)
+            if entry is not None:
+                self.node.stats.deduplicated += 1
+                await dd.ack()
+                self._reply_entry(work, entry)
+                return
+        opts = self.spec.options
+        while True:
+            dd.attempts += 1
+            result, error = await self._call(agent, work)
+            if not self._valid():
+                if self.durable is not None:
+                    self.durable.rollback(agent)
+                return  # not acked: the next owner redelivers it
+            if error is None:
+                entry = _dedup_entry(dd.msg_id, result, None) if exactly_once else None
+                if self.durable is not None:
+                    await self.durable.commit(agent, entry)
+                await dd.ack()
+                if work.reply is not None:
+                    work.reply(result, None)
+                return
+            if self.durable is not None:
+                self.durable.rollback(agent)
+            if dd.attempts >= opts.max_deliver:
+                await self.node.dead_letter(work, dd, error)
+                if exactly_once:
+                    assert self.durable is not None
+                    await self.durable.commit(agent, _dedup_entry(dd.msg_id, None, error))
+                await dd.ack()
+                if work.reply is not None:
+                    work.reply(None, error)
+                return
+            await dd.in_progress()
+            await asyncio.sleep(backoff_delay(dd.attempts, opts.retry_backoff))
+
+    def _answer_lookup(self, work: Work) -> None:
+        assert work.lookup is not None and work.reply is not None
+        entry = self.durable.lookup(work.lookup) if self.durable is not None else None
+        if entry is None:
+            work.reply(None, _Pending(f"no recorded outcome for message {work.lookup} yet"))
+        else:
+            self._reply_entry(work, entry)
+
+    def _reply_entry(self, work: Work, entry: DedupEntry) -> None:
+        if work.reply is None:
+            return
+        if entry.ok:
+            work.reply(_Recorded(bytes(entry.reply)), None)
+        else:
+            work.reply(None, RemoteError(entry.rtype or "Exception", entry.message))
+
+    async def _fail_queued(self, error: BaseException) -> None:
         while self.queue:
             work = self.queue.popleft()
+            self.node.inflight_add(self.spec.type_name, -1)
+            if work.delivery is not None:
+                await work.delivery.nak(delay=5.0)  # not the message's fault: try again later
             if work.reply is not None:
                 work.reply(None, error)
 
-    async def _deactivate(self, agent: Agent) -> None:
+    async def _deactivate(self, agent: Agent, graceful: bool) -> None:
         try:
+            if graceful and self.durable is not None and self._valid():
+                await self.durable.flush(agent)
             await asyncio.wait_for(agent.on_deactivate(), self.node.settings.deactivate_timeout)
         except Exception:
-            log.exception("on_deactivate of %s failed", self.id)
+            log.exception("deactivation of %s failed", self.id)
+
+
+class _Recorded:
+    """A reply recorded by exactly-once dedup, already msgpack-encoded."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+
+class _Pending(AccordError):
+    code = "pending"
+
+
+def _dedup_entry(msg_id: str, result: Any, error: AccordError | None) -> DedupEntry:
+    if error is None:
+        try:
+            return DedupEntry(msg_id, True, msgspec.Raw(_enc.encode(result)))
+        except (TypeError, ValueError, OverflowError) as exc:
+            error = RemoteError("TypeError", f"reply not encodable: {exc}")
+    return DedupEntry(
+        msg_id,
+        False,
+        code=error.code,
+        message=getattr(error, "remote_message", str(error)),
+        rtype=getattr(error, "remote_type", type(error).__name__),
+    )
 
 
 def _as_remote(exc: Exception) -> AccordError:
-    if isinstance(exc, AccordError):
-        return exc if isinstance(exc, RemoteError) else RemoteError(type(exc).__name__, str(exc))
+    if isinstance(exc, RemoteError):
+        return exc
     return RemoteError(type(exc).__name__, str(exc))

@@ -7,6 +7,7 @@ the node runtime (`_node.py`) only ever talks to specs, never to class internals
 from __future__ import annotations
 
 import inspect
+import sys
 import typing
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
@@ -199,11 +200,14 @@ def _state_type(cls: type) -> type | None:
     """The `state: MyState` annotation, if the class (or a base) declares one."""
     for klass in cls.__mro__:
         if "state" in getattr(klass, "__annotations__", {}):
-            try:
-                hint = typing.get_type_hints(klass).get("state")
-            except Exception as exc:
-                msg = f"{cls.__name__}: cannot resolve `state` ({exc})"
-                raise ConfigurationError(msg) from None
+            hint = klass.__annotations__["state"]
+            if isinstance(hint, str):  # `from __future__ import annotations`
+                module = sys.modules.get(klass.__module__)
+                try:
+                    hint = eval(hint, vars(module) if module else {}, dict(vars(klass)))
+                except Exception as exc:
+                    msg = f"{cls.__name__}: cannot resolve `state` ({exc})"
+                    raise ConfigurationError(msg) from None
             if not (isinstance(hint, type) and issubclass(hint, msgspec.Struct)):
                 raise ConfigurationError(
                     f"{cls.__name__}: `state` must be annotated with a msgspec.Struct type"

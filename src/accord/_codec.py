@@ -22,13 +22,15 @@ class Request(msgspec.Struct, omit_defaults=True):
     """A message to one agent. `body` is the message, encoded like the envelope."""
 
     v: int
-    kind: Literal["ask", "tell"]
+    kind: Literal["ask", "tell", "result"]
     target: str
     type: str
     body: msgspec.Raw = msgspec.Raw(b"")
     timeout_ms: int | None = None
     id: str | None = None
     sender: str | None = None
+    reply_to: str | None = None
+    delivery: str | None = None
 
 
 class ErrorInfo(msgspec.Struct, omit_defaults=True):

@@ -15,6 +15,7 @@ from ._mesh import Mesh
 from ._server import EmbeddedServer
 from ._transport import NatsTransport
 from .cluster._config import Names, open_cluster
+from .delivery._breaker import BreakerSettings
 
 
 def state_dir() -> Path:
@@ -59,13 +60,17 @@ async def resolve_servers(nats: str | list[str] | None) -> tuple[list[str], Any]
 
 @asynccontextmanager
 async def connect(
-    url: str | list[str] | None = None, *, cluster: str = "default", name: str | None = None
+    url: str | list[str] | None = None,
+    *,
+    cluster: str = "default",
+    name: str | None = None,
+    breaker: BreakerSettings | None = None,
 ) -> AsyncIterator[Mesh]:
     """Connect a `Mesh` client to the cluster.
 
     `url` is a NATS URL, a comma-separated string of them, or a list. None means the local cluster:
     $ACCORD_NATS, else the one `accord up` is running, else a new embedded server that lives as
-    long as this context.
+    long as this context. `breaker` enables per-target circuit breakers (off by default).
     """
     servers, engine = await resolve_servers(url)
     try:
@@ -76,7 +81,7 @@ async def connect(
         except BaseException:
             await transport.close()
             raise
-        mesh = Mesh(transport, names, config, kvs["subs"])
+        mesh = Mesh(transport, names, config, kvs["subs"], kvs["meta"], breaker)
         try:
             yield mesh
         finally:

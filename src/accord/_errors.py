@@ -92,8 +92,6 @@ class EngineError(AccordError):
     code = "engine_error"
 
 
-
-
 class StateError(AccordError):
     """A stored agent state cannot be used (it no longer decodes, or its schema is unknown).
 

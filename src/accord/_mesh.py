@@ -9,16 +9,19 @@ short-circuits messages for shards it owns (`_route_local`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
+import uuid
+from collections.abc import Iterable, Iterator
 from types import TracebackType
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 from nats.js.kv import KeyValue
 
 from . import _codec as codec
-from ._agent import known_spec
+from ._agent import DELIVERY_MODES, AgentSpec, known_spec
 from ._background import Background
 from ._context import current_deadline, current_sender
 from ._errors import (
@@ -27,11 +30,17 @@ from ._errors import (
     ConfigurationError,
     DeliveryTimeout,
     NotConnected,
+    OutcomeUnknown,
+    Overloaded,
     RemoteError,
 )
 from ._ids import AgentId, shard_of, validate_agent_type
-from ._transport import NoResponders, RequestTimeout, Transport
+from ._registry import WatchedKV
+from ._transport import NatsTransport, NoResponders, RequestTimeout, Transport
 from .cluster._config import ClusterConfig, Names
+from .delivery._breaker import BreakerSettings, CircuitBreakers
+from .delivery._client import DurableSender
+from .delivery._mailbox import mailbox_subject
 
 log = logging.getLogger("accord.mesh")
 
@@ -57,15 +66,18 @@ class Mesh:
         names: Names,
         config: ClusterConfig,
         subs_kv: KeyValue | None = None,
+        meta_kv: KeyValue | None = None,
+        breaker: BreakerSettings | None = None,
     ) -> None:
         self._transport = transport
         self.names = names
         self.config = config
-        self._subs_kv = subs_kv
-        self._subs: dict[str, set[str]] | None = None  # topic type -> agent types
-        self._subs_ready = asyncio.Event()
         self._bg = Background()
         self._loop = asyncio.get_running_loop()
+        self._subs = WatchedKV(subs_kv, self._bg)  # "<topic>.<agent type>" -> b"1"
+        self._types = WatchedKV(meta_kv, self._bg, prefix="type.")  # agent type -> options
+        self._breakers = CircuitBreakers(breaker) if breaker is not None else None
+        self._durable: DurableSender | None = None
 
     @property
     def name(self) -> str:
@@ -80,31 +92,53 @@ class Mesh:
         *,
         timeout: float | None = None,
         returns: Any = None,
+        delivery: str | None = None,
+        msg_id: str | None = None,
     ) -> Any:
         """Send `msg` to `target` and return its handler's reply.
 
         Ends with exactly one outcome: the reply; `RemoteError` (the handler raised; processed up to
-        the failure); `AgentTypeNotFound` / `UnknownMessageType` / `BadRequest` (not processed);
-        or `DeliveryTimeout` when the deadline passes — `maybe_delivered` says whether any owner
-        may have received it. The deadline is `timeout` (default 10 s), capped by the deadline of
-        the handler this call is made from. On cancellation the request may or may not have been
+        the failure); `AgentTypeNotFound` / `UnknownMessageType` / `BadRequest` / `Overloaded`
+        (not processed); `CircuitOpen` (not sent); or `DeliveryTimeout` when the deadline passes —
+        `maybe_delivered` says whether any owner may have received it. The deadline is `timeout`
+        (default 10 s), capped by the deadline of the handler this call is made from.
+
+        `delivery` overrides the agent type's mode. For `at_least_once` / `exactly_once` the
+        message is first stored in the shard's mailbox (`OutcomeUnknown` if that cannot be
+        confirmed); retrying with the same `msg_id` is safe, and for `exactly_once` a retried ask
+        returns the recorded reply. On cancellation the request may or may not have been
         delivered; no reply will be surfaced.
         """
         agent_id = as_agent_id(target)
         deadline = self._deadline(timeout)
-        shard = shard_of(agent_id, self.config.num_shards)
-        type_name = codec.message_type_name(type(msg))
-        local = self._route_local(agent_id, shard, msg, deadline, ask=True)
-        if local is not None:
-            return await self._await_local(local, deadline, agent_id, type_name)
-        body = codec.encode(msg)
-        data = await self._request(agent_id, shard, type_name, body, "msgpack", deadline, msg)
-        if isinstance(data, _LocalResult):
-            return await self._await_local(data.fut, deadline, agent_id, type_name)
-        return self._unwrap(agent_id, type_name, data, returns)
+        mode = await self._mode(agent_id, delivery)
+        with self._breaker(agent_id):
+            shard = shard_of(agent_id, self.config.num_shards)
+            type_name = codec.message_type_name(type(msg))
+            if mode != "at_most_once":
+                stored = await self._send_durable(
+                    "ask", agent_id, shard, type_name, codec.encode(msg), "msgpack", deadline,
+                    mode, msg_id,
+                )  # fmt: skip
+                return self._unwrap(agent_id, type_name, stored, returns)
+            local = self._route_local(agent_id, shard, msg, deadline, ask=True)
+            if local is not None:
+                return await self._await_local(local, deadline, agent_id, type_name)
+            body = codec.encode(msg)
+            data = await self._request(agent_id, shard, type_name, body, "msgpack", deadline, msg)
+            if isinstance(data, _LocalResult):
+                return await self._await_local(data.fut, deadline, agent_id, type_name)
+            return self._unwrap(agent_id, type_name, data, returns)
 
     async def ask_json(
-        self, target: AgentId | str, type_name: str, body: bytes, *, timeout: float | None = None
+        self,
+        target: AgentId | str,
+        type_name: str,
+        body: bytes,
+        *,
+        timeout: float | None = None,
+        delivery: str | None = None,
+        msg_id: str | None = None,
     ) -> Any:
         """Ask with a JSON-encoded message named by its wire type (for the CLI and tools).
 
@@ -113,6 +147,12 @@ class Mesh:
         agent_id = as_agent_id(target)
         deadline = self._deadline(timeout)
         shard = shard_of(agent_id, self.config.num_shards)
+        mode = await self._mode(agent_id, delivery)
+        if mode != "at_most_once":
+            stored = await self._send_durable(
+                "ask", agent_id, shard, type_name, body, "json", deadline, mode, msg_id
+            )
+            return self._unwrap(agent_id, type_name, stored, Any)
         data = await self._request(agent_id, shard, type_name, body, "json", deadline, None)
         assert not isinstance(data, _LocalResult)
         return self._unwrap(agent_id, type_name, data, Any)
@@ -163,24 +203,84 @@ class Mesh:
                     maybe_delivered=True,
                 ) from None
 
-    async def tell(self, target: AgentId | str, msg: msgspec.Struct) -> None:
-        """Send `msg` to `target` without waiting for it to be handled (at-most-once).
+    async def tell(
+        self,
+        target: AgentId | str,
+        msg: msgspec.Struct,
+        *,
+        delivery: str | None = None,
+        msg_id: str | None = None,
+        timeout: float | None = None,
+    ) -> None:
+        """Send `msg` to `target` without waiting for it to be handled.
 
-        Returns once the message is handed to the local node's mailbox or to the NATS connection;
-        it may or may not be delivered (e.g. while its shard changes owner it is dropped).
+        `at_most_once` (the default mode): returns once the message is handed to the local node's
+        mailbox or to the NATS connection; it may or may not be delivered (while its shard changes
+        owner it is dropped). `at_least_once` / `exactly_once`: returns only once the message is
+        stored in the shard's JetStream mailbox; raises `OutcomeUnknown` (with the `msg_id`) if
+        that was not confirmed within `timeout` — retrying with the same `msg_id` is then safe.
         """
         agent_id = as_agent_id(target)
+        mode = await self._mode(agent_id, delivery)
         shard = shard_of(agent_id, self.config.num_shards)
+        type_name = codec.message_type_name(type(msg))
+        if mode != "at_most_once":
+            await self._send_durable("tell", agent_id, shard, type_name, codec.encode(msg),
+                                     "msgpack", self._deadline(timeout), mode, msg_id)  # fmt: skip
+            return
         if self._route_local(agent_id, shard, msg, None, ask=False) is not None:
             return
-        type_name = codec.message_type_name(type(msg))
         await self._publish_tell(agent_id, shard, type_name, codec.encode(msg), "msgpack")
 
-    async def tell_json(self, target: AgentId | str, type_name: str, body: bytes) -> None:
+    async def tell_json(
+        self,
+        target: AgentId | str,
+        type_name: str,
+        body: bytes,
+        *,
+        delivery: str | None = None,
+        msg_id: str | None = None,
+    ) -> None:
         """`tell` with a JSON-encoded message named by its wire type (for the CLI and tools)."""
         agent_id = as_agent_id(target)
         shard = shard_of(agent_id, self.config.num_shards)
+        mode = await self._mode(agent_id, delivery)
+        if mode != "at_most_once":
+            await self._send_durable("tell", agent_id, shard, type_name, body, "json",
+                                     self._deadline(None), mode, msg_id)  # fmt: skip
+            return
         await self._publish_tell(agent_id, shard, type_name, body, "json")
+
+    async def _send_durable(
+        self,
+        kind: Literal["ask", "tell"],
+        agent_id: AgentId,
+        shard: int,
+        type_name: str,
+        body: bytes,
+        enc: codec.Encoding,
+        deadline: float,
+        mode: str,
+        msg_id: str | None,
+    ) -> bytes:
+        if self._durable is None:
+            if not isinstance(self._transport, NatsTransport):
+                raise ConfigurationError("durable delivery needs a NATS JetStream transport")
+            self._durable = DurableSender(self._transport)
+        req = codec.Request(
+            v=codec.PROTOCOL_VERSION,
+            kind=kind,
+            target=str(agent_id),
+            type=type_name,
+            body=msgspec.Raw(body),
+            id=msg_id or uuid.uuid4().hex,
+            sender=current_sender.get(),
+            delivery=mode,
+        )
+        data = await self._durable.send(
+            mailbox_subject(self.names, shard), req, enc, deadline, self.names.shard_subject(shard)
+        )
+        return data or b""
 
     async def _publish_tell(
         self, agent_id: AgentId, shard: int, type_name: str, body: bytes, enc: codec.Encoding
@@ -194,6 +294,51 @@ class Mesh:
             sender=current_sender.get(),
         )
         await self._transport.publish(self.names.shard_subject(shard), codec.encode(req, enc))
+
+    async def _mode(self, agent_id: AgentId, delivery: str | None) -> str:
+        if delivery is not None:
+            if delivery not in DELIVERY_MODES:
+                raise ConfigurationError(f"delivery must be one of {DELIVERY_MODES}")
+            return delivery
+        spec = self._local_spec(agent_id.type)
+        if spec is not None:
+            return spec.options.delivery
+        types = await self._types.get_all()
+        raw = types.get(agent_id.type)
+        if raw is None:
+            return "at_most_once"
+        try:
+            return str(msgspec.json.decode(raw).get("delivery", "at_most_once"))
+        except (msgspec.DecodeError, AttributeError):
+            return "at_most_once"
+
+    def _local_spec(self, agent_type: str) -> AgentSpec | None:
+        """Overridden by `Node`: the spec of an agent type this process hosts."""
+        return None
+
+    async def register_types(self, specs: Iterable[AgentSpec]) -> None:
+        """Publish agent types' delivery modes so clients without the classes use them."""
+        if self._types.kv is None:
+            return
+        for spec in specs:
+            value = msgspec.json.encode({"delivery": spec.options.delivery})
+            await self._types.kv.put(f"type.{spec.type_name}", value)
+            self._types.set_local(spec.type_name, value)
+
+    @contextlib.contextmanager
+    def _breaker(self, agent_id: AgentId) -> Iterator[None]:
+        breakers = self._breakers
+        if breakers is None:
+            yield
+            return
+        key = str(agent_id)
+        breakers.before(key)
+        try:
+            yield
+        except (DeliveryTimeout, NotConnected, Overloaded, OutcomeUnknown, RemoteError):
+            breakers.failure(key)
+            raise
+        breakers.success(key)
 
     async def publish(self, topic_type: str, source: str, msg: msgspec.Struct) -> int:
         """Tell `msg` to every agent type subscribed to `topic_type`, keyed by `source`.
@@ -214,18 +359,18 @@ class Mesh:
 
     async def _subscribers(self, topic_type: str) -> list[str]:
         validate_agent_type(topic_type)
-        subs = await self._subscriptions()
-        return sorted(subs.get(topic_type, ()))
+        subs = await self._subs.get_all()
+        prefix = f"{topic_type}."
+        return sorted(k.removeprefix(prefix) for k in subs if k.startswith(prefix))
 
     async def subscribe(self, topic_type: str, agent_type: str) -> None:
         """Record that messages published on `topic_type` go to agents of `agent_type`."""
         validate_agent_type(topic_type)
         validate_agent_type(agent_type)
-        if self._subs_kv is None:
+        if self._subs.kv is None:
             raise ConfigurationError("this mesh has no subscription registry")
-        await self._subs_kv.put(f"{topic_type}.{agent_type}", b"1")
-        if self._subs is not None:
-            self._subs.setdefault(topic_type, set()).add(agent_type)
+        await self._subs.kv.put(f"{topic_type}.{agent_type}", b"1")
+        self._subs.set_local(f"{topic_type}.{agent_type}", b"1")
 
     # -- internals --------------------------------------------------------------------------
 
@@ -275,27 +420,6 @@ class Mesh:
         if cls is not None:
             raise cls(err.message)
         raise AccordError(f"{err.code}: {err.message}")
-
-    async def _subscriptions(self) -> dict[str, set[str]]:
-        if self._subs is None:
-            self._subs = {}
-            if self._subs_kv is not None:
-                self._bg.spawn(self._watch_subs(), name="accord-subs-watch")
-                await asyncio.wait_for(self._subs_ready.wait(), 5.0)
-        return self._subs
-
-    async def _watch_subs(self) -> None:
-        assert self._subs_kv is not None and self._subs is not None
-        watcher = await self._subs_kv.watchall()
-        async for entry in watcher:
-            if entry is None:
-                self._subs_ready.set()
-                continue
-            topic, _, agent_type = entry.key.partition(".")
-            if entry.operation in ("DEL", "PURGE"):
-                self._subs.get(topic, set()).discard(agent_type)
-            else:
-                self._subs.setdefault(topic, set()).add(agent_type)
 
     async def _transport_request(self, subject: str, data: bytes, timeout: float) -> bytes:
         try:

@@ -14,19 +14,20 @@ import socket
 import time
 import uuid
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgspec
 from nats.aio.msg import Msg
 
 from . import _codec as codec
-from ._activation import Activation, Work
-from ._agent import Agent, AgentSpec, spec_of
+from ._activation import Activation, Work, _Recorded
+from ._agent import DELIVERY_MODES, Agent, AgentSpec, HandlerSpec, spec_of
 from ._errors import (
     AccordError,
     AgentTypeNotFound,
     BadRequest,
     ConfigurationError,
+    Overloaded,
     UnknownMessageType,
 )
 from ._ids import AgentId, shard_of
@@ -36,6 +37,11 @@ from ._transport import NatsTransport, Subscription
 from .cluster._config import Names, open_cluster
 from .cluster._membership import MemberInfo, Membership
 from .cluster._shards import ShardManager
+from .delivery._dlq import dead_letter
+from .delivery._mailbox import DurableDelivery, ShardMailbox, ensure_streams
+from .state._durable import Durable
+from .state._events import EventLog
+from .state._store import StateStore
 
 log = logging.getLogger("accord.node")
 
@@ -77,6 +83,10 @@ class Node(Mesh):
         self._shard_subs: dict[int, Subscription] = {}
         self._engine: Any = None
         self._sending: set[asyncio.Task[None]] = set()
+        self._mailboxes: dict[int, ShardMailbox] = {}
+        self._inflight: dict[str, int] = {}
+        self._inflight_total = 0
+        self._capacity = asyncio.Event()
         self._started = False
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -96,8 +106,14 @@ class Node(Mesh):
                 lease_ttl=self.settings.lease_ttl,
                 replicas=self.settings.replicas,
             )
-            super().__init__(transport, names, config, kvs["subs"])
+            super().__init__(transport, names, config, kvs["subs"], kvs["meta"])
             self._nc = transport
+            await ensure_streams(transport.js, names, self.settings.replicas)
+            self._store = StateStore(kvs["state"])
+            self._events = EventLog(
+                transport.js, f"accord_{names.cluster}_es", f"{names.prefix}.es"
+            )
+            await self.register_types(self.specs.values())
             for spec in self.specs.values():
                 for topic in spec.topics:
                     await self.subscribe(topic, spec.type_name)
@@ -181,10 +197,28 @@ class Node(Mesh):
 
         self._shard_subs[shard] = await self._nc.subscribe(self.names.shard_subject(shard), on_msg)
         self.membership.me.shards = len(self._shard_subs)
+        mailbox = ShardMailbox(
+            self._nc.js,
+            self.names,
+            shard,
+            epoch,
+            self._on_mailbox,
+            self._wait_capacity,
+            lambda: self.shards.valid(shard, epoch),
+        )
+        try:
+            await mailbox.start(self.shards.previous_epoch.get(shard))
+        except Exception as exc:  # JetStream trouble: core messaging still works; retry later
+            log.warning("mailbox of shard %d not started: %s", shard, exc)
+            return
+        self._mailboxes[shard] = mailbox
 
     async def shard_released(self, shard: int, graceful: bool) -> None:
         sub = self._shard_subs.pop(shard, None)
         self.membership.me.shards = len(self._shard_subs)
+        mailbox = self._mailboxes.pop(shard, None)
+        if mailbox is not None:
+            await mailbox.stop()  # stop pulling; what was fetched is drained below
         if sub is not None:
             with contextlib.suppress(Exception):
                 if graceful:
@@ -211,6 +245,35 @@ class Node(Mesh):
 
     # -- inbound ----------------------------------------------------------------------------
 
+    def _parse(self, shard: int, data: bytes) -> tuple[codec.Request, codec.Encoding, _Target]:
+        """Decode and validate a request for `shard`; raise an AccordError naming the problem."""
+        req, enc = codec.decode_request(data)
+        try:
+            agent_id = AgentId.parse(req.target)
+        except ConfigurationError as exc:
+            raise BadRequest(f"bad target: {exc}") from None
+        if shard_of(agent_id, self.config.num_shards) != shard:
+            raise BadRequest(f"{agent_id} does not live in shard {shard}")
+        spec = self.specs.get(agent_id.type)
+        if spec is None:
+            raise AgentTypeNotFound(f"no agent type {agent_id.type!r} on this cluster")
+        if req.kind == "result":
+            return req, enc, _Target(agent_id, spec, None, None, None)
+        h = spec.handler_for_name(req.type)
+        if h is None:
+            raise UnknownMessageType(
+                f"agent type {agent_id.type!r} has no handler for {req.type!r}"
+            )
+        body = codec.decode_as(req.body, h.msg_type, enc)
+        deadline = None
+        if req.timeout_ms is not None:
+            if not -(2**63) <= req.timeout_ms < 2**64:
+                raise BadRequest(f"timeout_ms out of range: {req.timeout_ms}")
+            deadline = self.loop.time() + req.timeout_ms / 1000
+        if req.delivery is not None and req.delivery not in DELIVERY_MODES:
+            raise BadRequest(f"unknown delivery mode {req.delivery!r}")
+        return req, enc, _Target(agent_id, spec, h, body, deadline)
+
     def _on_request(self, shard: int, msg: Msg) -> None:
         # A message that reached this subscription is ours while the lease is valid, also while
         # the shard is being handed off: the subscription drains before the lease is released.
@@ -221,27 +284,10 @@ class Node(Mesh):
         reply_to = msg.reply or None
         enc: codec.Encoding = codec.sniff(msg.data)
         try:
-            req, enc = codec.decode_request(msg.data)
-            try:
-                agent_id = AgentId.parse(req.target)
-            except ConfigurationError as exc:
-                raise BadRequest(f"bad target: {exc}") from None
-            if shard_of(agent_id, self.config.num_shards) != shard:
-                raise BadRequest(f"{agent_id} does not live in shard {shard}")
-            spec = self.specs.get(agent_id.type)
-            if spec is None:
-                raise AgentTypeNotFound(f"no agent type {agent_id.type!r} on this cluster")
-            h = spec.handler_for_name(req.type)
-            if h is None:
-                raise UnknownMessageType(
-                    f"agent type {agent_id.type!r} has no handler for {req.type!r}"
-                )
-            body = codec.decode_as(req.body, h.msg_type, enc)
-            deadline = None
-            if req.timeout_ms is not None:
-                if not -(2**63) <= req.timeout_ms < 2**64:
-                    raise BadRequest(f"timeout_ms out of range: {req.timeout_ms}")
-                deadline = self.loop.time() + req.timeout_ms / 1000
+            req, enc, t = self._parse(shard, msg.data)
+            if req.kind == "result" and (reply_to is None or not req.id):
+                raise BadRequest("a result request needs a reply subject and an id")
+            self._check_capacity(t.spec.type_name)
         except AccordError as exc:
             self._reject(exc, reply_to, enc)
             return
@@ -249,9 +295,112 @@ class Node(Mesh):
             self._reject(BadRequest(f"rejected: {exc}"), reply_to, enc)
             return
         reply = None
-        if req.kind == "ask" and reply_to is not None:
+        if req.kind != "tell" and reply_to is not None:
             reply = self._remote_replier(reply_to, enc, epoch)
-        self._activation(agent_id, spec, shard, epoch).put(Work(h, body, deadline, reply))
+        act = self._activation(t.agent_id, t.spec, shard, epoch)
+        if req.kind == "result":
+            act.put(Work(None, None, t.deadline, reply, lookup=req.id))
+        else:
+            act.put(Work(t.handler, t.body, t.deadline, reply))
+
+    def _on_mailbox(self, shard: int, epoch: int, msg: Msg) -> bool:
+        """Dispatch one mailbox message; False once this node no longer owns `shard` at `epoch`."""
+        if self.shards.held_epoch(shard) != epoch:
+            return False
+        enc: codec.Encoding = codec.sniff(msg.data)
+        seq = getattr(getattr(msg, "metadata", None), "sequence", None)
+        fallback_id = f"js:{seq.stream if seq is not None else 0}"
+        try:
+            req, enc, t = self._parse(shard, msg.data)
+            if req.kind == "result":
+                raise BadRequest("result requests do not go through the mailbox")
+        except Exception as exc:
+            error = exc if isinstance(exc, AccordError) else BadRequest(f"rejected: {exc}")
+            self.stats.rejected += 1
+            self._bg_task(self._reject_durable(msg, error, fallback_id))
+            return True
+        assert t.handler is not None
+        mode = req.delivery or t.spec.options.delivery
+        if mode == "at_most_once":
+            mode = "at_least_once"  # it is in the mailbox: at least once is the floor
+        delivery = DurableDelivery(msg, req.id or fallback_id, mode)
+        reply = None
+        if req.kind == "ask" and req.reply_to:
+            reply = self._remote_replier(req.reply_to, enc, epoch)
+        work = Work(t.handler, t.body, None, reply, delivery=delivery, data=msg.data)
+        self._activation(t.agent_id, t.spec, shard, epoch).put(work)
+        return True
+
+    async def _reject_durable(self, msg: Msg, error: AccordError, msg_id: str) -> None:
+        """A mailbox message that can never be handled goes straight to the dead letters."""
+        target = msg_type = ""
+        with contextlib.suppress(Exception):
+            req, enc = codec.decode_request(msg.data)
+            target, msg_type = req.target, req.type
+            if req.reply_to and req.kind == "ask":
+                self._send(req.reply_to, codec.error_reply(error.code, str(error), enc))
+        with contextlib.suppress(Exception):
+            await dead_letter(
+                self._nc.js,
+                self.names,
+                msg.data,
+                target=target,
+                msg_type=msg_type,
+                msg_id=msg_id,
+                reason=f"{error.code}: {error}",
+                deliveries=1,
+            )
+            self.stats.dead_lettered += 1
+        with contextlib.suppress(Exception):
+            await msg.ack()
+
+    async def dead_letter(self, work: Work, dd: DurableDelivery, error: AccordError) -> None:
+        """Called by an activation when a message failed `max_deliver` times."""
+        try:
+            req, _ = codec.decode_request(work.data)
+            target, msg_type = req.target, req.type
+        except AccordError:
+            target = msg_type = ""
+        reason = f"{getattr(error, 'remote_type', error.code)}: " + getattr(
+            error, "remote_message", str(error)
+        )
+        await dead_letter(self._nc.js, self.names, work.data, target=target, msg_type=msg_type,
+                          msg_id=dd.msg_id, reason=reason, deliveries=dd.attempts)  # fmt: skip
+        self.stats.dead_lettered += 1
+        log.warning("dead-lettered %s %s after %d attempts: %s", target, msg_type, dd.attempts,
+                    reason)  # fmt: skip
+
+    # -- bulkheads ----------------------------------------------------------------------------
+
+    def inflight_add(self, agent_type: str, n: int) -> None:
+        self._inflight[agent_type] = self._inflight.get(agent_type, 0) + n
+        self._inflight_total += n
+        if n < 0 and self._inflight_total < self.settings.max_inflight:
+            self._capacity.set()
+
+    def _check_capacity(self, agent_type: str) -> None:
+        if self._inflight_total >= self.settings.max_inflight:
+            self.stats.overloaded += 1
+            raise Overloaded(f"node {self.node_name} has {self._inflight_total} messages in flight")
+        if self._inflight.get(agent_type, 0) >= self.settings.max_inflight_per_type:
+            self.stats.overloaded += 1
+            raise Overloaded(f"agent type {agent_type!r} has too many messages in flight")
+
+    async def _wait_capacity(self) -> None:
+        while self._inflight_total >= self.settings.max_inflight:
+            self._capacity.clear()
+            await self._capacity.wait()
+
+    def durable_for(self, agent_id: AgentId, spec: AgentSpec, shard: int, epoch: int) -> Durable:
+        events = self._events if spec.options.consistency == "event_sourced" else None
+        return Durable(
+            spec, agent_id, epoch, self._store, events, lambda: self.shards.valid(shard, epoch)
+        )
+
+    def _bg_task(self, coro: Any) -> None:
+        task = self.loop.create_task(coro)
+        self._sending.add(task)
+        task.add_done_callback(self._sent)
 
     def _reject(self, exc: AccordError, reply_to: str | None, enc: codec.Encoding) -> None:
         self.stats.rejected += 1
@@ -268,7 +417,12 @@ class Node(Mesh):
                 data = codec.error_reply(code, rmsg, enc, rtype)
             else:
                 try:
-                    data = codec.ok_reply(codec.encode(result, enc), enc, epoch, self.node_name)
+                    body = (
+                        _recorded_body(result, enc)
+                        if isinstance(result, _Recorded)
+                        else (codec.encode(result, enc))
+                    )
+                    data = codec.ok_reply(body, enc, epoch, self.node_name)
                 except (TypeError, ValueError, OverflowError) as exc:
                     data = codec.error_reply("remote_error", f"reply not encodable: {exc}", enc,
                                              "TypeError")  # fmt: skip
@@ -326,6 +480,9 @@ class Node(Mesh):
         if self._deactivating.get(agent_id) is task:
             del self._deactivating[agent_id]
 
+    def _local_spec(self, agent_type: str) -> AgentSpec | None:
+        return self.specs.get(agent_type)
+
     def _route_local(
         self, agent_id: AgentId, shard: int, msg: Any, deadline: float | None, *, ask: bool
     ) -> asyncio.Future[Any] | None:
@@ -368,6 +525,18 @@ class Node(Mesh):
 
     def activation_count(self) -> int:
         return len(self._activations)
+
+
+class _Target(NamedTuple):
+    agent_id: AgentId
+    spec: AgentSpec
+    handler: HandlerSpec | None
+    body: Any
+    deadline: float | None
+
+
+def _recorded_body(rec: _Recorded, enc: codec.Encoding) -> bytes:
+    return rec.data if enc == "msgpack" else msgspec.json.encode(msgspec.msgpack.decode(rec.data))
 
 
 def _future_replier(fut: asyncio.Future[Any]) -> Any:

@@ -26,6 +26,11 @@ class NodeSettings(msgspec.Struct, kw_only=True):
     """Seconds an `on_deactivate` hook may run."""
     labels: dict[str, str] = msgspec.field(default_factory=dict)
     """Free-form node labels (zone, cost, ...) published with membership."""
+    max_inflight: int = 20_000
+    """Bulkhead: messages queued or running on this node; beyond it asks get `Overloaded` and
+    mailbox consumers stop fetching (backpressure)."""
+    max_inflight_per_type: int = 10_000
+    """Bulkhead per agent type, so one hot type cannot starve the others."""
 
 
 class Stats(msgspec.Struct):
@@ -41,3 +46,9 @@ class Stats(msgspec.Struct):
     """Requests that reached a stale subscription and were ignored."""
     expired: int = 0
     """Messages whose deadline passed before their turn; not run."""
+    deduplicated: int = 0
+    """Exactly-once messages answered from the dedup record instead of being applied again."""
+    dead_lettered: int = 0
+    """Mailbox messages moved to the dead-letter stream."""
+    overloaded: int = 0
+    """Messages refused by a bulkhead."""

@@ -94,6 +94,7 @@ async def open_cluster(
             "members": await _bucket(js, names.bucket("members"), replicas, marker_ttl=1),
             "leases": await _bucket(js, names.bucket("leases"), replicas, marker_ttl=1),
             "subs": await _bucket(js, names.bucket("subs"), replicas),
+            "state": await _bucket(js, names.bucket("state"), replicas),
         }
         await _stream(js, names, replicas)
         wanted = ClusterConfig(

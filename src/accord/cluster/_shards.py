@@ -44,7 +44,7 @@ class ShardOwner(Protocol):
 
 
 class Held:
-    __slots__ = ("epoch", "releasing", "revision", "shard", "timer", "valid_until")
+    __slots__ = ("epoch", "releasing", "renewing", "revision", "shard", "timer", "valid_until")
 
     def __init__(self, shard: int, epoch: int, valid_until: float) -> None:
         self.shard = shard
@@ -52,6 +52,7 @@ class Held:
         self.revision = epoch
         self.valid_until = valid_until
         self.releasing = False
+        self.renewing = False  # one renewal at a time: two would race on the same revision
         self.timer: asyncio.TimerHandle | None = None
 
 
@@ -88,6 +89,7 @@ class ShardManager:
         self._held: dict[int, Held] = {}
         self._busy: set[int] = set()  # shards with an acquire or release under way
         self.table: dict[int, LeaseView] = {}
+        self.previous_epoch: dict[int, int] = {}  # last known epoch of a now-free shard
         self._free_since: dict[int, float] = dict.fromkeys(range(self._n), clock())
         self._wake = asyncio.Event()
         self._leaving = False
@@ -178,7 +180,9 @@ class ShardManager:
         except ValueError:
             return
         if op in ("DEL", "PURGE") or not value:
-            self.table.pop(shard, None)
+            gone = self.table.pop(shard, None)
+            if gone is not None:
+                self.previous_epoch[shard] = gone.epoch
             self._free_since[shard] = self._clock()
             self.wake()
             return
@@ -198,8 +202,16 @@ class ShardManager:
 
     async def _renew(self, shard: int) -> None:
         h = self._held.get(shard)
-        if h is None:
+        if h is None or h.renewing:
             return
+        h.renewing = True
+        try:
+            await self._renew_held(h)
+        finally:
+            h.renewing = False
+
+    async def _renew_held(self, h: Held) -> None:
+        shard = h.shard
         sent = self._clock()
         value = _lease_enc.encode(LeaseValue(self._me, h.epoch, self._members.me.incarnation))
         headers = {

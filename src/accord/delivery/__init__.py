@@ -1,0 +1,1 @@
+"""Delivery guarantees above at-most-once: the JetStream mailbox, dead letters, circuit breakers."""

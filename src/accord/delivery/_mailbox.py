@@ -1,0 +1,215 @@
+"""The durable mailbox: one JetStream work-queue stream per cluster, one subject per shard.
+
+Senders publish with `Nats-Msg-Id` (a retried publish after an ambiguous ack is stored once, within
+the duplicate window). The owner of a shard consumes its subject through a consumer named after
+its lease epoch; a new owner deletes the previous owner's consumer and starts a fresh one, which
+delivers every message not yet acknowledged, in stream order, at once (no ack-wait to sit out).
+Messages are acknowledged only after their turn, and its state write, completed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import nats.errors
+import nats.js.errors
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    DeliverPolicy,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
+
+from ..cluster._config import Names
+
+log = logging.getLogger("accord.mailbox")
+
+DUPLICATE_WINDOW = 120.0
+ACK_WAIT = 30.0
+DLQ_MAX_AGE = 14 * 24 * 3600
+
+
+def mailbox_stream(names: Names) -> str:
+    return f"accord_{names.cluster}_mailbox"
+
+
+def mailbox_subject(names: Names, shard: int) -> str:
+    return f"{names.prefix}.mbox.{shard}"
+
+
+def dlq_stream(names: Names) -> str:
+    return f"accord_{names.cluster}_dlq"
+
+
+def dlq_subject(names: Names, agent_type: str) -> str:
+    return f"{names.prefix}.dlq.{agent_type}"
+
+
+async def ensure_streams(js: JetStreamContext, names: Names, replicas: int) -> None:
+    """Create the mailbox (work queue) and dead-letter streams if missing."""
+    wanted = [
+        StreamConfig(
+            name=mailbox_stream(names),
+            subjects=[f"{names.prefix}.mbox.*"],
+            retention=RetentionPolicy.WORK_QUEUE,
+            storage=StorageType.FILE,
+            num_replicas=replicas,
+            duplicate_window=DUPLICATE_WINDOW,
+        ),
+        StreamConfig(
+            name=dlq_stream(names),
+            subjects=[f"{names.prefix}.dlq.>"],
+            storage=StorageType.FILE,
+            num_replicas=replicas,
+            max_age=DLQ_MAX_AGE,
+        ),
+        StreamConfig(
+            name=f"accord_{names.cluster}_es",
+            subjects=[f"{names.prefix}.es.>"],
+            storage=StorageType.FILE,
+            num_replicas=replicas,
+        ),
+    ]
+    for cfg in wanted:
+        assert cfg.name is not None
+        try:
+            await js.stream_info(cfg.name)
+        except nats.js.errors.NotFoundError:
+            with contextlib.suppress(nats.js.errors.BadRequestError):  # created concurrently
+                await js.add_stream(cfg)
+
+
+class DurableDelivery:
+    """One mailbox message being handled: acknowledgement and progress signals."""
+
+    __slots__ = ("attempts", "mode", "msg", "msg_id")
+
+    def __init__(self, msg: Msg, msg_id: str, mode: str) -> None:
+        self.msg = msg
+        self.msg_id = msg_id
+        self.mode = mode
+        try:
+            self.attempts = int(msg.metadata.num_delivered) - 1
+        except Exception:  # not a JetStream message (never in practice)
+            self.attempts = 0
+
+    async def ack(self) -> None:
+        with contextlib.suppress(nats.errors.Error):
+            await self.msg.ack()
+
+    async def in_progress(self) -> None:
+        with contextlib.suppress(nats.errors.Error):
+            await self.msg.in_progress()
+
+    async def nak(self, delay: float) -> None:
+        with contextlib.suppress(nats.errors.Error):
+            await self.msg.nak(delay=delay)
+
+
+Dispatch = Callable[[int, int, Msg], bool]
+
+
+class ShardMailbox:
+    """Consumes one shard's mailbox subject while this node owns the shard at `epoch`."""
+
+    def __init__(
+        self,
+        js: JetStreamContext,
+        names: Names,
+        shard: int,
+        epoch: int,
+        dispatch: Dispatch,
+        has_capacity: Callable[[], Awaitable[None]],
+        still_owner: Callable[[], bool],
+        batch: int = 128,
+    ) -> None:
+        self._js = js
+        self._stream = mailbox_stream(names)
+        self._subject = mailbox_subject(names, shard)
+        self.shard = shard
+        self.epoch = epoch
+        self._dispatch = dispatch
+        self._has_capacity = has_capacity
+        self._still_owner = still_owner
+        self._batch = batch
+        self._name = f"shard-{shard}-e{epoch}"
+        self._psub: Any = None
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self, previous_epoch: int | None = None) -> None:
+        """Replace the previous owner's consumer (a work queue allows one per subject)."""
+        if previous_epoch is not None:
+            with contextlib.suppress(nats.js.errors.NotFoundError):
+                await self._js.delete_consumer(
+                    self._stream, f"shard-{self.shard}-e{previous_epoch}"
+                )
+        config = ConsumerConfig(
+            durable_name=self._name,
+            filter_subject=self._subject,
+            deliver_policy=DeliverPolicy.ALL,
+            ack_policy=AckPolicy.EXPLICIT,
+            ack_wait=ACK_WAIT,
+            max_ack_pending=4096,
+            inactive_threshold=3600,
+        )
+        try:
+            await self._js.add_consumer(self._stream, config)
+        except nats.js.errors.BadRequestError:  # another consumer still filters this subject
+            for info in await self._js.consumers_info(self._stream):
+                if info.config.filter_subject == self._subject and info.name != self._name:
+                    with contextlib.suppress(nats.js.errors.NotFoundError):
+                        await self._js.delete_consumer(self._stream, info.name)
+            await self._js.add_consumer(self._stream, config)
+        self._psub = await self._js.pull_subscribe_bind(self._name, self._stream)
+        self._task = asyncio.create_task(self._pull(), name=f"accord-mailbox-{self.shard}")
+
+    async def _pull(self) -> None:
+        while self._still_owner():
+            await self._has_capacity()
+            try:
+                msgs = await self._psub.fetch(self._batch, timeout=1.0)
+            except (TimeoutError, nats.errors.TimeoutError):
+                continue
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("mailbox of shard %d: fetch failed: %s", self.shard, exc)
+                await asyncio.sleep(0.2)
+                continue
+            for m in msgs:
+                if not self._dispatch(self.shard, self.epoch, m):
+                    return  # lease gone: the next owner's consumer redelivers the rest
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+        if self._psub is not None:
+            with contextlib.suppress(Exception):
+                await self._psub.unsubscribe()
+
+
+async def publish_durable(
+    js: JetStreamContext, subject: str, data: bytes, msg_id: str, timeout: float
+) -> bool:
+    """Store a message in the mailbox; True when it was a duplicate of an earlier publish.
+
+    Raises TimeoutError / nats errors when the outcome is unknown.
+    """
+    ack = await js.publish(subject, data, headers={"Nats-Msg-Id": msg_id}, timeout=timeout)
+    return bool(ack.duplicate)
+
+
+def backoff_delay(attempt: int, base: float, cap: float = 5.0) -> float:
+    """Exponential backoff with full jitter for the `attempt`-th retry (1-based)."""
+    return random.uniform(0, min(cap, base * 2 ** (attempt - 1)))
