@@ -33,7 +33,9 @@ class Count(msgspec.Struct):
 def _log(event: str, agent: accord.AgentId) -> None:
     path = os.environ.get("ACCORD_ACTIVATION_LOG")
     if path:
-        line = json.dumps({"event": event, "agent": str(agent), "pid": os.getpid(), "t": time.time()})
+        line = json.dumps(
+            {"event": event, "agent": str(agent), "pid": os.getpid(), "t": time.time()}
+        )
         with open(path, "a") as f:  # one write per line: O_APPEND keeps lines whole
             f.write(line + "\n")
 

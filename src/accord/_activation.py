@@ -112,7 +112,7 @@ class Activation:
         agent = self.spec.cls()
         agent.id = self.id
         agent.mesh = node
-        agent.replica_id = f"{node.node_name}:{self.epoch}"  # type: ignore[attr-defined]
+        agent.replica_id = f"{node.node_name}:{self.epoch}"
         activated = False
         graceful = False
         try:

@@ -127,6 +127,8 @@ class Agent:
     __accord_spec__: ClassVar[AgentSpec]
     id: AgentId
     mesh: Mesh
+    replica_id: str
+    """Unique per activation (node name and shard epoch): the replica id for CRDT updates."""
     _pending_events: list[Any]
 
     def __init_subclass__(cls, *, type: str | None = None, **options: Any) -> None:

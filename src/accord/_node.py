@@ -226,6 +226,15 @@ class Node(Mesh):
                 else:
                     await sub.unsubscribe()
         acts = list(self._by_shard.get(shard, {}).values())
+        if not graceful:
+            # A CRDT turn in flight may still finish and persist: its write merges, it never
+            # overwrites, and it will not reply. Everything else stops at once.
+            merging = [a for a in acts if a.spec.options.consistency == "crdt"]
+            for act in merging:
+                act.close()
+            if merging:
+                self._bg_task(self._bounded(merging, self.settings.drain_timeout))
+            acts = [a for a in acts if a.spec.options.consistency != "crdt"]
         if graceful:
             for act in acts:
                 act.close()
@@ -239,6 +248,12 @@ class Node(Mesh):
         for act in acts:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await act.task
+
+    async def _bounded(self, acts: list[Activation], timeout: float) -> None:
+        """Let `acts` finish within `timeout`, then cancel what is left."""
+        await asyncio.wait([a.task for a in acts], timeout=timeout)
+        for act in acts:
+            act.task.cancel()
 
     def shards_valid(self, shard: int, epoch: int) -> bool:
         return self.shards.valid(shard, epoch)
