@@ -2,6 +2,8 @@
 
 It subscribes to one subject, decodes nothing and replies with a small fixed payload. It runs on
 the default asyncio loop, like an `accord node` process, so the comparison is process for process.
+With --fanout N it also subscribes to `<subject>.0` .. `<subject>.N-1` (one nats-py subscription,
+hence one dispatch task, each), the shape of a node's per-shard subscriptions.
 Prints `ready` once subscribed; exits on SIGTERM/SIGINT.
 """
 
@@ -17,7 +19,7 @@ import nats
 PAYLOAD = b"\x85\xa1v\x01\xa2ok\xc3\xa4body" + b"x" * 48
 
 
-async def main(url: str, subject: str) -> None:
+async def main(url: str, subject: str, fanout: int) -> None:
     nc = await nats.connect(url, name="bench-raw-responder")
 
     async def on_msg(msg: nats.aio.msg.Msg) -> None:
@@ -25,6 +27,8 @@ async def main(url: str, subject: str) -> None:
             await nc.publish(msg.reply, PAYLOAD)
 
     await nc.subscribe(subject, cb=on_msg)
+    for i in range(fanout):  # optional: one subscription per subject, like a node's per-shard subs
+        await nc.subscribe(f"{subject}.{i}", cb=on_msg)
     await nc.flush()
     print("ready", flush=True)
     stop = asyncio.Event()
@@ -39,5 +43,6 @@ if __name__ == "__main__":
     p = argparse.ArgumentParser()
     p.add_argument("--nats", required=True)
     p.add_argument("--subject", default="bench.raw")
+    p.add_argument("--fanout", type=int, default=0, help="also subscribe to <subject>.0..N-1")
     a = p.parse_args()
-    asyncio.run(main(a.nats, a.subject))
+    asyncio.run(main(a.nats, a.subject, a.fanout))

@@ -64,12 +64,7 @@ class Tally(accord.Agent, type="tally", delivery="at_least_once"):
     async def add(self, msg: Add) -> None:
         if msg.pause:
             await asyncio.sleep(msg.pause)
-        path = os.environ.get("ACCORD_PROCESS_LOG")
-        if path:
-            with open(path, "a") as f:
-                f.write(
-                    json.dumps({"agent": str(self.id), "id": msg.id, "pid": os.getpid()}) + "\n"
-                )
+        _log_processing({"agent": str(self.id), "id": msg.id, "pid": os.getpid()})
 
 
 class Flaky(accord.Agent, type="flaky", delivery="at_least_once", max_deliver=3):

@@ -333,11 +333,18 @@ async def test_unknown_message_type_is_rejected_without_activating(
 
 async def test_deadline_propagates_through_a_nested_ask(caller: Any) -> None:
     start = now()
-    with pytest.raises(accord.DeliveryTimeout):
+    with pytest.raises((accord.DeliveryTimeout, accord.RemoteError)) as info:
         await caller.ask(
             "rt-relay/a", Relay("rt-sleeper/b", seconds=1.0, inner_timeout=30), timeout=0.5
         )
     elapsed = now() - start
+    if isinstance(caller, accord.Node):
+        assert isinstance(info.value, accord.DeliveryTimeout)
+    elif isinstance(info.value, accord.RemoteError):
+        # Known src bug (see test_expired_nested_ask_is_answered_as_a_timeout_on_the_wire): over
+        # NATS the relay's own DeliveryTimeout sometimes (~15%) wins the race to the caller,
+        # wrapped as a RemoteError. Tighten to DeliveryTimeout only once that is fixed.
+        assert info.value.remote_type == "DeliveryTimeout"
     assert 0.45 <= elapsed < 1.0, elapsed
 
     # B ran under a deadline no later than the outer one
@@ -358,6 +365,42 @@ async def test_deadline_propagates_through_a_nested_ask(caller: Any) -> None:
     inherited = next(e[1] for e in EVENTS["rt-relay/a"] if e[0] == "deadline")
     assert inherited is not None
     assert abs(inherited - deadline) < 0.05
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="src bug: _activation._as_remote wraps the handler's DeliveryTimeout (its inherited "
+    "deadline passed) as RemoteError, so an expired request is answered `remote_error`",
+)
+async def test_expired_nested_ask_is_answered_as_a_timeout_on_the_wire(
+    node: accord.Node, mesh: accord.Mesh
+) -> None:
+    """A request whose own deadline (timeout_ms) passes while its handler waits on a nested ask
+    must not be reported as a handler failure: either no reply (the caller has given up) or the
+    `timeout` code, which the caller maps to DeliveryTimeout. A raw request whose transport wait
+    outlasts its timeout_ms makes the node's answer observable deterministically."""
+    from accord import _codec as codec
+    from accord._transport import RequestTimeout
+
+    target = "rt-relay/wire"
+    body = codec.encode(Relay("rt-sleeper/wire", seconds=1.0, inner_timeout=30))
+    req = codec.Request(
+        v=codec.PROTOCOL_VERSION,
+        kind="ask",
+        target=target,
+        type="Relay",
+        body=msgspec.Raw(body),
+        timeout_ms=100,
+    )
+    subject = node.names.shard_subject(shard_of(target, node.config.num_shards))
+    try:
+        data = await mesh._transport.request(subject, codec.encode(req), 0.8)
+    except RequestTimeout:
+        return  # no reply after the deadline: acceptable
+    reply, _ = codec.decode_reply(data)
+    assert not reply.ok
+    assert reply.error is not None
+    assert reply.error.code == "timeout", reply.error
 
 
 async def test_ask_outside_any_handler_has_no_inherited_deadline(node: accord.Node) -> None:
@@ -410,10 +453,7 @@ async def test_one_agent_handles_one_message_at_a_time(caller: Any) -> None:
 async def test_different_agents_run_concurrently(caller: Any) -> None:
     parties = 4
     replies = await asyncio.gather(
-        *(
-            caller.ask(f"rt-meet/m{i}", Meet("g", parties), timeout=8)
-            for i in range(parties)
-        )
+        *(caller.ask(f"rt-meet/m{i}", Meet("g", parties), timeout=8) for i in range(parties))
     )
     assert replies == [True] * parties
     assert ARRIVED["g"] == parties

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 import accord
 from accord import Agent, AgentId, ConfigurationError, handler
-from accord._agent import DEFAULT_IDLE_TIMEOUT, known_spec, spec_of
+from accord._agent import known_spec, spec_of
 from accord._ids import snake_case
 
 
@@ -58,6 +58,10 @@ class ModelChild(ModelOrderBook, type="model-child"):
         return None
 
 
+class ModelExplicitChild(ModelExplicit, type="model-explicit-child", topics=["audit"]):
+    pass
+
+
 class ModelEmpty(Agent):
     pass
 
@@ -80,8 +84,16 @@ def test_class_keyword_sets_the_type_name_and_options() -> None:
 
 def test_defaults_of_options() -> None:
     spec = spec_of(ModelOrderBook)
-    assert spec.idle_timeout == DEFAULT_IDLE_TIMEOUT
+    assert spec.idle_timeout == 300.0
     assert spec.topics == ()
+
+
+def test_options_are_inherited_and_overridable() -> None:
+    spec = spec_of(ModelExplicitChild)
+    assert spec.type_name == "model-explicit-child"
+    assert spec.idle_timeout == 12.5
+    assert spec.topics == ("audit",)
+    assert set(spec.handlers) == {"model.tagged"}
 
 
 @pytest.mark.parametrize(
