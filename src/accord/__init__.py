@@ -6,19 +6,24 @@ from ._connect import connect as connect
 from ._errors import AccordError as AccordError
 from ._errors import AgentTypeNotFound as AgentTypeNotFound
 from ._errors import BadRequest as BadRequest
+from ._errors import CircuitOpen as CircuitOpen
 from ._errors import ConfigurationError as ConfigurationError
 from ._errors import DeliveryTimeout as DeliveryTimeout
 from ._errors import EngineError as EngineError
 from ._errors import Fenced as Fenced
 from ._errors import LeaseLost as LeaseLost
 from ._errors import NotConnected as NotConnected
+from ._errors import OutcomeUnknown as OutcomeUnknown
+from ._errors import Overloaded as Overloaded
 from ._errors import RemoteError as RemoteError
+from ._errors import StateError as StateError
 from ._errors import UnknownMessageType as UnknownMessageType
 from ._ids import AgentId as AgentId
 from ._mesh import Mesh as Mesh
 from ._node import Node as Node
 from ._server import EmbeddedServer as EmbeddedServer
 from ._settings import NodeSettings as NodeSettings
+from .delivery._breaker import BreakerSettings as BreakerSettings
 
 __all__ = [
     "AccordError",
@@ -26,6 +31,8 @@ __all__ = [
     "AgentId",
     "AgentTypeNotFound",
     "BadRequest",
+    "BreakerSettings",
+    "CircuitOpen",
     "ConfigurationError",
     "DeliveryTimeout",
     "EmbeddedServer",
@@ -35,7 +42,10 @@ __all__ = [
     "Node",
     "NodeSettings",
     "NotConnected",
+    "OutcomeUnknown",
+    "Overloaded",
     "RemoteError",
+    "StateError",
     "UnknownMessageType",
     "connect",
     "handler",

@@ -13,7 +13,7 @@ import logging
 import signal
 import sys
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -286,6 +286,107 @@ def _print_status(st: dict[str, Any]) -> None:
             hist.add_row(time.strftime("%H:%M:%S", time.localtime(t["at"])), t["node"], t["old"],
                          t["new"], t["reason"])  # fmt: skip
         out.print(hist)
+
+
+dlq_app = typer.Typer(
+    help="Dead letters: messages that failed max_deliver times.", no_args_is_help=True
+)
+app.add_typer(dlq_app, name="dlq")
+
+
+@contextlib.asynccontextmanager
+async def _dead_letters(nats: str | None, cluster: str) -> AsyncIterator[Any]:
+    from ._connect import connect, running_url
+    from .delivery._dlq import DeadLetters
+
+    if nats is None and running_url() is None:
+        raise ConfigurationError(
+            "no cluster given: pass --nats URL, set ACCORD_NATS, or run `accord up`"
+        )
+    async with connect(nats, cluster=cluster) as mesh:
+        js = mesh._transport.js  # type: ignore[attr-defined]
+        yield DeadLetters(js, mesh.names, mesh.config.num_shards)
+
+
+@dlq_app.command("list")
+def dlq_list(
+    nats: NatsOpt = None, cluster: ClusterOpt = "default", as_json: JsonOpt = False
+) -> None:
+    """List dead letters (sequence, target, type, deliveries, reason)."""
+
+    async def main() -> None:
+        async with _dead_letters(nats, cluster) as dlq:
+            entries = await dlq.list()
+        if as_json:
+            sys.stdout.write(msgspec.json.encode(entries).decode() + "\n")
+            return
+        table = Table(title=f"{len(entries)} dead letter(s)")
+        for col in ("seq", "target", "type", "deliveries", "failed at", "reason"):
+            table.add_column(col)
+        for e in entries:
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e.failed_at))
+            table.add_row(str(e.seq), e.target, e.type, str(e.deliveries), when, e.reason)
+        out.print(table)
+
+    _run(main())
+
+
+@dlq_app.command("show")
+def dlq_show(
+    seq: Annotated[int, typer.Argument(help="Sequence number from `accord dlq list`.", min=1)],
+    nats: NatsOpt = None,
+    cluster: ClusterOpt = "default",
+) -> None:
+    """Show one dead letter with its message body (JSON)."""
+
+    async def main() -> None:
+        async with _dead_letters(nats, cluster) as dlq:
+            entry = await dlq.show(seq)
+        out.print_json(msgspec.json.encode(entry).decode())
+
+    _run(main())
+
+
+@dlq_app.command("replay")
+def dlq_replay(
+    seq: Annotated[
+        list[int] | None, typer.Argument(help="Sequence numbers (default: --all).")
+    ] = None,
+    replay_all: Annotated[bool, typer.Option("--all", help="Replay every dead letter.")] = False,
+    nats: NatsOpt = None,
+    cluster: ClusterOpt = "default",
+) -> None:
+    """Deliver dead letters again (into their mailbox, under a new message id)."""
+
+    async def main() -> None:
+        if not seq and not replay_all:
+            raise ConfigurationError("give sequence numbers or --all")
+        async with _dead_letters(nats, cluster) as dlq:
+            targets = seq or [e.seq for e in await dlq.list()]
+            for s in targets:
+                new_id = await dlq.replay(s)
+                out.print(f"replayed {s} as message {new_id}")
+
+    _run(main())
+
+
+@dlq_app.command("purge")
+def dlq_purge(
+    seq: Annotated[int | None, typer.Argument(help="One sequence number (default: --all).")] = None,
+    purge_all: Annotated[bool, typer.Option("--all", help="Purge every dead letter.")] = False,
+    nats: NatsOpt = None,
+    cluster: ClusterOpt = "default",
+) -> None:
+    """Delete dead letters for good."""
+
+    async def main() -> None:
+        if seq is None and not purge_all:
+            raise ConfigurationError("give a sequence number or --all")
+        async with _dead_letters(nats, cluster) as dlq:
+            n = await dlq.purge(seq)
+        out.print(f"purged {n} dead letter(s)")
+
+    _run(main())
 
 
 @app.command()

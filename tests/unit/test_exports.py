@@ -12,6 +12,8 @@ DOCUMENTED = {
     "AgentId",
     "AgentTypeNotFound",
     "BadRequest",
+    "BreakerSettings",
+    "CircuitOpen",
     "ConfigurationError",
     "DeliveryTimeout",
     "EmbeddedServer",
@@ -21,7 +23,10 @@ DOCUMENTED = {
     "Node",
     "NodeSettings",
     "NotConnected",
+    "OutcomeUnknown",
+    "Overloaded",
     "RemoteError",
+    "StateError",
     "UnknownMessageType",
     "connect",
     "handler",
@@ -51,6 +56,6 @@ def test_star_import_exposes_only_the_documented_names() -> None:
 def test_every_exported_exception_derives_from_accord_error() -> None:
     exported = [getattr(accord, n) for n in accord.__all__]
     errors = [o for o in exported if isinstance(o, type) and issubclass(o, BaseException)]
-    assert len(errors) == 10
+    assert len(errors) == 14
     for cls in errors:
         assert issubclass(cls, accord.AccordError), cls
