@@ -252,8 +252,8 @@ async def test_undecodable_state_is_a_clear_error_never_a_reset(nats_url: str) -
     store = StateStore(await node._nc.js.key_value("accord_sv1_state"))
     try:
         for agent_type in ("strict", "migrating"):
-            old = StateRecord(agent=f"{agent_type}/a", schema=1,
-                              state=msgspec.Raw(msgspec.msgpack.encode({"total": "12"})))  # fmt: skip
+            raw = msgspec.Raw(msgspec.msgpack.encode({"total": "12"}))
+            old = StateRecord(agent=f"{agent_type}/a", schema=1, state=raw)
             await store.save(AgentId(agent_type, "a"), old, 0)
         with pytest.raises(accord.StateError) as err:
             await node.ask("strict/a", Read(), timeout=5)
