@@ -203,8 +203,11 @@ class Activation:
                 await self.durable.commit(agent)  # Fenced propagates: stop, no reply
             else:
                 self.durable.rollback(agent)
-        if work.reply is not None and self._valid():
-            work.reply(result, error)
+        if work.reply is not None:
+            if self._valid():
+                work.reply(result, error)
+            else:
+                self.node.stats.replies_withheld += 1
 
     async def _durable_turn(self, agent: Agent, work: Work, dd: DurableDelivery) -> None:
         """A mailbox message: dedup, run with in-place retries, persist, ack, reply."""

@@ -170,9 +170,11 @@ class Node(Mesh):
         with contextlib.suppress(Exception):
             await self._admin.unsubscribe()
             await self._node_admin.unsubscribe()
+        if self._sending:  # replies of the last turns: send them before the connection closes
+            await asyncio.wait(list(self._sending), timeout=5)
         await self.close()
         await self._stop_engine()
-        log.info("node %s stopped", self.node_name)
+        log.info("node %s stopped; %s", self.node_name, self.stats)
 
     async def _stop_engine(self) -> None:
         if self._engine is not None:

@@ -44,6 +44,8 @@ class Stats(msgspec.Struct):
     """Malformed or unroutable requests refused (error reply where a reply subject exists)."""
     dropped_not_owner: int = 0
     """Requests that reached a stale subscription and were ignored."""
+    replies_withheld: int = 0
+    """Turns that finished after this node's lease ended: their reply is never sent."""
     expired: int = 0
     """Messages whose deadline passed before their turn; not run."""
     deduplicated: int = 0

@@ -24,6 +24,7 @@ from nats.js.kv import KeyValue
 from .._background import Background
 from ._config import ClusterConfig
 from ._detector import State
+from ._leasekv import LeaseKV, Taken
 from ._membership import Membership
 from ._placement import assign, rank
 
@@ -77,7 +78,6 @@ class ShardManager:
         margin: float | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self._js = js
         self._kv = kv
         self._n = config.num_shards
         self._ttl = config.lease_ttl
@@ -86,6 +86,7 @@ class ShardManager:
         self._me = membership.me.name
         self._owner = owner
         self._clock = clock
+        self._leases = LeaseKV(js, kv, config.lease_ttl)
         self._held: dict[int, Held] = {}
         self._busy: set[int] = set()  # shards with an acquire or release under way
         self.table: dict[int, LeaseView] = {}
@@ -138,10 +139,9 @@ class ShardManager:
     async def leave(self, timeout: float) -> None:
         """Hand every held shard off gracefully (drain, deactivate, release)."""
         self._leaving = True
-        await asyncio.gather(
-            *(self._release(s) for s in list(self._held) if s not in self._busy),
-            return_exceptions=True,
-        )
+        mine = [s for s in self._held if s not in self._busy]
+        self._busy.update(mine)  # claimed now, so the reconcile loop cannot release them too
+        await asyncio.gather(*(self._release(s) for s in mine), return_exceptions=True)
         deadline = self._clock() + timeout
         while self._busy and self._clock() < deadline:
             await asyncio.sleep(0.02)
@@ -214,23 +214,16 @@ class ShardManager:
         shard = h.shard
         sent = self._clock()
         value = _lease_enc.encode(LeaseValue(self._me, h.epoch, self._members.me.incarnation))
-        headers = {
-            "Nats-TTL": f"{self._ttl}s",
-            "Nats-Expected-Last-Subject-Sequence": str(h.revision),
-        }
         try:
-            ack = await self._js.publish(
-                f"$KV.{self._kv._name}.shard.{shard}", value, headers=headers, timeout=self._ttl / 2
-            )
-        except nats.js.errors.APIError as exc:
-            if exc.err_code in (10071, 10164):
-                await self._lose(shard, "lease taken or expired (renewal refused)")
+            revision = await self._leases.renew(f"shard.{shard}", value, h.revision)
+        except Taken:
+            await self._lose(shard, "lease taken or expired (renewal refused)")
             return
-        except (nats.errors.Error, TimeoutError) as exc:
+        except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
             log.debug("renewal of shard %d failed: %s", shard, exc)
             return
         if self._held.get(shard) is h:
-            h.revision = ack.seq
+            h.revision = revision
             self._set_valid(h, sent + self._ttl - self._margin)
 
     def _set_valid(self, h: Held, until: float) -> None:
@@ -292,8 +285,8 @@ class ShardManager:
             sent = self._clock()
             value = _lease_enc.encode(LeaseValue(self._me, 0, self._members.me.incarnation))
             try:
-                rev = await self._create(shard, value)
-            except (nats.js.errors.KeyWrongLastSequenceError, nats.js.errors.APIError) as exc:
+                rev = await self._leases.create(f"shard.{shard}", value)
+            except (Taken, nats.js.errors.APIError) as exc:
                 log.debug("shard %d not acquired: %r", shard, exc)
                 return  # somebody else holds it
             except (nats.errors.Error, TimeoutError) as exc:
@@ -310,34 +303,12 @@ class ShardManager:
         finally:
             self._busy.discard(shard)
 
-    async def _create(self, shard: int, value: bytes) -> int:
-        """Create the lease key iff it is absent or a tombstone.
-
-        A key that expired by TTL leaves a server-written marker (`Nats-Marker-Reason`) that
-        nats-py's `kv.create` does not recognise as a deletion, so this checks for it itself.
-        """
-        subject = f"$KV.{self._kv._name}.shard.{shard}"
-        headers = {"Nats-TTL": f"{self._ttl}s", "Nats-Expected-Last-Subject-Sequence": "0"}
-        try:
-            ack = await self._js.publish(subject, value, headers=headers, timeout=self._ttl / 2)
-            return int(ack.seq)
-        except nats.js.errors.APIError as exc:
-            if exc.err_code not in (10071, 10164):
-                raise
-        last = await self._js.get_msg(self._kv._stream, subject=subject)
-        hdrs = last.headers or {}
-        if hdrs.get("KV-Operation") not in ("DEL", "PURGE") and "Nats-Marker-Reason" not in hdrs:
-            raise nats.js.errors.KeyWrongLastSequenceError(description="lease is held")
-        headers["Nats-Expected-Last-Subject-Sequence"] = str(last.seq)
-        ack = await self._js.publish(subject, value, headers=headers, timeout=self._ttl / 2)
-        return int(ack.seq)
-
     async def _release(self, shard: int) -> None:
         self._busy.add(shard)
         try:
             h = self._held.get(shard)
-            if h is None:
-                return
+            if h is None or h.releasing:
+                return  # gone, or another release of it is under way
             h.releasing = True
             log.info("handing off shard %d epoch %d", shard, h.epoch)
             await self._owner.shard_released(shard, True)
@@ -346,8 +317,7 @@ class ShardManager:
             del self._held[shard]
             if h.timer:
                 h.timer.cancel()
-            with contextlib.suppress(Exception):
-                await self._kv.delete(f"shard.{shard}", last=h.revision)
+            await self._leases.release(f"shard.{shard}", h.revision)
         finally:
             self._busy.discard(shard)
             self.wake()
