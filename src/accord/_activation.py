@@ -19,7 +19,7 @@ import msgspec
 
 from ._agent import Agent, AgentSpec, HandlerSpec
 from ._context import current_deadline, current_sender
-from ._errors import AccordError, Fenced, RemoteError, StateError
+from ._errors import AccordError, DeliveryTimeout, Fenced, RemoteError, StateError
 from ._ids import AgentId
 from .delivery._mailbox import DurableDelivery, backoff_delay
 from .state._durable import Durable
@@ -187,6 +187,12 @@ class Activation:
         try:
             return await work.handler.fn(agent, work.msg), None
         except Exception as exc:
+            if (
+                isinstance(exc, DeliveryTimeout)
+                and work.deadline is not None
+                and self.node.loop.time() >= work.deadline
+            ):
+                return None, exc  # the caller's own deadline passed: answered as "timeout"
             self.node.stats.handler_errors += 1
             log.debug("handler %s of %s raised", work.handler.name, self.id, exc_info=True)
             return None, _as_remote(exc)

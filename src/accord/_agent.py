@@ -133,12 +133,19 @@ class Agent:
 
     def __init_subclass__(cls, *, type: str | None = None, **options: Any) -> None:
         parent: AgentSpec | None = getattr(cls, "__accord_spec__", None)
-        type_name = validate_agent_type(type or snake_case(cls.__name__))
+        type_name = validate_agent_type(snake_case(cls.__name__) if type is None else type)
         handlers = dict(parent.handlers) if parent else {}
+        own: set[str] = set()
         for attr, fn in vars(cls).items():
             if callable(fn) and getattr(fn, _HANDLER_MARK, False):
                 spec = _handler_spec(cls, attr, fn)
-                handlers[message_type_name(spec.msg_type)] = spec
+                wire = message_type_name(spec.msg_type)
+                if wire in own:
+                    raise ConfigurationError(
+                        f"{cls.__name__}: two handlers for message type {wire!r}"
+                    )
+                own.add(wire)
+                handlers[wire] = spec
         opts = _options(cls.__name__, parent.options if parent else AgentOptions(), options)
         state_type = _state_type(cls)
         if opts.consistency == "event_sourced" and not opts.events:

@@ -75,7 +75,7 @@ def decode_as(data: bytes | msgspec.Raw, typ: Any, encoding: Encoding = "msgpack
         _decoders[(typ, encoding)] = dec
     try:
         return dec.decode(data)
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError) as exc:
         raise BadRequest(f"cannot decode {getattr(typ, '__name__', typ)}: {exc}") from None
 
 
@@ -83,7 +83,7 @@ def decode_request(data: bytes) -> tuple[Request, Encoding]:
     enc = sniff(data)
     try:
         req = (_js_req if enc == "json" else _mp_req).decode(data)
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError) as exc:
         raise BadRequest(f"malformed request envelope ({enc}): {exc}") from None
     if req.v != PROTOCOL_VERSION:
         raise BadRequest(
@@ -96,7 +96,7 @@ def decode_reply(data: bytes) -> tuple[Reply, Encoding]:
     enc = sniff(data)
     try:
         return (_js_rep if enc == "json" else _mp_rep).decode(data), enc
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError) as exc:
         raise BadRequest(f"malformed reply envelope: {exc}") from None
 
 

@@ -13,7 +13,7 @@ import msgspec
 
 from ._errors import ConfigurationError
 
-_TYPE_RE = re.compile(r"^[a-z0-9][a-z0-9_\-]{0,62}$")
+_TYPE_RE = re.compile(r"[a-z0-9][a-z0-9_\-]{0,62}")
 _MAX_KEY = 512
 
 
@@ -43,7 +43,7 @@ class AgentId(msgspec.Struct, frozen=True, order=True):
 
 
 def validate_agent_type(name: str) -> str:
-    if not _TYPE_RE.match(name):
+    if not _TYPE_RE.fullmatch(name):
         raise ConfigurationError(
             f"agent type must be lowercase letters, digits, '_' or '-' (max 63), got {name!r}"
         )

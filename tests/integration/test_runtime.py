@@ -333,19 +333,13 @@ async def test_unknown_message_type_is_rejected_without_activating(
 
 async def test_deadline_propagates_through_a_nested_ask(caller: Any) -> None:
     start = now()
-    with pytest.raises((accord.DeliveryTimeout, accord.RemoteError)) as info:
+    with pytest.raises(accord.DeliveryTimeout):
         await caller.ask(
             "rt-relay/a", Relay("rt-sleeper/b", seconds=1.0, inner_timeout=30), timeout=0.5
         )
     elapsed = now() - start
-    if isinstance(caller, accord.Node):
-        assert isinstance(info.value, accord.DeliveryTimeout)
-    elif isinstance(info.value, accord.RemoteError):
-        # Known src bug (see test_expired_nested_ask_is_answered_as_a_timeout_on_the_wire): over
-        # NATS the relay's own DeliveryTimeout sometimes (~15%) wins the race to the caller,
-        # wrapped as a RemoteError. Tighten to DeliveryTimeout only once that is fixed.
-        assert info.value.remote_type == "DeliveryTimeout"
-    assert 0.45 <= elapsed < 1.0, elapsed
+    # Not a performance bound: the nested ask asked for 30 s and must end at the outer 0.5 s.
+    assert 0.45 <= elapsed < 5.0, elapsed
 
     # B ran under a deadline no later than the outer one
     (saw,) = await eventually(lambda: EVENTS["rt-sleeper/b"], what="sleeper to run")
@@ -361,17 +355,12 @@ async def test_deadline_propagates_through_a_nested_ask(caller: Any) -> None:
     )
     _, exc_type, ended = records[0]
     assert exc_type is accord.DeliveryTimeout
-    assert 0.45 <= ended - start < 1.0, ended - start
+    assert 0.45 <= ended - start < 5.0, ended - start
     inherited = next(e[1] for e in EVENTS["rt-relay/a"] if e[0] == "deadline")
     assert inherited is not None
     assert abs(inherited - deadline) < 0.05
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="src bug: _activation._as_remote wraps the handler's DeliveryTimeout (its inherited "
-    "deadline passed) as RemoteError, so an expired request is answered `remote_error`",
-)
 async def test_expired_nested_ask_is_answered_as_a_timeout_on_the_wire(
     node: accord.Node, mesh: accord.Mesh
 ) -> None:

@@ -120,10 +120,6 @@ def test_bad_type_names_are_rejected_at_class_creation(bad: str) -> None:
             pass
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="src bug: _agent.py uses `type or snake_case(...)`, so type='' silently falls back",
-)
 def test_explicit_empty_type_name_is_rejected() -> None:
     with pytest.raises(ConfigurationError):
 
@@ -131,10 +127,6 @@ def test_explicit_empty_type_name_is_rejected() -> None:
             pass
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="src bug: _ids._TYPE_RE ends in `$`, which also matches before a trailing newline",
-)
 @pytest.mark.parametrize("bad", ["counter\n", "counter\n/key"])
 def test_trailing_newline_is_not_a_valid_type(bad: str) -> None:
     with pytest.raises(ConfigurationError):

@@ -71,6 +71,17 @@ class LeaseKV:
                 raise Taken(key) from None
             raise
 
+    async def last(self, key: str) -> tuple[bytes, int] | None:
+        """The key's current value and revision (None if absent or a tombstone)."""
+        try:
+            msg = await self._js.get_msg(self._kv._stream, subject=self._subject(key))
+        except nats.js.errors.NotFoundError:
+            return None
+        hdrs = msg.headers or {}
+        if hdrs.get("KV-Operation") in ("DEL", "PURGE") or "Nats-Marker-Reason" in hdrs:
+            return None
+        return msg.data or b"", int(msg.seq or 0)
+
     async def release(self, key: str, last: int) -> None:
         """Delete the key iff `last` is still its revision (best effort)."""
         with contextlib.suppress(nats.errors.Error, nats.js.errors.Error, TimeoutError):

@@ -156,6 +156,9 @@ class Membership:
         except msgspec.DecodeError:
             log.warning("ignoring malformed member entry %r", key)
             return
+        known = self.infos.get(name)
+        if known is not None and known.incarnation == info.incarnation and info.ts <= known.ts:
+            return  # a replayed old heartbeat (watch restart) is no sign of life
         self.infos[name] = info
         leaving = info.status == "leaving"
         was_leaving = self._was_leaving(name)

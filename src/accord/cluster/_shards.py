@@ -217,14 +217,31 @@ class ShardManager:
         try:
             revision = await self._leases.renew(f"shard.{shard}", value, h.revision)
         except Taken:
-            await self._lose(shard, "lease taken or expired (renewal refused)")
-            return
+            # Our previous renewal may have been applied with its reply lost: then the stored
+            # lease is still ours, at a revision we never learnt. Adopt it and renew again.
+            adopted = await self._own_revision(shard, value)
+            if adopted is None:
+                await self._lose(shard, "lease taken or expired (renewal refused)")
+                return
+            h.revision = adopted
+            try:
+                revision = await self._leases.renew(f"shard.{shard}", value, adopted)
+            except Taken:
+                await self._lose(shard, "lease taken or expired (renewal refused)")
+                return
         except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
             log.debug("renewal of shard %d failed: %s", shard, exc)
             return
         if self._held.get(shard) is h:
             h.revision = revision
             self._set_valid(h, sent + self._ttl - self._margin)
+
+    async def _own_revision(self, shard: int, value: bytes) -> int | None:
+        try:
+            last = await self._leases.last(f"shard.{shard}")
+        except (nats.errors.Error, nats.js.errors.Error, TimeoutError):
+            return None
+        return last[1] if last is not None and last[0] == value else None
 
     def _set_valid(self, h: Held, until: float) -> None:
         h.valid_until = until
