@@ -36,6 +36,7 @@ __all__ = [
     "ConfigurationError",
     "DeliveryTimeout",
     "EmbeddedServer",
+    "EngineError",
     "Fenced",
     "LeaseLost",
     "Mesh",
