@@ -23,6 +23,9 @@ from ._mesh import Mesh as Mesh
 from ._node import Node as Node
 from ._server import EmbeddedServer as EmbeddedServer
 from ._settings import NodeSettings as NodeSettings
+from .coord._leases import Lease as Lease
+from .coord._quorum import Decision as Decision
+from .coord._quorum import VoteRequest as VoteRequest
 from .delivery._breaker import BreakerSettings as BreakerSettings
 
 __all__ = [
@@ -34,10 +37,12 @@ __all__ = [
     "BreakerSettings",
     "CircuitOpen",
     "ConfigurationError",
+    "Decision",
     "DeliveryTimeout",
     "EmbeddedServer",
     "EngineError",
     "Fenced",
+    "Lease",
     "LeaseLost",
     "Mesh",
     "Node",
@@ -48,6 +53,7 @@ __all__ = [
     "RemoteError",
     "StateError",
     "UnknownMessageType",
+    "VoteRequest",
     "connect",
     "handler",
 ]

@@ -21,6 +21,7 @@ from ._agent import Agent, AgentSpec, HandlerSpec
 from ._context import current_deadline, current_sender
 from ._errors import AccordError, DeliveryTimeout, Fenced, RemoteError, StateError
 from ._ids import AgentId
+from .coord._quorum import VoteRequest
 from .delivery._mailbox import DurableDelivery, backoff_delay
 from .state._durable import Durable
 from .state._store import DedupEntry
@@ -185,7 +186,10 @@ class Activation:
         dl_token = current_deadline.set(work.deadline)
         sender_token = current_sender.set(str(self.id))
         try:
-            return await work.handler.fn(agent, work.msg), None
+            result = await work.handler.fn(agent, work.msg)
+            if type(work.msg) is VoteRequest:
+                await self.node.record_vote(work.msg, str(self.id), result)
+            return result, None
         except Exception as exc:
             if (
                 isinstance(exc, DeliveryTimeout)

@@ -288,6 +288,34 @@ def _print_status(st: dict[str, Any]) -> None:
         out.print(hist)
 
 
+@app.command()
+def leases(nats: NatsOpt = None, cluster: ClusterOpt = "default", as_json: JsonOpt = False) -> None:
+    """Named leases: holder, fencing token, TTL, last renewal."""
+    from ._connect import connect, running_url
+
+    async def main() -> None:
+        if nats is None and running_url() is None:
+            raise ConfigurationError(
+                "no cluster given: pass --nats URL, set ACCORD_NATS, or run `accord up`"
+            )
+        async with connect(nats, cluster=cluster) as mesh:
+            held = await mesh._keeper().list()
+        if as_json:
+            sys.stdout.write(msgspec.json.encode(held).decode() + "\n")
+            return
+        table = Table(title=f"{len(held)} lease(s)")
+        for col in ("name", "holder", "token", "ttl", "renewed"):
+            table.add_column(col)
+        for info in held:
+            ago = max(0.0, time.time() - info.renewed_at)
+            table.add_row(
+                info.name, info.holder, str(info.token), f"{info.ttl}s", f"{ago:.1f}s ago"
+            )
+        out.print(table)
+
+    _run(main())
+
+
 dlq_app = typer.Typer(
     help="Dead letters: messages that failed max_deliver times.", no_args_is_help=True
 )

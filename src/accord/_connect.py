@@ -81,7 +81,7 @@ async def connect(
         except BaseException:
             await transport.close()
             raise
-        mesh = Mesh(transport, names, config, kvs["subs"], kvs["meta"], breaker)
+        mesh = Mesh(transport, names, config, kvs, breaker)
         try:
             yield mesh
         finally:

@@ -12,8 +12,9 @@ import asyncio
 import contextlib
 import logging
 import random
+import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator
 from types import TracebackType
 from typing import Any, Literal
 
@@ -38,6 +39,9 @@ from ._ids import AgentId, shard_of, validate_agent_type
 from ._registry import WatchedKV
 from ._transport import NatsTransport, NoResponders, RequestTimeout, Transport
 from .cluster._config import ClusterConfig, Names
+from .coord._groups import barrier, counter_add, counter_value
+from .coord._leases import Lease, LeaseKeeper, elect, fenced_read, fenced_write, hold
+from .coord._quorum import Ballots, Decision, ProposalRecord, VoteRequest, encode_proposal
 from .delivery._breaker import BreakerSettings, CircuitBreakers
 from .delivery._client import DurableSender
 from .delivery._mailbox import mailbox_subject
@@ -65,17 +69,18 @@ class Mesh:
         transport: Transport,
         names: Names,
         config: ClusterConfig,
-        subs_kv: KeyValue | None = None,
-        meta_kv: KeyValue | None = None,
+        kvs: dict[str, KeyValue] | None = None,
         breaker: BreakerSettings | None = None,
     ) -> None:
+        kvs = kvs or {}
+        self._kvs = kvs
         self._transport = transport
         self.names = names
         self.config = config
         self._bg = Background()
         self._loop = asyncio.get_running_loop()
-        self._subs = WatchedKV(subs_kv, self._bg)  # "<topic>.<agent type>" -> b"1"
-        self._types = WatchedKV(meta_kv, self._bg, prefix="type.")  # agent type -> options
+        self._subs = WatchedKV(kvs.get("subs"), self._bg)  # "<topic>.<agent type>" -> b"1"
+        self._types = WatchedKV(kvs.get("meta"), self._bg, prefix="type.")  # type -> options
         self._breakers = CircuitBreakers(breaker) if breaker is not None else None
         self._durable: DurableSender | None = None
 
@@ -371,6 +376,114 @@ class Mesh:
             raise ConfigurationError("this mesh has no subscription registry")
         await self._subs.kv.put(f"{topic_type}.{agent_type}", b"1")
         self._subs.set_local(f"{topic_type}.{agent_type}", b"1")
+
+    # -- coordination -------------------------------------------------------------------------
+
+    def _coord_kv(self, name: str) -> KeyValue:
+        kv = self._kvs.get(name)
+        if kv is None:
+            raise ConfigurationError("this mesh has no coordination buckets")
+        return kv
+
+    def _keeper(self) -> LeaseKeeper:
+        if not isinstance(self._transport, NatsTransport):
+            raise ConfigurationError("leases need a NATS JetStream transport")
+        return LeaseKeeper(self._transport.js, self._coord_kv("locks"), self.name)
+
+    def lease(
+        self, name: str, ttl: int = 5, *, timeout: float | None = None
+    ) -> contextlib.AbstractAsyncContextManager[Lease]:
+        """Hold the named lease: `async with mesh.lease("jobs", ttl=5) as lease: ...`.
+
+        Waits until the lease is free (or raises `LeaseLost` after `timeout`). `lease.token` is a
+        fencing token that grows with every new holder; `lease.lost` is set (and `lease.valid`
+        turns False) as soon as the holder can no longer be sure it holds it — before the server
+        could give it to anyone else. Released on exit.
+        """
+        return hold(self._keeper(), name, ttl, timeout)
+
+    def election(self, name: str, ttl: int = 5) -> AsyncIterator[Lease]:
+        """Leadership terms: `async for term in mesh.election("scheduler"): ...`.
+
+        Each yielded `Lease` is one term; it ends when `term.lost` is set or when the loop moves on
+        (resigning). Then the iterator campaigns again. At most one valid leader at any time.
+        """
+        return elect(self._keeper(), name, ttl)
+
+    async def fenced_write(self, key: str, data: bytes, token: int) -> int:
+        """Write `data` under `key` unless a newer fencing token already wrote it (`Fenced`)."""
+        return await fenced_write(self._coord_kv("coord"), f"f.{key}", data, token)
+
+    async def fenced_read(self, key: str) -> tuple[int, bytes] | None:
+        """The (token, data) last written by `fenced_write`, or None."""
+        return await fenced_read(self._coord_kv("coord"), f"f.{key}")
+
+    async def propose(
+        self,
+        topic: str,
+        proposal: Any,
+        *,
+        voters: Iterable[AgentId | str],
+        quorum: float = 0.6,
+        deadline: float = 10.0,
+    ) -> Decision:
+        """Put `proposal` to a vote of `voters` (agents handling `accord.VoteRequest` → bool).
+
+        Returns the decision: `accepted` once ceil(quorum·n) voters said yes, `rejected` once that
+        cannot happen any more, `expired` if neither by `deadline` seconds. The vote requests are
+        delivered at least once; votes and the decision are recorded (create-once, never decided
+        twice) by whichever node sees the outcome settled, so the proposer's death loses nothing.
+        """
+        voter_ids = [str(as_agent_id(v)) for v in voters]
+        if len(set(voter_ids)) != len(voter_ids):
+            raise ConfigurationError("voters must be distinct")
+        if deadline <= 0:
+            raise ConfigurationError("deadline must be > 0")
+        ballots = self._ballots()
+        record = ProposalRecord(
+            id=uuid.uuid4().hex, topic=topic, voters=voter_ids, quorum=quorum,
+            proposer=self.name, created_at=time.time(),
+        )  # fmt: skip
+        await ballots.open(record)
+        until = time.monotonic() + deadline
+        request = VoteRequest(record.id, topic, encode_proposal(proposal))
+        await asyncio.gather(
+            *(
+                self.tell(v, request, delivery="at_least_once", msg_id=f"vote:{record.id}:{v}")
+                for v in voter_ids
+            )
+        )
+        decision = await ballots.wait(record.id, until)
+        if decision is None:
+            decision = await ballots.decide(
+                record, "expired", await ballots.votes(record), self.name
+            )
+        return decision
+
+    async def decision(self, proposal_id: str) -> Decision | None:
+        """The recorded decision of a proposal, if any."""
+        return await self._ballots().decision(proposal_id)
+
+    def _ballots(self) -> Ballots:
+        if not isinstance(self._transport, NatsTransport):
+            raise ConfigurationError("proposals need a NATS JetStream transport")
+        return Ballots(
+            self._transport.js, self._coord_kv("coord"), self.names.events_subject("decision")
+        )
+
+    async def barrier(
+        self, name: str, parties: int, *, member: str | None = None, timeout: float = 30.0
+    ) -> int:
+        """Wait until `parties` members arrived at barrier `name` (raises `DeliveryTimeout`)."""
+        me = member or current_sender.get() or self.name
+        return await barrier(self._coord_kv("coord"), name, me, parties, timeout)
+
+    async def counter_add(self, name: str, delta: int = 1) -> int:
+        """Add `delta` to the cluster-wide counter `name`; return its new value."""
+        return await counter_add(self._coord_kv("coord"), name, delta)
+
+    async def counter(self, name: str) -> int:
+        return await counter_value(self._coord_kv("coord"), name)
 
     # -- internals --------------------------------------------------------------------------
 

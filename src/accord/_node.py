@@ -37,6 +37,7 @@ from ._transport import NatsTransport, Subscription
 from .cluster._config import Names, open_cluster
 from .cluster._membership import MemberInfo, Membership
 from .cluster._shards import ShardManager
+from .coord._quorum import VoteRequest
 from .delivery._dlq import dead_letter
 from .delivery._mailbox import DurableDelivery, ShardMailbox, ensure_streams
 from .state._durable import Durable
@@ -106,7 +107,7 @@ class Node(Mesh):
                 lease_ttl=self.settings.lease_ttl,
                 replicas=self.settings.replicas,
             )
-            super().__init__(transport, names, config, kvs["subs"], kvs["meta"])
+            super().__init__(transport, names, config, kvs, self.settings.breaker)
             self._nc = transport
             await ensure_streams(transport.js, names, self.settings.replicas)
             self._store = StateStore(kvs["state"])
@@ -386,6 +387,12 @@ class Node(Mesh):
         self.stats.dead_lettered += 1
         log.warning("dead-lettered %s %s after %d attempts: %s", target, msg_type, dd.attempts,
                     reason)  # fmt: skip
+
+    async def record_vote(self, request: VoteRequest, voter: str, result: Any) -> None:
+        """A voter agent's vote handler returned: record its vote, decide if that settles it."""
+        if not isinstance(result, bool):
+            raise TypeError(f"a VoteRequest handler must return bool, got {type(result).__name__}")
+        await self._ballots().vote(request.proposal_id, voter, result, self.node_name)
 
     # -- bulkheads ----------------------------------------------------------------------------
 

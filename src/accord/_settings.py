@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import msgspec
 
+from .delivery._breaker import BreakerSettings
+
 
 class NodeSettings(msgspec.Struct, kw_only=True):
     cluster: str = "default"
@@ -29,6 +31,8 @@ class NodeSettings(msgspec.Struct, kw_only=True):
     max_inflight: int = 20_000
     """Bulkhead: messages queued or running on this node; beyond it asks get `Overloaded` and
     mailbox consumers stop fetching (backpressure)."""
+    breaker: BreakerSettings | None = None
+    """Circuit breakers for the asks this node makes (None: off)."""
     max_inflight_per_type: int = 10_000
     """Bulkhead per agent type, so one hot type cannot starve the others."""
 

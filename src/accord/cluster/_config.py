@@ -95,6 +95,8 @@ async def open_cluster(
             "leases": await _bucket(js, names.bucket("leases"), replicas, marker_ttl=1),
             "subs": await _bucket(js, names.bucket("subs"), replicas),
             "state": await _bucket(js, names.bucket("state"), replicas),
+            "locks": await _bucket(js, names.bucket("locks"), replicas, marker_ttl=1),
+            "coord": await _bucket(js, names.bucket("coord"), replicas),
         }
         await _stream(js, names, replicas)
         wanted = ClusterConfig(
