@@ -19,12 +19,12 @@ import msgspec
 
 from ._agent import Agent, AgentSpec, HandlerSpec
 from ._context import current_deadline, current_sender
-from ._errors import AccordError, DeliveryTimeout, Fenced, RemoteError, StateError
+from ._errors import AccordError, Degraded, DeliveryTimeout, Fenced, RemoteError, StateError
 from ._ids import AgentId
 from .coord._quorum import VoteRequest
 from .delivery._mailbox import DurableDelivery, backoff_delay
 from .state._durable import Durable
-from .state._store import DedupEntry
+from .state._store import DedupEntry, MergeState
 
 if TYPE_CHECKING:
     from ._node import Node
@@ -42,7 +42,7 @@ class Work:
     for the recorded outcome of an exactly-once message (`handler` is then None).
     """
 
-    __slots__ = ("data", "deadline", "delivery", "handler", "lookup", "msg", "reply")
+    __slots__ = ("data", "deadline", "delivery", "handler", "local", "lookup", "msg", "reply")
 
     def __init__(
         self,
@@ -53,7 +53,9 @@ class Work:
         delivery: DurableDelivery | None = None,
         data: bytes = b"",
         lookup: str | None = None,
+        local: bool = False,
     ) -> None:
+        self.local = local
         self.handler = handler
         self.msg = msg
         self.deadline = deadline
@@ -83,6 +85,9 @@ class Activation:
         self.closing = False  # drain what is queued, then deactivate
         self.busy = False
         self.durable: Durable | None = None
+        self._streak = 0
+        self.orphan = False  # serving while cut off from the majority (split brain / degraded)
+        self.agent: Agent | None = None
         self._waiter: asyncio.Future[None] | None = None
         self._previous = previous
         node.inflight_add(spec.type_name, 0)
@@ -103,7 +108,19 @@ class Activation:
             w.set_result(None)
 
     def _valid(self) -> bool:
+        if self.orphan:
+            return self.node.orphan_epoch(self.shard) == self.epoch
         return self.node.shards_valid(self.shard, self.epoch)
+
+    def make_orphan(self) -> None:
+        self.orphan = True
+        if self.durable is not None:
+            self.durable.orphaned = True
+
+    def merge_payload(self) -> MergeState | None:
+        if self.durable is None or self.agent is None:
+            return None
+        return self.durable.merge_payload(self.agent, self.node.node_name)
 
     async def _run(self) -> None:
         node = self.node
@@ -114,19 +131,22 @@ class Activation:
         agent.id = self.id
         agent.mesh = node
         agent.replica_id = f"{node.node_name}:{self.epoch}"
+        self.agent = agent
         activated = False
         graceful = False
         try:
             if self.spec.durable:
                 self.durable = node.durable_for(self.id, self.spec, self.shard, self.epoch)
                 await self.durable.load(agent)
+                self.durable.orphaned = self.orphan
             await agent.on_activate()
             activated = True
             node.stats.activations += 1
             await self._turns(agent)
             graceful = True
         except asyncio.CancelledError:
-            pass  # lease lost: stop at once
+            # Lease lost: stop at once. Queued in-process asks learn they were not run.
+            self._drop_queued_local()
         except Fenced as exc:
             log.warning("%s fenced: %s", self.id, exc)  # a newer owner exists: stay silent
         except Exception as exc:
@@ -164,6 +184,9 @@ class Activation:
                 continue
             work = queue.popleft()
             node.inflight_add(self.spec.type_name, -1)
+            self._streak += 1
+            if self._streak % 64 == 0:
+                await asyncio.sleep(0)  # a long queue of instant turns must not starve the loop
             if not self._valid():
                 return  # the lease moved on: nothing more runs or replies here
             if work.deadline is not None and loop.time() >= work.deadline:
@@ -173,6 +196,10 @@ class Activation:
             try:
                 if work.lookup is not None:
                     self._answer_lookup(work)
+                elif isinstance(work.msg, MergeState):
+                    await self._merge_turn(agent, work)
+                elif self.orphan and not self._cut_off_may_run(work):
+                    pass
                 elif work.delivery is not None:
                     await self._durable_turn(agent, work, work.delivery)
                 else:
@@ -260,6 +287,26 @@ class Activation:
             await dd.in_progress()
             await asyncio.sleep(backoff_delay(dd.attempts, opts.retry_backoff))
 
+    def _cut_off_may_run(self, work: Work) -> bool:
+        """Degraded agents cut off from the majority answer reads only."""
+        if self.spec.options.failover == "degraded" and not (
+            work.handler and work.handler.read_only
+        ):
+            if work.reply is not None:
+                work.reply(None, Degraded(f"{self.id} is cut off: writes refused until healed"))
+            return False
+        return True
+
+    async def _merge_turn(self, agent: Agent, work: Work) -> None:
+        """Fold in the state a cut-off node kept serving during a partition."""
+        outcome = "ours"
+        if self.durable is not None:
+            outcome = self.durable.apply_merge(agent, work.msg)
+            await self.durable.commit(agent)
+        if work.delivery is not None:
+            await work.delivery.ack()
+        self.node.record_merge(self.id, work.msg, outcome)
+
     def _answer_lookup(self, work: Work) -> None:
         assert work.lookup is not None and work.reply is not None
         entry = self.durable.lookup(work.lookup) if self.durable is not None else None
@@ -275,6 +322,12 @@ class Activation:
             work.reply(_Recorded(bytes(entry.reply)), None)
         else:
             work.reply(None, RemoteError(entry.rtype or "Exception", entry.message))
+
+    def _drop_queued_local(self) -> None:
+        for work in self.queue:
+            if work.reply is not None and work.local:
+                work.reply(None, DeliveryTimeout(f"{self.id}: lease lost before its turn",
+                                                 maybe_delivered=False))  # fmt: skip
 
     async def _fail_queued(self, error: BaseException) -> None:
         while self.queue:

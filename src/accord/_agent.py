@@ -26,16 +26,27 @@ F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 _HANDLER_MARK = "__accord_handler__"
 
 
-def handler(fn: F) -> F:
-    """Mark an async method as a message handler.
+@typing.overload
+def handler(fn: F, /) -> F: ...
+@typing.overload
+def handler(*, read_only: bool = False) -> Callable[[F], F]: ...
+def handler(fn: F | None = None, /, *, read_only: bool = False) -> F | Callable[[F], F]:
+    """Mark an async method as a message handler: `@accord.handler` or
+    `@accord.handler(read_only=True)`.
 
     The handler's message parameter must be annotated with a `msgspec.Struct` type; messages of that
     type are dispatched to it. Its return value is the reply to an `ask` (ignored for a `tell`).
+    `read_only` handlers promise not to change state: agents with `failover="degraded"` keep
+    answering them while cut off from the cluster's majority.
     """
-    if not inspect.iscoroutinefunction(fn):
-        raise ConfigurationError(f"@handler {fn.__qualname__} must be an async def method")
-    setattr(fn, _HANDLER_MARK, True)
-    return typing.cast(F, fn)
+
+    def mark(f: F) -> F:
+        if not inspect.iscoroutinefunction(f):
+            raise ConfigurationError(f"@handler {f.__qualname__} must be an async def method")
+        setattr(f, _HANDLER_MARK, "read" if read_only else True)
+        return typing.cast(F, f)
+
+    return mark(fn) if fn is not None else mark
 
 
 class HandlerSpec(msgspec.Struct, frozen=True):
@@ -43,10 +54,12 @@ class HandlerSpec(msgspec.Struct, frozen=True):
     fn: Callable[[Any, Any], Awaitable[Any]]
     msg_type: type
     returns: Any
+    read_only: bool = False
 
 
 DELIVERY_MODES = ("at_most_once", "at_least_once", "exactly_once")
 CONSISTENCY_LEVELS = ("strong", "eventual", "crdt", "event_sourced")
+FAILOVER_STRATEGIES = ("absolute", "split_brain_allowed", "degraded")
 
 
 class AgentOptions(msgspec.Struct, frozen=True, kw_only=True):
@@ -63,6 +76,7 @@ class AgentOptions(msgspec.Struct, frozen=True, kw_only=True):
     dedup_window: int = 1000
     flush_interval: float = 1.0
     events: tuple[type, ...] = ()
+    failover: str = "absolute"
 
 
 class AgentSpec(msgspec.Struct, frozen=True):
@@ -115,7 +129,10 @@ class Agent:
       `"event_sourced"`; `state_version` (1) and `flush_interval` (eventual, 1 s);
     - `max_deliver` (5) and `retry_backoff` (0.05 s base) for at-least-once redelivery;
     - `dedup_window` (1000 message ids) for exactly-once; `snapshot_every` (50) and `events`
-      (the event types) for event sourcing.
+      (the event types) for event sourcing;
+    - `failover`: `"absolute"` (default: never two owners; a node cut off from the majority stops
+      serving), `"split_brain_allowed"` (both sides keep serving; states merge on heal) or
+      `"degraded"` (cut-off side answers `read_only` handlers, refuses writes).
 
     Declare durable state with a class annotation `state: MyState` (a `msgspec.Struct` with
     defaults); it is loaded before the first turn and persisted as its consistency says.
@@ -195,6 +212,8 @@ def _options(name: str, base: AgentOptions, given: dict[str, Any]) -> AgentOptio
         raise ConfigurationError(f"{name}: idle_timeout must be > 0")
     if opts.delivery not in DELIVERY_MODES:
         raise ConfigurationError(f"{name}: delivery must be one of {DELIVERY_MODES}")
+    if opts.failover not in FAILOVER_STRATEGIES:
+        raise ConfigurationError(f"{name}: failover must be one of {FAILOVER_STRATEGIES}")
     if opts.consistency not in CONSISTENCY_LEVELS:
         raise ConfigurationError(f"{name}: consistency must be one of {CONSISTENCY_LEVELS}")
     if opts.max_deliver < 1 or opts.snapshot_every < 1 or opts.dedup_window < 1:
@@ -250,7 +269,13 @@ def _handler_spec(cls: type, attr: str, fn: Callable[..., Any]) -> HandlerSpec:
             f"{cls.__name__}.{attr}: the message parameter must be annotated with a msgspec.Struct"
             f" type, got {msg_type!r}"
         )
-    return HandlerSpec(name=attr, fn=fn, msg_type=msg_type, returns=hints.get("return", Any))
+    return HandlerSpec(
+        name=attr,
+        fn=fn,
+        msg_type=msg_type,
+        returns=hints.get("return", Any),
+        read_only=getattr(fn, _HANDLER_MARK, None) == "read",
+    )
 
 
 def spec_of(cls: type[Agent]) -> AgentSpec:

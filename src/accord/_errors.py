@@ -121,6 +121,13 @@ class CircuitOpen(AccordError):
     code = "circuit_open"
 
 
+class Degraded(AccordError):
+    """The owner is cut off from the cluster's majority and its agent type is `degraded`: reads
+    are still answered, this write was refused (not processed). Retry after the partition heals."""
+
+    code = "degraded"
+
+
 class Overloaded(AccordError):
     """The node's bulkhead for this agent type (or the whole node) is full; not processed."""
 
@@ -138,5 +145,6 @@ WIRE_ERRORS: dict[str, type[AccordError]] = {
         Fenced,
         StateError,
         Overloaded,
+        Degraded,
     )
 }

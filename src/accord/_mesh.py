@@ -83,6 +83,8 @@ class Mesh:
         self._types = WatchedKV(kvs.get("meta"), self._bg, prefix="type.")  # type -> options
         self._breakers = CircuitBreakers(breaker) if breaker is not None else None
         self._durable: DurableSender | None = None
+        self._mode_cache: dict[bytes, str] = {}
+        self._local_tells = 0
 
     @property
     def name(self) -> str:
@@ -234,6 +236,9 @@ class Mesh:
                                      "msgpack", self._deadline(timeout), mode, msg_id)  # fmt: skip
             return
         if self._route_local(agent_id, shard, msg, None, ask=False) is not None:
+            self._local_tells += 1
+            if self._local_tells % 256 == 0:
+                await asyncio.sleep(0)  # a tight loop of local tells must let the loop breathe
             return
         await self._publish_tell(agent_id, shard, type_name, codec.encode(msg), "msgpack")
 
@@ -312,10 +317,14 @@ class Mesh:
         raw = types.get(agent_id.type)
         if raw is None:
             return "at_most_once"
-        try:
-            return str(msgspec.json.decode(raw).get("delivery", "at_most_once"))
-        except (msgspec.DecodeError, AttributeError):
-            return "at_most_once"
+        cached = self._mode_cache.get(raw)
+        if cached is None:
+            try:
+                cached = str(msgspec.json.decode(raw).get("delivery", "at_most_once"))
+            except (msgspec.DecodeError, AttributeError):
+                cached = "at_most_once"
+            self._mode_cache[raw] = cached
+        return cached
 
     def _local_spec(self, agent_type: str) -> AgentSpec | None:
         """Overridden by `Node`: the spec of an agent type this process hosts."""

@@ -27,6 +27,7 @@ from ._errors import (
     AgentTypeNotFound,
     BadRequest,
     ConfigurationError,
+    Degraded,
     Overloaded,
     UnknownMessageType,
 )
@@ -35,6 +36,7 @@ from ._mesh import Mesh
 from ._settings import NodeSettings, Stats
 from ._transport import NatsTransport, Subscription
 from .cluster._config import Names, open_cluster
+from .cluster._hlc import HybridClock
 from .cluster._membership import MemberInfo, Membership
 from .cluster._shards import ShardManager
 from .coord._quorum import VoteRequest
@@ -42,7 +44,7 @@ from .delivery._dlq import dead_letter
 from .delivery._mailbox import DurableDelivery, ShardMailbox, ensure_streams
 from .state._durable import Durable
 from .state._events import EventLog
-from .state._store import StateStore
+from .state._store import MERGE_TYPE, MergeState, StateStore
 
 log = logging.getLogger("accord.node")
 
@@ -85,6 +87,9 @@ class Node(Mesh):
         self._engine: Any = None
         self._sending: set[asyncio.Task[None]] = set()
         self._mailboxes: dict[int, ShardMailbox] = {}
+        self._sub_epochs: dict[int, int] = {}
+        self._orphans: dict[int, tuple[Subscription, int]] = {}  # cut-off shards still served
+        self._hlc = HybridClock()
         self._inflight: dict[str, int] = {}
         self._inflight_total = 0
         self._capacity = asyncio.Event()
@@ -147,6 +152,7 @@ class Node(Mesh):
             await self.membership.start()
             await self.shards.start()
             self._sweeper = self.loop.create_task(self._sweep_idle(), name="accord-idle-sweep")
+            self._orphan_watch = self.loop.create_task(self._watch_orphans(), name="accord-heal")
             self._started = True
         except BaseException:
             await self._stop_engine()
@@ -164,9 +170,10 @@ class Node(Mesh):
         await self.membership.leave()
         await self.shards.leave(self.settings.drain_timeout)
         await self.shards.stop()
-        self._sweeper.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._sweeper
+        for task in (self._sweeper, self._orphan_watch):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         await self.membership.stop()
         with contextlib.suppress(Exception):
             await self._admin.unsubscribe()
@@ -198,7 +205,10 @@ class Node(Mesh):
         async def on_msg(msg: Msg) -> None:
             self._on_request(shard, msg)
 
+        if shard in self._orphans:  # healed and it came back here: merge, then serve anew
+            await self._end_orphan(shard)
         self._shard_subs[shard] = await self._nc.subscribe(self.names.shard_subject(shard), on_msg)
+        self._sub_epochs[shard] = epoch
         self.membership.me.shards = len(self._shard_subs)
         mailbox = ShardMailbox(
             self._nc.js,
@@ -216,19 +226,31 @@ class Node(Mesh):
             return
         self._mailboxes[shard] = mailbox
 
-    async def shard_released(self, shard: int, graceful: bool) -> None:
+    async def shard_released(self, shard: int, graceful: bool, orphan: bool = False) -> None:
         sub = self._shard_subs.pop(shard, None)
+        epoch = self._sub_epochs.pop(shard, None)
         self.membership.me.shards = len(self._shard_subs)
         mailbox = self._mailboxes.pop(shard, None)
         if mailbox is not None:
             await mailbox.stop()  # stop pulling; what was fetched is drained below
+        tolerant = [s for s in self.specs.values() if s.options.failover != "absolute"]
+        if orphan and tolerant and sub is not None and epoch is not None:
+            # Cut off (renewals failed): keep answering for split-brain/degraded agent types from
+            # memory; absolute ones stop below. Ends when the partition heals (_end_orphan).
+            self._orphans[shard] = (sub, epoch)
+            sub = None
+            for act in self._by_shard.get(shard, {}).values():
+                if act.spec.options.failover != "absolute":
+                    act.make_orphan()
+            log.warning("shard %d epoch %d: cut off; serving %s from memory", shard, epoch,
+                        ", ".join(sorted(s.type_name for s in tolerant)))  # fmt: skip
         if sub is not None:
             with contextlib.suppress(Exception):
                 if graceful:
                     await sub.drain()  # type: ignore[attr-defined]
                 else:
                     await sub.unsubscribe()
-        acts = list(self._by_shard.get(shard, {}).values())
+        acts = [a for a in self._by_shard.get(shard, {}).values() if not a.orphan]
         if not graceful:
             # A CRDT turn in flight may still finish and persist: its write merges, it never
             # overwrites, and it will not reply. Everything else stops at once.
@@ -277,6 +299,9 @@ class Node(Mesh):
             raise AgentTypeNotFound(f"no agent type {agent_id.type!r} on this cluster")
         if req.kind == "result":
             return req, enc, _Target(agent_id, spec, None, None, None)
+        if req.type == MERGE_TYPE:
+            merge = codec.decode_as(req.body, MergeState, enc)
+            return req, enc, _Target(agent_id, spec, None, merge, None)
         h = spec.handler_for_name(req.type)
         if h is None:
             raise UnknownMessageType(
@@ -296,15 +321,21 @@ class Node(Mesh):
         # A message that reached this subscription is ours while the lease is valid, also while
         # the shard is being handed off: the subscription drains before the lease is released.
         epoch = self.shards.held_epoch(shard)
+        orphan = False
         if epoch is None:
-            self.stats.dropped_not_owner += 1
-            return  # a stale subscription: stay silent, the valid owner answers
+            cut_off = self._orphans.get(shard)
+            if cut_off is None:
+                self.stats.dropped_not_owner += 1
+                return  # a stale subscription: stay silent, the valid owner answers
+            epoch, orphan = cut_off[1], True
         reply_to = msg.reply or None
         enc: codec.Encoding = codec.sniff(msg.data)
         try:
             req, enc, t = self._parse(shard, msg.data)
             if req.kind == "result" and (reply_to is None or not req.id):
                 raise BadRequest("a result request needs a reply subject and an id")
+            if req.type == MERGE_TYPE:
+                raise BadRequest("state merges go through the mailbox")
             self._check_capacity(t.spec.type_name)
         except AccordError as exc:
             self._reject(exc, reply_to, enc)
@@ -312,14 +343,74 @@ class Node(Mesh):
         except Exception as exc:  # anything a hostile envelope provokes must not kill the node
             self._reject(BadRequest(f"rejected: {exc}"), reply_to, enc)
             return
+        if orphan and not self._serve_cut_off(t, reply_to, enc):
+            return
         reply = None
         if req.kind != "tell" and reply_to is not None:
             reply = self._remote_replier(reply_to, enc, epoch)
-        act = self._activation(t.agent_id, t.spec, shard, epoch)
+        act = self._activation(t.agent_id, t.spec, shard, epoch, orphan=orphan)
         if req.kind == "result":
             act.put(Work(None, None, t.deadline, reply, lookup=req.id))
         else:
             act.put(Work(t.handler, t.body, t.deadline, reply))
+
+    def _serve_cut_off(self, t: _Target, reply_to: str | None, enc: codec.Encoding) -> bool:
+        """While cut off: absolute types stay silent, degraded ones refuse writes."""
+        failover = t.spec.options.failover
+        if failover == "absolute" or t.handler is None:
+            self.stats.dropped_not_owner += 1
+            return False
+        if failover == "degraded" and not t.handler.read_only:
+            self._reject(Degraded(f"{t.agent_id} is cut off from the cluster: writes are "
+                                  "refused until the partition heals"), reply_to, enc)  # fmt: skip
+            return False
+        return True
+
+    async def _watch_orphans(self) -> None:
+        """End cut-off serving once the partition healed and another node owns the shard."""
+        while True:
+            await asyncio.sleep(0.25)
+            for shard, (_, epoch) in list(self._orphans.items()):
+                owner = self.shards.table.get(shard)
+                if owner is not None and owner.node != self.node_name and owner.epoch > epoch:
+                    await self._end_orphan(shard)
+
+    async def _end_orphan(self, shard: int) -> None:
+        sub, epoch = self._orphans.pop(shard)
+        with contextlib.suppress(Exception):
+            await sub.unsubscribe()
+        acts = [a for a in self._by_shard.get(shard, {}).values() if a.orphan]
+        for act in acts:
+            payload = act.merge_payload()
+            act.close()
+            if payload is not None:
+                self._bg_task(self._send_merge(act.id, payload))
+        log.warning("shard %d epoch %d: partition healed; %d cut-off activation(s) merged back",
+                    shard, epoch, len(acts))  # fmt: skip
+
+    async def _send_merge(self, agent_id: AgentId, payload: MergeState) -> None:
+        msg_id = f"merge:{self.node_name}:{payload.epoch}:{payload.hlc}:{agent_id}"
+        for _ in range(30):
+            try:
+                await self.tell(agent_id, payload, delivery="at_least_once", msg_id=msg_id)
+                return
+            except AccordError as exc:
+                log.warning("merge of %s not sent yet: %s", agent_id, exc)
+                await asyncio.sleep(1.0)
+
+    def record_merge(self, agent_id: AgentId, incoming: MergeState, outcome: str) -> None:
+        """The owner folded a split-brain peer's state in: log it and append it to the events."""
+        event = {"agent": str(agent_id), "from_node": incoming.node, "from_epoch": incoming.epoch,
+                 "hlc": incoming.hlc, "outcome": outcome, "by": self.node_name}  # fmt: skip
+        log.info("merged split-brain state of %s from %s: %s", agent_id, incoming.node, outcome)
+        self.stats.merges += 1
+        self._bg_task(
+            self._nc.publish(self.names.events_subject("merge"), msgspec.json.encode(event))
+        )
+
+    def orphan_epoch(self, shard: int) -> int | None:
+        cut_off = self._orphans.get(shard)
+        return cut_off[1] if cut_off is not None else None
 
     def _on_mailbox(self, shard: int, epoch: int, msg: Msg) -> bool:
         """Dispatch one mailbox message; False once this node no longer owns `shard` at `epoch`."""
@@ -337,7 +428,6 @@ class Node(Mesh):
             self.stats.rejected += 1
             self._bg_task(self._reject_durable(msg, error, fallback_id))
             return True
-        assert t.handler is not None
         mode = req.delivery or t.spec.options.delivery
         if mode == "at_most_once":
             mode = "at_least_once"  # it is in the mailbox: at least once is the floor
@@ -418,7 +508,13 @@ class Node(Mesh):
     def durable_for(self, agent_id: AgentId, spec: AgentSpec, shard: int, epoch: int) -> Durable:
         events = self._events if spec.options.consistency == "event_sourced" else None
         return Durable(
-            spec, agent_id, epoch, self._store, events, lambda: self.shards.valid(shard, epoch)
+            spec,
+            agent_id,
+            epoch,
+            self._store,
+            events,
+            lambda: self.shards.valid(shard, epoch),
+            self._hlc,
         )
 
     def _bg_task(self, coro: Any) -> None:
@@ -480,12 +576,16 @@ class Node(Mesh):
 
     # -- activations ------------------------------------------------------------------------
 
-    def _activation(self, agent_id: AgentId, spec: AgentSpec, shard: int, epoch: int) -> Activation:
+    def _activation(
+        self, agent_id: AgentId, spec: AgentSpec, shard: int, epoch: int, orphan: bool = False
+    ) -> Activation:
         act = self._activations.get(agent_id)
         if act is not None and act.epoch == epoch and not act.closing:
             return act
         previous = act.task if act is not None else self._deactivating.get(agent_id)
         act = Activation(self, agent_id, spec, shard, epoch, previous)
+        if orphan:
+            act.make_orphan()
         self._activations[agent_id] = act
         self._by_shard.setdefault(shard, {})[agent_id] = act
         return act
@@ -528,8 +628,17 @@ class Node(Mesh):
                 raise err
             fut.set_exception(err)
             return fut
+        try:
+            self._check_capacity(spec.type_name)
+        except Overloaded as exc:
+            if not ask:
+                raise
+            fut.set_exception(exc)
+            return fut
         reply = _future_replier(fut) if ask else None
-        self._activation(agent_id, spec, shard, epoch).put(Work(h, msg, deadline, reply))
+        self._activation(agent_id, spec, shard, epoch).put(
+            Work(h, msg, deadline, reply, local=True)
+        )
         if not ask:
             fut.set_result(None)
         return fut

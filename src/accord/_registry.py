@@ -31,8 +31,9 @@ class WatchedKV:
         if not self._started:
             self._started = True
             self._bg.spawn(self._watch(), name=f"accord-watch-{self._prefix or 'kv'}")
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._ready.wait(), timeout)
+        if not self._ready.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._ready.wait(), timeout)
         return self._data
 
     def set_local(self, key: str, value: bytes) -> None:

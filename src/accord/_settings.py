@@ -56,5 +56,7 @@ class Stats(msgspec.Struct):
     """Exactly-once messages answered from the dedup record instead of being applied again."""
     dead_lettered: int = 0
     """Mailbox messages moved to the dead-letter stream."""
+    merges: int = 0
+    """Split-brain states merged back into this node's agents after a partition healed."""
     overloaded: int = 0
     """Messages refused by a bulkhead."""

@@ -41,7 +41,7 @@ class ShardOwner(Protocol):
     """The node side: what to do when a shard is gained or given up."""
 
     async def shard_acquired(self, shard: int, epoch: int) -> None: ...
-    async def shard_released(self, shard: int, graceful: bool) -> None: ...
+    async def shard_released(self, shard: int, graceful: bool, orphan: bool = False) -> None: ...
 
 
 class Held:
@@ -252,7 +252,9 @@ class ShardManager:
 
     def _check_valid(self, h: Held) -> None:
         if self._held.get(h.shard) is h and self._clock() >= h.valid_until:
-            self._bg.spawn(self._lose(h.shard, "lease not renewed in time"))
+            # Renewals stopped getting through (partition, overload): agent types that tolerate it
+            # may keep serving from memory (see Node.shard_released).
+            self._bg.spawn(self._lose(h.shard, "lease not renewed in time", orphan=True))
 
     async def _reconcile_loop(self) -> None:
         while True:
@@ -339,12 +341,12 @@ class ShardManager:
             self._busy.discard(shard)
             self.wake()
 
-    async def _lose(self, shard: int, why: str) -> None:
+    async def _lose(self, shard: int, why: str, orphan: bool = False) -> None:
         h = self._held.pop(shard, None)
         if h is None:
             return
         if h.timer:
             h.timer.cancel()
         log.warning("lost shard %d epoch %d: %s", shard, h.epoch, why)
-        await self._owner.shard_released(shard, False)
+        await self._owner.shard_released(shard, False, orphan)
         self.wake()

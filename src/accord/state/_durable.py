@@ -23,8 +23,9 @@ import msgspec
 from .._agent import Agent, AgentSpec
 from .._errors import Fenced, StateError
 from .._ids import AgentId
+from ..cluster._hlc import HybridClock
 from ._events import EventLog
-from ._store import DedupEntry, StateConflict, StateRecord, StateStore
+from ._store import DedupEntry, MergeState, StateConflict, StateRecord, StateStore
 
 log = logging.getLogger("accord.state")
 
@@ -51,7 +52,10 @@ class Durable:
         store: StateStore,
         events: EventLog | None,
         still_owner: Callable[[], bool],
+        clock: HybridClock | None = None,
     ) -> None:
+        self._hlc = clock or HybridClock()
+        self.orphaned = False  # serving while cut off (split brain): changes stay in memory
         self.spec = spec
         self.id = agent_id
         self.epoch = epoch
@@ -76,6 +80,7 @@ class Durable:
         agent.state = state  # type: ignore[attr-defined]
         if record is not None:
             self.record, self.revision = record, revision
+            self._hlc.observe(record.hlc)
         if self._events is not None:
             seq, count = await self._events.replay(
                 self.id, self.record.events_seq, self.spec.event_types, agent.apply
@@ -126,10 +131,16 @@ class Durable:
     async def commit(self, agent: Agent, dedup: DedupEntry | None = None) -> None:
         """Persist the end of a successful turn as the consistency level says."""
         consistency = self.spec.options.consistency
-        if self._events is not None:
-            await self._append_events(agent)
         encoded = self._encode(agent)
         changed = encoded != self._saved
+        if changed:
+            self.record.hlc = self._hlc.now()
+        if self.orphaned:  # cannot reach the state bucket: keep it for the merge after healing
+            self.dirty = self.dirty or changed
+            self._saved = encoded
+            return
+        if self._events is not None:
+            await self._append_events(agent)
         if dedup is not None:
             self.record.dedup.append(dedup)
             del self.record.dedup[: -self.spec.options.dedup_window]
@@ -200,6 +211,33 @@ class Durable:
                     # acknowledged: this epoch supersedes it.
                     self.revision = conflict.revision
         raise Fenced(f"{self.id}: could not write state after repeated conflicts")
+
+    def merge_payload(self, agent: Agent, node: str) -> MergeState | None:
+        """What this (orphaned) activation changed while cut off, for the owner to merge."""
+        if not self.dirty or self.spec.state_type is None:
+            return None
+        return MergeState(msgspec.Raw(self._encode(agent)), self.record.hlc, node, self.epoch)
+
+    def apply_merge(self, agent: Agent, incoming: MergeState) -> str:
+        """Fold a split-brain peer's state in: CRDT merge, else last writer (by HLC) wins.
+
+        Returns what happened ("merged", "theirs", "ours") for the record of the merge.
+        """
+        typ = self.spec.state_type
+        if typ is None:
+            return "ours"
+        try:
+            theirs: Any = msgspec.msgpack.decode(incoming.state, type=typ)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            raise StateError(f"merge for {self.id} does not decode: {exc}") from None
+        self._hlc.observe(incoming.hlc)
+        if self.spec.options.consistency == "crdt":
+            agent.state = merge_states(agent.state, theirs)  # type: ignore[attr-defined]
+            return "merged"
+        if incoming.hlc > self.record.hlc:
+            agent.state = theirs  # type: ignore[attr-defined]
+            return "theirs"
+        return "ours"
 
     def _merge_into(self, agent: Agent, current: StateRecord, revision: int) -> None:
         theirs = self._decode_state(current)

@@ -40,6 +40,20 @@ class StateRecord(msgspec.Struct, omit_defaults=True):
     dedup: list[DedupEntry] = msgspec.field(default_factory=list)
     events_seq: int = 0
     events_count: int = 0
+    hlc: int = 0  # hybrid-logical-clock time of the last change (last-writer-wins merges)
+
+
+class MergeState(msgspec.Struct, tag="__accord_merge__"):
+    """Sent by a node that served an agent while cut off (split brain) to the agent's owner after
+    the partition healed: its state, to be merged (CRDT) or compared (last writer wins)."""
+
+    state: msgspec.Raw
+    hlc: int
+    node: str
+    epoch: int
+
+
+MERGE_TYPE = "__accord_merge__"
 
 
 _enc = msgspec.msgpack.Encoder()
