@@ -35,7 +35,7 @@ from ._ids import AgentId, shard_of
 from ._mesh import Mesh
 from ._settings import NodeSettings, Stats
 from ._transport import NatsTransport, Subscription
-from .cluster._config import Names, open_cluster
+from .cluster._config import Names, open_cluster, replicas_for
 from .cluster._hlc import HybridClock
 from .cluster._membership import MemberInfo, Membership
 from .cluster._shards import ShardManager
@@ -110,11 +110,11 @@ class Node(Mesh):
                 names,
                 num_shards=self.settings.num_shards,
                 lease_ttl=self.settings.lease_ttl,
-                replicas=self.settings.replicas,
+                replicas=self._replicas(transport),
             )
             super().__init__(transport, names, config, kvs, self.settings.breaker)
             self._nc = transport
-            await ensure_streams(transport.js, names, self.settings.replicas)
+            await ensure_streams(transport.js, names, self._replicas(transport))
             self._store = StateStore(kvs["state"])
             self._events = EventLog(
                 transport.js, f"accord_{names.cluster}_es", f"{names.prefix}.es"
@@ -160,6 +160,13 @@ class Node(Mesh):
         log.info("node %s up (cluster %s, %d shards)", self.node_name, names.cluster,
                  config.num_shards)  # fmt: skip
         return self
+
+    def _replicas(self, transport: NatsTransport) -> int:
+        if self.settings.replicas is not None:
+            return self.settings.replicas
+        info = getattr(transport.nc, "_server_info", None) or {}
+        peers = {u for u in info.get("connect_urls", []) or []}
+        return replicas_for(1 + len(peers)) if peers else 1
 
     async def stop(self) -> None:
         """Leave the cluster gracefully and close everything this node started."""

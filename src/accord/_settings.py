@@ -14,8 +14,9 @@ class NodeSettings(msgspec.Struct, kw_only=True):
     """Shard count, used only when this node creates the cluster (None: 64, or as stored)."""
     lease_ttl: int | None = None
     """Shard lease TTL in whole seconds, used only at cluster creation (None: 2 or stored)."""
-    replicas: int = 1
-    """JetStream replicas of the cluster's buckets and streams (production: min(3, servers))."""
+    replicas: int | None = None
+    """JetStream replicas of the cluster's buckets and streams; None: min(3, servers in the NATS
+    cluster), as seen by the server this node connects to."""
     heartbeat_interval: float = 0.25
     """Seconds between membership heartbeats."""
     suspect_after: float = 0.75

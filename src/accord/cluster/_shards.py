@@ -139,12 +139,13 @@ class ShardManager:
     async def leave(self, timeout: float) -> None:
         """Hand every held shard off gracefully (drain, deactivate, release)."""
         self._leaving = True
-        mine = [s for s in self._held if s not in self._busy]
-        self._busy.update(mine)  # claimed now, so the reconcile loop cannot release them too
-        await asyncio.gather(*(self._release(s) for s in mine), return_exceptions=True)
         deadline = self._clock() + timeout
-        while self._busy and self._clock() < deadline:
-            await asyncio.sleep(0.02)
+        while self._held and self._clock() < deadline:
+            mine = [s for s in self._held if s not in self._busy]
+            self._busy.update(mine)  # claimed now, so the reconcile loop cannot release them too
+            await asyncio.gather(*(self._release(s) for s in mine), return_exceptions=True)
+            if self._held:  # acquisitions or releases still under way
+                await asyncio.sleep(0.02)
 
     async def stop(self) -> None:
         for t in self._tasks:
