@@ -100,6 +100,12 @@ def node(
     label: Annotated[
         list[str] | None, typer.Option("--label", help="key=value, repeatable.")
     ] = None,
+    replicas: Annotated[
+        int | None,
+        typer.Option(
+            "--replicas", min=1, max=5, help="JetStream replicas (default: min(3, servers))."
+        ),
+    ] = None,
     log_level: Annotated[str, typer.Option("--log-level")] = "info",
 ) -> None:
     """Run one node process hosting the agent classes found in --app, until SIGTERM/SIGINT."""
@@ -117,7 +123,7 @@ def node(
                 raise ConfigurationError(f"--label must be key=value, got {item!r}")
             labels[k] = v
         classes = agent_classes(load_module(app_ref))
-        settings = NodeSettings(cluster=cluster, labels=labels)
+        settings = NodeSettings(cluster=cluster, labels=labels, replicas=replicas)
         async with Node(classes, nats=nats, name=name, settings=settings) as n:
             logging.getLogger("accord").info(
                 "node %s serving %s", n.node_name, ", ".join(sorted(n.specs))

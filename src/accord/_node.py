@@ -143,6 +143,7 @@ class Node(Mesh):
                 on_change=self._membership_changed,
             )
             self.shards = ShardManager(transport.js, kvs["leases"], config, self.membership, self)
+            self.membership.on_stall = self.shards.resync
             self._admin = await transport.subscribe(
                 names.admin_subject, self._on_admin, queue="admin"
             )
@@ -160,6 +161,14 @@ class Node(Mesh):
         log.info("node %s up (cluster %s, %d shards)", self.node_name, names.cluster,
                  config.num_shards)  # fmt: skip
         return self
+
+    def _needs_mailbox(self) -> bool:
+        if self.settings.mailbox is not None:
+            return self.settings.mailbox
+        return any(
+            s.options.delivery != "at_most_once" or VoteRequest in s.by_class
+            for s in self.specs.values()
+        )
 
     def _replicas(self, transport: NatsTransport) -> int:
         if self.settings.replicas is not None:
@@ -217,6 +226,8 @@ class Node(Mesh):
         self._shard_subs[shard] = await self._nc.subscribe(self.names.shard_subject(shard), on_msg)
         self._sub_epochs[shard] = epoch
         self.membership.me.shards = len(self._shard_subs)
+        if not self._needs_mailbox():
+            return
         mailbox = ShardMailbox(
             self._nc.js,
             self.names,

@@ -96,6 +96,8 @@ class FailureDetector:
         now = self._clock()
         out: list[Transition] = []
         for node, m in self._members.items():
+            if node == self.observer:
+                continue  # we know we are alive; our own silence means our watch is broken
             silent = now - m.last_seen
             if m.state is State.ALIVE and silent > self.suspect_after:
                 out.append(self._move(node, m, State.SUSPECT, f"no heartbeat for {silent:.2f}s"))

@@ -75,6 +75,7 @@ class Membership:
         self.history: deque[Transition] = deque(maxlen=200)
         self._tasks: list[asyncio.Task[None]] = []
         self._synced = asyncio.Event()
+        self.on_stall: Callable[[], None] = lambda: None
         self._bg = Background()
 
     async def start(self) -> None:
@@ -131,10 +132,17 @@ class Membership:
             self._record(self.detector.tick())
 
     async def _watch(self) -> None:
+        # Our own heartbeats flow through this watch several times a second, so silence means
+        # the watch's consumer is gone (its server cut off or dead): start a new one.
+        stall = max(2.0, 8 * self._interval)
         while True:
+            watcher = None
             try:
                 watcher = await self._kv.watchall()
-                async for entry in watcher:
+                while True:
+                    entry = await watcher.updates(timeout=stall)  # type: ignore[no-untyped-call]
+                    if entry is not None and not hasattr(entry, "key"):
+                        raise ConnectionError("watch ended")
                     if entry is None:
                         self._synced.set()
                         continue
@@ -142,8 +150,13 @@ class Membership:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                log.warning("members watch failed, restarting: %s", exc)
-                await asyncio.sleep(0.5)
+                log.warning("members watch stalled or failed, restarting: %r", exc)
+                self.on_stall()
+                await asyncio.sleep(0.2)
+            finally:
+                if watcher is not None:
+                    with contextlib.suppress(Exception):
+                        await watcher.stop()  # type: ignore[no-untyped-call]
 
     def _apply(self, key: str, value: bytes | None, op: str | None) -> None:
         name = key.removeprefix("node.")

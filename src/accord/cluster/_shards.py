@@ -133,6 +133,12 @@ class ShardManager:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._synced.wait(), 5.0)
 
+    def resync(self) -> None:
+        """Restart the leases watch (its consumer may sit on a server we can no longer reach)."""
+        if self._tasks and not self._tasks[0].done():
+            self._tasks[0].cancel()
+            self._tasks[0] = asyncio.create_task(self._watch(), name="accord-leases-watch")
+
     def wake(self) -> None:
         self._wake.set()
 
@@ -161,6 +167,7 @@ class ShardManager:
 
     async def _watch(self) -> None:
         while True:
+            watcher = None
             try:
                 watcher = await self._kv.watchall()
                 async for entry in watcher:
@@ -174,6 +181,10 @@ class ShardManager:
             except Exception as exc:
                 log.warning("leases watch failed, restarting: %s", exc)
                 await asyncio.sleep(0.5)
+            finally:
+                if watcher is not None:
+                    with contextlib.suppress(Exception):
+                        await watcher.stop()  # type: ignore[no-untyped-call]
 
     def _apply(self, key: str, value: bytes | None, op: str | None, revision: int) -> None:
         try:

@@ -11,6 +11,7 @@ successful renewal and gives the lease up `margin` before the server can expire 
 from __future__ import annotations
 
 import asyncio
+import builtins
 import contextlib
 import logging
 import random
@@ -91,10 +92,12 @@ class LeaseKeeper:
                 token = await keys.create(name, value)
                 break
             except Taken:
-                pass
+                error: BaseException | None = None
             except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
-                raise NotConnected(f"cannot take lease {name!r}: {exc}") from None
+                error = exc  # JetStream busy or electing a leader: keep trying until the deadline
             if deadline is not None and time.monotonic() >= deadline:
+                if error is not None:
+                    raise NotConnected(f"cannot take lease {name!r}: {error}") from None
                 raise LeaseLost(f"lease {name!r} not acquired within {timeout}s: it is held")
             await asyncio.sleep(min(0.25, ttl / 4) * (0.5 + random.random()))
         lease = Lease(name, token, self.holder, ttl)
@@ -127,9 +130,15 @@ class LeaseKeeper:
             lease.valid_until = 0.0
             if revision:
                 with contextlib.suppress(Exception):
-                    await asyncio.shield(keys.release(lease.name, revision))
+                    await keys.release(lease.name, revision)  # let the next holder in now
 
     async def list(self) -> list[LeaseInfo]:
+        try:
+            return await self._list()
+        except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
+            raise NotConnected(f"cannot list leases: {exc}") from None
+
+    async def _list(self) -> builtins.list[LeaseInfo]:
         out = []
         try:
             keys = await self._kv.keys()
