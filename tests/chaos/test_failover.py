@@ -103,7 +103,7 @@ async def test_join_and_clean_leave_hand_shards_off_without_failed_asks(tmp_path
                 nonlocal done
                 while not stop.is_set():
                     try:
-                        await mesh.ask(random.choice(AGENTS), Increment(1), timeout=10)
+                        await mesh.ask(random.choice(AGENTS), Increment(1), timeout=30)
                         done += 1
                     except accord.AccordError as exc:
                         failures.append(exc)
