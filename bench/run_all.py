@@ -109,6 +109,21 @@ def rows(name: str, r: dict[str, Any]) -> list[tuple[str, str, str, str, str, st
             (name, "node CPU us/msg (stubbed net)", f"{r['node_us_per_msg']:.2f}",
              f"{r['node_baseline_us']:.2f}", f"{r['node_ratio']:.1f}", "-", "-"),
         ]  # fmt: skip
+    elif b == "durable":
+        t, a = r["tell"], r["ask"]
+        out.append(
+            (name, "at_least_once tell, N msgs/s", f"{t['accord']['msgs_s']:.0f}",
+             f"{t['raw']['msgs_s']:.0f}", f"{t['ratio']:.2f}", ">= 0.7", st(t["ratio"] >= 0.7))
+        )  # fmt: skip
+        c = a["counter"]
+        for kind in ("ledger", "slow_ledger"):
+            k, rr = a[kind], a[f"{kind}_vs_counter"]
+            out += [
+                (name, f"{kind} ask p50 (us) vs counter", f"{k['seq_p50_us']:.0f}",
+                 f"{c['seq_p50_us']:.0f}", f"{rr['p50_ratio']:.2f}", "-", "-"),
+                (name, f"{kind} ask 64-in-flight ops/s vs counter", f"{k['tput_ops_s']:.0f}",
+                 f"{c['tput_ops_s']:.0f}", f"{rr['tput_ratio']:.2f}", "-", "-"),
+            ]  # fmt: skip
     return out
 
 
@@ -134,6 +149,7 @@ def main() -> None:
         ("failover", "failover.py", []),
         ("node_footprint", "node_footprint.py", []),
         ("diag_hotpath", "diag_hotpath.py", []),
+        ("durable", "durable.py", []),
     ]
 
     t0 = time.perf_counter()
