@@ -60,6 +60,8 @@ class Held:
 class LeaseView(msgspec.Struct, frozen=True):
     node: str
     epoch: int
+    revision: int = 0
+    seen_at: float = 0.0  # local monotonic time this write was observed
 
 
 _lease_dec = msgspec.msgpack.Decoder(LeaseValue)
@@ -203,7 +205,7 @@ class ShardManager:
         except msgspec.DecodeError:
             log.warning("ignoring malformed lease entry %r", key)
             return
-        self.table[shard] = LeaseView(lease.node, lease.epoch or revision)
+        self.table[shard] = LeaseView(lease.node, lease.epoch or revision, revision, self._clock())
         self._free_since.pop(shard, None)
 
     async def _renew_loop(self) -> None:
@@ -297,7 +299,19 @@ class ShardManager:
                     self._busy.add(shard)
                     self._bg.spawn(self._release(shard))
                 continue
-            if shard in self.table or self._leaving:
+            if self._leaving:
+                continue
+            current = self.table.get(shard)
+            if current is not None:
+                # The server expires an unrenewed lease by TTL, but a stream leader elected after
+                # a partition may not (yet) do so. A holder stops serving before TTL after its last
+                # renewal was sent; we saw that renewal after it was sent: so once TTL + grace has
+                # passed since we saw it, the desired owner may take the key over by CAS on that
+                # very revision (any renewal in between makes the CAS fail).
+                stale = now - current.seen_at > self._ttl + 1.0
+                if want and stale and current.node != self._me:
+                    self._busy.add(shard)
+                    self._bg.spawn(self._acquire(shard, over=current.revision))
                 continue
             if not want:
                 # Fallback when the desired owner never comes (views differ, or it died):
@@ -311,12 +325,17 @@ class ShardManager:
             log.debug("acquiring shard %d (desired %s)", shard, desired.get(shard))
             self._bg.spawn(self._acquire(shard))
 
-    async def _acquire(self, shard: int) -> None:
+    async def _acquire(self, shard: int, over: int = 0) -> None:
         try:
             sent = self._clock()
             value = _lease_enc.encode(LeaseValue(self._me, 0, self._members.me.incarnation))
             try:
-                rev = await self._leases.create(f"shard.{shard}", value)
+                if over:
+                    rev = await self._leases.renew(f"shard.{shard}", value, over)
+                    log.warning("took over shard %d from a lease not renewed for %.1fs", shard,
+                                self._ttl + 1.0)  # fmt: skip
+                else:
+                    rev = await self._leases.create(f"shard.{shard}", value)
             except (Taken, nats.js.errors.APIError) as exc:
                 log.debug("shard %d not acquired: %r", shard, exc)
                 return  # somebody else holds it
@@ -326,7 +345,7 @@ class ShardManager:
             h = Held(shard, rev, sent + self._ttl - self._margin)
             self._held[shard] = h
             self._set_valid(h, h.valid_until)
-            self.table[shard] = LeaseView(self._me, rev)
+            self.table[shard] = LeaseView(self._me, rev, rev, self._clock())
             self._free_since.pop(shard, None)
             log.info("acquired shard %d epoch %d", shard, rev)
             await self._owner.shard_acquired(shard, rev)
