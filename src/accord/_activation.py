@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("accord.activation")
 
-ReplyFn = Callable[[Any, BaseException | None], None]
+ReplyFn = Callable[[Any, BaseException | None], Awaitable[None] | None]
 _enc = msgspec.msgpack.Encoder()
 
 
@@ -195,10 +195,10 @@ class Activation:
             self.busy = True
             try:
                 if work.lookup is not None:
-                    self._answer_lookup(work)
+                    await self._answer_lookup(work)
                 elif isinstance(work.msg, MergeState):
                     await self._merge_turn(agent, work)
-                elif self.orphan and not self._cut_off_may_run(work):
+                elif self.orphan and not await self._cut_off_may_run(work):
                     pass
                 elif work.delivery is not None:
                     await self._durable_turn(agent, work, work.delivery)
@@ -242,7 +242,7 @@ class Activation:
                 self.durable.rollback(agent)
         if work.reply is not None:
             if self._valid():
-                work.reply(result, error)
+                await self._reply(work, result, error)
             else:
                 self.node.stats.replies_withheld += 1
 
@@ -255,7 +255,7 @@ class Activation:
             if entry is not None:
                 self.node.stats.deduplicated += 1
                 await dd.ack()
-                self._reply_entry(work, entry)
+                await self._reply_entry(work, entry)
                 return
         opts = self.spec.options
         while True:
@@ -270,8 +270,7 @@ class Activation:
                 if self.durable is not None:
                     await self.durable.commit(agent, entry)
                 await dd.ack()
-                if work.reply is not None:
-                    work.reply(result, None)
+                await self._reply(work, result, None)
                 return
             if self.durable is not None:
                 self.durable.rollback(agent)
@@ -281,21 +280,26 @@ class Activation:
                     assert self.durable is not None
                     await self.durable.commit(agent, _dedup_entry(dd.msg_id, None, error))
                 await dd.ack()
-                if work.reply is not None:
-                    work.reply(None, error)
+                await self._reply(work, None, error)
                 return
             await dd.in_progress()
             await asyncio.sleep(backoff_delay(dd.attempts, opts.retry_backoff))
 
-    def _cut_off_may_run(self, work: Work) -> bool:
+    async def _cut_off_may_run(self, work: Work) -> bool:
         """Degraded agents cut off from the majority answer reads only."""
         if self.spec.options.failover == "degraded" and not (
             work.handler and work.handler.read_only
         ):
-            if work.reply is not None:
-                work.reply(None, Degraded(f"{self.id} is cut off: writes refused until healed"))
+            error = Degraded(f"{self.id} is cut off: writes refused until healed")
+            await self._reply(work, None, error)
             return False
         return True
+
+    async def _reply(self, work: Work, result: Any, error: BaseException | None) -> None:
+        if work.reply is not None:
+            sending = work.reply(result, error)
+            if sending is not None:
+                await sending
 
     async def _merge_turn(self, agent: Agent, work: Work) -> None:
         """Fold in the state a cut-off node kept serving during a partition."""
@@ -307,21 +311,20 @@ class Activation:
             await work.delivery.ack()
         self.node.record_merge(self.id, work.msg, outcome)
 
-    def _answer_lookup(self, work: Work) -> None:
-        assert work.lookup is not None and work.reply is not None
+    async def _answer_lookup(self, work: Work) -> None:
+        assert work.lookup is not None
         entry = self.durable.lookup(work.lookup) if self.durable is not None else None
         if entry is None:
-            work.reply(None, _Pending(f"no recorded outcome for message {work.lookup} yet"))
+            pending = _Pending(f"no recorded outcome for message {work.lookup} yet")
+            await self._reply(work, None, pending)
         else:
-            self._reply_entry(work, entry)
+            await self._reply_entry(work, entry)
 
-    def _reply_entry(self, work: Work, entry: DedupEntry) -> None:
-        if work.reply is None:
-            return
+    async def _reply_entry(self, work: Work, entry: DedupEntry) -> None:
         if entry.ok:
-            work.reply(_Recorded(bytes(entry.reply)), None)
+            await self._reply(work, _Recorded(bytes(entry.reply)), None)
         else:
-            work.reply(None, RemoteError(entry.rtype or "Exception", entry.message))
+            await self._reply(work, None, RemoteError(entry.rtype or "Exception", entry.message))
 
     def _drop_queued_local(self) -> None:
         for work in self.queue:
@@ -335,8 +338,7 @@ class Activation:
             self.node.inflight_add(self.spec.type_name, -1)
             if work.delivery is not None:
                 await work.delivery.nak(delay=5.0)  # not the message's fault: try again later
-            if work.reply is not None:
-                work.reply(None, error)
+            await self._reply(work, None, error)
 
     async def _deactivate(self, agent: Agent, graceful: bool) -> None:
         try:

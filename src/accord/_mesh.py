@@ -85,10 +85,24 @@ class Mesh:
         self._durable: DurableSender | None = None
         self._mode_cache: dict[bytes, str] = {}
         self._local_tells = 0
+        self._targets: dict[str, tuple[AgentId, int]] = {}
 
     @property
     def name(self) -> str:
         return self._transport.name
+
+    def _resolve(self, target: AgentId | str) -> tuple[AgentId, int]:
+        """The agent id and its shard; parsed target strings are cached (hot path)."""
+        if isinstance(target, str):
+            hit = self._targets.get(target)
+            if hit is None:
+                agent_id = as_agent_id(target)
+                if len(self._targets) > 50_000:
+                    self._targets.clear()
+                hit = self._targets[target] = (agent_id, shard_of(agent_id, self.config.num_shards))
+            return hit
+        agent_id = as_agent_id(target)
+        return agent_id, shard_of(agent_id, self.config.num_shards)
 
     # -- messaging --------------------------------------------------------------------------
 
@@ -116,11 +130,10 @@ class Mesh:
         returns the recorded reply. On cancellation the request may or may not have been
         delivered; no reply will be surfaced.
         """
-        agent_id = as_agent_id(target)
+        agent_id, shard = self._resolve(target)
         deadline = self._deadline(timeout)
         mode = await self._mode(agent_id, delivery)
         with self._breaker(agent_id):
-            shard = shard_of(agent_id, self.config.num_shards)
             type_name = codec.message_type_name(type(msg))
             if mode != "at_most_once":
                 stored = await self._send_durable(
@@ -227,9 +240,8 @@ class Mesh:
         stored in the shard's JetStream mailbox; raises `OutcomeUnknown` (with the `msg_id`) if
         that was not confirmed within `timeout` — retrying with the same `msg_id` is then safe.
         """
-        agent_id = as_agent_id(target)
+        agent_id, shard = self._resolve(target)
         mode = await self._mode(agent_id, delivery)
-        shard = shard_of(agent_id, self.config.num_shards)
         type_name = codec.message_type_name(type(msg))
         if mode != "at_most_once":
             await self._send_durable("tell", agent_id, shard, type_name, codec.encode(msg),

@@ -13,7 +13,7 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Coroutine, Iterable
 from typing import Any, NamedTuple
 
 import msgspec
@@ -31,7 +31,7 @@ from ._errors import (
     Overloaded,
     UnknownMessageType,
 )
-from ._ids import AgentId, shard_of
+from ._ids import AgentId
 from ._mesh import Mesh
 from ._settings import NodeSettings, Stats
 from ._transport import NatsTransport, Subscription
@@ -307,10 +307,10 @@ class Node(Mesh):
         """Decode and validate a request for `shard`; raise an AccordError naming the problem."""
         req, enc = codec.decode_request(data)
         try:
-            agent_id = AgentId.parse(req.target)
+            agent_id, target_shard = self._resolve(req.target)
         except ConfigurationError as exc:
             raise BadRequest(f"bad target: {exc}") from None
-        if shard_of(agent_id, self.config.num_shards) != shard:
+        if target_shard != shard:
             raise BadRequest(f"{agent_id} does not live in shard {shard}")
         spec = self.specs.get(agent_id.type)
         if spec is None:
@@ -547,7 +547,7 @@ class Node(Mesh):
             self._send(reply_to, codec.error_reply(exc.code, str(exc), enc))
 
     def _remote_replier(self, reply_to: str, enc: codec.Encoding, epoch: int) -> Any:
-        def reply(result: Any, error: BaseException | None) -> None:
+        def reply(result: Any, error: BaseException | None) -> Coroutine[Any, Any, None]:
             if error is not None:
                 code = getattr(error, "code", "error")
                 rtype = getattr(error, "remote_type", type(error).__name__)
@@ -571,9 +571,15 @@ class Node(Mesh):
                     enc,
                     "MaxPayloadError",
                 )
-            self._send(reply_to, data)
+            return self._publish_reply(reply_to, data)  # awaited by the turn: no task per reply
 
         return reply
+
+    async def _publish_reply(self, subject: str, data: bytes) -> None:
+        try:
+            await self._nc.publish(subject, data)
+        except Exception as exc:  # the asker will time out; the node must go on
+            log.warning("reply not sent: %s", exc)
 
     def _send(self, subject: str, data: bytes) -> None:
         task = self.loop.create_task(self._nc.publish(subject, data))
