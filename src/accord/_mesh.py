@@ -247,7 +247,13 @@ class Mesh:
             await self._send_durable("tell", agent_id, shard, type_name, codec.encode(msg),
                                      "msgpack", self._deadline(timeout), mode, msg_id)  # fmt: skip
             return
-        if self._route_local(agent_id, shard, msg, None, ask=False) is not None:
+        while True:
+            try:
+                routed = self._route_local(agent_id, shard, msg, None, ask=False)
+                break
+            except Overloaded:  # a full bulkhead: a local tell waits (backpressure), never drops
+                await asyncio.sleep(0.001)
+        if routed is not None:
             self._local_tells += 1
             if self._local_tells % 256 == 0:
                 await asyncio.sleep(0)  # a tight loop of local tells must let the loop breathe

@@ -101,6 +101,8 @@ class Node(Mesh):
         from ._connect import resolve_servers
 
         self.loop = asyncio.get_running_loop()
+        self._delivered: asyncio.Future[Any] = self.loop.create_future()  # "handed over" (tells)
+        self._delivered.set_result(None)
         servers, self._engine = await resolve_servers(self._nats)
         try:
             transport = await NatsTransport.connect(servers, self.node_name)
@@ -637,34 +639,28 @@ class Node(Mesh):
         epoch = self.shards.serving(shard) if self._started else None
         if epoch is None:
             return None
-        fut: asyncio.Future[Any] = self.loop.create_future()
         spec = self.specs.get(agent_id.type)
         h = spec.by_class.get(type(msg)) if spec is not None else None
-        if spec is None or h is None:
-            err: AccordError = (
-                AgentTypeNotFound(f"no agent type {agent_id.type!r} on this cluster")
-                if spec is None
-                else UnknownMessageType(
+        try:
+            if spec is None:
+                raise AgentTypeNotFound(f"no agent type {agent_id.type!r} on this cluster")
+            if h is None:
+                raise UnknownMessageType(
                     f"{agent_id.type!r} has no handler for {type(msg).__name__}"
                 )
-            )
-            if not ask:
-                raise err
-            fut.set_exception(err)
-            return fut
-        try:
             self._check_capacity(spec.type_name)
-        except Overloaded as exc:
+        except AccordError as exc:
             if not ask:
                 raise
-            fut.set_exception(exc)
-            return fut
-        reply = _future_replier(fut) if ask else None
-        self._activation(agent_id, spec, shard, epoch).put(
-            Work(h, msg, deadline, reply, local=True)
-        )
-        if not ask:
-            fut.set_result(None)
+            failed: asyncio.Future[Any] = self.loop.create_future()
+            failed.set_exception(exc)
+            return failed
+        if not ask:  # a tell: nothing to wait for
+            self._activation(agent_id, spec, shard, epoch).put(Work(h, msg, deadline, None))
+            return self._delivered
+        fut: asyncio.Future[Any] = self.loop.create_future()
+        work = Work(h, msg, deadline, _future_replier(fut), local=True)
+        self._activation(agent_id, spec, shard, epoch).put(work)
         return fut
 
     async def _sweep_idle(self) -> None:
