@@ -252,10 +252,12 @@ class Activation:
         if exactly_once:
             assert self.durable is not None
             entry = self.durable.lookup(dd.msg_id)
-            if entry is not None:
+            if entry is not None or self.durable.applied(dd.seq):
+                # Applied before: a redelivery (crash before the ack) or a retried publish.
                 self.node.stats.deduplicated += 1
                 await dd.ack()
-                await self._reply_entry(work, entry)
+                if entry is not None:
+                    await self._reply_entry(work, entry)
                 return
         opts = self.spec.options
         while True:
@@ -268,7 +270,7 @@ class Activation:
             if error is None:
                 entry = _dedup_entry(dd.msg_id, result, None) if exactly_once else None
                 if self.durable is not None:
-                    await self.durable.commit(agent, entry)
+                    await self.durable.commit(agent, entry, dd.seq if exactly_once else 0)
                 await dd.ack()
                 await self._reply(work, result, None)
                 return
@@ -278,7 +280,7 @@ class Activation:
                 await self.node.dead_letter(work, dd, error)
                 if exactly_once:
                     assert self.durable is not None
-                    await self.durable.commit(agent, _dedup_entry(dd.msg_id, None, error))
+                    await self.durable.commit(agent, _dedup_entry(dd.msg_id, None, error), dd.seq)
                 await dd.ack()
                 await self._reply(work, None, error)
                 return

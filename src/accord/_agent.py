@@ -73,7 +73,7 @@ class AgentOptions(msgspec.Struct, frozen=True, kw_only=True):
     max_deliver: int = 5
     retry_backoff: float = 0.05
     snapshot_every: int = 50
-    dedup_window: int = 1000
+    dedup_window: int = 100
     flush_interval: float = 1.0
     events: tuple[type, ...] = ()
     failover: str = "absolute"
@@ -128,7 +128,7 @@ class Agent:
     - `consistency` of the durable `state`: `"strong"` (default), `"eventual"`, `"crdt"`,
       `"event_sourced"`; `state_version` (1) and `flush_interval` (eventual, 1 s);
     - `max_deliver` (5) and `retry_backoff` (0.05 s base) for at-least-once redelivery;
-    - `dedup_window` (1000 message ids) for exactly-once; `snapshot_every` (50) and `events`
+    - `dedup_window` (100 message ids) for exactly-once; `snapshot_every` (50) and `events`
       (the event types) for event sourcing;
     - `failover`: `"absolute"` (default: never two owners; a node cut off from the majority stops
       serving), `"split_brain_allowed"` (both sides keep serving; states merge on heal) or

@@ -91,7 +91,7 @@ async def ensure_streams(js: JetStreamContext, names: Names, replicas: int) -> N
 class DurableDelivery:
     """One mailbox message being handled: acknowledgement and progress signals."""
 
-    __slots__ = ("attempts", "mode", "msg", "msg_id")
+    __slots__ = ("attempts", "mode", "msg", "msg_id", "seq")
 
     def __init__(self, msg: Msg, msg_id: str, mode: str) -> None:
         self.msg = msg
@@ -99,8 +99,9 @@ class DurableDelivery:
         self.mode = mode
         try:
             self.attempts = int(msg.metadata.num_delivered) - 1
+            self.seq = int(msg.metadata.sequence.stream)  # the mailbox stream's sequence
         except Exception:  # not a JetStream message (never in practice)
-            self.attempts = 0
+            self.attempts, self.seq = 0, 0
 
     async def ack(self) -> None:
         with contextlib.suppress(nats.errors.Error):

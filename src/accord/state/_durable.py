@@ -122,14 +122,21 @@ class Durable:
 
     # -- turns --------------------------------------------------------------------------------
 
+    def applied(self, seq: int) -> bool:
+        """Was the mailbox message at stream sequence `seq` applied already? Messages of one
+        agent arrive in stream order, so everything at or below the highest applied is."""
+        return 0 < seq <= self.record.applied_seq
+
     def lookup(self, msg_id: str) -> DedupEntry | None:
         for entry in self.record.dedup:
             if entry.id == msg_id:
                 return entry
         return None
 
-    async def commit(self, agent: Agent, dedup: DedupEntry | None = None) -> None:
+    async def commit(self, agent: Agent, dedup: DedupEntry | None = None, seq: int = 0) -> None:
         """Persist the end of a successful turn as the consistency level says."""
+        if seq > self.record.applied_seq:
+            self.record.applied_seq = seq
         consistency = self.spec.options.consistency
         encoded = self._encode(agent)
         changed = encoded != self._saved

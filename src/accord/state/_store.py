@@ -41,6 +41,7 @@ class StateRecord(msgspec.Struct, omit_defaults=True):
     events_seq: int = 0
     events_count: int = 0
     hlc: int = 0  # hybrid-logical-clock time of the last change (last-writer-wins merges)
+    applied_seq: int = 0  # highest mailbox stream sequence applied (exactly-once redeliveries)
 
 
 class MergeState(msgspec.Struct, tag="__accord_merge__"):
