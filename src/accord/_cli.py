@@ -23,6 +23,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ._errors import AccordError, ConfigurationError
+from ._ids import AgentId
 
 app = typer.Typer(
     add_completion=False,
@@ -192,11 +193,11 @@ def ask(
     timeout: Annotated[float, typer.Option("--timeout", min=0.001)] = 10.0,
 ) -> None:
     """Ask an agent and print its reply as JSON."""
-    from ._connect import connect
 
     async def main() -> None:
         data = _json_arg(body)
-        async with connect(nats, cluster=cluster) as mesh:
+        AgentId.parse(target)  # bad input first, before any connection
+        async with _existing_cluster(nats, cluster) as mesh:
             reply = await mesh.ask_json(target, msg_type, data, timeout=timeout)
         out.print_json(json.dumps(reply))
 
@@ -212,11 +213,11 @@ def tell(
     cluster: ClusterOpt = "default",
 ) -> None:
     """Send a message to an agent without waiting (at-most-once)."""
-    from ._connect import connect
 
     async def main() -> None:
         data = _json_arg(body)
-        async with connect(nats, cluster=cluster) as mesh:
+        AgentId.parse(target)
+        async with _existing_cluster(nats, cluster) as mesh:
             await mesh.tell_json(target, msg_type, data)
         out.print("sent")
 
@@ -233,11 +234,10 @@ def publish(
     cluster: ClusterOpt = "default",
 ) -> None:
     """Publish on a topic: every subscribed agent type gets it, keyed by SOURCE."""
-    from ._connect import connect
 
     async def main() -> None:
         data = _json_arg(body)
-        async with connect(nats, cluster=cluster) as mesh:
+        async with _existing_cluster(nats, cluster) as mesh:
             n = await mesh.publish_json(topic_type, source, msg_type, data)
         out.print(f"published to {n} subscribed agent type(s)")
 
@@ -250,15 +250,10 @@ def publish(
 @app.command()
 def status(nats: NatsOpt = None, cluster: ClusterOpt = "default", as_json: JsonOpt = False) -> None:
     """Nodes, shard owners and epochs, and recent failure-detector transitions."""
-    from ._connect import connect, running_url
     from ._status import cluster_status
 
     async def main() -> None:
-        if nats is None and running_url() is None:
-            raise ConfigurationError(
-                "no cluster given: pass --nats URL, set ACCORD_NATS, or run `accord up`"
-            )
-        async with connect(nats, cluster=cluster) as mesh:
+        async with _existing_cluster(nats, cluster) as mesh:
             st = await cluster_status(mesh)
         if as_json:
             sys.stdout.write(json.dumps(st) + "\n")
@@ -297,14 +292,9 @@ def _print_status(st: dict[str, Any]) -> None:
 @app.command()
 def leases(nats: NatsOpt = None, cluster: ClusterOpt = "default", as_json: JsonOpt = False) -> None:
     """Named leases: holder, fencing token, TTL, last renewal."""
-    from ._connect import connect, running_url
 
     async def main() -> None:
-        if nats is None and running_url() is None:
-            raise ConfigurationError(
-                "no cluster given: pass --nats URL, set ACCORD_NATS, or run `accord up`"
-            )
-        async with connect(nats, cluster=cluster) as mesh:
+        async with _existing_cluster(nats, cluster) as mesh:
             held = await mesh._keeper().list()
         if as_json:
             sys.stdout.write(msgspec.json.encode(held).decode() + "\n")
@@ -329,16 +319,24 @@ app.add_typer(dlq_app, name="dlq")
 
 
 @contextlib.asynccontextmanager
-async def _dead_letters(nats: str | None, cluster: str) -> AsyncIterator[Any]:
+async def _existing_cluster(nats: str | None, cluster: str) -> AsyncIterator[Any]:
+    """A client of a running cluster; reading commands never start an embedded server."""
     from ._connect import connect, running_url
-    from .delivery._dlq import DeadLetters
 
     if nats is None and running_url() is None:
         raise ConfigurationError(
             "no cluster given: pass --nats URL, set ACCORD_NATS, or run `accord up`"
         )
     async with connect(nats, cluster=cluster) as mesh:
-        js = mesh._transport.js  # type: ignore[attr-defined]
+        yield mesh
+
+
+@contextlib.asynccontextmanager
+async def _dead_letters(nats: str | None, cluster: str) -> AsyncIterator[Any]:
+    from .delivery._dlq import DeadLetters
+
+    async with _existing_cluster(nats, cluster) as mesh:
+        js = mesh._transport.js
         yield DeadLetters(js, mesh.names, mesh.config.num_shards)
 
 

@@ -6,6 +6,7 @@ translated here into accord's hierarchy (plus `NoResponders`, an internal routin
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
@@ -59,19 +60,25 @@ class NatsTransport:
             log.debug("nats connection error: %s", exc)
 
         try:
-            nc = await nats.connect(
-                servers=servers,
-                name=name,
-                connect_timeout=timeout,
-                allow_reconnect=True,
-                max_reconnect_attempts=-1,
-                reconnect_time_wait=0.25,
-                ping_interval=5,
-                max_outstanding_pings=3,
-                error_cb=on_error,
+            # nats-py retries the first connection as often as reconnections (forever here):
+            # bound it, so a wrong URL is an error and not a hang.
+            nc = await asyncio.wait_for(
+                nats.connect(
+                    servers=servers,
+                    name=name,
+                    connect_timeout=timeout,
+                    allow_reconnect=True,
+                    max_reconnect_attempts=-1,
+                    reconnect_time_wait=0.25,
+                    ping_interval=5,
+                    max_outstanding_pings=3,
+                    error_cb=on_error,
+                ),
+                timeout + 1,
             )
         except (OSError, nats.errors.Error, TimeoutError) as exc:
-            raise NotConnected(f"cannot connect to NATS at {','.join(servers)}: {exc}") from None
+            why = str(exc) or f"no server answered within {timeout + 1:.0f}s"
+            raise NotConnected(f"cannot connect to NATS at {','.join(servers)}: {why}") from None
         return cls(nc, name)
 
     async def request(self, subject: str, data: bytes, timeout: float) -> bytes:
