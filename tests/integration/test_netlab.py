@@ -39,6 +39,7 @@ pytestmark = [
         reason="netlab needs root (network namespaces)",
     ),
     pytest.mark.skipif(not _netns_usable(), reason="netlab needs a working `ip netns` (iproute2)"),
+    pytest.mark.skipif(shutil.which("nft") is None, reason="netlab needs `nft` (nftables)"),
 ]
 
 FAILED_WRITE = (nats.errors.TimeoutError, nats.errors.NoRespondersError, nats.js.errors.APIError)
