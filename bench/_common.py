@@ -11,7 +11,7 @@ import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -117,3 +117,32 @@ def cpu_seconds(pid: int) -> float:
     text = Path(f"/proc/{pid}/stat").read_text()
     fields = text[text.rindex(")") + 2 :].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def sequential(call: Callable[[], Awaitable[Any]], n: int) -> list[float]:
+    out = []
+    for _ in range(n):
+        t = time.perf_counter()
+        await call()
+        out.append(time.perf_counter() - t)
+    return out
+
+
+async def throughput(
+    call: Callable[[int], Awaitable[Any]], duration: float, inflight: int
+) -> tuple[int, float]:
+    """`inflight` workers call `call(i)` back to back for `duration` s; return (done, elapsed)."""
+    count = 0
+    t0 = time.perf_counter()
+    end = t0 + duration
+
+    async def worker(w: int) -> None:
+        nonlocal count
+        i = w
+        while time.perf_counter() < end:
+            await call(i)
+            count += 1
+            i += inflight
+
+    await asyncio.gather(*(worker(w) for w in range(inflight)))
+    return count, time.perf_counter() - t0

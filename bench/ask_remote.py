@@ -20,8 +20,6 @@ import asyncio
 import os
 import subprocess
 import sys
-import time
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import nats
@@ -37,6 +35,8 @@ from _common import (
     percentile,
     ratio,
     run,
+    sequential,
+    throughput,
     verdict,
 )
 
@@ -45,35 +45,6 @@ from accord.testing import Cluster, wait_for_placement
 RAW_SUBJECT = "bench.raw.echo"
 FANOUT = 64  # raw_fanout: one subscription per subject, like a node's 64 shard subscriptions
 REQUEST_PAYLOAD = b"\x86\xa1v\x01\xa4kind\xa3ask" + b"y" * 48  # about an accord ask envelope
-
-
-async def sequential(call: Callable[[], Awaitable[Any]], n: int) -> list[float]:
-    out = []
-    for _ in range(n):
-        t = time.perf_counter()
-        await call()
-        out.append(time.perf_counter() - t)
-    return out
-
-
-async def throughput(
-    call: Callable[[int], Awaitable[Any]], duration: float, inflight: int
-) -> tuple[int, float]:
-    """`inflight` workers call `call(i)` back to back for `duration` s; return (done, elapsed)."""
-    count = 0
-    t0 = time.perf_counter()
-    end = t0 + duration
-
-    async def worker(w: int) -> None:
-        nonlocal count
-        i = w
-        while time.perf_counter() < end:
-            await call(i)
-            count += 1
-            i += inflight
-
-    await asyncio.gather(*(worker(w) for w in range(inflight)))
-    return count, time.perf_counter() - t0
 
 
 def start_responder(url: str) -> subprocess.Popen[bytes]:

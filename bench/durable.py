@@ -49,6 +49,8 @@ from _common import (
     percentile,
     ratio,
     run,
+    sequential,
+    throughput,
     verdict,
 )
 from nats.js.api import (
@@ -121,34 +123,6 @@ async def fan_out(send: Callable[[int], Awaitable[Any]], n: int, inflight: int) 
             await send(i)
 
     await asyncio.gather(*(worker() for _ in range(inflight)))
-
-
-async def sequential(call: Callable[[], Awaitable[Any]], n: int) -> list[float]:
-    out = []
-    for _ in range(n):
-        t = time.perf_counter()
-        await call()
-        out.append(time.perf_counter() - t)
-    return out
-
-
-async def throughput(
-    call: Callable[[int], Awaitable[Any]], duration: float, inflight: int
-) -> tuple[int, float]:
-    count = 0
-    t0 = time.perf_counter()
-    end = t0 + duration
-
-    async def worker(w: int) -> None:
-        nonlocal count
-        i = w
-        while time.perf_counter() < end:
-            await call(i)
-            count += 1
-            i += inflight
-
-    await asyncio.gather(*(worker(w) for w in range(inflight)))
-    return count, time.perf_counter() - t0
 
 
 class LogTail:
