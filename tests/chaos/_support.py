@@ -41,8 +41,8 @@ async def eventually(
 
 
 async def ask_with_epoch(
-    mesh: accord.Mesh, agent: str, msg: msgspec.Struct, timeout: float = 1.0
-) -> tuple[Count, int, str]:
+    mesh: accord.Mesh, agent: str, msg: msgspec.Struct, timeout: float = 1.0, returns: Any = Count
+) -> tuple[Any, int, str]:
     """Ask over the raw wire protocol and return (reply, owner's lease epoch, owner node name)."""
     shard = shard_of(agent, mesh.config.num_shards)
     req = codec.Request(
@@ -59,7 +59,7 @@ async def ask_with_epoch(
     reply, _ = codec.decode_reply(data)
     assert reply.ok, reply.error
     assert reply.epoch is not None and reply.node is not None
-    return msgspec.msgpack.decode(reply.body, type=Count), reply.epoch, reply.node
+    return msgspec.msgpack.decode(reply.body, type=returns), reply.epoch, reply.node
 
 
 def shard_owners(status: dict[str, Any]) -> dict[int, tuple[str, int]]:

@@ -139,7 +139,7 @@ async def _writer(
         agent = random.choice(agents)
         op = history.invoke(agent, "write", side)
         try:
-            value, epoch, node = await ask_with_epoch(mesh, agent, Add(1), timeout=2.0)
+            value, epoch, node = await ask_with_epoch(mesh, agent, Add(1), 2.0, returns=int)
         except accord.DeliveryTimeout as exc:
             history.fail(op, unknown=exc.maybe_delivered)
         except accord.AccordError as exc:
