@@ -164,9 +164,8 @@ class Mesh:
 
         Same outcomes as `ask`; the reply body is returned as plain JSON data.
         """
-        agent_id = as_agent_id(target)
+        agent_id, shard = self._resolve(target)
         deadline = self._deadline(timeout)
-        shard = shard_of(agent_id, self.config.num_shards)
         mode = await self._mode(agent_id, delivery)
         if mode != "at_most_once":
             stored = await self._send_durable(
@@ -270,8 +269,7 @@ class Mesh:
         msg_id: str | None = None,
     ) -> None:
         """`tell` with a JSON-encoded message named by its wire type (for the CLI and tools)."""
-        agent_id = as_agent_id(target)
-        shard = shard_of(agent_id, self.config.num_shards)
+        agent_id, shard = self._resolve(target)
         mode = await self._mode(agent_id, delivery)
         if mode != "at_most_once":
             await self._send_durable("tell", agent_id, shard, type_name, body, "json",

@@ -584,14 +584,12 @@ class Node(Mesh):
             log.warning("reply not sent: %s", exc)
 
     def _send(self, subject: str, data: bytes) -> None:
-        task = self.loop.create_task(self._nc.publish(subject, data))
-        self._sending.add(task)
-        task.add_done_callback(self._sent)
+        self._bg_task(self._nc.publish(subject, data))
 
     def _sent(self, task: asyncio.Task[None]) -> None:
         self._sending.discard(task)
         if not task.cancelled() and task.exception() is not None:
-            log.warning("reply not sent: %s", task.exception())
+            log.warning("background send failed: %s", task.exception())
 
     async def _on_admin(self, msg: Msg) -> None:
         from ._status import node_status
