@@ -93,8 +93,8 @@ async def _until_signalled(on_signal: Callable[[], Awaitable[None]] | None = Non
 @app.command()
 def node(
     app_ref: Annotated[
-        str, typer.Option("--app", help="Module with agent classes (file or pkg.mod).")
-    ],
+        str | None, typer.Option("--app", help="Module with agent classes (file or pkg.mod).")
+    ] = None,
     nats: NatsOpt = None,
     name: Annotated[str | None, typer.Option("--name", help="Node name (unique).")] = None,
     cluster: ClusterOpt = "default",
@@ -107,9 +107,20 @@ def node(
             "--replicas", min=1, max=5, help="JetStream replicas (default: min(3, servers))."
         ),
     ] = None,
+    http_port: Annotated[
+        int | None,
+        typer.Option("--http-port", min=1, max=65535, help="Serve the services' load balancer."),
+    ] = None,
+    http_host: Annotated[str, typer.Option("--http-host", help="Load balancer address.")] = (
+        "127.0.0.1"
+    ),
+    advertise: Annotated[
+        str, typer.Option("--advertise", help="Address peers use to reach replicas run here.")
+    ] = "127.0.0.1",
     log_level: Annotated[str, typer.Option("--log-level")] = "info",
 ) -> None:
-    """Run one node process hosting the agent classes found in --app, until SIGTERM/SIGINT."""
+    """Run one node process (agents from --app, plus the node agent for services) until
+    SIGTERM/SIGINT."""
     from ._app import agent_classes, load_module
     from ._node import Node
     from ._settings import NodeSettings
@@ -123,11 +134,18 @@ def node(
             if not sep or not k:
                 raise ConfigurationError(f"--label must be key=value, got {item!r}")
             labels[k] = v
-        classes = agent_classes(load_module(app_ref))
-        settings = NodeSettings(cluster=cluster, labels=labels, replicas=replicas)
+        classes = agent_classes(load_module(app_ref)) if app_ref else []
+        settings = NodeSettings(
+            cluster=cluster,
+            labels=labels,
+            replicas=replicas,
+            http_port=http_port,
+            http_host=http_host,
+            advertise=advertise,
+        )
         async with Node(classes, nats=nats, name=name, settings=settings) as n:
             logging.getLogger("accord").info(
-                "node %s serving %s", n.node_name, ", ".join(sorted(n.specs))
+                "node %s serving %s", n.node_name, ", ".join(sorted(n.specs)) or "no agent types"
             )
             await _until_signalled()
 
@@ -440,6 +458,8 @@ def demo(
 
 
 def main() -> None:
+    from . import _cli_services  # noqa: F401  (registers the services commands)
+
     try:
         app()
     except msgspec.MsgspecError as exc:  # defensive: never show a traceback

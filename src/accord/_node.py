@@ -14,7 +14,7 @@ import socket
 import time
 import uuid
 from collections.abc import Coroutine, Iterable
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import msgspec
 from nats.aio.msg import Msg
@@ -45,6 +45,10 @@ from .delivery._mailbox import DurableDelivery, ShardMailbox, ensure_streams
 from .state._durable import Durable
 from .state._events import EventLog
 from .state._store import MERGE_TYPE, MergeState, StateStore
+
+if TYPE_CHECKING:
+    from .services._agent import NodeAgent
+    from .services._proxy import Balancer
 
 log = logging.getLogger("accord.node")
 
@@ -92,6 +96,8 @@ class Node(Mesh):
         self._hlc = HybridClock()
         self._inflight: dict[str, int] = {}
         self._inflight_total = 0
+        self.agent: NodeAgent | None = None  # the node agent (services), once started
+        self.balancer: Balancer | None = None  # the HTTP entry point, with --http-port
         self._capacity = asyncio.Event()
         self._started = False
 
@@ -157,6 +163,7 @@ class Node(Mesh):
             self._sweeper = self.loop.create_task(self._sweep_idle(), name="accord-idle-sweep")
             self._orphan_watch = self.loop.create_task(self._watch_orphans(), name="accord-heal")
             self._started = True
+            await self._start_services()
         except BaseException:
             await self._stop_engine()
             raise
@@ -185,6 +192,7 @@ class Node(Mesh):
             await self._stop_engine()
             return
         self._started = False
+        await self._stop_services()
         await self.membership.leave()
         await self.shards.leave(self.settings.drain_timeout)
         await self.shards.stop()
@@ -201,6 +209,28 @@ class Node(Mesh):
         await self.close()
         await self._stop_engine()
         log.info("node %s stopped; %s", self.node_name, self.stats)
+
+    async def _start_services(self) -> None:
+        """The node agent (services, promises) and the HTTP entry point, when configured."""
+        from .services._agent import NodeAgent
+        from .services._proxy import Balancer
+
+        s = self.settings
+        if not s.services and s.http_port is None:
+            return
+        from .services._promises import store_for
+
+        self.agent = NodeAgent(self, await store_for(self), s.advertise)
+        await self.agent.start()
+        if s.http_port is not None:
+            self.balancer = Balancer(self.agent, s.http_host, s.http_port)
+            await self.balancer.start()
+
+    async def _stop_services(self) -> None:
+        if self.balancer is not None:
+            await self.balancer.stop()
+        if self.agent is not None:
+            await self.agent.stop()
 
     async def _stop_engine(self) -> None:
         if self._engine is not None:

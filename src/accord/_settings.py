@@ -40,6 +40,15 @@ class NodeSettings(msgspec.Struct, kw_only=True):
     """Circuit breakers for the asks this node makes (None: off)."""
     max_inflight_per_type: int = 10_000
     """Bulkhead per agent type, so one hot type cannot starve the others."""
+    services: bool = True
+    """Run the node agent: supervise the service replicas placed here, take part in the services
+    controller election, assess promises (see docs/services.md)."""
+    http_port: int | None = None
+    """Serve the HTTP load balancer for deployed services on this port (None: no entry point)."""
+    http_host: str = "127.0.0.1"
+    """Address the load balancer listens on."""
+    advertise: str = "127.0.0.1"
+    """Address other nodes (and their load balancers) use to reach replicas running here."""
 
 
 class Stats(msgspec.Struct):

@@ -104,8 +104,10 @@ class Cluster:
         env: dict[str, str] | None = None,
         log_dir: Path | None = None,
         url: str | None = None,
+        node_args: dict[str, list[str]] | None = None,
     ) -> None:
         self.app = app
+        self.node_args = node_args or {}
         self.cluster = cluster
         self.env = env or {}
         self.log_dir = log_dir
@@ -125,10 +127,12 @@ class Cluster:
             raise
         return self
 
-    def add_node(self, name: str) -> NodeProcess:
+    def add_node(self, name: str, extra_args: list[str] | None = None) -> NodeProcess:
+        """Start node `name`; `extra_args` (or `node_args[name]`) go to `accord node`."""
         node = NodeProcess(
-            self.url, self.app, name, cluster=self.cluster, env=self.env, log_dir=self.log_dir
-        ).start()
+            self.url, self.app, name, cluster=self.cluster, env=self.env, log_dir=self.log_dir,
+            extra_args=extra_args if extra_args is not None else self.node_args.get(name),
+        ).start()  # fmt: skip
         self.nodes[name] = node
         return node
 

@@ -1,0 +1,289 @@
+"""The node agent: the always-on part of every node that runs services.
+
+Each node agent
+- watches the `placements` bucket and runs (or stops) the replicas assigned to its node;
+- campaigns for the services controller. The leader (one at a time, fenced by its lease token)
+  turns specs + live nodes into placements (`_placement.place`), records every decision in the
+  events stream, and assesses the promises every spec makes (`_promises.ServicePromises`);
+- keeps a window of the promise ledger to rank nodes by reputation for placement.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import zlib
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+
+from .._background import Background
+from .._errors import AccordError, Fenced
+from .._registry import WatchedKV
+from ._placement import NodeView, Slot, place
+from ._promises import NodePromises, Reputation, ServicePromises
+from ._spec import ServiceSpec, decode_spec
+from ._store import Instance, LogLine, Placement, ServiceStore, instance_key
+from ._supervisor import Replica
+
+if TYPE_CHECKING:
+    from .._node import Node
+
+log = logging.getLogger("accord.services")
+
+CONTROLLER_LEASE = "services-controller"
+
+
+def fenced(spec: ServiceSpec) -> bool:
+    return spec.single_instance or spec.placement.policy == "failover"
+
+
+class NodeAgent:
+    def __init__(self, node: Node, store: ServiceStore, address: str) -> None:
+        self.node = node
+        self.store = store
+        self.address = address
+        self._bg = Background()
+        self.specs = WatchedKV(store.specs_kv, self._bg)
+        self.placements = WatchedKV(store.placements_kv, self._bg)
+        self.instances = WatchedKV(store.instances_kv, self._bg)
+        self.replicas: dict[tuple[str, int], Replica] = {}
+        self.reputation = Reputation()
+        self._node_promises = NodePromises(self)
+        self._wake = asyncio.Event()
+
+    @property
+    def name(self) -> str:
+        return self.node.node_name
+
+    async def start(self) -> None:
+        await self.specs.get_all()
+        await self.placements.get_all()
+        await self.instances.get_all()
+        nc = self.node._transport.nc  # type: ignore[attr-defined]
+        self._ledger_sub = await nc.subscribe(
+            f"{self.store.names.prefix}.ledger.>", cb=self._on_assessment
+        )
+        self._bg.spawn(self._local_loop(), name="accord-node-agent")
+        self._bg.spawn(self._controller_loop(), name="accord-services-controller")
+        self._bg.spawn(self._node_promises.run(), name="accord-node-promises")
+
+    async def stop(self) -> None:
+        await self._bg.close()
+        with contextlib.suppress(Exception):
+            await self._ledger_sub.unsubscribe()
+        await asyncio.gather(*(r.stop() for r in self.replicas.values()), return_exceptions=True)
+        for r in self.replicas.values():
+            with contextlib.suppress(Exception):
+                await self.store.instances_kv.purge(instance_key(r.inst))
+        self.replicas.clear()
+
+    # -- views ----------------------------------------------------------------------------------
+
+    def current_specs(self) -> dict[str, ServiceSpec]:
+        out = {}
+        for key, value in self.specs._data.items():
+            with contextlib.suppress(msgspec.DecodeError, msgspec.ValidationError):
+                out[key] = decode_spec(value)
+        return out
+
+    def current_placements(self) -> dict[str, Placement]:
+        out = {}
+        for key, value in self.placements._data.items():
+            with contextlib.suppress(msgspec.DecodeError, msgspec.ValidationError):
+                out[key] = msgspec.json.decode(value, type=Placement)
+        return out
+
+    def current_instances(self) -> list[Instance]:
+        out = []
+        for value in self.instances._data.values():
+            with contextlib.suppress(msgspec.DecodeError, msgspec.ValidationError):
+                out.append(msgspec.json.decode(value, type=Instance))
+        return out
+
+    def live_nodes(self) -> list[NodeView]:
+        m = self.node.membership
+        out = []
+        for name in sorted(m.live()):
+            info = m.infos.get(name)
+            if info is None or info.status != "up":
+                continue
+            out.append(NodeView(name, dict(info.labels), self.reputation.of(f"node/{name}")))
+        return out
+
+    def healthy(self, service: str) -> list[Instance]:
+        """Healthy replicas of `service` on live nodes that the placement still assigns."""
+        live = set(self.node.membership.live())
+        p = self.current_placements().get(service)
+        assigned = {s.node for s in p.slots} if p is not None else set()
+        return [
+            i
+            for i in self.current_instances()
+            if i.service == service
+            and i.status == "healthy"
+            and i.node in live
+            and i.node in assigned
+            and i.port is not None
+        ]
+
+    # -- local reconciliation -----------------------------------------------------------------
+
+    async def _local_loop(self) -> None:
+        while True:
+            try:
+                await self._reconcile_local()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("node agent reconcile failed")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), 0.25)
+            self._wake.clear()
+
+    async def _reconcile_local(self) -> None:
+        specs = self.current_specs()
+        wanted: dict[tuple[str, int], tuple[ServiceSpec, Slot]] = {}
+        for name, p in self.current_placements().items():
+            spec = specs.get(name)
+            if spec is None:
+                continue
+            for slot in p.slots:
+                if slot.node == self.name:
+                    key = (name, -1) if fenced(spec) else (name, slot.index)
+                    if key not in wanted or slot.role == "primary":
+                        wanted[key] = (spec, slot)
+        for key, r in list(self.replicas.items()):
+            target = wanted.get(key)
+            if target is None or target[0] != r.spec:
+                del self.replicas[key]
+                await r.stop()
+                with contextlib.suppress(Exception):
+                    await self.store.instances_kv.purge(instance_key(r.inst))
+        for key, (spec, slot) in wanted.items():
+            running = self.replicas.get(key)
+            if running is not None:
+                running.inst.role, running.inst.index = slot.role, slot.index
+                continue
+            self.replicas[key] = r = self._replica(spec, slot)
+            r.start()
+
+    def _replica(self, spec: ServiceSpec, slot: Slot) -> Replica:
+        lease = None
+        may_campaign = _always
+        if fenced(spec):
+
+            def lease() -> contextlib.AbstractAsyncContextManager[Any]:
+                return self.node.lease(f"svc.{spec.name}", ttl=spec.lease_ttl)
+
+            def may_campaign() -> bool:
+                p = self.current_placements().get(spec.name)
+                if p is None:
+                    return False
+                primary = next((s.node for s in p.slots if s.role == "primary"), None)
+                return primary == self.name or primary not in self.node.membership.live()
+
+        return Replica(
+            spec,
+            slot.index,
+            slot.role,
+            self.name,
+            self.address,
+            self.store.put_instance,
+            self._log,
+            lease=lease,
+            may_campaign=may_campaign,
+            fenced=fenced(spec),
+        )
+
+    def _log(self, line: LogLine) -> None:
+        nc = self.node._transport.nc  # type: ignore[attr-defined]
+        subject = f"{self.store.names.prefix}.logs.{line.service}"
+        self._bg.spawn(nc.publish(subject, msgspec.json.encode(line)), name="accord-svc-log")
+
+    async def _on_assessment(self, msg: Any) -> None:
+        with contextlib.suppress(msgspec.DecodeError, msgspec.ValidationError):
+            self.reputation.add(msgspec.json.decode(msg.data, type=_Assessed))
+
+    # -- the controller -----------------------------------------------------------------------
+
+    async def _controller_loop(self) -> None:
+        while True:
+            try:
+                async for term in self.node.election(CONTROLLER_LEASE, ttl=3):
+                    log.info("%s leads the services controller (token %d)", self.name,
+                             term.token)  # fmt: skip
+                    promises = ServicePromises(self)
+                    while term.valid:
+                        try:
+                            await self._control(term.token)
+                            await promises.assess(term)
+                        except Fenced:
+                            break
+                        except AccordError as exc:
+                            log.warning("controller: %s", exc)
+                        with contextlib.suppress(TimeoutError):
+                            await asyncio.wait_for(term.lost.wait(), 0.5)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("controller campaign failed: %s", exc)
+                await asyncio.sleep(1.0)
+
+    async def _control(self, token: int) -> None:
+        specs = self.current_specs()
+        placements = self.current_placements()
+        nodes = self.live_nodes()
+        if not self.node.membership.live():
+            return
+        used: dict[str, tuple[float, float]] = {}
+        for name in sorted(specs):
+            spec = specs[name]
+            old = placements.get(name)
+            slots = place(spec, nodes, old.slots if old else [], used)
+            for s in slots:
+                if s.node is not None:
+                    cpu, mem = used.get(s.node, (0.0, 0.0))
+                    used[s.node] = (cpu + spec.resources.cpu, mem + spec.resources.memory)
+            gen = zlib.crc32(self.specs._data.get(name, b""))
+            if old is not None and old.generation == gen and _same(old.slots, slots):
+                continue
+            p = Placement(name, gen, slots, token, self.name, time.time())
+            await self.store.write_placement(p, token)
+            self.placements.set_local(name, msgspec.json.encode(p))
+            await self._record_decision(p, old)
+        for name in set(placements) - set(specs):
+            await self.store.drop_placement(name)
+            self.placements._data.pop(name, None)
+
+    async def _record_decision(self, p: Placement, old: Placement | None) -> None:
+        log.info("placement of %s: %s", p.service,
+                 ", ".join(f"{s.index}->{s.node} ({s.reason})" for s in p.slots))  # fmt: skip
+        event = {
+            "kind": "placement",
+            "service": p.service,
+            "by": p.decided_by,
+            "token": p.token,
+            "at": p.at,
+            "slots": [msgspec.to_builtins(s) for s in p.slots],
+            "previous": [msgspec.to_builtins(s) for s in old.slots] if old else [],
+        }
+        with contextlib.suppress(Exception):
+            await self.store.js.publish(
+                self.store.names.events_subject("placement"), msgspec.json.encode(event)
+            )
+
+
+class _Assessed(msgspec.Struct):
+    promiser: str
+    outcome: str
+    at: float
+
+
+def _always() -> bool:
+    return True
+
+
+def _same(a: list[Slot], b: list[Slot]) -> bool:
+    return [(s.index, s.node, s.role) for s in a] == [(s.index, s.node, s.role) for s in b]

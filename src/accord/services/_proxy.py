@@ -1,0 +1,154 @@
+"""The HTTP entry point of a node (`accord node --http-port P`): routes each request to a healthy
+replica of the service it names, anywhere in the cluster.
+
+Routing: a service with `host` takes requests whose `Host` header (port stripped) matches;
+otherwise the longest matching `path_prefix` wins. Backends are the replicas the node agent sees as
+healthy on live nodes (instance records, refreshed by watch). Balancing per service: round-robin
+or least-connections.
+
+Failures: a backend that refuses or drops a connection is marked down for `DOWN_FOR` seconds and
+the request is retried on another replica — always when the connection could not be made (the
+request never reached the app), and for idempotent methods (GET, HEAD, OPTIONS, PUT, DELETE) also
+when it broke mid-way. At most `MAX_ATTEMPTS` replicas are tried; then 502 (or 503 when the service
+has no healthy replica), with the reason in the body. Answers carry `X-Accord-Replica`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from typing import TYPE_CHECKING
+
+import aiohttp
+from aiohttp import web
+
+from ._store import Instance
+
+if TYPE_CHECKING:
+    from ._agent import NodeAgent
+    from ._spec import ServiceSpec
+
+log = logging.getLogger("accord.proxy")
+
+IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
+HOP_BY_HOP = frozenset(
+    {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailers",
+     "transfer-encoding", "upgrade", "host", "content-length"}
+)  # fmt: skip
+MAX_ATTEMPTS = 3
+DOWN_FOR = 5.0
+MAX_BODY = 16 * 1024 * 1024
+_BROKEN = (
+    aiohttp.ClientConnectorError,
+    aiohttp.ServerDisconnectedError,
+    aiohttp.ClientOSError,
+    aiohttp.ClientPayloadError,
+    TimeoutError,
+)
+
+
+class Balancer:
+    def __init__(self, agent: NodeAgent, host: str, port: int) -> None:
+        self.agent = agent
+        self.host = host
+        self.port = port
+        self._rr = itertools.count()
+        self._active: dict[tuple[str, int], int] = {}
+        self._down: dict[tuple[str, int], float] = {}
+        self.requests = 0
+        self.retries = 0
+        self.failures = 0
+
+    async def start(self) -> None:
+        self._http = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=30, sock_connect=2),
+            auto_decompress=False,
+        )
+        app = web.Application(client_max_size=MAX_BODY)
+        app.router.add_route("*", "/{tail:.*}", self._handle)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.host, self.port)
+        await site.start()
+        log.info("load balancer on http://%s:%d", self.host, self.port)
+
+    async def stop(self) -> None:
+        await self._runner.cleanup()
+        await self._http.close()
+
+    def route(self, host: str, path: str) -> ServiceSpec | None:
+        host = host.rsplit(":", 1)[0] if host and not host.startswith("[") else host
+        specs = list(self.agent.current_specs().values())
+        by_host = [s for s in specs if s.host and s.host == host]
+        candidates = by_host or [s for s in specs if not s.host]
+        best: ServiceSpec | None = None
+        for s in candidates:
+            prefix = s.path_prefix or ""
+            if prefix and not (path == prefix or path.startswith(prefix.rstrip("/") + "/")):
+                continue
+            if not prefix and not by_host:
+                continue  # a service without host or prefix is not routed
+            if best is None or len(prefix) > len(best.path_prefix or ""):
+                best = s
+        return best
+
+    def _pick(self, spec: ServiceSpec, tried: set[tuple[str, int]]) -> Instance | None:
+        now = time.monotonic()
+        ready = [
+            i
+            for i in self.agent.healthy(spec.name)
+            if (i.address, i.port or 0) not in tried
+            and self._down.get((i.address, i.port or 0), 0.0) <= now
+        ]
+        if not ready:
+            return None
+        ready.sort(key=lambda i: (i.node, i.index))
+        if spec.balancing == "least_connections":
+            return min(ready, key=lambda i: self._active.get((i.address, i.port or 0), 0))
+        return ready[next(self._rr) % len(ready)]
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        self.requests += 1
+        spec = self.route(request.headers.get("Host", ""), request.path)
+        if spec is None:
+            return web.Response(status=404, text="accord: no service routes this host/path\n")
+        body = await request.read()
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
+        headers["X-Forwarded-For"] = request.remote or ""
+        tried: set[tuple[str, int]] = set()
+        reason = "no healthy replica"
+        for attempt in range(MAX_ATTEMPTS):
+            inst = self._pick(spec, tried)
+            if inst is None:
+                break
+            key = (inst.address, inst.port or 0)
+            tried.add(key)
+            if attempt:
+                self.retries += 1
+            url = f"http://{inst.address}:{inst.port}{request.rel_url}"
+            self._active[key] = self._active.get(key, 0) + 1
+            sent = False
+            try:
+                async with self._http.request(
+                    request.method, url, headers=headers, data=body, allow_redirects=False
+                ) as resp:
+                    sent = True
+                    data = await resp.read()
+                    out = web.Response(status=resp.status, body=data)
+                    for k, v in resp.headers.items():
+                        if k.lower() not in HOP_BY_HOP:
+                            out.headers.add(k, v)
+                    out.headers["X-Accord-Replica"] = f"{inst.service}/{inst.index}@{inst.node}"
+                    return out
+            except _BROKEN as exc:
+                self._down[key] = time.monotonic() + DOWN_FOR
+                reason = f"{inst.service}/{inst.index}@{inst.node}: {type(exc).__name__}"
+                connect_failed = isinstance(exc, aiohttp.ClientConnectorError) and not sent
+                if not connect_failed and request.method not in IDEMPOTENT:
+                    break
+            finally:
+                self._active[key] -= 1
+        self.failures += 1
+        status = 503 if not tried else 502
+        return web.Response(status=status, text=f"accord: {spec.name}: {reason}\n")
