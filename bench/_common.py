@@ -18,6 +18,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 COUNTER_APP = ROOT / "examples" / "counter_app.py"
+PARTITION_APP = ROOT / "examples" / "partition_app.py"
 BENCH_DIR = Path(__file__).resolve().parent
 
 
@@ -34,10 +35,15 @@ def parser(description: str) -> argparse.ArgumentParser:
 
 def load_counter_app() -> ModuleType:
     """Import examples/counter_app.py from its path (registers the `counter` agent type)."""
-    name = "accord_app_counter_app"  # the name `accord node --app <file>` gives it
+    return load_app(COUNTER_APP)
+
+
+def load_app(path: Path) -> ModuleType:
+    """Import an example app from its path (registers its agent types in this process)."""
+    name = f"accord_app_{path.stem}"  # the name `accord node --app <file>` gives it
     if name in sys.modules:
         return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, COUNTER_APP)
+    spec = importlib.util.spec_from_file_location(name, path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module

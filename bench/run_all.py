@@ -92,6 +92,19 @@ def rows(name: str, r: dict[str, Any]) -> list[tuple[str, str, str, str, str, st
             (name, f"all agents answer (s) [{runs}]", f"{r['median_agents_s']:.2f}",
              f"TTL+1 = {ttl + 1}", f"{r['ratio']:.2f}", "<= 1", st(r["ratio"] <= 1)),
         ]  # fmt: skip
+    elif b == "failover_matrix":
+        for x in r["rows"]:
+            phase = {"kill": "kill", "heal": "heal"}.get(x["phase"], x["phase"].split()[0])
+            metric = f"{x['fault']}/{phase} {x['view']} {x['strategy']} {x['op']} (s)"
+            restored = "-" if x["restored_s"] is None else f"{x['restored_s']:.2f}"
+            ratio = "-" if x["ratio"] is None else f"{x['ratio']:.2f}"
+            target = "-" if x["target"] is None else f"<= {x['target']:g}"
+            out.append((name, metric, restored, x["baseline"], ratio, target, x["status"]))
+        for fault, fr in r["faults"].items():
+            if "error" in fr or "skipped" in fr:
+                status = "skipped" if "skipped" in fr else "FAILED"
+                out.append((name, f"{fault}: {fr.get('skipped') or fr.get('error')}"[:90],
+                            "-", "-", "-", "-", status))  # fmt: skip
     elif b == "node_footprint":
         n, w = r["node"], r["bare"]
         out += [
@@ -140,6 +153,7 @@ def main() -> None:
     except ImportError:
         has_uvloop = False
     plan: list[tuple[str, str, list[str]]] = [("ask_remote", "ask_remote.py", [])]
+    timeouts = {"failover_matrix": 480.0}  # 4 faults, 2 of them in a 3-server network lab
     if has_uvloop:
         plan.append(("ask_remote+uvloop", "ask_remote.py", ["--uvloop"]))
     plan.append(("ask_local", "ask_local.py", []))
@@ -147,6 +161,7 @@ def main() -> None:
         plan.append(("ask_local+uvloop", "ask_local.py", ["--uvloop"]))
     plan += [
         ("failover", "failover.py", []),
+        ("failover_matrix", "failover_matrix.py", []),
         ("node_footprint", "node_footprint.py", []),
         ("diag_hotpath", "diag_hotpath.py", []),
         ("durable", "durable.py", []),
@@ -156,7 +171,7 @@ def main() -> None:
     results: dict[str, Any] = {}
     for name, script, extra in plan:
         print(f"running {name} ...", file=sys.stderr, flush=True)
-        results[name] = run_one(script, extra, timeout=120)
+        results[name] = run_one(script, extra, timeout=timeouts.get(name, 120.0))
     total = time.perf_counter() - t0
 
     failed = [n for n, r in results.items() if r["exit_code"] != 0 or r["stray_processes"]]
