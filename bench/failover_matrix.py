@@ -163,14 +163,19 @@ def log_tail(log_dir: Path, lines: int = 6) -> dict[str, list[str]]:
     return out
 
 
-async def converged(mesh: Any, nodes: set[str], t0: float, timeout: float) -> float | None:
-    """Seconds from t0 until all shards are owned by exactly `nodes`, all alive; None: timeout."""
+async def converged(
+    mesh: Any, nodes: set[str], t0: float, timeout: float, procs: dict[str, Any]
+) -> float | None:
+    """Seconds from t0 until all shards are owned by exactly `nodes`, all alive in the status and
+    all with a running process (a stale view can list a node that has exited); None: timeout."""
     while time.perf_counter() - t0 < timeout:
         st = await status_or_none(mesh)
         if st is not None:
             owners = {s["owner"] for s in st["shards"]}
             alive = {n["name"] for n in st["nodes"] if n["alive"]}
-            if len(st["shards"]) == st["num_shards"] and owners == nodes and nodes <= alive:
+            running = all(procs[n].poll() is None for n in nodes)
+            placed = len(st["shards"]) == st["num_shards"] and owners == nodes <= alive
+            if placed and running:
                 return time.perf_counter() - t0
         await asyncio.sleep(0.25)
     return None
@@ -434,7 +439,9 @@ async def partition(args: Any, log_dir: Path, leaders_on: str) -> dict[str, Any]
             both += make_probes(minority, every, "minority", args)
             async with probing(both):
                 t_heal = time.perf_counter()
-                placed = asyncio.create_task(converged(majority, all_nodes, t_heal, args.timeout))
+                placed = asyncio.create_task(
+                    converged(majority, all_nodes, t_heal, args.timeout, procs)
+                )
                 healed = await phase(
                     "heal",
                     both,
