@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterable
 from typing import Any
 
 log = logging.getLogger("accord")
@@ -27,10 +27,25 @@ class Background:
             log.error("background task %s failed", task.get_name(), exc_info=task.exception())
 
     async def close(self) -> None:
-        tasks = list(self._tasks)
-        for t in tasks:
-            t.cancel()
-        for t in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await t
+        await cancel_and_wait(list(self._tasks))
         self._tasks.clear()
+
+
+async def cancel_and_wait(tasks: Iterable[asyncio.Task[Any]], retry_every: float = 0.1) -> None:
+    """Cancel `tasks` and return once every one has finished.
+
+    A task still running `retry_every` seconds after its cancellation is cancelled again: on
+    Python 3.11, `asyncio.wait_for` returns the inner result instead of raising when the
+    cancellation races with that result arriving (CPython gh-86296), so a loop around it (a KV
+    watch fed several times a second) can swallow a single `cancel()` and never stop.
+    """
+    tasks = list(tasks)
+    pending = {t for t in tasks if not t.done()}
+    while pending:
+        for t in pending:
+            t.cancel()
+        _, pending = await asyncio.wait(pending, timeout=retry_every)
+    for t in tasks:  # retrieve outcomes so none is reported as never retrieved
+        if not t.cancelled():
+            with contextlib.suppress(Exception):
+                t.exception()

@@ -22,6 +22,7 @@ from nats.aio.msg import Msg
 from . import _codec as codec
 from ._activation import Activation, Work, _Recorded
 from ._agent import DELIVERY_MODES, Agent, AgentSpec, HandlerSpec, spec_of
+from ._background import cancel_and_wait
 from ._errors import (
     AccordError,
     AgentTypeNotFound,
@@ -163,10 +164,12 @@ class Node(Mesh):
             self._sweeper = self.loop.create_task(self._sweep_idle(), name="accord-idle-sweep")
             self._orphan_watch = self.loop.create_task(self._watch_orphans(), name="accord-heal")
             self._started = True
-            await self._start_services()
         except BaseException:
             await self._stop_engine()
             raise
+        self._services_task = self.loop.create_task(
+            self._start_services(), name="accord-services-start"
+        )
         log.info("node %s up (cluster %s, %d shards)", self.node_name, names.cluster,
                  config.num_shards)  # fmt: skip
         return self
@@ -196,10 +199,7 @@ class Node(Mesh):
         await self.membership.leave()
         await self.shards.leave(self.settings.drain_timeout)
         await self.shards.stop()
-        for task in (self._sweeper, self._orphan_watch):
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait([self._sweeper, self._orphan_watch])
         await self.membership.stop()
         with contextlib.suppress(Exception):
             await self._admin.unsubscribe()
@@ -211,22 +211,36 @@ class Node(Mesh):
         log.info("node %s stopped; %s", self.node_name, self.stats)
 
     async def _start_services(self) -> None:
-        """The node agent (services, promises) and the HTTP entry point, when configured."""
+        """Start the node agent (services, promises) and the HTTP entry point, when configured.
+
+        In the background and retried: a node serves its agents even while the services'
+        buckets cannot be opened (JetStream without quorum, say).
+        """
         from .services._agent import NodeAgent
+        from .services._promises import store_for
         from .services._proxy import Balancer
 
         s = self.settings
         if not s.services and s.http_port is None:
             return
-        from .services._promises import store_for
-
-        self.agent = NodeAgent(self, await store_for(self), s.advertise)
-        await self.agent.start()
+        while self.agent is None:
+            try:
+                agent = NodeAgent(self, await store_for(self), s.advertise)
+                await agent.start()
+                self.agent = agent
+            except (AccordError, OSError) as exc:
+                log.warning("node agent not started yet, retrying: %s", exc)
+                await asyncio.sleep(2.0)
         if s.http_port is not None:
-            self.balancer = Balancer(self.agent, s.http_host, s.http_port)
-            await self.balancer.start()
+            balancer = Balancer(self.agent, s.http_host, s.http_port)
+            try:
+                await balancer.start()
+                self.balancer = balancer
+            except OSError as exc:
+                log.error("cannot serve HTTP on %s:%d: %s", s.http_host, s.http_port, exc)
 
     async def _stop_services(self) -> None:
+        await cancel_and_wait([self._services_task])
         if self.balancer is not None:
             await self.balancer.stop()
         if self.agent is not None:

@@ -17,7 +17,7 @@ import msgspec
 from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 
-from .._background import Background
+from .._background import Background, cancel_and_wait
 from ._config import Names
 from ._detector import FailureDetector, State, Transition
 
@@ -108,11 +108,7 @@ class Membership:
             await self.beat()
 
     async def stop(self) -> None:
-        for t in self._tasks:
-            t.cancel()
-        for t in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await t
+        await cancel_and_wait(self._tasks)
         self._tasks = []
         await self._bg.close()
         with contextlib.suppress(Exception):

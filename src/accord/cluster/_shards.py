@@ -21,7 +21,7 @@ import nats.js.errors
 from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 
-from .._background import Background
+from .._background import Background, cancel_and_wait
 from ._config import ClusterConfig
 from ._detector import State
 from ._leasekv import LeaseKV, Taken
@@ -156,11 +156,7 @@ class ShardManager:
                 await asyncio.sleep(0.02)
 
     async def stop(self) -> None:
-        for t in self._tasks:
-            t.cancel()
-        for t in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await t
+        await cancel_and_wait(self._tasks)
         await self._bg.close()
         for shard in list(self._held):
             await self._lose(shard, "node stopping")

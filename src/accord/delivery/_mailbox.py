@@ -29,6 +29,7 @@ from nats.js.api import (
     StreamConfig,
 )
 
+from .._background import cancel_and_wait
 from ..cluster._config import Names
 
 log = logging.getLogger("accord.mailbox")
@@ -192,9 +193,7 @@ class ShardMailbox:
 
     async def stop(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
+            await cancel_and_wait([self._task])
         if self._psub is not None:
             with contextlib.suppress(Exception):
                 await self._psub.unsubscribe()

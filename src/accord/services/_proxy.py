@@ -61,16 +61,19 @@ class Balancer:
         self.failures = 0
 
     async def start(self) -> None:
-        self._http = aiohttp.ClientSession(
-            timeout=aiohttp.ClientTimeout(total=30, sock_connect=2),
-            auto_decompress=False,
-        )
         app = web.Application(client_max_size=MAX_BODY)
         app.router.add_route("*", "/{tail:.*}", self._handle)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port)
-        await site.start()
+        try:
+            await web.TCPSite(self._runner, self.host, self.port).start()
+        except OSError:
+            await self._runner.cleanup()
+            raise
+        self._http = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=30, sock_connect=2),
+            auto_decompress=False,
+        )
         log.info("load balancer on http://%s:%d", self.host, self.port)
 
     async def stop(self) -> None:
