@@ -77,6 +77,7 @@ class Activation:
     ) -> None:
         self.node = node
         self.id = agent_id
+        self._name = str(agent_id)
         self.spec = spec
         self.shard = shard
         self.epoch = epoch
@@ -90,6 +91,7 @@ class Activation:
         self.agent: Agent | None = None
         self._waiter: asyncio.Future[None] | None = None
         self._previous = previous
+        self._shard_valid = node.shards_valid
         node.inflight_add(spec.type_name, 0)
         self.task = node.loop.create_task(self._run(), name=f"accord-agent-{agent_id}")
 
@@ -110,7 +112,7 @@ class Activation:
     def _valid(self) -> bool:
         if self.orphan:
             return self.node.orphan_epoch(self.shard) == self.epoch
-        return self.node.shards_valid(self.shard, self.epoch)
+        return self._shard_valid(self.shard, self.epoch)
 
     def make_orphan(self) -> None:
         self.orphan = True
@@ -167,6 +169,7 @@ class Activation:
         node = self.node
         loop = node.loop
         queue = self.queue
+        type_name = self.spec.type_name
         while True:
             if not queue:
                 if self.closing:
@@ -183,7 +186,7 @@ class Activation:
                 self._waiter = None
                 continue
             work = queue.popleft()
-            node.inflight_add(self.spec.type_name, -1)
+            node.inflight_add(type_name, -1)
             self._streak += 1
             if self._streak % 64 == 0:
                 await asyncio.sleep(0)  # a long queue of instant turns must not starve the loop
@@ -196,7 +199,7 @@ class Activation:
             try:
                 if work.lookup is not None:
                     await self._answer_lookup(work)
-                elif isinstance(work.msg, MergeState):
+                elif type(work.msg) is MergeState:
                     await self._merge_turn(agent, work)
                 elif self.orphan and not await self._cut_off_may_run(work):
                     pass
@@ -211,11 +214,11 @@ class Activation:
     async def _call(self, agent: Agent, work: Work) -> tuple[Any, AccordError | None]:
         assert work.handler is not None
         dl_token = current_deadline.set(work.deadline)
-        sender_token = current_sender.set(str(self.id))
+        sender_token = current_sender.set(self._name)
         try:
             result = await work.handler.fn(agent, work.msg)
             if type(work.msg) is VoteRequest:
-                await self.node.record_vote(work.msg, str(self.id), result)
+                await self.node.record_vote(work.msg, self._name, result)
             return result, None
         except Exception as exc:
             if (
@@ -301,7 +304,10 @@ class Activation:
         if work.reply is not None:
             sending = work.reply(result, error)
             if sending is not None:
-                await sending
+                try:
+                    await sending
+                except Exception as exc:  # the asker will time out; the agent goes on
+                    log.warning("reply of %s not sent: %s", self.id, exc)
 
     async def _merge_turn(self, agent: Agent, work: Work) -> None:
         """Fold in the state a cut-off node kept serving during a partition."""

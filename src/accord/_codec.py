@@ -111,7 +111,13 @@ def error_reply(code: str, message: str, enc: Encoding, exc_type: str | None = N
     return encode(Reply(v=PROTOCOL_VERSION, ok=False, error=err), enc)
 
 
+_type_names: dict[type, str] = {}
+
+
 def message_type_name(msg_type: type) -> str:
     """The wire name of a message type: its msgspec tag if it declares one, else its class name."""
-    tag = getattr(getattr(msg_type, "__struct_config__", None), "tag", None)
-    return tag if isinstance(tag, str) else msg_type.__name__
+    name = _type_names.get(msg_type)
+    if name is None:
+        tag = getattr(getattr(msg_type, "__struct_config__", None), "tag", None)
+        name = _type_names[msg_type] = tag if isinstance(tag, str) else msg_type.__name__
+    return name

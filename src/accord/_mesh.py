@@ -132,7 +132,7 @@ class Mesh:
         """
         agent_id, shard = self._resolve(target)
         deadline = self._deadline(timeout)
-        mode = await self._mode(agent_id, delivery)
+        mode = self._known_mode(agent_id, delivery) or await self._mode(agent_id, delivery)
         with self._breaker(agent_id):
             type_name = codec.message_type_name(type(msg))
             if mode != "at_most_once":
@@ -145,7 +145,8 @@ class Mesh:
             if local is not None:
                 return await self._await_local(local, deadline, agent_id, type_name)
             body = codec.encode(msg)
-            data = await self._request(agent_id, shard, type_name, body, "msgpack", deadline, msg)
+            data = await self._request(agent_id, shard, type_name, body, "msgpack", deadline, msg,
+                                       target if type(target) is str else None)  # fmt: skip
             if isinstance(data, _LocalResult):
                 return await self._await_local(data.fut, deadline, agent_id, type_name)
             return self._unwrap(agent_id, type_name, data, returns)
@@ -185,9 +186,11 @@ class Mesh:
         enc: codec.Encoding,
         deadline: float,
         msg: Any,
+        target: str | None = None,
     ) -> bytes | _LocalResult:
         """Send one ask, retrying while the shard has no owner, until `deadline`."""
         subject = self.names.shard_subject(shard)
+        target = target or str(agent_id)
         backoff = _BACKOFF_START
         first = True
         while True:
@@ -205,7 +208,7 @@ class Mesh:
             req = codec.Request(
                 v=codec.PROTOCOL_VERSION,
                 kind="ask",
-                target=str(agent_id),
+                target=target,
                 type=type_name,
                 body=msgspec.Raw(body),
                 timeout_ms=max(1, int(remaining * 1000)),
@@ -240,7 +243,7 @@ class Mesh:
         that was not confirmed within `timeout` — retrying with the same `msg_id` is then safe.
         """
         agent_id, shard = self._resolve(target)
-        mode = await self._mode(agent_id, delivery)
+        mode = self._known_mode(agent_id, delivery) or await self._mode(agent_id, delivery)
         type_name = codec.message_type_name(type(msg))
         if mode != "at_most_once":
             await self._send_durable("tell", agent_id, shard, type_name, codec.encode(msg),
@@ -321,7 +324,8 @@ class Mesh:
         )
         await self._transport.publish(self.names.shard_subject(shard), codec.encode(req, enc))
 
-    async def _mode(self, agent_id: AgentId, delivery: str | None) -> str:
+    def _known_mode(self, agent_id: AgentId, delivery: str | None) -> str | None:
+        """The delivery mode without waiting, or None if that needs the type registry first."""
         if delivery is not None:
             if delivery not in DELIVERY_MODES:
                 raise ConfigurationError(f"delivery must be one of {DELIVERY_MODES}")
@@ -329,8 +333,17 @@ class Mesh:
         spec = self._local_spec(agent_id.type)
         if spec is not None:
             return spec.options.delivery
+        types = self._types.loaded()
+        return None if types is None else self._mode_from(types.get(agent_id.type))
+
+    async def _mode(self, agent_id: AgentId, delivery: str | None) -> str:
+        known = self._known_mode(agent_id, delivery)
+        if known is not None:
+            return known
         types = await self._types.get_all()
-        raw = types.get(agent_id.type)
+        return self._mode_from(types.get(agent_id.type))
+
+    def _mode_from(self, raw: bytes | None) -> str:
         if raw is None:
             return "at_most_once"
         cached = self._mode_cache.get(raw)
@@ -355,12 +368,13 @@ class Mesh:
             await self._types.kv.put(f"type.{spec.type_name}", value)
             self._types.set_local(spec.type_name, value)
 
+    def _breaker(self, agent_id: AgentId) -> contextlib.AbstractContextManager[None]:
+        return _NO_BREAKER if self._breakers is None else self._breaking(agent_id)
+
     @contextlib.contextmanager
-    def _breaker(self, agent_id: AgentId) -> Iterator[None]:
+    def _breaking(self, agent_id: AgentId) -> Iterator[None]:
         breakers = self._breakers
-        if breakers is None:
-            yield
-            return
+        assert breakers is not None
         key = str(agent_id)
         breakers.before(key)
         try:
@@ -585,7 +599,18 @@ class _LocalResult:
         self.fut = fut
 
 
+_NO_BREAKER = contextlib.nullcontext()
+_reply_types: dict[tuple[str, str], Any] = {}
+
+
 def _reply_type(agent_type: str, type_name: str) -> Any:
+    """The declared return type of the handler of `type_name` (Any if this process lacks it)."""
+    cached = _reply_types.get((agent_type, type_name))
+    if cached is not None:
+        return cached
     spec = known_spec(agent_type)
     h = spec.handler_for_name(type_name) if spec else None
-    return h.returns if h is not None else Any
+    if h is None:
+        return Any  # not cached: the class may still be defined later
+    _reply_types[(agent_type, type_name)] = h.returns
+    return h.returns

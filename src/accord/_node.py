@@ -264,12 +264,13 @@ class Node(Mesh):
     # -- ShardOwner -------------------------------------------------------------------------
 
     async def shard_acquired(self, shard: int, epoch: int) -> None:
-        async def on_msg(msg: Msg) -> None:
+        def on_msg(msg: Msg) -> None:
             self._on_request(shard, msg)
 
         if shard in self._orphans:  # healed and it came back here: merge, then serve anew
             await self._end_orphan(shard)
-        self._shard_subs[shard] = await self._nc.subscribe(self.names.shard_subject(shard), on_msg)
+        subject = self.names.shard_subject(shard)
+        self._shard_subs[shard] = await self._nc.subscribe_direct(subject, on_msg)
         self._sub_epochs[shard] = epoch
         self.membership.me.shards = len(self._shard_subs)
         if not self._needs_mailbox():
@@ -617,15 +618,9 @@ class Node(Mesh):
                     enc,
                     "MaxPayloadError",
                 )
-            return self._publish_reply(reply_to, data)  # awaited by the turn: no task per reply
+            return self._nc.publish(reply_to, data)  # awaited by the turn: no task per reply
 
         return reply
-
-    async def _publish_reply(self, subject: str, data: bytes) -> None:
-        try:
-            await self._nc.publish(subject, data)
-        except Exception as exc:  # the asker will time out; the node must go on
-            log.warning("reply not sent: %s", exc)
 
     def _send(self, subject: str, data: bytes) -> None:
         self._bg_task(self._nc.publish(subject, data))

@@ -36,6 +36,12 @@ class WatchedKV:
                 await asyncio.wait_for(self._ready.wait(), timeout)
         return self._data
 
+    def loaded(self) -> dict[str, bytes] | None:
+        """The values if no wait is needed (watch started and initial values in), else None."""
+        if self.kv is None or self._ready.is_set():
+            return self._data
+        return None
+
     def set_local(self, key: str, value: bytes) -> None:
         self._data[key] = value
 

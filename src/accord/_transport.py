@@ -2,11 +2,17 @@
 
 Everything above this module depends on `Transport`, not on nats-py; nats-py exceptions are
 translated here into accord's hierarchy (plus `NoResponders`, an internal routing signal).
+
+Hot paths avoid two per-message costs of nats-py: a request goes through one wildcard inbox
+subscription whose replies resolve their waiter straight from the read loop (no NUID and random
+token, no `wait_for`), and `subscribe_direct` hands messages to a plain function in arrival order
+instead of through a queue and a task per subscription.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
@@ -22,6 +28,7 @@ from ._errors import NotConnected
 log = logging.getLogger("accord.transport")
 
 Handler = Callable[[Msg], Awaitable[None]]
+DirectHandler = Callable[[Msg], None]
 
 
 class NoResponders(Exception):
@@ -53,6 +60,11 @@ class NatsTransport:
         self.nc = nc
         self.name = name
         self.js: JetStreamContext = nc.jetstream()
+        self._inbox = ""  # "<prefix>." of the reply subjects of this connection's requests
+        self._inbox_sub: Any = None
+        self._inbox_lock = asyncio.Lock()
+        self._tokens = itertools.count(1)
+        self._waiting: dict[str, asyncio.Future[Msg]] = {}
 
     @classmethod
     async def connect(cls, servers: list[str], name: str, timeout: float = 5.0) -> NatsTransport:
@@ -82,16 +94,51 @@ class NatsTransport:
         return cls(nc, name)
 
     async def request(self, subject: str, data: bytes, timeout: float) -> bytes:
-        try:
-            msg = await self.nc.request(subject, data, timeout=timeout)
-        except nats.errors.NoRespondersError:
-            raise NoResponders(subject) from None
-        except nats.errors.TimeoutError:
-            raise RequestTimeout(subject) from None
-        except (nats.errors.ConnectionClosedError, nats.errors.ConnectionReconnectingError) as exc:
-            raise NotConnected(str(exc)) from None
+        msg = await self.request_msg(subject, data, timeout)
         data_out: bytes = msg.data
         return data_out
+
+    async def request_msg(
+        self, subject: str, data: bytes, timeout: float, headers: dict[str, str] | None = None
+    ) -> Msg:
+        """Publish `data` with a reply subject of this connection's inbox; return the reply.
+
+        Raises `NoResponders` (nobody subscribes: not delivered), `RequestTimeout` (sent, no reply
+        within `timeout`: outcome unknown) or `NotConnected`. A late reply is dropped.
+        """
+        if self._inbox_sub is None:
+            await self._start_inbox()
+        token = str(next(self._tokens))
+        fut: asyncio.Future[Msg] = asyncio.get_running_loop().create_future()
+        self._waiting[token] = fut
+        try:
+            await self.nc.publish(subject, data, reply=self._inbox + token, headers=headers)
+            timer = fut.get_loop().call_later(timeout, _expire, fut)
+            try:
+                msg = await fut
+            finally:
+                timer.cancel()
+        except (nats.errors.ConnectionClosedError, nats.errors.OutboundBufferLimitError,
+                nats.errors.ConnectionReconnectingError) as exc:  # fmt: skip
+            raise NotConnected(str(exc)) from None
+        finally:
+            self._waiting.pop(token, None)
+        hdr = msg.headers
+        if hdr and hdr.get("Status") == "503" and not msg.data:
+            raise NoResponders(subject)
+        return msg
+
+    async def _start_inbox(self) -> None:
+        async with self._inbox_lock:
+            if self._inbox_sub is None:
+                prefix = f"{self.nc.new_inbox()}."
+                self._inbox_sub = await self.subscribe_direct(f"{prefix}*", self._on_reply)
+                self._inbox = prefix
+
+    def _on_reply(self, msg: Msg) -> None:
+        fut = self._waiting.pop(msg.subject[len(self._inbox) :], None)
+        if fut is not None and not fut.done():
+            fut.set_result(msg)
 
     async def publish(self, subject: str, data: bytes) -> None:
         try:
@@ -101,6 +148,25 @@ class NatsTransport:
 
     async def subscribe(self, subject: str, cb: Handler, queue: str = "") -> Subscription:
         sub: Any = await self.nc.subscribe(subject, queue=queue, cb=cb)
+        return sub  # type: ignore[no-any-return]
+
+    async def subscribe_direct(self, subject: str, fn: DirectHandler) -> Subscription:
+        """Subscribe so that `fn` runs for each message, in arrival order, in the read loop.
+
+        `fn` must not block; whatever it raises is logged and the message dropped. Saves a queue
+        and a task hop per message over `subscribe`. Draining the subscription waits for nothing:
+        every message received was handed to `fn` already.
+        """
+
+        async def fallback(msg: Msg) -> None:
+            fn(msg)
+
+        sub: Any = await self.nc.subscribe(subject, cb=fallback)
+        if isinstance(getattr(sub, "_pending_queue", None), asyncio.Queue):
+            sub._pending_queue = _DirectQueue(fn)  # nats-py hands every message to put_nowait
+            task = getattr(sub, "_wait_for_msgs_task", None)
+            if task is not None:
+                task.cancel()
         return sub  # type: ignore[no-any-return]
 
     async def flush(self, timeout: float) -> None:
@@ -115,3 +181,22 @@ class NatsTransport:
                 await self.nc.drain()
             except Exception:  # draining a broken connection: closing is all that is left
                 await self.nc.close()
+
+
+def _expire(fut: asyncio.Future[Msg]) -> None:
+    if not fut.done():
+        fut.set_exception(RequestTimeout())
+
+
+class _DirectQueue(asyncio.Queue[Msg]):
+    """A subscription's pending queue that runs the handler instead of queueing."""
+
+    def __init__(self, fn: DirectHandler) -> None:
+        super().__init__()
+        self._fn = fn
+
+    def put_nowait(self, item: Msg) -> None:
+        try:
+            self._fn(item)
+        except Exception:  # the read loop must survive any handler bug
+            log.exception("message handler failed on %s", getattr(item, "subject", "?"))

@@ -560,7 +560,7 @@ async def test_cancelled_ask_leaks_nothing_and_the_agent_keeps_serving(
     with pytest.raises(asyncio.CancelledError):
         await pending
 
-    resp_map = mesh._transport.nc._resp_map  # type: ignore[attr-defined]
+    resp_map = mesh._transport._waiting  # type: ignore[attr-defined]
     assert resp_map == {}  # no reply future left behind by the remote client
 
     GATES["g1"].set()  # the cancelled turn still completes inside the agent
