@@ -25,7 +25,7 @@ import nats.errors
 import nats.js.errors
 
 from .._errors import AccordError, NotConnected
-from ._store import Assessment, PromiseConflict, ServiceStore, _token
+from ._store import Assessment, PromiseConflict, ServiceStore, _entries, _token
 
 if TYPE_CHECKING:
     from .._mesh import Mesh
@@ -131,9 +131,23 @@ class ServicePromises:
         self._outage: dict[str, float] = {}
         self._late: set[str] = set()
         self._ever_kept: set[str] = set()
+        self._seeded: set[str] = set()
+
+    async def _seed(self, names: Iterable[str]) -> None:
+        """A new controller term picks up where the ledger left off: services already assessed
+        are past their start-up grace, and an open outage keeps its start time."""
+        for name in names:
+            self._seeded.add(name)
+            last = await self.agent.store.ledger(last=1, promise=f"{name}.replicas")
+            if not last or last[-1].outcome == "unknown":
+                continue
+            self._ever_kept.add(name)
+            if last[-1].outcome == "not_kept":
+                self._outage[name] = time.monotonic() - max(0.0, time.time() - last[-1].at)
 
     async def assess(self, term: Any) -> None:
         specs = self.agent.current_specs()
+        await self._seed(n for n in specs if n not in self._seeded)
         placements = self.agent.current_placements()
         for name, spec in specs.items():
             promiser = f"service/{name}"
@@ -255,17 +269,11 @@ async def register(store: ServiceStore, record: PromiseRecord) -> None:
 
 
 async def records(store: ServiceStore) -> list[PromiseRecord]:
-    try:
-        keys = await store.promises_kv.keys()
-    except nats.js.errors.NoKeysError:
-        return []
     out = []
-    for key in keys:
-        if not key.startswith("p."):
-            continue
-        with contextlib.suppress(Exception):
-            entry = await store.promises_kv.get(key)
-            out.append(msgspec.json.decode(entry.value or b"", type=PromiseRecord))
+    for key, value, _rev in await _entries(store.promises_kv):
+        if key.startswith("p."):
+            with contextlib.suppress(msgspec.DecodeError, msgspec.ValidationError):
+                out.append(msgspec.json.decode(value, type=PromiseRecord))
     return sorted(out, key=lambda r: r.name)
 
 

@@ -136,9 +136,14 @@ def _field_message(text: str) -> str:
     """msgspec says "Expected `int`, got `str` - at `$.health.interval`"; lead with the field."""
     msg, sep, where = text.rpartition(" - at `")
     if not sep:
-        return text
-    field = where.rstrip("`").removeprefix("$").lstrip(".") or "(top level)"
-    return f"{field}: {msg}"
+        msg, where = text, ""
+    path = where.rstrip("`").removeprefix("$").lstrip(".")
+    m = re.match(r"Object (missing required|contains unknown) field `([^`]+)`", msg)
+    if m:
+        field = f"{path}.{m.group(2)}" if path else m.group(2)
+        return f"{field}: " + ("required, missing" if m.group(1) == "missing required" else
+                               "unknown field (misspelt?)")  # fmt: skip
+    return f"{path or '(top level)'}: {msg}"
 
 
 def _check(spec: ServiceSpec) -> list[str]:

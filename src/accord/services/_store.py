@@ -279,18 +279,22 @@ def _token(name: str) -> str:
 
 
 async def _entries(kv: KeyValue) -> list[tuple[str, bytes, int]]:
-    try:
-        keys = await kv.keys()
-    except nats.js.errors.NoKeysError:
-        return []
+    """Every live key of `kv` with its value and revision.
+
+    The key list comes from the server's own subject index (stream info with a subject filter),
+    not from `kv.keys()`, whose watcher can report an empty bucket when the consumer's first
+    message races with its pending count.
+    """
+    prefix = f"$KV.{kv._name}."
+    info = await kv._js.stream_info(f"KV_{kv._name}", subjects_filter=f"{prefix}>")
     out = []
-    for key in keys:
+    for subject in sorted(info.state.subjects or {}):
         try:
-            entry = await kv.get(key)
-        except nats.js.errors.KeyNotFoundError:
+            entry = await kv.get(subject[len(prefix) :])
+        except nats.js.errors.KeyNotFoundError:  # deleted or purged (a marker is its last message)
             continue
         if entry.value:
-            out.append((key, entry.value, entry.revision or 0))
+            out.append((entry.key, entry.value, entry.revision or 0))
     return out
 
 
