@@ -118,7 +118,10 @@ class LeaseKeeper:
                     break
                 sent = time.monotonic()
                 try:
-                    revision = await keys.renew(lease.name, value, revision)
+                    # A renewal still unanswered when validity ends cannot save the lease: the
+                    # holder must know it lost it then, not when the request gives up.
+                    async with asyncio.timeout(max(0.0, lease.valid_until - sent)):
+                        revision = await keys.renew(lease.name, value, revision)
                 except Taken:
                     break
                 except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
