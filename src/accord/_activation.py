@@ -91,13 +91,14 @@ class Activation:
         self.agent: Agent | None = None
         self._waiter: asyncio.Future[None] | None = None
         self._previous = previous
-        self._shard_valid = node.shards_valid
+        self._shard_valid = node.shards.valid
+        self._type = spec.type_name
         node.inflight_add(spec.type_name, 0)
         self.task = node.loop.create_task(self._run(), name=f"accord-agent-{agent_id}")
 
     def put(self, work: Work) -> None:
         self.queue.append(work)
-        self.node.inflight_add(self.spec.type_name, 1)
+        self.node.inflight_add(self._type, 1)
         w = self._waiter
         if w is not None and not w.done():
             w.set_result(None)

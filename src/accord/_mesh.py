@@ -244,8 +244,8 @@ class Mesh:
         """
         agent_id, shard = self._resolve(target)
         mode = self._known_mode(agent_id, delivery) or await self._mode(agent_id, delivery)
-        type_name = codec.message_type_name(type(msg))
         if mode != "at_most_once":
+            type_name = codec.message_type_name(type(msg))
             await self._send_durable("tell", agent_id, shard, type_name, codec.encode(msg),
                                      "msgpack", self._deadline(timeout), mode, msg_id)  # fmt: skip
             return
@@ -260,6 +260,7 @@ class Mesh:
             if self._local_tells % 256 == 0:
                 await asyncio.sleep(0)  # a tight loop of local tells must let the loop breathe
             return
+        type_name = codec.message_type_name(type(msg))
         await self._publish_tell(agent_id, shard, type_name, codec.encode(msg), "msgpack")
 
     async def tell_json(

@@ -100,6 +100,7 @@ class Node(Mesh):
         self.agent: NodeAgent | None = None  # the node agent (services), once started
         self.balancer: Balancer | None = None  # the HTTP entry point, with --http-port
         self._capacity = asyncio.Event()
+        self._starved = False  # someone waits on _capacity
         self._started = False
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -554,10 +555,17 @@ class Node(Mesh):
     def inflight_add(self, agent_type: str, n: int) -> None:
         self._inflight[agent_type] = self._inflight.get(agent_type, 0) + n
         self._inflight_total += n
-        if n < 0 and self._inflight_total < self.settings.max_inflight:
+        if n < 0 and self._starved and self._inflight_total < self.settings.max_inflight:
+            self._starved = False
             self._capacity.set()
 
     def _check_capacity(self, agent_type: str) -> None:
+        s = self.settings
+        if (
+            self._inflight_total < s.max_inflight
+            and self._inflight.get(agent_type, 0) < s.max_inflight_per_type
+        ):
+            return
         if self._inflight_total >= self.settings.max_inflight:
             self.stats.overloaded += 1
             raise Overloaded(f"node {self.node_name} has {self._inflight_total} messages in flight")
@@ -568,6 +576,7 @@ class Node(Mesh):
     async def _wait_capacity(self) -> None:
         while self._inflight_total >= self.settings.max_inflight:
             self._capacity.clear()
+            self._starved = True
             await self._capacity.wait()
 
     def durable_for(self, agent_id: AgentId, spec: AgentSpec, shard: int, epoch: int) -> Durable:
@@ -693,7 +702,10 @@ class Node(Mesh):
             failed.set_exception(exc)
             return failed
         if not ask:  # a tell: nothing to wait for
-            self._activation(agent_id, spec, shard, epoch).put(Work(h, msg, deadline, None))
+            act = self._activations.get(agent_id)
+            if act is None or act.epoch != epoch or act.closing:
+                act = self._activation(agent_id, spec, shard, epoch)
+            act.put(Work(h, msg, deadline, None))
             return self._delivered
         fut: asyncio.Future[Any] = self.loop.create_future()
         work = Work(h, msg, deadline, _future_replier(fut), local=True)

@@ -19,9 +19,9 @@ from nats.aio.msg import Msg
 from nats.nuid import NUID
 
 from .. import _codec as codec
-from .._errors import DeliveryTimeout, OutcomeUnknown
+from .._errors import DeliveryTimeout, NotConnected, OutcomeUnknown
 from .._transport import NatsTransport, NoResponders, RequestTimeout
-from ._mailbox import publish_durable
+from ._mailbox import StoreRefused, publish_durable
 
 
 class DurableSender:
@@ -36,9 +36,11 @@ class DurableSender:
     async def _inbox(self) -> None:
         async with self._lock:
             if self._sub is None:
-                self._sub = await self._transport.subscribe(f"{self._prefix}.*", self._on_reply)
+                self._sub = await self._transport.subscribe_direct(
+                    f"{self._prefix}.*", self._on_reply
+                )
 
-    async def _on_reply(self, msg: Msg) -> None:
+    def _on_reply(self, msg: Msg) -> None:
         fut = self._waiting.pop(msg.subject.rpartition(".")[2], None)
         if fut is not None and not fut.done():
             fut.set_result(msg.data)
@@ -61,7 +63,8 @@ class DurableSender:
         fut: asyncio.Future[bytes] | None = None
         token = ""
         if req.kind == "ask":
-            await self._inbox()
+            if self._sub is None:
+                await self._inbox()
             token = str(next(self._tokens))
             req.reply_to = f"{self._prefix}.{token}"
             fut = loop.create_future()
@@ -72,11 +75,13 @@ class DurableSender:
             if fut is None:
                 return None
             if not duplicate:
-                remaining = deadline - loop.time()
+                timer = loop.call_at(deadline, _give_up, fut)
                 try:
-                    return await asyncio.wait_for(fut, max(remaining, 0))
+                    return await fut
                 except TimeoutError:
                     pass
+                finally:
+                    timer.cancel()
             return await self._lookup(shard_subject, req, enc, deadline)
         finally:
             if token:
@@ -95,9 +100,9 @@ class DurableSender:
                 )
             try:
                 return await publish_durable(
-                    self._transport.js, subject, data, msg_id, min(remaining, 2.0)
+                    self._transport, subject, data, msg_id, min(remaining, 2.0)
                 )
-            except (TimeoutError, nats.errors.Error):
+            except (RequestTimeout, NoResponders, NotConnected, StoreRefused, nats.errors.Error):
                 await asyncio.sleep(min(delay * (0.5 + random.random()), max(remaining, 0)))
                 delay = min(delay * 2, 0.5)
 
@@ -127,3 +132,8 @@ class DurableSender:
             if decoded.ok or (decoded.error is not None and decoded.error.code != "pending"):
                 return reply
             await asyncio.sleep(min(0.05, max(remaining, 0)))
+
+
+def _give_up(fut: asyncio.Future[bytes]) -> None:
+    if not fut.done():
+        fut.set_exception(TimeoutError())

@@ -16,6 +16,7 @@ import random
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import msgspec
 import nats.errors
 import nats.js.errors
 from nats.aio.msg import Msg
@@ -30,6 +31,7 @@ from nats.js.api import (
 )
 
 from .._background import cancel_and_wait
+from .._transport import NatsTransport
 from ..cluster._config import Names
 
 log = logging.getLogger("accord.mailbox")
@@ -199,15 +201,38 @@ class ShardMailbox:
                 await self._psub.unsubscribe()
 
 
+class StoreRefused(Exception):
+    """JetStream answered a mailbox publish with an error (e.g. the stream is unavailable)."""
+
+
+class _PubAck(msgspec.Struct):
+    stream: str = ""
+    seq: int = 0
+    duplicate: bool = False
+    error: dict[str, Any] | None = None
+
+
+_pub_ack = msgspec.json.Decoder(_PubAck)
+
+
 async def publish_durable(
-    js: JetStreamContext, subject: str, data: bytes, msg_id: str, timeout: float
+    transport: NatsTransport, subject: str, data: bytes, msg_id: str, timeout: float
 ) -> bool:
     """Store a message in the mailbox; True when it was a duplicate of an earlier publish.
 
-    Raises TimeoutError / nats errors when the outcome is unknown.
+    A JetStream publish is a request answered by a PubAck; it goes through the transport's
+    shared inbox (cheaper per message than `js.publish`). Raises `RequestTimeout`,
+    `NoResponders` (no stream yet), `NotConnected` or `StoreRefused` when the outcome is unknown
+    or the message was not stored.
     """
-    ack = await js.publish(subject, data, headers={"Nats-Msg-Id": msg_id}, timeout=timeout)
-    return bool(ack.duplicate)
+    msg = await transport.request_msg(subject, data, timeout, headers={"Nats-Msg-Id": msg_id})
+    try:
+        ack = _pub_ack.decode(msg.data)
+    except msgspec.DecodeError as exc:
+        raise StoreRefused(f"unreadable PubAck: {exc}") from None
+    if ack.error is not None or not ack.stream:
+        raise StoreRefused(str(ack.error))
+    return ack.duplicate
 
 
 def backoff_delay(attempt: int, base: float, cap: float = 5.0) -> float:
