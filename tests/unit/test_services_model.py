@@ -117,6 +117,15 @@ def test_failover_promotes_the_standby_when_the_primary_node_dies() -> None:
     assert after[1].node not in (primary, standby)
 
 
+def test_failover_records_a_standby_that_took_the_lease_as_the_primary() -> None:
+    s = spec(placement={"policy": "failover"})
+    first = place(s, nodes("n1", "n2", "n3"), [])
+    primary, standby = first[0].node, first[1].node
+    assert standby is not None
+    after = place(s, nodes("n1", "n2", "n3"), first, running=frozenset({standby}))
+    assert [(x.node, x.role) for x in after] == [(standby, "primary"), (primary, "standby")]
+
+
 def test_cost_packs_onto_the_cheapest_node_with_capacity() -> None:
     ns = nodes("cheap:cost=1,cpu=2", "mid:cost=2,cpu=8", "dear:cost=5,cpu=8")
     slots = place(spec(replicas=4, resources={"cpu": 1.0}, placement={"policy": "cost"}), ns, [])

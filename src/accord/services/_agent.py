@@ -175,7 +175,8 @@ class NodeAgent:
         if fenced(spec):
 
             def lease() -> contextlib.AbstractAsyncContextManager[Any]:
-                return self.node.lease(f"svc.{spec.name}", ttl=spec.lease_ttl)
+                ttl = spec.lease_ttl
+                return self.node.lease(f"svc.{spec.name}", ttl=ttl, timeout=ttl + 1.0)
 
             def may_campaign() -> bool:
                 p = self.current_placements().get(spec.name)
@@ -241,7 +242,8 @@ class NodeAgent:
         for name in sorted(specs):
             spec = specs[name]
             old = placements.get(name)
-            slots = place(spec, nodes, old.slots if old else [], used)
+            running = frozenset(i.node for i in self.healthy(name))
+            slots = place(spec, nodes, old.slots if old else [], used, running)
             for s in slots:
                 if s.node is not None:
                     cpu, mem = used.get(s.node, (0.0, 0.0))

@@ -10,7 +10,7 @@ import msgspec
 from ._placement import conflicts
 from ._promises import PromiseRecord, Reputation, claim, records, register, release, store_for
 from ._spec import InvalidSpec, ServiceSpec
-from ._store import Assessment, LogLine, PromiseConflict, _token
+from ._store import Assessment, LogLine, PromiseConflict, _token, translated
 
 if TYPE_CHECKING:
     from .._mesh import Mesh
@@ -43,6 +43,7 @@ def promises_of(spec: ServiceSpec) -> list[PromiseRecord]:
     return out
 
 
+@translated
 async def deploy(mesh: Mesh, spec: ServiceSpec) -> int:
     """Deploy (or update) a service. Raises `PromiseConflict` without deploying anything when the
     spec contradicts another service or cannot be kept by the live nodes. Returns the revision."""
@@ -66,6 +67,7 @@ async def deploy(mesh: Mesh, spec: ServiceSpec) -> int:
     return rev
 
 
+@translated
 async def undeploy(mesh: Mesh, name: str) -> None:
     store = await store_for(mesh)
     specs = await store.specs()
@@ -78,6 +80,7 @@ async def undeploy(mesh: Mesh, name: str) -> None:
         await store.promises_kv.delete(f"p.{_token(r.name)}")
 
 
+@translated
 async def services(mesh: Mesh) -> list[dict[str, Any]]:
     """Every service with its placement and the instances the nodes report."""
     store = await store_for(mesh)
@@ -110,6 +113,7 @@ async def services(mesh: Mesh) -> list[dict[str, Any]]:
     return out
 
 
+@translated
 async def explain(mesh: Mesh, name: str) -> dict[str, Any]:
     """Why each replica of `name` is where it is."""
     for svc in await services(mesh):
@@ -118,6 +122,7 @@ async def explain(mesh: Mesh, name: str) -> dict[str, Any]:
     raise InvalidSpec(f"no service named {name!r} is deployed")
 
 
+@translated
 async def logs(mesh: Mesh, name: str, last: int = 200) -> list[LogLine]:
     store = await store_for(mesh)
     if name not in await store.specs():
@@ -125,6 +130,7 @@ async def logs(mesh: Mesh, name: str, last: int = 200) -> list[LogLine]:
     return await store.logs(name, last)
 
 
+@translated
 async def promises_report(mesh: Mesh, last: int = 2000) -> dict[str, Any]:
     """Every promise with its latest assessment, the recent ledger, and reputations."""
     store = await store_for(mesh)

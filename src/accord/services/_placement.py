@@ -107,9 +107,11 @@ def place(
     nodes: list[NodeView],
     current: list[Slot],
     used: dict[str, tuple[float, float]] | None = None,
+    running: frozenset[str] = frozenset(),
 ) -> list[Slot]:
     """The new assignment of every slot of `spec`. `used` is (cpu, memory) already taken per node
-    by other services' replicas (for capacity checks)."""
+    by other services' replicas (for capacity checks); `running` names the nodes where the
+    service is healthy now (a failover standby that took the lease becomes the primary)."""
     used = dict(used or {})
     ok = {n.name: n for n in eligible(spec, nodes)}
     live = {n.name for n in nodes}
@@ -117,7 +119,7 @@ def place(
     slots: list[Slot | None] = [None] * spec.slots
 
     if spec.placement.policy == "failover":
-        _failover_keep(spec, old, ok, live, slots)
+        _failover_keep(spec, old, ok, live, slots, running)
     else:
         for i in range(spec.slots):
             s = old.get(i)
@@ -172,8 +174,21 @@ def _failover_keep(
     ok: dict[str, NodeView],
     live: set[str],
     slots: list[Slot | None],
+    running: frozenset[str],
 ) -> None:
     primary, standby = old.get(0), old.get(1)
+    if (
+        primary is not None
+        and standby is not None
+        and standby.node in running
+        and primary.node not in running
+        and standby.node in ok
+    ):  # the standby took over while the primary was cut off: record what is true
+        why = f"standby took over the lease from {primary.node}"
+        slots[0] = Slot(0, standby.node, "primary", why)
+        if primary.node in ok:
+            slots[1] = Slot(1, primary.node, "standby", "former primary, back without its lease")
+        return
     if primary is not None and primary.node in ok:
         slots[0] = Slot(0, primary.node, "primary", primary.reason)
         if standby is not None and standby.node in ok and standby.node != primary.node:

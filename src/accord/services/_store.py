@@ -11,8 +11,10 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, ParamSpec, TypeVar
 
 import msgspec
 import nats.errors
@@ -21,12 +23,14 @@ from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, DeliverPolicy, StorageType, StreamConfig
 from nats.js.kv import KeyValue
 
-from .._errors import ConfigurationError, Fenced, NotConnected
+from .._errors import AccordError, ConfigurationError, Fenced, NotConnected
 from ..cluster._config import Names, _bucket
 from ..cluster._membership import MemberInfo
 from ._placement import NodeView, Slot
 from ._spec import InvalidSpec, ServiceSpec, decode_spec, encode_spec
 
+P = ParamSpec("P")
+R = TypeVar("R")
 INSTANCE_TTL = "10s"
 LOG_LINES_PER_SERVICE = 5_000
 
@@ -93,6 +97,21 @@ def _js_errors(exc: Exception) -> NotConnected:
     return NotConnected(f"JetStream did not answer: {type(exc).__name__}: {exc}")
 
 
+def translated(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
+    """Map nats-py failures escaping `fn` to `NotConnected` (the API never leaks them)."""
+
+    @functools.wraps(fn)
+    async def call(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return await fn(*args, **kwargs)
+        except AccordError:
+            raise
+        except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
+            raise _js_errors(exc) from None
+
+    return call
+
+
 class ServiceStore:
     def __init__(self, js: JetStreamContext, names: Names, kvs: dict[str, KeyValue]) -> None:
         self.js = js
@@ -126,6 +145,7 @@ class ServiceStore:
 
     # -- specs ---------------------------------------------------------------------------------
 
+    @translated
     async def specs(self) -> dict[str, tuple[ServiceSpec, int]]:
         """Every deployed spec with its revision (the spec's generation)."""
         out = {}
@@ -134,6 +154,7 @@ class ServiceStore:
                 out[key] = (decode_spec(value), rev)
         return out
 
+    @translated
     async def deploy(self, spec: ServiceSpec) -> int:
         """Store the spec (create, or compare-and-set over the deployed revision)."""
         existing = await self.specs()
@@ -148,6 +169,7 @@ class ServiceStore:
                 f"service {spec.name!r} was changed concurrently; deploy again"
             ) from None
 
+    @translated
     async def undeploy(self, name: str) -> None:
         specs = await self.specs()
         if name not in specs:
@@ -156,6 +178,7 @@ class ServiceStore:
 
     # -- placements and instances ------------------------------------------------------------
 
+    @translated
     async def placements(self) -> dict[str, tuple[Placement, int]]:
         out = {}
         for key, value, rev in await _entries(self.placements_kv):
@@ -183,6 +206,7 @@ class ServiceStore:
         with contextlib.suppress(nats.js.errors.KeyNotFoundError):
             await self.placements_kv.purge(name)
 
+    @translated
     async def instances(self) -> list[Instance]:
         out = []
         for _key, value, _rev in await _entries(self.instances_kv):
@@ -197,6 +221,7 @@ class ServiceStore:
             subject, msgspec.json.encode(inst), headers={"Nats-TTL": INSTANCE_TTL}, timeout=2.0
         )
 
+    @translated
     async def nodes(self, fresh_within: float = 5.0) -> list[NodeView]:
         """Live nodes as the members bucket shows them (for checks outside a node)."""
         now = time.time()
@@ -210,11 +235,13 @@ class ServiceStore:
 
     # -- ledger and logs ------------------------------------------------------------------------
 
+    @translated
     async def assess(self, a: Assessment) -> None:
         await self.js.publish(
             f"{self.names.prefix}.ledger.{_token(a.promise)}", msgspec.json.encode(a), timeout=2.0
         )
 
+    @translated
     async def ledger(self, last: int = 1000, promise: str | None = None) -> list[Assessment]:
         subject = f"{self.names.prefix}.ledger." + (_token(promise) if promise else ">")
         out = []
@@ -227,6 +254,7 @@ class ServiceStore:
                 out.append(a)
         return out
 
+    @translated
     async def logs(self, service: str, last: int = 200) -> list[LogLine]:
         subject = f"{self.names.prefix}.logs.{service}"
         out = []

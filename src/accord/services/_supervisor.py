@@ -32,6 +32,7 @@ import aiohttp
 import msgspec
 
 from .._background import Background
+from .._errors import LeaseLost
 from ._spec import ServiceSpec
 from ._store import Instance, LogLine
 
@@ -118,6 +119,7 @@ class Replica:
             await asyncio.sleep(0.25)
         await self._set(status="waiting_lease")
         try:
+            # Bounded wait: a standby whose primary came back must return to standing by.
             async with lease() as held:
                 serving = asyncio.create_task(self._serve(token=held.token))
                 lost = asyncio.create_task(held.wait_lost())
@@ -135,6 +137,8 @@ class Replica:
                     await self._set(status="waiting_lease", pid=None, token=None)
         except asyncio.CancelledError:
             raise
+        except LeaseLost:  # held elsewhere for a whole TTL: check the role again
+            pass
         except Exception as exc:  # lease service unreachable: retry
             log.warning("%s/%d: lease: %s", self.spec.name, self.index, exc)
             await asyncio.sleep(0.5)
