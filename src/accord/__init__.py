@@ -27,6 +27,10 @@ from .coord._leases import Lease as Lease
 from .coord._quorum import Decision as Decision
 from .coord._quorum import VoteRequest as VoteRequest
 from .delivery._breaker import BreakerSettings as BreakerSettings
+from .services._promises import Verdict as Verdict
+from .services._promises import promise as promise
+from .services._spec import InvalidSpec as InvalidSpec
+from .services._store import PromiseConflict as PromiseConflict
 
 __all__ = [
     "AccordError",
@@ -42,6 +46,7 @@ __all__ = [
     "EmbeddedServer",
     "EngineError",
     "Fenced",
+    "InvalidSpec",
     "Lease",
     "LeaseLost",
     "Mesh",
@@ -50,12 +55,15 @@ __all__ = [
     "NotConnected",
     "OutcomeUnknown",
     "Overloaded",
+    "PromiseConflict",
     "RemoteError",
     "StateError",
     "UnknownMessageType",
+    "Verdict",
     "VoteRequest",
     "connect",
     "handler",
+    "promise",
 ]
 
 __version__ = "0.1.0"

@@ -20,6 +20,7 @@ DOCUMENTED = {
     "EmbeddedServer",
     "EngineError",
     "Fenced",
+    "InvalidSpec",
     "Lease",
     "LeaseLost",
     "Mesh",
@@ -28,12 +29,15 @@ DOCUMENTED = {
     "NotConnected",
     "OutcomeUnknown",
     "Overloaded",
+    "PromiseConflict",
     "RemoteError",
     "StateError",
     "UnknownMessageType",
+    "Verdict",
     "VoteRequest",
     "connect",
     "handler",
+    "promise",
 }
 
 
@@ -60,6 +64,6 @@ def test_star_import_exposes_only_the_documented_names() -> None:
 def test_every_exported_exception_derives_from_accord_error() -> None:
     exported = [getattr(accord, n) for n in accord.__all__]
     errors = [o for o in exported if isinstance(o, type) and issubclass(o, BaseException)]
-    assert len(errors) == 15
+    assert len(errors) == 17
     for cls in errors:
         assert issubclass(cls, accord.AccordError), cls
