@@ -15,7 +15,7 @@ import contextlib
 import logging
 import time
 import zlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import msgspec
 
@@ -24,7 +24,7 @@ from .._errors import AccordError, Fenced
 from .._registry import WatchedKV
 from ._placement import NodeView, Slot, place
 from ._promises import NodePromises, Reputation, ServicePromises
-from ._spec import ServiceSpec, decode_spec
+from ._spec import ServiceSpec
 from ._store import Instance, LogLine, Placement, ServiceStore, instance_key
 from ._supervisor import Replica
 
@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("accord.services")
 
 CONTROLLER_LEASE = "services-controller"
+T = TypeVar("T")
 
 
 def fenced(spec: ServiceSpec) -> bool:
@@ -49,6 +50,9 @@ class NodeAgent:
         self.specs = WatchedKV(store.specs_kv, self._bg)
         self.placements = WatchedKV(store.placements_kv, self._bg)
         self.instances = WatchedKV(store.instances_kv, self._bg)
+        self._specs_view = _Decoded(self.specs, ServiceSpec)
+        self._placements_view = _Decoded(self.placements, Placement)
+        self._instances_view = _Decoded(self.instances, Instance)
         self.replicas: dict[tuple[str, int], Replica] = {}
         self.reputation = Reputation()
         self._node_promises = NodePromises(self)
@@ -83,25 +87,13 @@ class NodeAgent:
     # -- views ----------------------------------------------------------------------------------
 
     def current_specs(self) -> dict[str, ServiceSpec]:
-        out = {}
-        for key, value in self.specs._data.items():
-            with contextlib.suppress(msgspec.DecodeError, msgspec.ValidationError):
-                out[key] = decode_spec(value)
-        return out
+        return self._specs_view.current()
 
     def current_placements(self) -> dict[str, Placement]:
-        out = {}
-        for key, value in self.placements._data.items():
-            with contextlib.suppress(msgspec.DecodeError, msgspec.ValidationError):
-                out[key] = msgspec.json.decode(value, type=Placement)
-        return out
+        return self._placements_view.current()
 
     def current_instances(self) -> list[Instance]:
-        out = []
-        for value in self.instances._data.values():
-            with contextlib.suppress(msgspec.DecodeError, msgspec.ValidationError):
-                out.append(msgspec.json.decode(value, type=Instance))
-        return out
+        return list(self._instances_view.current().values())
 
     def live_nodes(self) -> list[NodeView]:
         m = self.node.membership
@@ -198,10 +190,11 @@ class NodeAgent:
             fenced=fenced(spec),
         )
 
-    def _log(self, line: LogLine) -> None:
+    async def _log(self, line: LogLine) -> None:
         nc = self.node._transport.nc  # type: ignore[attr-defined]
         subject = f"{self.store.names.prefix}.logs.{line.service}"
-        self._bg.spawn(nc.publish(subject, msgspec.json.encode(line)), name="accord-svc-log")
+        with contextlib.suppress(Exception):  # buffered by the client; lost only if NATS is away
+            await nc.publish(subject, msgspec.json.encode(line))
 
     async def _on_assessment(self, msg: Any) -> None:
         with contextlib.suppress(msgspec.DecodeError, msgspec.ValidationError):
@@ -275,6 +268,33 @@ class NodeAgent:
             await self.store.js.publish(
                 self.store.names.events_subject("placement"), msgspec.json.encode(event)
             )
+
+
+class _Decoded(Generic[T]):
+    """A typed view of a watched bucket that decodes only the entries that changed."""
+
+    def __init__(self, watched: WatchedKV, typ: type[T]) -> None:
+        self._watched = watched
+        self._dec = msgspec.json.Decoder(typ)
+        self._cache: dict[str, tuple[bytes, T]] = {}
+
+    def current(self) -> dict[str, T]:
+        data = self._watched._data
+        out: dict[str, T] = {}
+        for key, raw in data.items():
+            hit = self._cache.get(key)
+            if hit is not None and hit[0] is raw:
+                out[key] = hit[1]
+                continue
+            try:
+                value = self._dec.decode(raw)
+            except (msgspec.DecodeError, msgspec.ValidationError):
+                continue
+            self._cache[key] = (raw, value)
+            out[key] = value
+        if len(self._cache) > len(out):
+            self._cache = {k: v for k, v in self._cache.items() if k in out}
+        return out
 
 
 class _Assessed(msgspec.Struct):

@@ -63,7 +63,7 @@ class Replica:
         node: str,
         address: str,
         publish: Publish,
-        log_sink: Callable[[LogLine], None],
+        log_sink: Callable[[LogLine], Awaitable[None]],
         lease: Callable[[], contextlib.AbstractAsyncContextManager[Any]] | None = None,
         may_campaign: Callable[[], bool] = lambda: True,
         fenced: bool = False,
@@ -244,11 +244,14 @@ class Replica:
     async def _pump(self, proc: asyncio.subprocess.Process) -> None:
         assert proc.stdout is not None
         while True:
-            line = await proc.stdout.readline()
+            try:
+                line = await proc.stdout.readline()
+            except ValueError:  # a line over the reader's limit: its start is dropped
+                continue
             if not line:
                 return
             text = line.decode(errors="replace").rstrip("\n")[:4000]
-            self._log_sink(LogLine(self.spec.name, self.index, self.node, time.time(), text))
+            await self._log_sink(LogLine(self.spec.name, self.index, self.node, time.time(), text))
 
     async def _kill(self) -> None:
         proc, self._proc = self._proc, None
