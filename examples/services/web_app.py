@@ -74,6 +74,7 @@ def main() -> None:
     signal.signal(signal.SIGTERM, stop)
     crash_after = os.environ.get("CRASH_AFTER")
     if crash_after is not None:
+
         def crash() -> None:
             time.sleep(float(crash_after))
             print("crashing on purpose", flush=True)
