@@ -178,8 +178,11 @@ class Node(Mesh):
     def _needs_mailbox(self) -> bool:
         if self.settings.mailbox is not None:
             return self.settings.mailbox
+        # Split-brain states come back to the owner through the mailbox after a partition.
         return any(
-            s.options.delivery != "at_most_once" or VoteRequest in s.by_class
+            s.options.delivery != "at_most_once"
+            or VoteRequest in s.by_class
+            or s.options.failover == "split_brain_allowed"
             for s in self.specs.values()
         )
 
@@ -390,9 +393,12 @@ class Node(Mesh):
         orphan = False
         if epoch is None:
             cut_off = self._orphans.get(shard)
-            if cut_off is None:
+            if cut_off is None or self._superseded(shard, cut_off[1]):
+                # A stale subscription, or a cut-off one whose shard another node now serves
+                # where this message also arrived: stay silent, the valid owner answers (else
+                # both would apply it).
                 self.stats.dropped_not_owner += 1
-                return  # a stale subscription: stay silent, the valid owner answers
+                return
             epoch, orphan = cut_off[1], True
         reply_to = msg.reply or None
         enc: codec.Encoding = codec.sniff(msg.data)
@@ -437,12 +443,19 @@ class Node(Mesh):
         while True:
             await asyncio.sleep(0.25)
             for shard, (_, epoch) in list(self._orphans.items()):
-                owner = self.shards.table.get(shard)
-                if owner is not None and owner.node != self.node_name and owner.epoch > epoch:
+                if self._superseded(shard, epoch):
                     await self._end_orphan(shard)
 
+    def _superseded(self, shard: int, epoch: int) -> bool:
+        """Does the lease table show another node serving `shard` under a newer epoch?"""
+        owner = self.shards.table.get(shard)
+        return owner is not None and owner.node != self.node_name and owner.epoch > epoch
+
     async def _end_orphan(self, shard: int) -> None:
-        sub, epoch = self._orphans.pop(shard)
+        cut_off = self._orphans.pop(shard, None)
+        if cut_off is None:
+            return  # ended meanwhile (re-acquired here while the heal watch was at it)
+        sub, epoch = cut_off
         with contextlib.suppress(Exception):
             await sub.unsubscribe()
         acts = [a for a in self._by_shard.get(shard, {}).values() if a.orphan]
@@ -581,7 +594,7 @@ class Node(Mesh):
 
     def durable_for(self, agent_id: AgentId, spec: AgentSpec, shard: int, epoch: int) -> Durable:
         events = self._events if spec.options.consistency == "event_sourced" else None
-        return Durable(
+        durable = Durable(
             spec,
             agent_id,
             epoch,
@@ -590,6 +603,9 @@ class Node(Mesh):
             lambda: self.shards.valid(shard, epoch),
             self._hlc,
         )
+        # Activated while cut off (split brain): the state bucket is out of reach.
+        durable.orphaned = self.shards.held_epoch(shard) != epoch == self.orphan_epoch(shard)
+        return durable
 
     def _bg_task(self, coro: Any) -> None:
         task = self.loop.create_task(coro)

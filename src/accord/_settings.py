@@ -31,7 +31,8 @@ class NodeSettings(msgspec.Struct, kw_only=True):
     """Free-form node labels (zone, cost, ...) published with membership."""
     mailbox: bool | None = None
     """Consume the durable mailbox of owned shards. None: only if a hosted agent type uses
-    at-least-once / exactly-once delivery or votes (handles `VoteRequest`); each consumer is a
+    at-least-once / exactly-once delivery, votes (handles `VoteRequest`) or is
+    `split_brain_allowed` (its states merge back through the mailbox); each consumer is a
     JetStream Raft group, so nodes that need none should not pay for 64 of them."""
     max_inflight: int = 20_000
     """Bulkhead: messages queued or running on this node; beyond it asks get `Overloaded` and

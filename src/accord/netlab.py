@@ -287,7 +287,8 @@ class NatsCluster:
 
     Server `hN` has `server_name: hN`, listens on `<ip>:4222` (clients), `<ip>:6222` (routes) and
     `<ip>:8222` (monitoring), stores in its own directory and fsyncs every write
-    (`sync_interval: always`). Stream and meta leaders are reported by server name = host name.
+    (`sync_interval: always`); routes ping every second and close after two missed pongs. Stream
+    and meta leaders are reported by server name = host name.
     """
 
     def __init__(
@@ -327,6 +328,10 @@ class NatsCluster:
         path.write_text(
             f'server_name: "{host}"\nlisten: "{ip}:4222"\nhttp: "{ip}:8222"\n'
             f'jetstream {{ store_dir: "{hdir / "js"}", sync_interval: always }}\n'
+            # Routes ping every second, and one that misses two pongs is closed: a partition is
+            # noticed in ~2-3 s instead of the default 2 min, and what was queued to a cut-off
+            # server is dropped, not delivered when the partition heals (see docs/architecture).
+            'ping_interval: "1s"\nping_max: 2\n'
             f'cluster {{ name: "{self.name}", listen: "{ip}:6222", routes: [{routes}] }}\n'
             f"{self.extra_config}\n"
         )
@@ -481,6 +486,11 @@ class NatsCluster:
                     with contextlib.suppress(nats.errors.Error):
                         await conn.request(f"$JS.API.STREAM.LEADER.STEPDOWN.{stream}", body, 2.0)
                 await asyncio.sleep(0.2)
+
+    def routed(self, host: str) -> set[str]:
+        """Names of the servers `host` has a route to right now (its `/routez`)."""
+        _, routez = self.monitor(host, "routez")
+        return {str(r.get("remote_name") or "") for r in (routez or {}).get("routes") or []}
 
     def stream_state(self, host: str, stream: str) -> dict[str, Any] | None:
         """`host`'s own replica state of `stream` (messages, last_seq, ...) from its `/jsz`."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import os
 import random
 import subprocess
@@ -18,12 +19,14 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 
 import accord
 from accord import history as hist
 from accord._ids import shard_of
 from accord._status import cluster_status
+from accord._transport import NoResponders
 
 from ._support import ROOT, ask_with_epoch, eventually
 
@@ -34,6 +37,7 @@ from partition_app import Add, Read  # noqa: E402
 pytestmark = [pytest.mark.chaos, pytest.mark.netlab]
 APP = str(ROOT / "examples" / "partition_app.py")
 HOSTS = ("h1", "h2", "h3")
+NODE_LOG = os.environ.get("ACCORD_TEST_NODE_LOG", "info")  # "debug" to see lease attempts
 
 
 def _usable() -> str | None:
@@ -51,7 +55,11 @@ def lab(tmp_path: Path) -> Iterator[Any]:
     if reason:
         pytest.skip(reason)
     netlab.NetLab.cleanup_stale("accpart")
-    with netlab.NetLab("accpart", hosts=3) as lab, netlab.NatsCluster(lab) as nats_cluster:
+    nats_dir = tmp_path / "nats"  # server logs stay with the node logs for diagnosis
+    with (
+        netlab.NetLab("accpart", hosts=3) as lab,
+        netlab.NatsCluster(lab, base_dir=nats_dir) as nats_cluster,
+    ):
         nats_cluster.wait_ready(60)
         # 8 shards instead of 64: every lease renewal is an fsynced R3 write on 3 servers that
         # share 2 cores here; the scenarios need shards on every node, not many of them.
@@ -62,27 +70,54 @@ def lab(tmp_path: Path) -> Iterator[Any]:
             procs[h] = lab.run(
                 h,
                 [sys.executable, "-m", "accord", "node", "--nats", nats_cluster.url(h), "--app",
-                 APP, "--name", f"node-{h}", "--replicas", "3"],
+                 APP, "--name", f"node-{h}", "--replicas", "3", "--log-level", NODE_LOG],
                 stdout=log, stderr=log,
             )  # fmt: skip
             log.close()
         lab.nats = nats_cluster
         lab.nodes = procs
         try:
+            _wait_nodes_up(tmp_path, procs, 60)
             yield lab
+            exited = {h: p.returncode for h, p in procs.items() if p.poll() is not None}
+            assert not exited, f"node processes exited during the scenario: {exited}"
         finally:
             for p in procs.values():  # nodes before servers, so they can hand off
                 netlab.stop_process(p, grace=10)
+
+
+def _wait_nodes_up(logs: Path, procs: dict[str, Any], timeout: float) -> None:
+    """Block until every node logged that its start finished (shards may be placed earlier)."""
+    deadline = time.monotonic() + timeout
+    waiting = set(procs)
+    while waiting:
+        for h in list(waiting):
+            if procs[h].poll() is not None:
+                raise AssertionError(f"node-{h} exited during start: {procs[h].returncode}")
+            if f"node node-{h} up" in (logs / f"node-{h}.log").read_text(errors="replace"):
+                waiting.discard(h)
+        if waiting and time.monotonic() > deadline:
+            raise AssertionError(f"nodes not up after {timeout}s: {sorted(waiting)}")
+        time.sleep(0.1)
 
 
 async def _create_cluster(urls: list[str], num_shards: int) -> None:
     import nats as nats_py
 
     from accord.cluster._config import Names, open_cluster
+    from accord.delivery._mailbox import ensure_streams
 
+    # Created here, one at a time, rather than by three starting nodes at once: R3 stream
+    # creation on 2 busy cores can outlast a node's 5 s JetStream API timeout.
     nc = await nats_py.connect(urls)
     try:
-        await open_cluster(nc.jetstream(), Names("default"), num_shards=num_shards, replicas=3)
+        js, names = nc.jetstream(), Names("default")
+        _, kvs = await open_cluster(js, names, num_shards=num_shards, replicas=3)
+        await ensure_streams(js, names, 3)
+        with contextlib.suppress(ImportError):  # the node agent's buckets (services)
+            from accord.services._store import ServiceStore
+
+            await ServiceStore.open(js, names, kvs["members"], 3)
     finally:
         await nc.close()
 
@@ -140,13 +175,11 @@ async def _writer(
         op = history.invoke(agent, "write", side)
         try:
             value, epoch, node = await ask_with_epoch(mesh, agent, Add(1), 2.0, returns=int)
-        except accord.DeliveryTimeout as exc:
-            history.fail(op, unknown=exc.maybe_delivered)
-        except accord.AccordError as exc:
-            # A turn whose state write could not reach the majority: it may still apply? No —
-            # JetStream acks only committed writes — but stay conservative and call it unknown.
-            history.fail(op, unknown=getattr(exc, "remote_type", "") == "NotConnected")
+        except NoResponders:
+            history.fail(op, unknown=False)  # nobody subscribed: the server delivered it nowhere
         except Exception:
+            # No reply in time, an error reply (e.g. a state write JetStream did not confirm),
+            # a connection lost mid-request: the increment may or may not have been applied.
             history.fail(op, unknown=True)
         else:
             history.ok(op, node, epoch, value)
@@ -157,15 +190,58 @@ async def _read(mesh: accord.Mesh, agent: str) -> int:
     return int(await mesh.ask(agent, Read(), timeout=5, delivery="at_most_once"))
 
 
-@pytest.mark.wip  # not yet passing on a 2-core VM: see the issue note (majority stalls)
+RAFT_GROUPS = ("KV_accord_default_leases", "KV_accord_default_state", "KV_accord_default_members")
+
+
+async def _lead_from(nats_cluster: Any, host: str) -> None:
+    """Make `host` lead the lease, state and membership streams: cutting it off (or killing it)
+    then forces all three to elect a new leader — the slowest failover."""
+    for stream in RAFT_GROUPS:
+        await nats_cluster.move_leader(stream, host)
+
+
+async def _stored_state(mesh: accord.Mesh, agent: str) -> Any:
+    """The agent's state record as stored (for failure messages)."""
+    from accord._ids import AgentId
+    from accord.state._store import StateStore
+
+    with contextlib.suppress(Exception):
+        record, rev = await StateStore(mesh._kvs["state"]).load(AgentId.parse(agent))
+        if record is not None:
+            state = msgspec.msgpack.decode(record.state)
+            return {"epoch": record.epoch, "rev": rev, "state": state}
+    return None
+
+
+def _answered_since(
+    history: hist.History, agents: list[str], since: float, sides: set[str] | None = None
+) -> dict[str, float] | None:
+    """agent -> seconds from `since` to its first ok answer to an op invoked after `since` (on
+    each of `sides`, latest side counts), once every agent has one; else None."""
+    first: dict[tuple[str, str], float] = {}
+    for o in history.ops:
+        if o.outcome == "ok" and o.invoke > since and (sides is None or o.side in sides):
+            key = (o.agent, o.side if sides else "")
+            first[key] = min(first.get(key, o.complete), o.complete)
+    out: dict[str, float] = {}
+    for a in agents:
+        times = [first.get((a, side)) for side in (sides or {""})]
+        if any(t is None for t in times):
+            return None
+        out[a] = max(t for t in times if t is not None) - since
+    return out
+
+
 async def test_partitioned_minority_never_double_owns_absolute_agents(lab: Any) -> None:
     nats_cluster = lab.nats
+    everyone = {f"node-{h}" for h in HOSTS}
     async with (
         _mesh(nats_cluster.urls) as everywhere,
         _mesh([nats_cluster.url("h1")]) as minority,
         _mesh([nats_cluster.url("h2")]) as majority,
     ):
-        st = await _placed(everywhere, {f"node-{h}" for h in HOSTS})
+        await _lead_from(nats_cluster, "h1")
+        st = await _placed(everywhere, everyone)
         groups = _agents_by_owner(st, "abs_counter", 10)
         agents = [a for group in groups.values() for a in group]
         history = hist.History()
@@ -173,49 +249,57 @@ async def test_partitioned_minority_never_double_owns_absolute_agents(lab: Any) 
         writers = [asyncio.create_task(_writer(m, agents, history, side, stop))
                    for m, side in ((minority, "minority"), (majority, "majority"))
                    for _ in range(4)]  # fmt: skip
-        await asyncio.sleep(2)
+        both = {"minority", "majority"}
+        await eventually(
+            lambda: _async(_answered_since(history, agents, 0, both)), 30, "traffic before the cut"
+        )
         cut_at = time.monotonic()
         lab.partition([{"h1"}, {"h2", "h3"}])
         moved = groups["node-h1"]
 
-        async def minority_agents_served_by_majority() -> bool | None:
-            done = [
-                o for o in history.ops
-                if o.agent in moved and o.outcome == "ok" and o.side == "majority"
-                and o.node != "node-h1" and o.invoke > cut_at
-            ]  # fmt: skip
-            return True if {o.agent for o in done} == set(moved) else None
+        async def minority_agents_served_by_majority() -> dict[str, float] | None:
+            return _answered_since(history, moved, cut_at, {"majority"})
 
-        await eventually(minority_agents_served_by_majority, 60, "takeover by the majority")
-        failover = max(
-            min(o.complete for o in history.ops if o.agent == a and o.outcome == "ok"
-                and o.side == "majority" and o.node != "node-h1" and o.invoke > cut_at)
-            for a in moved
-        ) - cut_at  # fmt: skip
-        await asyncio.sleep(3)
+        taken = await eventually(minority_agents_served_by_majority, 60, "takeover by majority")
+        failover = max(taken.values())
+        healed_at = time.monotonic()
         lab.heal()
-        await asyncio.sleep(3)
+        # Recovery: every agent answers again on both sides (the minority's server rejoined).
+        back = await eventually(
+            lambda: _async(_answered_since(history, agents, healed_at, both)),
+            60,
+            "every agent answering on both sides after the heal",
+            interval=0.2,
+        )
         stop.set()
         await asyncio.gather(*writers)
-        await _placed(everywhere, {f"node-{h}" for h in HOSTS})
+        await _placed(everywhere, everyone)
+        placed_s = time.monotonic() - healed_at
         final = {a: await _read(everywhere, a) for a in agents}
     violations = hist.single_owner_violations(history.ops)
     violations += hist.lost_write_violations(history.ops, final)
-    report = hist.report(history, violations, failover)
+    report = hist.report(history, violations, round(failover, 2),
+                         recovered_after_heal_s=round(max(back.values()), 2),
+                         placed_after_heal_s=round(placed_s, 2))  # fmt: skip
     print("absolute partition:", report.json())
     assert violations == []
     assert report.ok > 0 and failover > 0
 
 
-@pytest.mark.wip  # not yet passing on a 2-core VM: see the issue note (majority stalls)
+async def _async(value: Any) -> Any:
+    return value
+
+
 async def test_split_brain_crdt_counters_accept_on_both_sides_and_converge(lab: Any) -> None:
     nats_cluster = lab.nats
+    everyone = {f"node-{h}" for h in HOSTS}
     async with (
         _mesh(nats_cluster.urls) as everywhere,
         _mesh([nats_cluster.url("h1")]) as minority,
         _mesh([nats_cluster.url("h2")]) as majority,
     ):
-        st = await _placed(everywhere, {f"node-{h}" for h in HOSTS})
+        await _lead_from(nats_cluster, "h1")
+        st = await _placed(everywhere, everyone)
         agents = _agents_by_owner(st, "sb_counter", 5)["node-h1"]
         history = hist.History()
         stop = asyncio.Event()
@@ -225,36 +309,61 @@ async def test_split_brain_crdt_counters_accept_on_both_sides_and_converge(lab: 
                    for m, side in ((minority, "minority"), (majority, "majority"))
                    for _ in range(2)]  # fmt: skip
 
-        async def both_sides_accepting() -> bool | None:
-            sides = {o.side for o in history.ops if o.outcome == "ok" and o.invoke > cut_at + 3}
-            return True if sides == {"minority", "majority"} else None
+        async def both_sides_accepting() -> dict[str, float] | None:
+            # every agent written on both sides, once the majority has taken the shards over
+            return _answered_since(history, agents, cut_at + 3, {"minority", "majority"})
 
         await eventually(both_sides_accepting, 60, "both sides to accept writes")
-        await asyncio.sleep(2)
+
+        async def routes_dropped() -> bool | None:
+            # Until the servers close the routes across the cut, what they queued to the other
+            # side is delivered when it heals, to the cut-off node too (applied twice).
+            seen = await asyncio.to_thread(lambda: {h: nats_cluster.routed(h) for h in HOSTS})
+            crossing = "h1" in seen["h2"] | seen["h3"] or bool(seen["h1"] & {"h2", "h3"})
+            return None if crossing else True
+
+        await eventually(routes_dropped, 30, "the servers to drop the routes across the cut")
         stop.set()
         await asyncio.gather(*writers)
+        healed_at = time.monotonic()
         lab.heal()
         ok = {a: sum(1 for o in history.ops if o.agent == a and o.outcome == "ok") for a in agents}
         unknown = {a: sum(1 for o in history.ops if o.agent == a and o.outcome == "unknown")
                    for a in agents}  # fmt: skip
 
+        last: list[Any] = []
+
         async def converged() -> dict[str, dict[str, int]] | None:
             try:
                 seen = {a: {"minority": await _read(minority, a),
                             "majority": await _read(majority, a)} for a in agents}  # fmt: skip
-            except accord.AccordError:
+            except accord.AccordError as exc:
+                last[:] = [exc]
                 return None
+            last[:] = [seen]
             good = all(len(set(v.values())) == 1 and ok[a] <= v["majority"] <= ok[a] + unknown[a]
                        for a, v in seen.items())  # fmt: skip
             return seen if good else None
 
-        seen = await eventually(converged, 90, "convergence after heal", interval=0.5)
+        try:
+            seen = await eventually(converged, 90, "convergence after heal", interval=0.5)
+        except AssertionError as exc:
+            stored = {a: await _stored_state(everywhere, a) for a in agents}
+            by_side = {a: {side: sum(1 for o in history.ops if o.agent == a and o.side == side
+                                     and o.outcome == "ok") for side in ("minority", "majority")}
+                       for a in agents}  # fmt: skip
+            raise AssertionError(f"{exc}; ok {ok} ({by_side}), unknown {unknown}, last read "
+                                 f"{last}, stored {stored}") from None  # fmt: skip
+        converged_s = time.monotonic() - healed_at
+        await _placed(everywhere, everyone)
+        placed_s = time.monotonic() - healed_at
     final = {a: v["majority"] for a, v in seen.items()}
     violations = hist.convergence_violations(seen)
     violations += hist.lost_write_violations(history.ops, final)
     report = hist.report(history, violations, accepted_by={
         side: sum(1 for o in history.ops if o.side == side and o.outcome == "ok")
-        for side in ("minority", "majority")})  # fmt: skip
+        for side in ("minority", "majority")}, converged_after_heal_s=round(converged_s, 2),
+        placed_after_heal_s=round(placed_s, 2))  # fmt: skip
     print("split-brain partition:", report.json())
     assert violations == []
     assert (
@@ -262,39 +371,51 @@ async def test_split_brain_crdt_counters_accept_on_both_sides_and_converge(lab: 
     )
 
 
-@pytest.mark.wip  # not yet passing on a 2-core VM: see the issue note (majority stalls)
 async def test_killing_the_state_stream_leader_loses_no_acknowledged_write(lab: Any) -> None:
     nats_cluster = lab.nats
+    everyone = {f"node-{h}" for h in HOSTS}
     async with _mesh(nats_cluster.urls) as everywhere:
-        st = await _placed(everywhere, {f"node-{h}" for h in HOSTS})
+        st = await _placed(everywhere, everyone)
         groups = _agents_by_owner(st, "abs_counter", 5)
         agents = [a for g in groups.values() for a in g]
         leader = await nats_cluster.leader_of("KV_accord_default_state")
         assert leader in HOSTS
+        await _lead_from(nats_cluster, leader)
         survivors = [h for h in HOSTS if h != leader]
         history = hist.History()
         stop = asyncio.Event()
         async with _mesh([nats_cluster.url(h) for h in survivors]) as client:
+            await _placed(client, everyone)
             writers = [asyncio.create_task(_writer(client, agents, history, "x", stop))
                        for _ in range(4)]  # fmt: skip
-            await asyncio.sleep(2)
+            await eventually(
+                lambda: _async(_answered_since(history, agents, 0)), 30, "traffic before the kill"
+            )
             killed_at = time.monotonic()
             nats_cluster.kill(leader)
-            await asyncio.sleep(12)
+            back = await eventually(
+                lambda: _async(_answered_since(history, agents, killed_at)),
+                60,
+                "every agent answering after the kill",
+                interval=0.2,
+            )
             stop.set()
             await asyncio.gather(*writers)
-            live = {f"node-{h}" for h in survivors}
-            await _placed(client, live, timeout=60)
+            # The killed server's node reconnects to a surviving server (nats-py learns the
+            # cluster's servers from the one it was given) and keeps its place.
+            await _placed(client, everyone, timeout=60)
             final = {a: await _read(client, a) for a in agents}
     oks = sorted(o.complete for o in history.ops if o.outcome == "ok")
-    before = [t for t in oks if t < killed_at]
-    after = [t for t in oks if t > killed_at]
-    pause = (after[0] - killed_at) if after else None
+    # The pause: the longest time without any acknowledged write, from the kill until every
+    # agent had answered again (writes in flight at the kill may still complete first).
+    window = [killed_at] + [t for t in oks if killed_at < t <= killed_at + max(back.values())]
+    pause = max(b - a for a, b in itertools.pairwise(window))
     violations = hist.lost_write_violations(history.ops, final)
-    report = hist.report(history, violations, pause, killed=leader)
+    report = hist.report(history, violations, round(pause, 2), killed=leader,
+                         all_agents_back_s=round(max(back.values()), 2))  # fmt: skip
     print("stream leader kill:", report.json())
     assert violations == []
-    assert before and after, "writes must succeed before and after the leader kill"
+    assert any(t < killed_at for t in oks) and len(window) > 1, "writes before and after the kill"
 
 
 async def test_election_under_partition_has_one_leader_and_fences_the_deposed(lab: Any) -> None:
@@ -336,7 +457,9 @@ async def test_election_under_partition_has_one_leader_and_fences_the_deposed(la
 
             second = await eventually(new_leader, 60, "a leader on the majority side", 0.2)
         lab.heal()
-        await asyncio.sleep(2)
+        # The servers re-form the routes and JetStream re-elects where the healed server
+        # campaigned meanwhile: wait until the cluster is whole again.
+        await asyncio.to_thread(nats_cluster.wait_ready, 60)
         stop.set()
         await asyncio.wait(campaigns, timeout=20)
         await everywhere.fenced_write("job", b"leader output", second.token)

@@ -6,6 +6,7 @@ every node and client reads them from there, so they can never disagree.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import re
 import time
@@ -22,6 +23,8 @@ from .._errors import ConfigurationError, NotConnected
 _NAME_RE = re.compile(r"^[A-Za-z0-9_\-]{1,32}$")
 DEFAULT_SHARDS = 64
 DEFAULT_LEASE_TTL = 2
+OPEN_RETRY_FOR = 15.0  # seconds `open_cluster` retries a JetStream that does not answer yet
+JS_TEMPORARILY_UNAVAILABLE = 10008
 
 
 class ClusterConfig(msgspec.Struct, frozen=True):
@@ -88,6 +91,29 @@ async def open_cluster(
         raise ConfigurationError(f"num_shards must be 1..4096, got {num_shards}")
     if lease_ttl is not None and not 1 <= lease_ttl <= 60:
         raise ConfigurationError(f"lease_ttl must be 1..60 whole seconds, got {lease_ttl}")
+    # A JetStream API request lost in a leader election (or queued behind R3 stream creation on
+    # a busy machine) times out, or is refused as "temporarily unavailable": both pass.
+    deadline = time.monotonic() + OPEN_RETRY_FOR
+    while True:
+        try:
+            return await _open(js, names, num_shards, lease_ttl, replicas)
+        except _NotYet:
+            if time.monotonic() > deadline:
+                raise
+        await asyncio.sleep(0.5)
+
+
+class _NotYet(NotConnected):
+    """JetStream did not answer in time, or answered "temporarily unavailable"."""
+
+
+async def _open(
+    js: JetStreamContext,
+    names: Names,
+    num_shards: int | None,
+    lease_ttl: int | None,
+    replicas: int,
+) -> tuple[ClusterConfig, dict[str, KeyValue]]:
     try:
         kvs = {
             "meta": await _bucket(js, names.bucket("meta"), replicas),
@@ -108,9 +134,12 @@ async def open_cluster(
             await kvs["meta"].create("config", msgspec.json.encode(wanted))
         entry = await kvs["meta"].get("config")
     except nats.js.errors.Error as exc:
-        raise NotConnected(f"JetStream is not available: {exc}") from None
+        unavailable = getattr(exc, "err_code", None) == JS_TEMPORARILY_UNAVAILABLE
+        raise (_NotYet if unavailable else NotConnected)(
+            f"JetStream is not available: {exc}"
+        ) from None
     except TimeoutError:
-        raise NotConnected("JetStream did not answer in time") from None
+        raise _NotYet("JetStream did not answer in time") from None
     config = msgspec.json.decode(entry.value or b"", type=ClusterConfig)
     if num_shards is not None and num_shards != config.num_shards:
         raise ConfigurationError(

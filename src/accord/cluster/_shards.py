@@ -164,11 +164,18 @@ class ShardManager:
     # -- loops ------------------------------------------------------------------------------
 
     async def _watch(self) -> None:
+        # Every held lease is renewed each TTL/4, so a live cluster writes here several times a
+        # second; silence for 2 TTLs means the watch's consumer sits on a server we cannot reach
+        # (or died): start a new one. A restart only replays the current keys.
+        stall = max(3.0, 2.0 * self._ttl)
         while True:
             watcher = None
             try:
                 watcher = await self._kv.watchall()
-                async for entry in watcher:
+                while True:
+                    entry = await watcher.updates(timeout=stall)  # type: ignore[no-untyped-call]
+                    if entry is not None and not hasattr(entry, "key"):
+                        raise ConnectionError("watch ended")
                     if entry is None:
                         self._synced.set()
                         self.wake()
@@ -176,8 +183,10 @@ class ShardManager:
                     self._apply(entry.key, entry.value, entry.operation, entry.revision)
             except asyncio.CancelledError:
                 raise
+            except nats.errors.TimeoutError:
+                log.info("leases watch silent for %.0fs, restarting it", stall)
             except Exception as exc:
-                log.warning("leases watch failed, restarting: %s", exc)
+                log.warning("leases watch failed, restarting: %r", exc)
                 await asyncio.sleep(0.5)
             finally:
                 if watcher is not None:
@@ -190,10 +199,7 @@ class ShardManager:
         except ValueError:
             return
         if op in ("DEL", "PURGE") or not value:
-            gone = self.table.pop(shard, None)
-            if gone is not None:
-                self.previous_epoch[shard] = gone.epoch
-            self._free_since[shard] = self._clock()
+            self._forget(shard)
             self.wake()
             return
         try:
@@ -327,9 +333,9 @@ class ShardManager:
             value = _lease_enc.encode(LeaseValue(self._me, 0, self._members.me.incarnation))
             try:
                 if over:
-                    rev = await self._leases.renew(f"shard.{shard}", value, over)
-                    log.warning("took over shard %d from a lease not renewed for %.1fs", shard,
-                                self._ttl + 1.0)  # fmt: skip
+                    rev = await self._take_over(shard, value, over)
+                    if rev is None:
+                        return
                 else:
                     rev = await self._leases.create(f"shard.{shard}", value)
             except (Taken, nats.js.errors.APIError) as exc:
@@ -348,6 +354,40 @@ class ShardManager:
             await self._renew(shard)  # records the epoch in the lease value
         finally:
             self._busy.discard(shard)
+
+    async def _take_over(self, shard: int, value: bytes, over: int) -> int | None:
+        """Take `shard` from a lease seen unrenewed at revision `over`: by CAS on that revision.
+        When the CAS fails our view is stale — the key was renewed, or it expired without a
+        deletion marker reaching our watch (a stream leader elected during a partition expires
+        keys silently) — so read the key itself: absent, take it by create; held, record the
+        holder as seen now, so it gets a full TTL before the next attempt."""
+        key = f"shard.{shard}"
+        try:
+            rev = await self._leases.renew(key, value, over)
+        except Taken:
+            last = await self._leases.last(key)
+            if last is not None:
+                try:
+                    lease = _lease_dec.decode(last[0])
+                except msgspec.DecodeError:
+                    return None
+                self.table[shard] = LeaseView(
+                    lease.node, lease.epoch or last[1], last[1], self._clock()
+                )
+                return None
+            self._forget(shard)
+            rev = await self._leases.create(key, value)
+            log.warning("took over shard %d: its expired lease had left no marker", shard)
+            return rev
+        log.warning("took over shard %d from a lease not renewed for %.1fs", shard,
+                    self._ttl + 1.0)  # fmt: skip
+        return rev
+
+    def _forget(self, shard: int) -> None:
+        gone = self.table.pop(shard, None)
+        if gone is not None:
+            self.previous_epoch[shard] = gone.epoch
+        self._free_since[shard] = self._clock()
 
     async def _release(self, shard: int) -> None:
         self._busy.add(shard)

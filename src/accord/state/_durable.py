@@ -14,14 +14,17 @@ the state it produced), whatever the consistency.
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Callable
-from typing import Any
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import msgspec
 
 from .._agent import Agent, AgentSpec
-from .._errors import Fenced, StateError
+from .._errors import Fenced, NotConnected, StateError
 from .._ids import AgentId
 from ..cluster._hlc import HybridClock
 from ._events import EventLog
@@ -30,6 +33,13 @@ from ._store import DedupEntry, MergeState, StateConflict, StateRecord, StateSto
 log = logging.getLogger("accord.state")
 
 _enc = msgspec.msgpack.Encoder()
+T = TypeVar("T")
+
+RETRY_FOR = 15.0
+"""Seconds a state read or write is retried while JetStream does not answer (a stream leader
+election takes ~4-9 s), as long as the lease is still valid."""
+CUT_OFF_LOAD_TIMEOUT = 1.0
+"""How long an activation on a cut-off node tries to read its state from the local replica."""
 
 
 def merge_states(a: Any, b: Any) -> Any:
@@ -71,7 +81,10 @@ class Durable:
     # -- activation ---------------------------------------------------------------------------
 
     async def load(self, agent: Agent) -> None:
-        record, revision = await self._store.load(self.id)
+        if self.orphaned:
+            await self._load_cut_off(agent)
+            return
+        record, revision = await self._retrying(lambda: self._store.load(self.id), True)
         if record is not None and record.epoch > self.epoch:
             raise Fenced(f"state of {self.id} belongs to epoch {record.epoch} > {self.epoch}")
         state = self._decode_state(record) if record is not None else None
@@ -93,6 +106,54 @@ class Durable:
             self.record.schema = self.spec.options.state_version
             self.record.state = msgspec.Raw(self._saved)
             await self._write(agent)
+
+    async def _load_cut_off(self, agent: Agent) -> None:
+        """Activate on a node cut off from the majority (split brain): from the local replica's
+        copy if it answers, else — CRDT state only — from the empty state, the CRDT's bottom,
+        which loses nothing once merged. Increments are counted under a replica id of this
+        activation alone: a stale or empty base under the shared `node:epoch` id would make the
+        merge's per-replica maximum drop increments."""
+        try:
+            record, revision = await self._store.load(self.id, CUT_OFF_LOAD_TIMEOUT)
+        except NotConnected:
+            if self.spec.options.consistency != "crdt":
+                raise NotConnected(
+                    f"{self.id} is cut off from the cluster and its state is unreachable; "
+                    "only CRDT state can start from empty"
+                ) from None
+            record, revision = None, 0
+            log.warning("%s: cut off, state unreachable: serving from the empty CRDT", self.id)
+        state = self._decode_state(record) if record is not None else None
+        if state is None and self.spec.state_type is not None:
+            state = self.spec.state_type()
+        agent.state = state  # type: ignore[attr-defined]
+        if record is not None:
+            self.record, self.revision = record, revision
+            self._hlc.observe(record.hlc)
+        agent.replica_id = f"{agent.replica_id}~{uuid.uuid4().hex[:8]}"
+        self._saved = self._encode(agent)
+
+    async def _retrying(self, op: Callable[[], Awaitable[T]], fence: bool) -> T:
+        """Run `op`, retrying `NotConnected` (JetStream not answering: a lost request in a
+        leader election) with backoff while the lease is valid, for at most `RETRY_FOR` seconds.
+        A lease that ends meanwhile raises `Fenced` when `fence` (the activation stops silently:
+        the next owner answers), else the last `NotConnected`."""
+        deadline = time.monotonic() + RETRY_FOR
+        delay = 0.1
+        while True:
+            try:
+                return await op()
+            except NotConnected as exc:
+                if not self._still_owner():
+                    if fence:
+                        raise Fenced(f"{self.id}: lease of epoch {self.epoch} ended while "
+                                     f"JetStream did not answer ({exc})") from None  # fmt: skip
+                    raise
+                if time.monotonic() + delay > deadline:
+                    raise
+                log.info("%s: %s; retrying", self.id, exc)
+            await asyncio.sleep(delay)
+            delay = min(1.0, delay * 2)
 
     def _decode_state(self, record: StateRecord) -> Any:
         typ = self.spec.state_type
@@ -201,13 +262,15 @@ class Durable:
         self.record.epoch = max(self.record.epoch, self.epoch)
         for _ in range(20):
             try:
-                self.revision = await self._store.save(self.id, self.record, self.revision)
+                self.revision = await self._retrying(
+                    lambda: self._store.save(self.id, self.record, self.revision), not crdt
+                )
                 self.dirty = False
                 return
             except Fenced:
                 if not crdt:
                     raise
-                current, revision = await self._store.load(self.id)
+                current, revision = await self._retrying(lambda: self._store.load(self.id), False)
                 assert current is not None
                 self._merge_into(agent, current, revision)
             except StateConflict as conflict:

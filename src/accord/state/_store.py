@@ -7,6 +7,7 @@ A writer whose compare-and-set fails because a newer epoch wrote meanwhile gets 
 
 from __future__ import annotations
 
+import asyncio
 import base64
 
 import msgspec
@@ -77,17 +78,26 @@ def state_key(agent_id: AgentId) -> str:
 
 
 class StateStore:
-    def __init__(self, kv: KeyValue) -> None:
-        self._kv = kv
+    """`timeout` bounds each request: one lost in a JetStream leader election fails after it
+    (as `NotConnected`) instead of after nats-py's default 5 s, so the caller can retry."""
 
-    async def load(self, agent_id: AgentId) -> tuple[StateRecord | None, int]:
+    def __init__(self, kv: KeyValue, timeout: float = 2.0) -> None:
+        self._kv = kv
+        self.timeout = timeout
+
+    async def load(
+        self, agent_id: AgentId, timeout: float | None = None
+    ) -> tuple[StateRecord | None, int]:
         """The stored record and its revision (None, 0 when the agent has none)."""
         try:
-            entry = await self._kv.get(state_key(agent_id))
+            entry = await asyncio.wait_for(
+                self._kv.get(state_key(agent_id)), timeout or self.timeout
+            )
         except nats.js.errors.KeyNotFoundError:
             return None, 0
         except (nats.errors.Error, TimeoutError) as exc:
-            raise NotConnected(f"cannot load state of {agent_id}: {exc}") from None
+            why = str(exc) or "no answer in time"
+            raise NotConnected(f"cannot load state of {agent_id}: {why}") from None
         return self.decode(agent_id, entry.value or b""), int(entry.revision or 0)
 
     @staticmethod
@@ -113,12 +123,15 @@ class StateStore:
         data = _enc.encode(record)
         try:
             if last_revision:
-                return int(await self._kv.update(key, data, last=last_revision))
-            return int(await self._kv.create(key, data))
+                write = self._kv.update(key, data, last=last_revision)
+            else:
+                write = self._kv.create(key, data)
+            return int(await asyncio.wait_for(write, self.timeout))
         except nats.js.errors.KeyWrongLastSequenceError:
             pass
         except (nats.errors.Error, TimeoutError) as exc:
-            raise NotConnected(f"cannot save state of {agent_id}: {exc}") from None
+            why = str(exc) or "no answer in time"
+            raise NotConnected(f"cannot save state of {agent_id}: {why}") from None
         current, revision = await self.load(agent_id)
         if current is not None and current.epoch > record.epoch:
             raise Fenced(
