@@ -141,6 +141,11 @@ def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedP
     )  # fmt: skip
 
 
+async def _acli(*args: str) -> subprocess.CompletedProcess[str]:
+    """The CLI in a thread: a blocking call would stall this test's node (no lease renewals)."""
+    return await asyncio.to_thread(_cli, *args)
+
+
 async def test_failing_handler_is_dead_lettered_and_replayed_by_the_cli(
     nats_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -152,7 +157,7 @@ async def test_failing_handler_is_dead_lettered_and_replayed_by_the_cli(
         with pytest.raises(accord.RemoteError) as err:
             await node.ask("flaky/x", Add(7), timeout=10)
         assert "flaky is broken" in str(err.value)
-        listed = _cli("dlq", "list", "--json", "--nats", nats_url, "--cluster", cluster)
+        listed = await _acli("dlq", "list", "--json", "--nats", nats_url, "--cluster", cluster)
         assert listed.returncode == 0, listed.stderr
         entries = json.loads(listed.stdout)
         assert len(entries) == 1
@@ -160,11 +165,12 @@ async def test_failing_handler_is_dead_lettered_and_replayed_by_the_cli(
         assert entry["target"] == "flaky/x" and entry["type"] == "Add"
         assert entry["deliveries"] == 3  # max_deliver of Flaky
         assert "RuntimeError: flaky is broken" in entry["reason"]
-        shown = _cli("dlq", "show", str(entry["seq"]), "--nats", nats_url, "--cluster", cluster)
+        where = ("--nats", nats_url, "--cluster", cluster)
+        shown = await _acli("dlq", "show", str(entry["seq"]), *where)
         assert shown.returncode == 0 and '"n": 7' in shown.stdout
 
         fixed.touch()  # the bug is fixed; replay the dead letter
-        replay = _cli("dlq", "replay", str(entry["seq"]), "--nats", nats_url, "--cluster", cluster)
+        replay = await _acli("dlq", "replay", str(entry["seq"]), *where)
         assert replay.returncode == 0, replay.stderr
 
         async def total() -> int:
@@ -175,9 +181,9 @@ async def test_failing_handler_is_dead_lettered_and_replayed_by_the_cli(
                 break
             await asyncio.sleep(0.05)
         assert await total() == 7
-        empty = _cli("dlq", "list", "--json", "--nats", nats_url, "--cluster", cluster)
+        empty = await _acli("dlq", "list", "--json", "--nats", nats_url, "--cluster", cluster)
         assert json.loads(empty.stdout) == []
-        bad = _cli("dlq", "show", "999", "--nats", nats_url, "--cluster", cluster)
+        bad = await _acli("dlq", "show", "999", "--nats", nats_url, "--cluster", cluster)
         assert bad.returncode == 2 and "no dead letter" in bad.stderr
         assert "Traceback" not in bad.stderr
     finally:
