@@ -137,6 +137,25 @@ def rows(name: str, r: dict[str, Any]) -> list[tuple[str, str, str, str, str, st
                 (name, f"{kind} ask 64-in-flight ops/s vs counter", f"{k['tput_ops_s']:.0f}",
                  f"{c['tput_ops_s']:.0f}", f"{rr['tput_ratio']:.2f}", "-", "-"),
             ]  # fmt: skip
+    elif b == "services_failover":
+        o, d = r["overhead"], r["overhead"]["direct"]
+        conc = f"{r['params']['concurrency']}-in-flight req/s"
+        for side, key in (("balancer", "ratios"), ("bare_proxy", "bare_ratios")):
+            x, rr = o[side], o[key]
+            out += [
+                (name, f"{side} vs direct: seq GET p50 (us)", f"{x['seq_p50_us']:.0f}",
+                 f"{d['seq_p50_us']:.0f}", f"{rr['seq_p50']:.2f}", "-", "-"),
+                (name, f"{side} vs direct: {conc}", f"{x['tput_req_s']:.0f}",
+                 f"{d['tput_req_s']:.0f}", f"{rr['throughput']:.2f}", "-", "-"),
+            ]  # fmt: skip
+        runs = ", ".join(f"{x['healthy_s']:.2f}" for x in r["runs"])
+        h = r["healthy_s"]
+        out += [
+            (name, f"replica healthy after SIGKILL (s) [{runs}]", f"{h['median']:.2f}", "-", "-",
+             "-", "-"),
+            (name, "GETs failed through balancer in failover", str(r["window_failed"]),
+             f"of {r['window_requests']}", f"{r['window_error_rate']:.4f}", "-", "-"),
+        ]  # fmt: skip
     return out
 
 
@@ -165,6 +184,7 @@ def main() -> None:
         ("node_footprint", "node_footprint.py", []),
         ("diag_hotpath", "diag_hotpath.py", []),
         ("durable", "durable.py", []),
+        ("services_failover", "services_failover.py", []),
     ]
 
     t0 = time.perf_counter()
