@@ -39,6 +39,7 @@ def record(event: str) -> None:
 
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # headers and body go out separately: no delayed-ACK stall
 
     def do_GET(self) -> None:
         url = urlparse(self.path)

@@ -205,7 +205,7 @@ class NodeAgent:
     async def _controller_loop(self) -> None:
         while True:
             try:
-                async for term in self.node.election(CONTROLLER_LEASE, ttl=3):
+                async for term in self.node.election(CONTROLLER_LEASE, ttl=2):
                     log.info("%s leads the services controller (token %d)", self.name,
                              term.token)  # fmt: skip
                     promises = ServicePromises(self)

@@ -87,11 +87,7 @@ async def services(mesh: Mesh) -> list[dict[str, Any]]:
     specs = await store.specs()
     placements = await store.placements()
     instances = await store.instances()
-    live = {n.name for n in await store.nodes()}
-    now = time.time()
-    for i in instances:  # a node that reported within two heartbeats is alive
-        if now - i.updated_at < 6.0:
-            live.add(i.node)
+    live = {n.name for n in await store.nodes(fresh_within=2.0)}
     out = []
     for name in sorted(specs):
         spec = specs[name][0]
