@@ -158,16 +158,7 @@ class NatsTransport:
         every message received was handed to `fn` already.
         """
 
-        async def fallback(msg: Msg) -> None:
-            fn(msg)
-
-        sub: Any = await self.nc.subscribe(subject, cb=fallback)
-        if isinstance(getattr(sub, "_pending_queue", None), asyncio.Queue):
-            sub._pending_queue = _DirectQueue(fn)  # nats-py hands every message to put_nowait
-            task = getattr(sub, "_wait_for_msgs_task", None)
-            if task is not None:
-                task.cancel()
-        return sub  # type: ignore[no-any-return]
+        return await subscribe_direct(self.nc, subject, fn)
 
     async def flush(self, timeout: float) -> None:
         try:
@@ -181,6 +172,21 @@ class NatsTransport:
                 await self.nc.drain()
             except Exception:  # draining a broken connection: closing is all that is left
                 await self.nc.close()
+
+
+async def subscribe_direct(nc: NatsClient, subject: str, fn: DirectHandler) -> Subscription:
+    """`NatsTransport.subscribe_direct` on a bare nats-py connection."""
+
+    async def fallback(msg: Msg) -> None:
+        fn(msg)
+
+    sub: Any = await nc.subscribe(subject, cb=fallback)
+    if isinstance(getattr(sub, "_pending_queue", None), asyncio.Queue):
+        sub._pending_queue = _DirectQueue(fn)  # nats-py hands every message to put_nowait
+        task = getattr(sub, "_wait_for_msgs_task", None)
+        if task is not None:
+            task.cancel()
+    return sub  # type: ignore[no-any-return]
 
 
 def _expire(fut: asyncio.Future[Msg]) -> None:

@@ -19,6 +19,7 @@ from typing import Any
 import msgspec
 import nats.errors
 import nats.js.errors
+from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import (
@@ -31,7 +32,7 @@ from nats.js.api import (
 )
 
 from .._background import cancel_and_wait
-from .._transport import NatsTransport
+from .._transport import NatsTransport, Subscription, subscribe_direct
 from ..cluster._config import Names
 
 log = logging.getLogger("accord.mailbox")
@@ -121,9 +122,21 @@ class DurableDelivery:
 
 Dispatch = Callable[[int, int, Msg], bool]
 
+PULL_EXPIRES = 2.0  # how long one pull request waits on the server for messages
+_PULL_GRACE = 0.5  # a request neither filled nor expired by then was lost (a reconnect)
+
 
 class ShardMailbox:
-    """Consumes one shard's mailbox subject while this node owns the shard at `epoch`."""
+    """Consumes one shard's mailbox subject while this node owns the shard at `epoch`.
+
+    Pull requests (`CONSUMER.MSG.NEXT` with `batch` and `expires`, replies to one inbox) are kept
+    outstanding and topped up once half of what was asked for has arrived, so the server streams
+    messages instead of serving a request per small batch (what `fetch` does). Messages are
+    dispatched from the connection's read loop, in arrival order. A request ends filled, or with a
+    status saying how many of its messages it did not deliver; one that ends silently (lost in a
+    reconnect) is written off once every request made must have ended. No request is made while
+    the node's bulkhead is full: at most `batch` messages per shard arrive beyond it.
+    """
 
     def __init__(
         self,
@@ -137,6 +150,7 @@ class ShardMailbox:
         batch: int = 128,
     ) -> None:
         self._js = js
+        self._nc: NatsClient = js._nc
         self._stream = mailbox_stream(names)
         self._subject = mailbox_subject(names, shard)
         self.shard = shard
@@ -145,9 +159,17 @@ class ShardMailbox:
         self._has_capacity = has_capacity
         self._still_owner = still_owner
         self._batch = batch
+        self._low = batch // 2
         self._name = f"shard-{shard}-e{epoch}"
-        self._psub: Any = None
+        self._next_subject = f"{js._prefix}.CONSUMER.MSG.NEXT.{self._stream}.{self._name}"
+        self._inbox = ""
+        self._sub: Subscription | None = None
         self._task: asyncio.Task[None] | None = None
+        self._owed = 0  # messages asked for and neither received nor written off
+        self._settled_at = 0.0  # by then every request made so far has ended
+        self._refused = False  # a pull ended with an error status: pause before the next one
+        self._done = False  # dispatch refused a message: the lease is gone
+        self._waiter: asyncio.Future[None] | None = None
 
     async def start(self, previous_epoch: int | None = None) -> None:
         """Replace the previous owner's consumer (a work queue allows one per subject)."""
@@ -173,32 +195,84 @@ class ShardMailbox:
                     with contextlib.suppress(nats.js.errors.NotFoundError):
                         await self._js.delete_consumer(self._stream, info.name)
             await self._js.add_consumer(self._stream, config)
-        self._psub = await self._js.pull_subscribe_bind(self._name, self._stream)
+        self._inbox = self._nc.new_inbox()
+        self._sub = await subscribe_direct(self._nc, self._inbox, self._on_msg)
         self._task = asyncio.create_task(self._pull(), name=f"accord-mailbox-{self.shard}")
 
+    def _on_msg(self, msg: Msg) -> None:
+        if not msg.reply:  # a status: a request expired (408) or was refused (409, 400, ...)
+            hdr = msg.headers or {}
+            status = hdr.get("Status", "")
+            if status == "100":  # idle heartbeat (not asked for)
+                return
+            with contextlib.suppress(ValueError):
+                self._owed = max(0, self._owed - int(hdr.get("Nats-Pending-Messages", "0")))
+            if status not in ("408", "404"):
+                self._refused = True
+                desc = hdr.get("Description", "")
+                log.debug("mailbox of shard %d: pull ended: %s %s", self.shard, status, desc)
+            self._wake()
+            return
+        self._owed -= 1
+        if self._owed <= self._low:
+            self._wake()
+        if not self._done and not self._dispatch(self.shard, self.epoch, msg):
+            self._done = True  # lease gone: the next owner's consumer redelivers the rest
+            self._wake()
+
+    def _wake(self) -> None:
+        w = self._waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
     async def _pull(self) -> None:
-        while self._still_owner():
+        loop = asyncio.get_running_loop()
+        while not self._done and self._still_owner():
             await self._has_capacity()
-            try:
-                msgs = await self._psub.fetch(self._batch, timeout=1.0)
-            except (TimeoutError, nats.errors.TimeoutError):
-                continue
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.warning("mailbox of shard %d: fetch failed: %s", self.shard, exc)
+            now = loop.time()
+            if self._owed < 0 or (self._owed > 0 and now > self._settled_at):
+                self._owed = 0  # requests lost without a status (a reconnect, a server restart)
+            if self._refused:
+                self._refused = False
                 await asyncio.sleep(0.2)
                 continue
-            for m in msgs:
-                if not self._dispatch(self.shard, self.epoch, m):
-                    return  # lease gone: the next owner's consumer redelivers the rest
+            if self._owed <= self._low:
+                want = self._batch - self._owed
+                request = b'{"batch":%d,"expires":%d}' % (want, int(PULL_EXPIRES * 1e9))
+                try:
+                    await self._nc.publish(self._next_subject, request, reply=self._inbox)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    log.warning("mailbox of shard %d: pull failed: %s", self.shard, exc)
+                    await asyncio.sleep(0.2)
+                    continue
+                self._owed += want
+                self._settled_at = now + PULL_EXPIRES + _PULL_GRACE
+            if self._owed > self._low and not self._done:
+                await self._sleep(loop, min(1.0, self._settled_at - now))
+
+    async def _sleep(self, loop: asyncio.AbstractEventLoop, timeout: float) -> None:
+        """Until a message or status wakes the loop, or `timeout`."""
+        waiter = self._waiter = loop.create_future()
+        timer = loop.call_later(max(0.0, timeout), _set, waiter)
+        try:
+            await waiter
+        finally:
+            timer.cancel()
+            self._waiter = None
 
     async def stop(self) -> None:
         if self._task is not None:
             await cancel_and_wait([self._task])
-        if self._psub is not None:
+        if self._sub is not None:
             with contextlib.suppress(Exception):
-                await self._psub.unsubscribe()
+                await self._sub.unsubscribe()
+
+
+def _set(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
 
 
 class StoreRefused(Exception):
