@@ -279,6 +279,13 @@ class Node(Mesh):
         self.membership.me.shards = len(self._shard_subs)
         if not self._needs_mailbox():
             return
+        if not await self._start_mailbox(shard, epoch):
+            # JetStream trouble (an election, a busy server): core messaging works meanwhile;
+            # durable messages and split-brain merges wait in the stream until it starts.
+            self._bg_task(self._retry_mailbox(shard, epoch))
+
+    async def _start_mailbox(self, shard: int, epoch: int) -> bool:
+        """Consume `shard`'s mailbox for `epoch`; False if JetStream refused (try again)."""
         mailbox = ShardMailbox(
             self._nc.js,
             self.names,
@@ -290,10 +297,24 @@ class Node(Mesh):
         )
         try:
             await mailbox.start(self.shards.previous_epoch.get(shard))
-        except Exception as exc:  # JetStream trouble: core messaging still works; retry later
+        except Exception as exc:
             log.warning("mailbox of shard %d not started: %s", shard, exc)
-            return
-        self._mailboxes[shard] = mailbox
+            return False
+        if self._sub_epochs.get(shard) != epoch or shard in self._mailboxes:
+            await mailbox.stop()  # the shard was released (or re-acquired) meanwhile
+        else:
+            self._mailboxes[shard] = mailbox
+        return True
+
+    async def _retry_mailbox(self, shard: int, epoch: int) -> None:
+        delay = 0.5
+        while self._started and self._sub_epochs.get(shard) == epoch:
+            await asyncio.sleep(delay)
+            if self._sub_epochs.get(shard) != epoch or shard in self._mailboxes:
+                return
+            if await self._start_mailbox(shard, epoch):
+                return
+            delay = min(4.0, delay * 2)
 
     async def shard_released(self, shard: int, graceful: bool, orphan: bool = False) -> None:
         sub = self._shard_subs.pop(shard, None)
@@ -604,7 +625,8 @@ class Node(Mesh):
             self._hlc,
         )
         # Activated while cut off (split brain): the state bucket is out of reach.
-        durable.orphaned = self.shards.held_epoch(shard) != epoch == self.orphan_epoch(shard)
+        cut_off = self.shards.held_epoch(shard) != epoch and self.orphan_epoch(shard) == epoch
+        durable.orphaned = cut_off
         return durable
 
     def _bg_task(self, coro: Any) -> None:

@@ -41,7 +41,9 @@ class Unreachable:
     def __init__(self) -> None:
         self.loads = 0
 
-    async def load(self, agent_id: AgentId, timeout: float | None = None) -> Any:
+    async def load(
+        self, agent_id: AgentId, timeout: float | None = None, *, latest: bool = True
+    ) -> Any:
         self.loads += 1
         raise NotConnected(f"cannot load state of {agent_id}: no answer in time")
 

@@ -211,10 +211,14 @@ class ShardManager:
         self._free_since.pop(shard, None)
 
     async def _renew_loop(self) -> None:
+        # Each renewal runs on its own: one that is slow (a JetStream request lost in a leader
+        # election, or losing a shard whose activations take long to stop) must not hold up the
+        # renewals of every other shard until their leases run out too.
         interval = self._ttl / 4
         while True:
             await asyncio.sleep(interval)
-            await asyncio.gather(*(self._renew(s) for s in list(self._held)))
+            for shard in list(self._held):
+                self._bg.spawn(self._renew(shard), name=f"accord-renew-{shard}")
 
     async def _renew(self, shard: int) -> None:
         h = self._held.get(shard)
@@ -228,23 +232,25 @@ class ShardManager:
 
     async def _renew_held(self, h: Held) -> None:
         shard = h.shard
+        key = f"shard.{shard}"
         sent = self._clock()
         value = _lease_enc.encode(LeaseValue(self._me, h.epoch, self._members.me.incarnation))
         try:
-            revision = await self._leases.renew(f"shard.{shard}", value, h.revision)
-        except Taken:
-            # Our previous renewal may have been applied with its reply lost: then the stored
-            # lease is still ours, at a revision we never learnt. Adopt it and renew again.
-            adopted = await self._own_revision(shard, value)
-            if adopted is None:
-                await self._lose(shard, "lease taken or expired (renewal refused)")
-                return
-            h.revision = adopted
             try:
-                revision = await self._leases.renew(f"shard.{shard}", value, adopted)
+                revision = await self._leases.renew(key, value, h.revision)
             except Taken:
-                await self._lose(shard, "lease taken or expired (renewal refused)")
-                return
+                # Refused: another node took the key, or it expired, or an earlier renewal of
+                # ours was applied with its reply lost — or is still pending on a stream leader
+                # cut off from its quorum, which checks against what it proposed, not what was
+                # committed. Only the first is a reason to stop at once (and not serve from
+                # memory: that node is reachable); otherwise our validity simply runs out.
+                adopted = await self._own_revision(shard)
+                if adopted is None:
+                    return
+                h.revision = adopted
+                revision = await self._leases.renew(key, value, adopted)
+        except Taken:
+            return
         except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
             log.debug("renewal of shard %d failed: %s", shard, exc)
             return
@@ -252,12 +258,20 @@ class ShardManager:
             h.revision = revision
             self._set_valid(h, sent + self._ttl - self._margin)
 
-    async def _own_revision(self, shard: int, value: bytes) -> int | None:
-        try:
-            last = await self._leases.last(f"shard.{shard}")
-        except (nats.errors.Error, nats.js.errors.Error, TimeoutError):
+    async def _own_revision(self, shard: int) -> int | None:
+        """The stored revision of our lease on `shard`; None if absent or unreadable. Stops
+        serving `shard` at once if the stored lease is another node's."""
+        last = await self._leases.last(f"shard.{shard}")
+        if last is None:
             return None
-        return last[1] if last is not None and last[0] == value else None
+        try:
+            lease = _lease_dec.decode(last[0])
+        except msgspec.DecodeError:
+            return None
+        if lease.node != self._me or lease.incarnation != self._members.me.incarnation:
+            await self._lose(shard, f"lease taken by {lease.node}")
+            return None
+        return last[1]
 
     def _set_valid(self, h: Held, until: float) -> None:
         h.valid_until = until

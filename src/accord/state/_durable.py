@@ -114,7 +114,7 @@ class Durable:
         activation alone: a stale or empty base under the shared `node:epoch` id would make the
         merge's per-replica maximum drop increments."""
         try:
-            record, revision = await self._store.load(self.id, CUT_OFF_LOAD_TIMEOUT)
+            record, revision = await self._store.load(self.id, CUT_OFF_LOAD_TIMEOUT, latest=False)
         except NotConnected:
             if self.spec.options.consistency != "crdt":
                 raise NotConnected(

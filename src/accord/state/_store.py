@@ -83,17 +83,23 @@ class StateStore:
 
     def __init__(self, kv: KeyValue, timeout: float = 2.0) -> None:
         self._kv = kv
+        # Reads go to the stream leader, never a replica's direct get: a replica still catching
+        # up (a server back from a partition) answers an old revision, and a writer that took it
+        # for the latest would overwrite acknowledged state when its compare-and-set conflicts.
+        self._leader_kv = KeyValue(
+            name=kv._name, stream=kv._stream, pre=kv._pre, js=kv._js, direct=False
+        )
         self.timeout = timeout
 
     async def load(
-        self, agent_id: AgentId, timeout: float | None = None
+        self, agent_id: AgentId, timeout: float | None = None, *, latest: bool = True
     ) -> tuple[StateRecord | None, int]:
-        """The stored record and its revision (None, 0 when the agent has none)."""
+        """The stored record and its revision (None, 0 when the agent has none). `latest=False`
+        accepts any replica's copy, possibly behind (for a node cut off from the leader)."""
+        kv = self._leader_kv if latest else self._kv
         try:
-            entry = await asyncio.wait_for(
-                self._kv.get(state_key(agent_id)), timeout or self.timeout
-            )
-        except nats.js.errors.KeyNotFoundError:
+            entry = await asyncio.wait_for(kv.get(state_key(agent_id)), timeout or self.timeout)
+        except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
             return None, 0
         except (nats.errors.Error, TimeoutError) as exc:
             why = str(exc) or "no answer in time"
