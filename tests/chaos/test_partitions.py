@@ -1,8 +1,10 @@
 """Partition scenarios on a real 3-server NATS cluster in network namespaces (accord.netlab).
 
 Each host namespace runs one nats-server (R3 JetStream, sync_interval: always) and one accord node
-connected only to its local server. Clients in the test process record every operation in a
-history that `accord.history` checks; each scenario prints a JSON report.
+connected only to its local server. The lease, state and membership streams are led by the
+server that is cut off or killed (the slowest failover: all three must elect a new leader).
+Clients in the test process record every operation in a history that `accord.history` checks;
+each scenario prints a JSON report. Node and server logs stay in the test's temporary directory.
 """
 
 from __future__ import annotations
@@ -24,9 +26,10 @@ import pytest
 
 import accord
 from accord import history as hist
-from accord._ids import shard_of
+from accord._ids import AgentId, shard_of
 from accord._status import cluster_status
 from accord._transport import NoResponders
+from accord.state._store import StateStore
 
 from ._support import ROOT, ask_with_epoch, eventually
 
@@ -202,15 +205,17 @@ async def _lead_from(nats_cluster: Any, host: str) -> None:
 
 async def _stored_state(mesh: accord.Mesh, agent: str) -> Any:
     """The agent's state record as stored (for failure messages)."""
-    from accord._ids import AgentId
-    from accord.state._store import StateStore
-
     with contextlib.suppress(Exception):
         record, rev = await StateStore(mesh._kvs["state"]).load(AgentId.parse(agent))
         if record is not None:
             state = msgspec.msgpack.decode(record.state)
             return {"epoch": record.epoch, "rev": rev, "state": state}
     return None
+
+
+async def _async(value: Any) -> Any:
+    """`value` as an awaitable, for `eventually` probes that need no I/O."""
+    return value
 
 
 def _answered_since(
@@ -284,10 +289,6 @@ async def test_partitioned_minority_never_double_owns_absolute_agents(lab: Any) 
     print("absolute partition:", report.json())
     assert violations == []
     assert report.ok > 0 and failover > 0
-
-
-async def _async(value: Any) -> Any:
-    return value
 
 
 async def test_split_brain_crdt_counters_accept_on_both_sides_and_converge(lab: Any) -> None:
