@@ -27,7 +27,6 @@ import pytest
 import accord
 from accord import history as hist
 from accord._ids import AgentId, shard_of
-from accord._status import cluster_status
 from accord._transport import NoResponders
 from accord.state._store import StateStore
 
@@ -144,13 +143,31 @@ async def _mesh(urls: list[str], name: str | None = None) -> AsyncIterator[accor
 
 
 async def _placed(mesh: accord.Mesh, nodes: set[str], timeout: float = 60) -> dict[str, Any]:
+    """Wait until every shard is owned, by all of `nodes` between them, in the view of every one
+    of them alike (one node's view can be stale right after a heal), and each holds what the
+    others say it does. Returns that placement as {"num_shards", "shards": [{shard, owner}]}."""
+
+    async def view(node: str) -> dict[str, Any]:
+        subject = f"{mesh.names.admin_subject}.{node}"
+        return dict(msgspec.json.decode(await mesh._transport_request(subject, b"{}", 1.0)))
+
     async def probe() -> dict[str, Any] | None:
         try:
-            st = await cluster_status(mesh, timeout=1.0)
+            views = {node: await view(node) for node in nodes}
         except accord.AccordError:
             return None
-        owners = {s["owner"] for s in st["shards"]}
-        return st if len(st["shards"]) == st["num_shards"] and owners == nodes else None
+        leases = [{int(s): o for s, (o, _) in v["leases"].items()} for v in views.values()]
+        agreed = leases[0]
+        num_shards = views[next(iter(nodes))]["num_shards"]
+        if any(other != agreed for other in leases) or len(agreed) != num_shards:
+            return None  # the nodes disagree, or a shard is free
+        if set(agreed.values()) != nodes or any(
+            {s for s, o in agreed.items() if o == node} != {int(s) for s in v["held"]}
+            for node, v in views.items()
+        ):
+            return None  # a node without shards, or a handoff under way
+        shards = [{"shard": s, "owner": o} for s, o in sorted(agreed.items())]
+        return {"num_shards": num_shards, "shards": shards}
 
     return await eventually(probe, timeout, f"placement over {sorted(nodes)}", interval=0.2)
 
