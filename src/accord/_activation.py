@@ -88,6 +88,9 @@ class Activation:
         self.durable: Durable | None = None
         self._streak = 0
         self.orphan = False  # serving while cut off from the majority (split brain / degraded)
+        # Set when an orphan's shard has an owner again: gets what this activation changed,
+        # computed once its last turn is done (a turn in flight at the heal is included).
+        self.merge_to: Callable[[MergeState], None] | None = None
         self.agent: Agent | None = None
         self._waiter: asyncio.Future[None] | None = None
         self._previous = previous
@@ -161,6 +164,10 @@ class Activation:
             )
             await self._fail_queued(error)
         finally:
+            if self.merge_to is not None:
+                payload = self.merge_payload()
+                if payload is not None:
+                    self.merge_to(payload)
             node.activation_ended(self)
             if activated:
                 await self._deactivate(agent, graceful)

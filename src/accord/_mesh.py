@@ -51,6 +51,7 @@ log = logging.getLogger("accord.mesh")
 DEFAULT_TIMEOUT = 10.0
 _BACKOFF_START = 0.005
 _BACKOFF_CAP = 0.1
+STANDBY_AFTER = 0.25  # seconds of 'no responders' before a split-brain agent is served anywhere
 
 
 def as_agent_id(target: AgentId | str) -> AgentId:
@@ -193,6 +194,7 @@ class Mesh:
         target = target or str(agent_id)
         backoff = _BACKOFF_START
         first = True
+        unowned_since: float | None = None
         while True:
             if msg is not None and not first:  # the shard may have moved here meanwhile
                 local = self._route_local(agent_id, shard, msg, deadline, ask=True)
@@ -214,8 +216,20 @@ class Mesh:
                 timeout_ms=max(1, int(remaining * 1000)),
                 sender=current_sender.get(),
             )
+            data = codec.encode(req, enc)
             try:
-                return await self._transport.request(subject, codec.encode(req, enc), remaining)
+                try:
+                    return await self._transport.request(subject, data, remaining)
+                except NoResponders:
+                    now = self._loop.time()
+                    unowned_since = now if unowned_since is None else unowned_since
+                    if now - unowned_since < STANDBY_AFTER or not await self._split_brain(agent_id):
+                        raise
+                    # The owner's process is gone (its subscription with it) and the lease has
+                    # not expired yet: a split-brain-tolerant agent is served by any node now.
+                    return await self._transport.request(
+                        self.names.standby_subject(shard), data, deadline - now
+                    )
             except NoResponders:
                 await asyncio.sleep(min(backoff * (0.5 + random.random()), remaining))
                 backoff = min(backoff * 2, _BACKOFF_CAP)
@@ -360,12 +374,27 @@ class Mesh:
         """Overridden by `Node`: the spec of an agent type this process hosts."""
         return None
 
+    async def _split_brain(self, agent_id: AgentId) -> bool:
+        """Is `agent_id`'s type `split_brain_allowed` (hosted here, or as registered)?"""
+        spec = self._local_spec(agent_id.type)
+        if spec is not None:
+            return spec.options.failover == "split_brain_allowed"
+        raw = (await self._types.get_all()).get(agent_id.type)
+        try:
+            return raw is not None and msgspec.json.decode(raw).get("failover") == (
+                "split_brain_allowed"
+            )
+        except (msgspec.DecodeError, AttributeError):
+            return False
+
     async def register_types(self, specs: Iterable[AgentSpec]) -> None:
         """Publish agent types' delivery modes so clients without the classes use them."""
         if self._types.kv is None:
             return
         for spec in specs:
-            value = msgspec.json.encode({"delivery": spec.options.delivery})
+            value = msgspec.json.encode(
+                {"delivery": spec.options.delivery, "failover": spec.options.failover}
+            )
             await self._types.kv.put(f"type.{spec.type_name}", value)
             self._types.set_local(spec.type_name, value)
 

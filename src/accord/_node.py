@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import socket
@@ -94,6 +95,8 @@ class Node(Mesh):
         self._mailboxes: dict[int, ShardMailbox] = {}
         self._sub_epochs: dict[int, int] = {}
         self._orphans: dict[int, tuple[Subscription, int]] = {}  # cut-off shards still served
+        self._standby: dict[int, int] = {}  # shards served for a vanished owner -> its epoch
+        self._standby_sub: Subscription | None = None
         self._hlc = HybridClock()
         self._inflight: dict[str, int] = {}
         self._inflight_total = 0
@@ -160,6 +163,10 @@ class Node(Mesh):
             self._node_admin = await transport.subscribe(
                 f"{names.admin_subject}.{self.node_name}", self._on_admin
             )
+            if any(s.options.failover == "split_brain_allowed" for s in self.specs.values()):
+                self._standby_sub = await transport.subscribe(
+                    names.standby_subject("*"), self._on_standby_msg, queue="standby"
+                )
             await self.membership.start()
             await self.shards.start()
             self._sweeper = self.loop.create_task(self._sweep_idle(), name="accord-idle-sweep")
@@ -208,6 +215,8 @@ class Node(Mesh):
         with contextlib.suppress(Exception):
             await self._admin.unsubscribe()
             await self._node_admin.unsubscribe()
+            if self._standby_sub is not None:
+                await self._standby_sub.unsubscribe()
         if self._sending:  # replies of the last turns: send them before the connection closes
             await asyncio.wait(list(self._sending), timeout=5)
         await self.close()
@@ -273,6 +282,8 @@ class Node(Mesh):
 
         if shard in self._orphans:  # healed and it came back here: merge, then serve anew
             await self._end_orphan(shard)
+        if shard in self._standby:  # served for its vanished owner meanwhile: merge, then own
+            self._end_standby(shard)
         subject = self.names.shard_subject(shard)
         self._shard_subs[shard] = await self._nc.subscribe_direct(subject, on_msg)
         self._sub_epochs[shard] = epoch
@@ -460,12 +471,79 @@ class Node(Mesh):
         return True
 
     async def _watch_orphans(self) -> None:
-        """End cut-off serving once the partition healed and another node owns the shard."""
+        """End cut-off serving once the partition healed and another node owns the shard, and
+        standby serving once the shard has an owner again."""
         while True:
             await asyncio.sleep(0.25)
             for shard, (_, epoch) in list(self._orphans.items()):
                 if self._superseded(shard, epoch):
                     await self._end_orphan(shard)
+            for shard, epoch in list(self._standby.items()):
+                if self._superseded(shard, epoch):
+                    self._end_standby(shard)
+
+    # -- standby serving (split_brain_allowed agents of a vanished owner) ---------------------
+
+    async def _on_standby_msg(self, msg: Msg) -> None:
+        self._on_standby(msg)
+
+    def _on_standby(self, msg: Msg) -> None:
+        """An ask for a `split_brain_allowed` agent whose shard had no subscriber (its owner's
+        process died): serve it now from the stored state, as a split-brain replica, instead of
+        waiting out the lease. When the shard has an owner again, what changed here is merged
+        into it (as after a partition). Other failover strategies never come here."""
+        try:
+            shard = int(msg.subject.rsplit(".", 1)[-1])
+        except ValueError:
+            shard = -1
+        reply_to = msg.reply or None
+        enc: codec.Encoding = codec.sniff(msg.data)
+        if not 0 <= shard < self.config.num_shards:
+            self._reject(BadRequest(f"no shard {shard}"), reply_to, enc)
+            return
+        if self.shards.held_epoch(shard) is not None:  # it is ours by now: serve as owner
+            self._on_request(shard, msg)
+            return
+        try:
+            req, enc, t = self._parse(shard, msg.data)
+            if req.kind != "ask" or t.handler is None:
+                raise BadRequest("the standby subject takes asks only")
+            if t.spec.options.failover != "split_brain_allowed":
+                raise BadRequest(f"{t.agent_id} is not split_brain_allowed: no standby serving")
+            self._check_capacity(t.spec.type_name)
+        except AccordError as exc:
+            self._reject(exc, reply_to, enc)
+            return
+        except Exception as exc:  # a hostile envelope must not kill the node
+            self._reject(BadRequest(f"rejected: {exc}"), reply_to, enc)
+            return
+        epoch = self._standby.get(shard)
+        if epoch is None:
+            owner = self.shards.table.get(shard)
+            epoch = owner.epoch if owner is not None else self.shards.previous_epoch.get(shard, 0)
+            self._standby[shard] = epoch
+            log.warning("shard %d: no owner answers; serving its split-brain agents here "
+                        "(owner epoch %d) until it has one again", shard, epoch)  # fmt: skip
+        reply = self._remote_replier(reply_to, enc, epoch) if reply_to is not None else None
+        act = self._activation(t.agent_id, t.spec, shard, epoch, orphan=True)
+        act.put(Work(t.handler, t.body, t.deadline, reply))
+
+    def _end_standby(self, shard: int) -> None:
+        if self._standby.pop(shard, None) is None:
+            return
+        acts = [a for a in self._by_shard.get(shard, {}).values() if a.orphan]
+        self._merge_back(acts)
+        log.warning("shard %d has an owner again; %d standby activation(s) merged into it",
+                    shard, len(acts))  # fmt: skip
+
+    def _merge_back(self, acts: list[Activation]) -> None:
+        """Close orphan activations; each sends its changes to the owner once its turns end."""
+        for act in acts:
+            act.merge_to = functools.partial(self._merge_to_owner, act.id)
+            act.close()
+
+    def _merge_to_owner(self, agent_id: AgentId, payload: MergeState) -> None:
+        self._bg_task(self._send_merge(agent_id, payload))
 
     def _superseded(self, shard: int, epoch: int) -> bool:
         """Does the lease table show another node serving `shard` under a newer epoch?"""
@@ -480,11 +558,7 @@ class Node(Mesh):
         with contextlib.suppress(Exception):
             await sub.unsubscribe()
         acts = [a for a in self._by_shard.get(shard, {}).values() if a.orphan]
-        for act in acts:
-            payload = act.merge_payload()
-            act.close()
-            if payload is not None:
-                self._bg_task(self._send_merge(act.id, payload))
+        self._merge_back(acts)
         log.warning("shard %d epoch %d: partition healed; %d cut-off activation(s) merged back",
                     shard, epoch, len(acts))  # fmt: skip
 
@@ -509,8 +583,10 @@ class Node(Mesh):
         )
 
     def orphan_epoch(self, shard: int) -> int | None:
+        """The epoch under which this node serves `shard` without holding it (cut off from the
+        majority, or standing in for a vanished owner), else None."""
         cut_off = self._orphans.get(shard)
-        return cut_off[1] if cut_off is not None else None
+        return cut_off[1] if cut_off is not None else self._standby.get(shard)
 
     def _on_mailbox(self, shard: int, epoch: int, msg: Msg) -> bool:
         """Dispatch one mailbox message; False once this node no longer owns `shard` at `epoch`."""

@@ -55,6 +55,10 @@ class Names:
     def shard_subject(self, shard: int) -> str:
         return f"{self.prefix}.shard.{shard}"
 
+    def standby_subject(self, shard: int | str) -> str:
+        """Asks for `split_brain_allowed` agents of a shard nobody subscribes to (any node)."""
+        return f"{self.prefix}.standby.{shard}"
+
     @property
     def admin_subject(self) -> str:
         return f"{self.prefix}.admin.status"
