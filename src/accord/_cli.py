@@ -32,7 +32,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 out = Console()
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)  # one error line, never wrapped mid-message
 T = TypeVar("T")
 
 NatsOpt = Annotated[

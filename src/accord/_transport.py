@@ -12,18 +12,20 @@ instead of through a queue and a task per subscription.
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any, Protocol
+from typing import Any, ParamSpec, Protocol, TypeVar
 
 import nats
 import nats.errors
+import nats.js.errors
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
-from ._errors import NotConnected
+from ._errors import AccordError, NotConnected
 
 log = logging.getLogger("accord.transport")
 
@@ -206,3 +208,22 @@ class _DirectQueue(asyncio.Queue[Msg]):
             self._fn(item)
         except Exception:  # the read loop must survive any handler bug
             log.exception("message handler failed on %s", getattr(item, "subject", "?"))
+
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def translated(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
+    """Map nats-py failures escaping `fn` to `NotConnected` (the API never leaks them)."""
+
+    @functools.wraps(fn)
+    async def call(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return await fn(*args, **kwargs)
+        except AccordError:
+            raise
+        except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
+            raise NotConnected(f"JetStream did not answer: {type(exc).__name__}: {exc}") from None
+
+    return call

@@ -26,6 +26,7 @@ from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 
 from .._errors import ConfigurationError, Fenced, LeaseLost, NotConnected
+from .._transport import translated
 from ..cluster._leasekv import LeaseKV, Taken
 
 log = logging.getLogger("accord.leases")
@@ -190,6 +191,7 @@ class FencedValue(msgspec.Struct):
     data: bytes
 
 
+@translated
 async def fenced_write(kv: KeyValue, key: str, data: bytes, token: int) -> int:
     """Write `data` under `key` unless a holder with a newer token already wrote it.
 
@@ -215,6 +217,7 @@ async def fenced_write(kv: KeyValue, key: str, data: bytes, token: int) -> int:
     raise Fenced(f"{key!r}: too much contention")
 
 
+@translated
 async def fenced_read(kv: KeyValue, key: str) -> tuple[int, bytes] | None:
     try:
         entry = await kv.get(key)

@@ -7,10 +7,11 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
+from .._transport import translated
 from ._placement import conflicts
 from ._promises import PromiseRecord, Reputation, claim, records, register, release, store_for
 from ._spec import InvalidSpec, ServiceSpec
-from ._store import Assessment, LogLine, PromiseConflict, _token, translated
+from ._store import Assessment, LogLine, PromiseConflict, _token
 
 if TYPE_CHECKING:
     from .._mesh import Mesh

@@ -11,10 +11,8 @@
 from __future__ import annotations
 
 import contextlib
-import functools
 import time
-from collections.abc import Awaitable, Callable
-from typing import Any, ParamSpec, TypeVar
+from typing import Any
 
 import msgspec
 import nats.errors
@@ -23,14 +21,13 @@ from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, DeliverPolicy, StorageType, StreamConfig
 from nats.js.kv import KeyValue
 
-from .._errors import AccordError, ConfigurationError, Fenced, NotConnected
+from .._errors import ConfigurationError, Fenced, NotConnected
+from .._transport import translated
 from ..cluster._config import Names, _bucket
 from ..cluster._membership import MemberInfo
 from ._placement import NodeView, Slot
 from ._spec import InvalidSpec, ServiceSpec, decode_spec, encode_spec
 
-P = ParamSpec("P")
-R = TypeVar("R")
 INSTANCE_TTL = "10s"
 LOG_LINES_PER_SERVICE = 5_000
 
@@ -95,21 +92,6 @@ class LogLine(msgspec.Struct):
 
 def _js_errors(exc: Exception) -> NotConnected:
     return NotConnected(f"JetStream did not answer: {type(exc).__name__}: {exc}")
-
-
-def translated(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
-    """Map nats-py failures escaping `fn` to `NotConnected` (the API never leaks them)."""
-
-    @functools.wraps(fn)
-    async def call(*args: P.args, **kwargs: P.kwargs) -> R:
-        try:
-            return await fn(*args, **kwargs)
-        except AccordError:
-            raise
-        except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
-            raise _js_errors(exc) from None
-
-    return call
 
 
 class ServiceStore:
