@@ -65,6 +65,20 @@ class Work:
         self.lookup = lookup
 
 
+class InFlight:
+    """A bulkhead's count: messages accepted and not yet started, per agent type or per node.
+
+    `waiting` (node-wide count only): a mailbox consumer waits for the count to drop; whoever
+    lowers it then calls `Node.capacity_freed`.
+    """
+
+    __slots__ = ("n", "waiting")
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.waiting = False
+
+
 class Activation:
     def __init__(
         self,
@@ -95,13 +109,15 @@ class Activation:
         self._waiter: asyncio.Future[None] | None = None
         self._previous = previous
         self._shard_valid = node.shards.valid
-        self._type = spec.type_name
-        node.inflight_add(spec.type_name, 0)
+        self.load = node.type_load(spec.type_name)
+        self._total = node.inflight
+        self.tells_direct = spec.options.delivery == "at_most_once"  # `Node._tell_local` may put
         self.task = node.loop.create_task(self._run(), name=f"accord-agent-{agent_id}")
 
     def put(self, work: Work) -> None:
         self.queue.append(work)
-        self.node.inflight_add(self._type, 1)
+        self.load.n += 1
+        self._total.n += 1
         w = self._waiter
         if w is not None and not w.done():
             w.set_result(None)
@@ -148,7 +164,11 @@ class Activation:
             await agent.on_activate()
             activated = True
             node.stats.activations += 1
-            await self._turns(agent)
+            sender_token = current_sender.set(self._name)  # for every turn; this task's context
+            try:
+                await self._turns(agent)
+            finally:
+                current_sender.reset(sender_token)
             graceful = True
         except asyncio.CancelledError:
             # Lease lost: stop at once. Queued in-process asks learn they were not run.
@@ -177,7 +197,9 @@ class Activation:
         node = self.node
         loop = node.loop
         queue = self.queue
-        type_name = self.spec.type_name
+        load = self.load
+        total = self._total
+        shard_valid, shard, epoch = self._shard_valid, self.shard, self.epoch
         while True:
             if not queue:
                 if self.closing:
@@ -194,11 +216,14 @@ class Activation:
                 self._waiter = None
                 continue
             work = queue.popleft()
-            node.inflight_add(type_name, -1)
+            load.n -= 1
+            total.n -= 1
+            if total.waiting:
+                node.capacity_freed()
             self._streak += 1
             if self._streak % 64 == 0:
                 await asyncio.sleep(0)  # a long queue of instant turns must not starve the loop
-            if not self._valid():
+            if not (self._valid() if self.orphan else shard_valid(shard, epoch)):
                 return  # the lease moved on: nothing more runs or replies here
             if work.deadline is not None and loop.time() >= work.deadline:
                 node.stats.expired += 1
@@ -213,6 +238,8 @@ class Activation:
                     pass
                 elif work.delivery is not None:
                     await self._durable_turn(agent, work, work.delivery)
+                elif work.reply is None and self.durable is None:
+                    await self._call(agent, work)  # a tell to a stateless agent: nothing after
                 else:
                     await self._turn(agent, work)
             finally:
@@ -222,7 +249,6 @@ class Activation:
     async def _call(self, agent: Agent, work: Work) -> tuple[Any, AccordError | None]:
         assert work.handler is not None
         dl_token = current_deadline.set(work.deadline)
-        sender_token = current_sender.set(self._name)
         try:
             result = await work.handler.fn(agent, work.msg)
             if type(work.msg) is VoteRequest:
@@ -240,7 +266,6 @@ class Activation:
             return None, _as_remote(exc)
         finally:
             current_deadline.reset(dl_token)
-            current_sender.reset(sender_token)
             self.node.stats.turns += 1
 
     async def _turn(self, agent: Agent, work: Work) -> None:

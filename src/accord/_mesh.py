@@ -257,6 +257,11 @@ class Mesh:
         that was not confirmed within `timeout` — retrying with the same `msg_id` is then safe.
         """
         agent_id, shard = self._resolve(target)
+        if delivery is None and self._tell_local(agent_id, shard, msg):
+            self._local_tells += 1
+            if self._local_tells % 256 == 0:
+                await asyncio.sleep(0)  # a tight loop of local tells must let the loop breathe
+            return
         mode = self._known_mode(agent_id, delivery) or await self._mode(agent_id, delivery)
         if mode != "at_most_once":
             type_name = codec.message_type_name(type(msg))
@@ -568,6 +573,10 @@ class Mesh:
     ) -> asyncio.Future[Any] | None:
         """Overridden by `Node`: deliver in-process when this node owns `shard`."""
         return None
+
+    def _tell_local(self, agent_id: AgentId, shard: int, msg: Any) -> bool:
+        """Overridden by `Node`: the local tell hot path; False means "take the general path"."""
+        return False
 
     async def _await_local(
         self, fut: asyncio.Future[Any], deadline: float, agent_id: AgentId, type_name: str

@@ -21,7 +21,7 @@ import msgspec
 from nats.aio.msg import Msg
 
 from . import _codec as codec
-from ._activation import Activation, Work, _Recorded
+from ._activation import Activation, InFlight, Work, _Recorded
 from ._agent import DELIVERY_MODES, Agent, AgentSpec, HandlerSpec, spec_of
 from ._background import cancel_and_wait
 from ._errors import (
@@ -98,12 +98,11 @@ class Node(Mesh):
         self._standby: dict[int, int] = {}  # shards served for a vanished owner -> its epoch
         self._standby_sub: Subscription | None = None
         self._hlc = HybridClock()
-        self._inflight: dict[str, int] = {}
-        self._inflight_total = 0
+        self._inflight: dict[str, InFlight] = {}
+        self.inflight = InFlight()  # node-wide bulkhead count
         self.agent: NodeAgent | None = None  # the node agent (services), once started
         self.balancer: Balancer | None = None  # the HTTP entry point, with --http-port
         self._capacity = asyncio.Event()
-        self._starved = False  # someone waits on _capacity
         self._started = False
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -662,31 +661,40 @@ class Node(Mesh):
 
     # -- bulkheads ----------------------------------------------------------------------------
 
+    def type_load(self, agent_type: str) -> InFlight:
+        """The bulkhead count of `agent_type` (activations update it in place)."""
+        load = self._inflight.get(agent_type)
+        if load is None:
+            load = self._inflight[agent_type] = InFlight()
+        return load
+
     def inflight_add(self, agent_type: str, n: int) -> None:
-        self._inflight[agent_type] = self._inflight.get(agent_type, 0) + n
-        self._inflight_total += n
-        if n < 0 and self._starved and self._inflight_total < self.settings.max_inflight:
-            self._starved = False
+        self.type_load(agent_type).n += n
+        self.inflight.n += n
+        if n < 0 and self.inflight.waiting:
+            self.capacity_freed()
+
+    def capacity_freed(self) -> None:
+        """The node-wide count dropped while a mailbox consumer waits: wake it below the limit."""
+        if self.inflight.n < self.settings.max_inflight:
+            self.inflight.waiting = False
             self._capacity.set()
 
     def _check_capacity(self, agent_type: str) -> None:
         s = self.settings
-        if (
-            self._inflight_total < s.max_inflight
-            and self._inflight.get(agent_type, 0) < s.max_inflight_per_type
-        ):
+        load = self._inflight.get(agent_type)
+        per_type = 0 if load is None else load.n
+        if self.inflight.n < s.max_inflight and per_type < s.max_inflight_per_type:
             return
-        if self._inflight_total >= self.settings.max_inflight:
-            self.stats.overloaded += 1
-            raise Overloaded(f"node {self.node_name} has {self._inflight_total} messages in flight")
-        if self._inflight.get(agent_type, 0) >= self.settings.max_inflight_per_type:
-            self.stats.overloaded += 1
-            raise Overloaded(f"agent type {agent_type!r} has too many messages in flight")
+        self.stats.overloaded += 1
+        if self.inflight.n >= s.max_inflight:
+            raise Overloaded(f"node {self.node_name} has {self.inflight.n} messages in flight")
+        raise Overloaded(f"agent type {agent_type!r} has too many messages in flight")
 
     async def _wait_capacity(self) -> None:
-        while self._inflight_total >= self.settings.max_inflight:
+        while self.inflight.n >= self.settings.max_inflight:
             self._capacity.clear()
-            self._starved = True
+            self.inflight.waiting = True
             await self._capacity.wait()
 
     def durable_for(self, agent_id: AgentId, spec: AgentSpec, shard: int, epoch: int) -> Durable:
@@ -792,6 +800,24 @@ class Node(Mesh):
 
     def _local_spec(self, agent_type: str) -> AgentSpec | None:
         return self.specs.get(agent_type)
+
+    def _tell_local(self, agent_id: AgentId, shard: int, msg: Any) -> bool:
+        """An at-most-once tell to a live activation of a shard served here, in one step.
+
+        Anything else (no activation yet, a new epoch, a full bulkhead, an unknown message, a
+        durable mode) returns False and takes the general path, which decides and reports it.
+        """
+        act = self._activations.get(agent_id)
+        if act is None or act.closing or not act.tells_direct:
+            return False
+        h = act.spec.by_class.get(type(msg))
+        if h is None or self.shards.serving(shard) != act.epoch or not self._started:
+            return False
+        s = self.settings
+        if self.inflight.n >= s.max_inflight or act.load.n >= s.max_inflight_per_type:
+            return False
+        act.put(Work(h, msg, None, None))
+        return True
 
     def _route_local(
         self, agent_id: AgentId, shard: int, msg: Any, deadline: float | None, *, ask: bool

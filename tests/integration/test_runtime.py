@@ -529,6 +529,21 @@ async def test_tell_to_a_locally_owned_shard_does_not_touch_the_network(
         assert await node.ask("rt-log/local-tell", Items()) == list(range(5))
 
 
+async def test_local_tells_wait_for_a_full_bulkhead_and_lose_nothing(nats_url: str) -> None:
+    settings = accord.NodeSettings(cluster=unique_cluster(), max_inflight_per_type=8)
+    async with accord.Node([RtLog], nats=nats_url, settings=settings) as node:
+        await eventually(lambda: len(node.shards.held()) == node.config.num_shards)
+        assert await node.ask("rt-log/full", Items()) == []  # a live activation: the fast path
+        peak = 0
+        for i in range(300):
+            await node.tell("rt-log/full", Append(i))
+            peak = max(peak, node.type_load("rt-log").n)
+        assert peak <= 8  # the bulkhead bounds the mailbox of local tells too
+        assert node.stats.overloaded > 0  # ... by making the teller wait
+        assert await node.ask("rt-log/full", Items()) == list(range(300))  # in order, none lost
+        assert node.type_load("rt-log").n == 0
+
+
 # -- topics ---------------------------------------------------------------------------------
 
 
