@@ -209,6 +209,11 @@ class NodeAgent:
                     log.info("%s leads the services controller (token %d)", self.name,
                              term.token)  # fmt: skip
                     promises = ServicePromises(self)
+                    # A new leader's failure detector may be stale (it may just have rejoined):
+                    # let it hear every live node's heartbeats before it moves anything.
+                    settle = time.monotonic() + self.node.settings.dead_after + 0.5
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(term.lost.wait(), settle - time.monotonic())
                     while term.valid:
                         try:
                             await self._control(term.token)
