@@ -58,10 +58,11 @@ async def _capacity() -> None:
 async def test_delivers_in_stream_order_beyond_one_batch_and_acked_ones_stay_acked(js: Any) -> None:
     names = await _names(js)
     got: list[bytes] = []
+    acks: list[asyncio.Task[None]] = []
 
     def dispatch(shard: int, epoch: int, msg: Msg) -> bool:
         got.append(msg.data)
-        asyncio.get_running_loop().create_task(msg.ack())
+        acks.append(asyncio.get_running_loop().create_task(msg.ack()))
         return True
 
     mailbox = ShardMailbox(js, names, 3, 1, dispatch, _capacity, lambda: True, batch=8)
@@ -71,6 +72,8 @@ async def test_delivers_in_stream_order_beyond_one_batch_and_acked_ones_stay_ack
         await _publish(js, names, 3, sent)
         await _until(lambda: len(got) >= 100, 10, "100 messages")
         assert got == sent  # 100 messages through requests of at most 8: order kept, none twice
+        await asyncio.gather(*acks)  # every ack sent before the takeover (else: redelivered)
+        await js._nc.flush()
     finally:
         await mailbox.stop()
     # A newer epoch's consumer gets only what was never acked: nothing.
