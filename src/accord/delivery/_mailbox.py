@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -32,8 +33,9 @@ from nats.js.api import (
 )
 
 from .._background import cancel_and_wait
+from .._errors import NotConnected
 from .._transport import NatsTransport, Subscription, subscribe_direct
-from ..cluster._config import Names
+from ..cluster._config import OPEN_RETRY_FOR, Names
 
 log = logging.getLogger("accord.mailbox")
 
@@ -59,7 +61,23 @@ def dlq_subject(names: Names, agent_type: str) -> str:
 
 
 async def ensure_streams(js: JetStreamContext, names: Names, replicas: int) -> None:
-    """Create the mailbox (work queue) and dead-letter streams if missing."""
+    """Create the mailbox (work queue), dead-letter and event-log streams if missing.
+
+    Retried for up to `OPEN_RETRY_FOR` seconds while JetStream does not answer (a leader
+    election, R3 creations queued on a busy machine); then `NotConnected`.
+    """
+    deadline = time.monotonic() + OPEN_RETRY_FOR
+    while True:
+        try:
+            await _ensure_streams(js, names, replicas)
+            return
+        except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
+            if time.monotonic() > deadline:
+                raise NotConnected(f"cannot create the mailbox streams: {exc!r}") from None
+        await asyncio.sleep(0.5)
+
+
+async def _ensure_streams(js: JetStreamContext, names: Names, replicas: int) -> None:
     wanted = [
         StreamConfig(
             name=mailbox_stream(names),
