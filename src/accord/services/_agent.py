@@ -22,7 +22,7 @@ import msgspec
 from .._background import Background
 from .._errors import AccordError, Fenced
 from .._registry import WatchedKV
-from ._placement import NodeView, Slot, place
+from ._placement import NodeView, Slot, _take, place
 from ._promises import NodePromises, Reputation, ServicePromises
 from ._spec import ServiceSpec
 from ._store import Instance, LogLine, Placement, ServiceStore, instance_key
@@ -35,10 +35,6 @@ log = logging.getLogger("accord.services")
 
 CONTROLLER_LEASE = "services-controller"
 T = TypeVar("T")
-
-
-def fenced(spec: ServiceSpec) -> bool:
-    return spec.single_instance or spec.placement.policy == "failover"
 
 
 class NodeAgent:
@@ -143,7 +139,7 @@ class NodeAgent:
                 continue
             for slot in p.slots:
                 if slot.node == self.name:
-                    key = (name, -1) if fenced(spec) else (name, slot.index)
+                    key = (name, -1) if spec.fenced else (name, slot.index)
                     if key not in wanted or slot.role == "primary":
                         wanted[key] = (spec, slot)
         for key, r in list(self.replicas.items()):
@@ -164,7 +160,7 @@ class NodeAgent:
     def _replica(self, spec: ServiceSpec, slot: Slot) -> Replica:
         lease = None
         may_campaign = _always
-        if fenced(spec):
+        if spec.fenced:
 
             def lease() -> contextlib.AbstractAsyncContextManager[Any]:
                 ttl = spec.lease_ttl
@@ -187,7 +183,7 @@ class NodeAgent:
             self._log,
             lease=lease,
             may_campaign=may_campaign,
-            fenced=fenced(spec),
+            fenced=spec.fenced,
         )
 
     async def _log(self, line: LogLine) -> None:
@@ -244,8 +240,7 @@ class NodeAgent:
             slots = place(spec, nodes, old.slots if old else [], used, running)
             for s in slots:
                 if s.node is not None:
-                    cpu, mem = used.get(s.node, (0.0, 0.0))
-                    used[s.node] = (cpu + spec.resources.cpu, mem + spec.resources.memory)
+                    _take(used, s.node, spec)
             gen = zlib.crc32(self.specs._data.get(name, b""))
             if old is not None and old.generation == gen and _same(old.slots, slots):
                 continue

@@ -28,7 +28,7 @@ def claims_of(spec: ServiceSpec) -> list[str]:
 
 def promises_of(spec: ServiceSpec) -> list[PromiseRecord]:
     promiser = f"service/{spec.name}"
-    want = 1 if spec.single_instance or spec.placement.policy == "failover" else spec.replicas
+    want = spec.wanted_healthy
     out = [
         PromiseRecord(name=f"{spec.name}.replicas", promiser=promiser, kind="state",
                       description=f"service {spec.name} has {want} healthy replica(s)"),
@@ -52,14 +52,16 @@ async def deploy(mesh: Mesh, spec: ServiceSpec) -> int:
     nodes = await store.nodes()
     if not nodes:
         raise PromiseConflict(f"service {spec.name!r} rejected: no live node in the cluster")
-    others = [s for n, (s, _) in (await store.specs()).items() if n != spec.name]
+    existing = await store.specs()
+    others = [s for n, (s, _) in existing.items() if n != spec.name]
     problems = conflicts(spec, nodes, others)
     if problems:
         raise PromiseConflict(f"service {spec.name!r} rejected: " + "; ".join(problems))
     owner = f"service/{spec.name}"
     await claim(store, owner, claims_of(spec))
     try:
-        rev = await store.deploy(spec)
+        deployed = existing.get(spec.name)
+        rev = await store.deploy(spec, deployed[1] if deployed is not None else None)
     except BaseException:
         await release(store, owner, claims_of(spec))
         raise

@@ -151,9 +151,7 @@ class ServicePromises:
         placements = self.agent.current_placements()
         for name, spec in specs.items():
             promiser = f"service/{name}"
-            from ._agent import fenced
-
-            want = 1 if fenced(spec) else spec.replicas
+            want = spec.wanted_healthy
             healthy = self.agent.healthy(name)
             kept = len(healthy) >= want
             where = ", ".join(f"{i.index}@{i.node}:{i.port}" for i in healthy) or "none"

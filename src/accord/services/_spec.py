@@ -93,6 +93,16 @@ class ServiceSpec(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """Seconds of the single-instance lease (the failover bound is this plus detection)."""
 
     @property
+    def fenced(self) -> bool:
+        """Runs only under the service's lease: single-instance and every failover service."""
+        return self.single_instance or self.placement.policy == "failover"
+
+    @property
+    def wanted_healthy(self) -> int:
+        """Healthy replicas the service promises (a fenced one runs one instance at a time)."""
+        return 1 if self.fenced else self.replicas
+
+    @property
     def slots(self) -> int:
         """Placement slots: failover services have a primary and a standby."""
         return 2 if self.placement.policy == "failover" else self.replicas

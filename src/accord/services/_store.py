@@ -26,7 +26,7 @@ from .._transport import translated
 from ..cluster._config import Names, _bucket
 from ..cluster._membership import MemberInfo
 from ._placement import NodeView, Slot
-from ._spec import InvalidSpec, ServiceSpec, decode_spec, encode_spec
+from ._spec import ServiceSpec, decode_spec, encode_spec
 
 INSTANCE_TTL = "10s"
 LOG_LINES_PER_SERVICE = 5_000
@@ -137,14 +137,12 @@ class ServiceStore:
         return out
 
     @translated
-    async def deploy(self, spec: ServiceSpec) -> int:
-        """Store the spec (create, or compare-and-set over the deployed revision)."""
-        existing = await self.specs()
+    async def deploy(self, spec: ServiceSpec, revision: int | None) -> int:
+        """Store the spec: create it (`revision` None), or compare-and-set over `revision`, the
+        deployed one the caller checked against."""
         try:
-            if spec.name in existing:
-                return await self.specs_kv.update(
-                    spec.name, encode_spec(spec), last=existing[spec.name][1]
-                )
+            if revision is not None:
+                return await self.specs_kv.update(spec.name, encode_spec(spec), last=revision)
             return await self.specs_kv.create(spec.name, encode_spec(spec))
         except nats.js.errors.KeyWrongLastSequenceError:
             raise PromiseConflict(
@@ -153,9 +151,7 @@ class ServiceStore:
 
     @translated
     async def undeploy(self, name: str) -> None:
-        specs = await self.specs()
-        if name not in specs:
-            raise InvalidSpec(f"no service named {name!r} is deployed")
+        """Delete the spec (the caller checked it is deployed)."""
         await self.specs_kv.delete(name)
 
     # -- placements and instances ------------------------------------------------------------
