@@ -116,6 +116,16 @@ class NodeAgent:
             and i.port is not None
         ]
 
+    def lost(self, service: str) -> list[Instance]:
+        """Replicas of `service` last reported healthy by a node that is no longer alive (their
+        records outlive the node by up to the instance TTL)."""
+        live = set(self.node.membership.live())
+        return [
+            i
+            for i in self.current_instances()
+            if i.service == service and i.status == "healthy" and i.node not in live
+        ]
+
     # -- local reconciliation -----------------------------------------------------------------
 
     async def _local_loop(self) -> None:
@@ -244,7 +254,9 @@ class NodeAgent:
             gen = zlib.crc32(self.specs._data.get(name, b""))
             if old is not None and old.generation == gen and _same(old.slots, slots):
                 continue
-            p = Placement(name, gen, slots, token, self.name, time.time())
+            now = time.time()
+            first = old.first_at or old.at if old is not None else now
+            p = Placement(name, gen, slots, token, self.name, now, first)
             await self.store.write_placement(p, token)
             self.placements.set_local(name, msgspec.json.encode(p))
             await self._record_decision(p, old)

@@ -156,14 +156,19 @@ class ServicePromises:
             kept = len(healthy) >= want
             where = ", ".join(f"{i.index}@{i.node}:{i.port}" for i in healthy) or "none"
             evidence = f"{len(healthy)}/{want} healthy ({where})"
+            lost = self.agent.lost(name)
+            if lost:
+                evidence += "; lost with their node: " + ", ".join(
+                    f"{i.index}@{i.node}" for i in lost
+                )
             p = placements.get(name)
             verdict: bool | None = kept
+            if kept or lost:  # it ran: a replica gone with its node is a loss, not a start
+                self._ever_kept.add(name)
             if not kept and name not in self._ever_kept:
-                age = time.time() - p.at if p is not None else 0.0
+                age = time.time() - (p.first_at or p.at) if p is not None else 0.0
                 if age < spec.health.grace:
                     verdict, evidence = None, f"starting: {evidence}"
-            if kept:
-                self._ever_kept.add(name)
             await self._rec.record(f"{name}.replicas", promiser, "state", verdict, evidence)
             await self._assess_replace(name, spec.promises.replace_within, kept, promiser)
             if spec.promises.p95_latency_ms is not None:

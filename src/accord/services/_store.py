@@ -44,6 +44,9 @@ class Placement(msgspec.Struct):
     token: int
     decided_by: str
     at: float
+    first_at: float = 0.0
+    """When the service was first placed (kept across re-placements): start-up grace counts
+    from here, so a replica lost right after the first start is a broken promise, not a start."""
 
 
 class Instance(msgspec.Struct, kw_only=True):
