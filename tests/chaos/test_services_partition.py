@@ -90,7 +90,8 @@ async def test_a_partitioned_primary_stops_before_the_standby_starts(
             except accord.AccordError:  # JetStream catching up after the heal
                 return None
             up = [i for i in svc["instances"] if i["status"] == "healthy"]
-            return True if len(live) == 3 and len(up) == 1 else None
+            running = sum(1 for span in _intervals(events).values() if span[1] == float("inf"))
+            return True if len(live) == 3 and len(up) == 1 and running == 1 else None
 
         # Back together: three live nodes and one healthy instance (wherever the controller keeps
         # it); the app's own records must show no overlap over the whole run.
