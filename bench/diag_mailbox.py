@@ -21,9 +21,9 @@ from typing import Any
 import nats
 from _common import cpu_seconds, emit, environment, parser, ratio, run
 
-from accord._server import EmbeddedServer
 from accord.cluster._config import Names
 from accord.delivery._mailbox import ShardMailbox, ensure_streams, mailbox_subject
+from accord.engine._server import EmbeddedServer
 
 CASES = [(1, 1), (40, 1), (40, 4), (40, 40)]  # (consumers, shard subjects carrying traffic)
 _names = itertools.count(1)

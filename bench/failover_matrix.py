@@ -44,11 +44,10 @@ from typing import Any
 from _common import PARTITION_APP, emit, environment, load_app, median, parser, run
 from _probe import Probe, all_answering, observe, started, summarize
 
-import accord
 from accord import AccordError
 from accord._ids import shard_of
 from accord._status import cluster_status
-from accord.testing import Cluster, wait_for_placement
+from accord.testing import Cluster, connect_retrying, wait_for_placement
 
 STRATEGIES = {
     "absolute": "abs_counter",
@@ -325,30 +324,14 @@ async def create_cluster(urls: list[str], num_shards: int) -> None:
         await nc.close()
 
 
-@contextlib.asynccontextmanager
-async def mesh_to(urls: list[str]) -> AsyncIterator[accord.Mesh]:
-    """A client; retried, JetStream can be slow to answer while the lab starts."""
-    for attempt in range(10):
-        try:
-            cm = accord.connect(urls)
-            mesh = await cm.__aenter__()
-            break
-        except accord.NotConnected:
-            if attempt == 9:
-                raise
-            await asyncio.sleep(1)
-    try:
-        yield mesh
-    finally:
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(cm.__aexit__(None, None, None), 10)
+mesh_to = connect_retrying  # retried: JetStream can be slow to answer while the lab starts
 
 
 @contextlib.contextmanager
 def lab_cluster() -> Any:
     """3 hosts, a nats-server and an `accord node` on each; yields (lab, nats, node procs).
     Processes are started from this (the main) thread: they die with the thread that made them."""
-    from accord import netlab
+    from accord.testing import netlab
 
     netlab.NetLab.cleanup_stale(LAB_PREFIX)
     with netlab.NetLab(LAB_PREFIX, hosts=3) as lab, netlab.NatsCluster(lab) as nats:

@@ -17,10 +17,11 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from ._agent import Agent, AgentSpec, HandlerSpec
+from ._agent import Agent
 from ._context import current_deadline, current_sender
 from ._errors import AccordError, Degraded, DeliveryTimeout, Fenced, RemoteError, StateError
 from ._ids import AgentId
+from ._spec import AgentSpec, HandlerSpec
 from .coord._quorum import VoteRequest
 from .delivery._mailbox import DurableDelivery, backoff_delay
 from .state._durable import Durable

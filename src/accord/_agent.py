@@ -1,7 +1,7 @@
 """The programming model: `Agent` subclasses with `@handler` methods dispatched by message type.
 
-A class becomes an `AgentSpec` when it is defined (type name, handlers by wire name, options);
-the node runtime (`_node.py`) only ever talks to specs, never to class internals.
+A class becomes an `AgentSpec` (`_spec.py`) when it is defined (type name, handlers by wire name,
+options); the runtime only ever talks to specs, never to class internals.
 """
 
 from __future__ import annotations
@@ -17,6 +17,15 @@ import msgspec
 from ._codec import message_type_name
 from ._errors import ConfigurationError
 from ._ids import AgentId, snake_case, validate_agent_type
+from ._spec import (
+    CONSISTENCY_LEVELS,
+    DELIVERY_MODES,
+    FAILOVER_STRATEGIES,
+    AgentOptions,
+    AgentSpec,
+    HandlerSpec,
+    _known_specs,
+)
 
 if TYPE_CHECKING:
     from ._mesh import Mesh
@@ -47,73 +56,6 @@ def handler(fn: F | None = None, /, *, read_only: bool = False) -> F | Callable[
         return typing.cast(F, f)
 
     return mark(fn) if fn is not None else mark
-
-
-class HandlerSpec(msgspec.Struct, frozen=True):
-    name: str
-    fn: Callable[[Any, Any], Awaitable[Any]]
-    msg_type: type
-    returns: Any
-    read_only: bool = False
-
-
-DELIVERY_MODES = ("at_most_once", "at_least_once", "exactly_once")
-CONSISTENCY_LEVELS = ("strong", "eventual", "crdt", "event_sourced")
-FAILOVER_STRATEGIES = ("absolute", "split_brain_allowed", "degraded")
-
-
-class AgentOptions(msgspec.Struct, frozen=True, kw_only=True):
-    """The class keywords of an agent type (see `Agent`), inherited by subclasses."""
-
-    idle_timeout: float = 300.0
-    topics: tuple[str, ...] = ()
-    delivery: str = "at_most_once"
-    consistency: str = "strong"
-    state_version: int = 1
-    max_deliver: int = 5
-    retry_backoff: float = 0.05
-    snapshot_every: int = 50
-    dedup_window: int = 100
-    flush_interval: float = 1.0
-    events: tuple[type, ...] = ()
-    failover: str = "absolute"
-
-
-class AgentSpec(msgspec.Struct, frozen=True):
-    """Everything the runtime needs to know about an agent type."""
-
-    type_name: str
-    cls: type[Agent]
-    handlers: dict[str, HandlerSpec]
-    by_class: dict[type, HandlerSpec]
-    options: AgentOptions
-    state_type: type | None
-    event_types: dict[str, type]
-
-    @property
-    def idle_timeout(self) -> float:
-        return self.options.idle_timeout
-
-    @property
-    def topics(self) -> tuple[str, ...]:
-        return self.options.topics
-
-    @property
-    def durable(self) -> bool:
-        """Has state kept in the state bucket (or an event stream)."""
-        return self.state_type is not None or self.options.delivery == "exactly_once"
-
-    def handler_for_name(self, wire_name: str) -> HandlerSpec | None:
-        return self.handlers.get(wire_name)
-
-
-#: Specs of every agent class defined in this process, by type name. Only used to decode replies
-#: into the handler's return type when the caller did not say; the runtime never depends on it.
-_known_specs: dict[str, AgentSpec] = {}
-
-
-def known_spec(type_name: str) -> AgentSpec | None:
-    return _known_specs.get(type_name)
 
 
 class Agent:

@@ -22,7 +22,6 @@ import msgspec
 from nats.js.kv import KeyValue
 
 from . import _codec as codec
-from ._agent import DELIVERY_MODES, AgentSpec, known_spec
 from ._background import Background
 from ._context import current_deadline, current_sender
 from ._errors import (
@@ -37,7 +36,7 @@ from ._errors import (
 )
 from ._ids import AgentId, shard_of, validate_agent_type
 from ._registry import WatchedKV
-from ._transport import NatsTransport, NoResponders, RequestTimeout, Transport
+from ._spec import DELIVERY_MODES, AgentSpec, known_spec
 from .cluster._config import ClusterConfig, Names
 from .coord._groups import barrier, counter_add, counter_value
 from .coord._leases import Lease, LeaseKeeper, elect, fenced_read, fenced_write, hold
@@ -45,6 +44,8 @@ from .coord._quorum import Ballots, Decision, ProposalRecord, VoteRequest, encod
 from .delivery._breaker import BreakerSettings, CircuitBreakers
 from .delivery._client import DurableSender
 from .delivery._mailbox import mailbox_subject
+from .engine._api import NoResponders, RequestTimeout, Transport
+from .engine._nats import NatsTransport
 
 log = logging.getLogger("accord.mesh")
 

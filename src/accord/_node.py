@@ -22,7 +22,7 @@ from nats.aio.msg import Msg
 
 from . import _codec as codec
 from ._activation import Activation, InFlight, Work, _Recorded
-from ._agent import DELIVERY_MODES, Agent, AgentSpec, HandlerSpec, spec_of
+from ._agent import Agent, spec_of
 from ._background import cancel_and_wait
 from ._errors import (
     AccordError,
@@ -36,7 +36,7 @@ from ._errors import (
 from ._ids import AgentId
 from ._mesh import Mesh
 from ._settings import NodeSettings, Stats
-from ._transport import NatsTransport, Subscription
+from ._spec import DELIVERY_MODES, AgentSpec, HandlerSpec
 from .cluster._config import Names, open_cluster, replicas_for
 from .cluster._hlc import HybridClock
 from .cluster._membership import MemberInfo, Membership
@@ -44,6 +44,9 @@ from .cluster._shards import ShardManager
 from .coord._quorum import VoteRequest
 from .delivery._dlq import dead_letter
 from .delivery._mailbox import DurableDelivery, ShardMailbox, ensure_streams
+from .engine._api import Message, Subscription
+from .engine._nats import NatsTransport
+from .engine._resolve import resolve_servers
 from .state._durable import Durable
 from .state._events import EventLog
 from .state._store import MERGE_TYPE, MergeState, StateStore
@@ -108,7 +111,6 @@ class Node(Mesh):
     # -- lifecycle --------------------------------------------------------------------------
 
     async def start(self) -> Node:
-        from ._connect import resolve_servers
 
         self.loop = asyncio.get_running_loop()
         self._delivered: asyncio.Future[Any] = self.loop.create_future()  # "handed over" (tells)
@@ -276,7 +278,7 @@ class Node(Mesh):
     # -- ShardOwner -------------------------------------------------------------------------
 
     async def shard_acquired(self, shard: int, epoch: int) -> None:
-        def on_msg(msg: Msg) -> None:
+        def on_msg(msg: Message) -> None:
             self._on_request(shard, msg)
 
         if shard in self._orphans:  # healed and it came back here: merge, then serve anew
@@ -347,7 +349,7 @@ class Node(Mesh):
         if sub is not None:
             with contextlib.suppress(Exception):
                 if graceful:
-                    await sub.drain()  # type: ignore[attr-defined]
+                    await sub.drain()
                 else:
                     await sub.unsubscribe()
         acts = [a for a in self._by_shard.get(shard, {}).values() if not a.orphan]
@@ -417,7 +419,7 @@ class Node(Mesh):
             raise BadRequest(f"unknown delivery mode {req.delivery!r}")
         return req, enc, _Target(agent_id, spec, h, body, deadline)
 
-    def _on_request(self, shard: int, msg: Msg) -> None:
+    def _on_request(self, shard: int, msg: Message) -> None:
         # A message that reached this subscription is ours while the lease is valid, also while
         # the shard is being handed off: the subscription drains before the lease is released.
         epoch = self.shards.held_epoch(shard)
@@ -483,10 +485,10 @@ class Node(Mesh):
 
     # -- standby serving (split_brain_allowed agents of a vanished owner) ---------------------
 
-    async def _on_standby_msg(self, msg: Msg) -> None:
+    async def _on_standby_msg(self, msg: Message) -> None:
         self._on_standby(msg)
 
-    def _on_standby(self, msg: Msg) -> None:
+    def _on_standby(self, msg: Message) -> None:
         """An ask for a `split_brain_allowed` agent whose shard had no subscriber (its owner's
         process died): serve it now from the stored state, as a split-brain replica, instead of
         waiting out the lease. When the shard has an owner again, what changed here is merged
@@ -761,7 +763,7 @@ class Node(Mesh):
         if not task.cancelled() and task.exception() is not None:
             log.warning("background send failed: %s", task.exception())
 
-    async def _on_admin(self, msg: Msg) -> None:
+    async def _on_admin(self, msg: Message) -> None:
         from ._status import node_status
 
         if msg.reply:

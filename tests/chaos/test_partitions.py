@@ -17,7 +17,7 @@ import random
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,14 +25,15 @@ import msgspec
 import pytest
 
 import accord
-from accord import history as hist
 from accord._ids import AgentId, shard_of
-from accord._transport import NoResponders
+from accord.engine._api import NoResponders
 from accord.state._store import StateStore
+from accord.testing import connect_retrying
+from accord.testing import history as hist
 
 from ._support import ROOT, ask_with_epoch, eventually
 
-netlab = pytest.importorskip("accord.netlab")
+netlab = pytest.importorskip("accord.testing.netlab")
 sys.path.insert(0, str(ROOT / "examples"))
 from partition_app import Add, Read  # noqa: E402
 
@@ -124,22 +125,7 @@ async def _create_cluster(urls: list[str], num_shards: int) -> None:
         await nc.close()
 
 
-@contextlib.asynccontextmanager
-async def _mesh(urls: list[str], name: str | None = None) -> AsyncIterator[accord.Mesh]:
-    """A client; JetStream can be slow to answer while three servers and nodes start up."""
-    for attempt in range(10):
-        try:
-            cm = accord.connect(urls, name=name)
-            mesh = await cm.__aenter__()
-            break
-        except accord.NotConnected:
-            if attempt == 9:
-                raise
-            await asyncio.sleep(1)
-    try:
-        yield mesh
-    finally:
-        await cm.__aexit__(None, None, None)
+_mesh = connect_retrying  # retried: JetStream can be slow to answer while the lab starts
 
 
 async def _placed(mesh: accord.Mesh, nodes: set[str], timeout: float = 60) -> dict[str, Any]:

@@ -20,7 +20,7 @@ import nats.errors
 import nats.js.errors
 import pytest
 
-from accord.netlab import NatsCluster, NetLab, list_namespaces
+from accord.testing.netlab import NatsCluster, NetLab, list_namespaces
 
 T = TypeVar("T")
 PREFIX = "acctest"

@@ -369,7 +369,7 @@ async def test_expired_nested_ask_is_answered_as_a_timeout_on_the_wire(
     `timeout` code, which the caller maps to DeliveryTimeout. A raw request whose transport wait
     outlasts its timeout_ms makes the node's answer observable deterministically."""
     from accord import _codec as codec
-    from accord._transport import RequestTimeout
+    from accord.engine._api import RequestTimeout
 
     target = "rt-relay/wire"
     body = codec.encode(Relay("rt-sleeper/wire", seconds=1.0, inner_timeout=30))

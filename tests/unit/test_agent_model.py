@@ -9,8 +9,9 @@ from hypothesis import strategies as st
 
 import accord
 from accord import Agent, AgentId, ConfigurationError, handler
-from accord._agent import known_spec, spec_of
+from accord._agent import spec_of
 from accord._ids import snake_case
+from accord._spec import known_spec
 
 
 class Ping(msgspec.Struct):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from accord.history import (
+from accord.testing.history import (
     Op,
     convergence_violations,
     lost_write_violations,

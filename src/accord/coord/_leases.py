@@ -26,8 +26,8 @@ from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 
 from .._errors import ConfigurationError, Fenced, LeaseLost, NotConnected
-from .._transport import translated
 from ..cluster._leasekv import LeaseKV, Taken
+from ..engine._nats import translated
 
 log = logging.getLogger("accord.leases")
 

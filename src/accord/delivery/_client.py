@@ -15,12 +15,12 @@ import random
 from typing import Any
 
 import nats.errors
-from nats.aio.msg import Msg
 from nats.nuid import NUID
 
 from .. import _codec as codec
 from .._errors import DeliveryTimeout, NotConnected, OutcomeUnknown
-from .._transport import NatsTransport, NoResponders, RequestTimeout
+from ..engine._api import Message, NoResponders, RequestTimeout
+from ..engine._nats import NatsTransport
 from ._mailbox import StoreRefused, publish_durable
 
 
@@ -40,7 +40,7 @@ class DurableSender:
                     f"{self._prefix}.*", self._on_reply
                 )
 
-    def _on_reply(self, msg: Msg) -> None:
+    def _on_reply(self, msg: Message) -> None:
         fut = self._waiting.pop(msg.subject.rpartition(".")[2], None)
         if fut is not None and not fut.done():
             fut.set_result(msg.data)

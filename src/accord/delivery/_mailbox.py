@@ -34,8 +34,9 @@ from nats.js.api import (
 
 from .._background import cancel_and_wait
 from .._errors import NotConnected
-from .._transport import NatsTransport, Subscription, subscribe_direct
 from ..cluster._config import OPEN_RETRY_FOR, Names
+from ..engine._api import Subscription
+from ..engine._nats import NatsTransport, subscribe_direct
 
 log = logging.getLogger("accord.mailbox")
 

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from .._transport import translated
+from ..engine._nats import translated
 from ._placement import conflicts
 from ._promises import PromiseRecord, Reputation, claim, records, register, release, store_for
 from ._spec import InvalidSpec, ServiceSpec

@@ -22,9 +22,9 @@ from nats.js.api import ConsumerConfig, DeliverPolicy, StorageType, StreamConfig
 from nats.js.kv import KeyValue
 
 from .._errors import ConfigurationError, Fenced, NotConnected
-from .._transport import translated
 from ..cluster._config import Names, _bucket
 from ..cluster._membership import MemberInfo
+from ..engine._nats import translated
 from ._placement import NodeView, Slot
 from ._spec import ServiceSpec, decode_spec, encode_spec
 

@@ -23,9 +23,10 @@ from typing import Any, TypeVar
 
 import msgspec
 
-from .._agent import Agent, AgentSpec
+from .._agent import Agent
 from .._errors import Fenced, NotConnected, StateError
 from .._ids import AgentId
+from .._spec import AgentSpec
 from ..cluster._hlc import HybridClock
 from ._events import EventLog
 from ._store import DedupEntry, MergeState, StateConflict, StateRecord, StateStore

@@ -1,7 +1,7 @@
-"""The transport seam: the few messaging operations the runtime needs, each with a timeout.
+"""The NATS engine: `Transport` (and, growing, the rest of `engine/_api.py`) over nats-py.
 
-Everything above this module depends on `Transport`, not on nats-py; nats-py exceptions are
-translated here into accord's hierarchy (plus `NoResponders`, an internal routing signal).
+The only package that imports nats-py is `accord.engine`; nats-py exceptions are translated here,
+inside each method, into accord's hierarchy or the seam's internal signals (`NoResponders`, ...).
 
 Hot paths avoid two per-message costs of nats-py: a request goes through one wildcard inbox
 subscription whose replies resolve their waiter straight from the read loop (no NUID and random
@@ -16,7 +16,7 @@ import functools
 import itertools
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any, ParamSpec, Protocol, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
 import nats
 import nats.errors
@@ -25,34 +25,10 @@ from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
-from ._errors import AccordError, NotConnected
+from .._errors import AccordError, NotConnected
+from ._api import DirectHandler, Handler, NoResponders, RequestTimeout, Subscription
 
 log = logging.getLogger("accord.transport")
-
-Handler = Callable[[Msg], Awaitable[None]]
-DirectHandler = Callable[[Msg], None]
-
-
-class NoResponders(Exception):
-    """Nobody subscribes to the subject right now (e.g. a shard between two owners)."""
-
-
-class RequestTimeout(Exception):
-    """The request was sent and no reply came in time: the outcome is unknown."""
-
-
-class Subscription(Protocol):
-    async def unsubscribe(self) -> None: ...
-
-
-class Transport(Protocol):
-    name: str
-
-    async def request(self, subject: str, data: bytes, timeout: float) -> bytes: ...
-    async def publish(self, subject: str, data: bytes) -> None: ...
-    async def subscribe(self, subject: str, cb: Handler, queue: str = "") -> Subscription: ...
-    async def flush(self, timeout: float) -> None: ...
-    async def close(self) -> None: ...
 
 
 class NatsTransport:
@@ -134,7 +110,7 @@ class NatsTransport:
         async with self._inbox_lock:
             if self._inbox_sub is None:
                 prefix = f"{self.nc.new_inbox()}."
-                self._inbox_sub = await self.subscribe_direct(f"{prefix}*", self._on_reply)
+                self._inbox_sub = await subscribe_direct(self.nc, f"{prefix}*", self._on_reply)
                 self._inbox = prefix
 
     def _on_reply(self, msg: Msg) -> None:
@@ -142,9 +118,18 @@ class NatsTransport:
         if fut is not None and not fut.done():
             fut.set_result(msg)
 
-    async def publish(self, subject: str, data: bytes) -> None:
+    @property
+    def max_payload(self) -> int:
+        return int(self.nc.max_payload)
+
+    def new_inbox(self) -> str:
+        return str(self.nc.new_inbox())
+
+    async def publish(
+        self, subject: str, data: bytes, *, reply: str = "", headers: dict[str, str] | None = None
+    ) -> None:
         try:
-            await self.nc.publish(subject, data)
+            await self.nc.publish(subject, data, reply=reply, headers=headers)
         except (nats.errors.ConnectionClosedError, nats.errors.OutboundBufferLimitError) as exc:
             raise NotConnected(str(exc)) from None
 
@@ -176,7 +161,7 @@ class NatsTransport:
                 await self.nc.close()
 
 
-async def subscribe_direct(nc: NatsClient, subject: str, fn: DirectHandler) -> Subscription:
+async def subscribe_direct(nc: NatsClient, subject: str, fn: Callable[[Any], None]) -> Subscription:
     """`NatsTransport.subscribe_direct` on a bare nats-py connection."""
 
     async def fallback(msg: Msg) -> None:
@@ -199,7 +184,7 @@ def _expire(fut: asyncio.Future[Msg]) -> None:
 class _DirectQueue(asyncio.Queue[Msg]):
     """A subscription's pending queue that runs the handler instead of queueing."""
 
-    def __init__(self, fn: DirectHandler) -> None:
+    def __init__(self, fn: Callable[[Any], None]) -> None:
         super().__init__()
         self._fn = fn
 

@@ -7,20 +7,22 @@ by PID. Nothing here is a fake: it is the same engine and the same node binary u
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from ._connect import connect
-from ._errors import AccordError
-from ._mesh import Mesh
-from ._server import EmbeddedServer
-from ._status import cluster_status
+from .._connect import connect
+from .._errors import AccordError, NotConnected
+from .._mesh import Mesh
+from .._status import cluster_status
+from ..engine._server import EmbeddedServer
 
 
 class NodeProcess:
@@ -174,3 +176,30 @@ async def wait_for_placement(
             return st
         await asyncio.sleep(interval)
     raise TimeoutError(f"placement over {sorted(live)} not reached in {timeout}s; last: {last}")
+
+
+@contextlib.asynccontextmanager
+async def connect_retrying(
+    urls: str | list[str],
+    *,
+    name: str | None = None,
+    attempts: int = 10,
+    pause: float = 1.0,
+    cluster: str = "default",
+) -> AsyncIterator[Mesh]:
+    """`accord.connect`, retried on `NotConnected`: JetStream can be slow to answer while a lab of
+    servers and nodes starts up. Closes the client (bounded to 10 s) on exit."""
+    for attempt in range(attempts):
+        try:
+            cm = connect(urls, name=name, cluster=cluster)
+            mesh = await cm.__aenter__()
+            break
+        except NotConnected:
+            if attempt == attempts - 1:
+                raise
+            await asyncio.sleep(pause)
+    try:
+        yield mesh
+    finally:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(cm.__aexit__(None, None, None), 10)

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from types import TracebackType
 
-from ._errors import EngineError
+from .._errors import EngineError
 
 
 def find_nats_server() -> str:

@@ -45,8 +45,8 @@ from typing import Any
 import nats
 import nats.errors
 
-from ._errors import EngineError
-from ._server import _die_with_parent, find_nats_server
+from .._errors import EngineError
+from ..engine._server import _die_with_parent, find_nats_server
 
 _SUBNET = "10.213"  # labs use 10.213.S.0/24, S picked free under a lock
 _LOCK_FILE = "/run/accord-netlab.lock"

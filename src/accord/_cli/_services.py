@@ -10,7 +10,7 @@ import msgspec
 import typer
 from rich.table import Table
 
-from ._cli import ClusterOpt, JsonOpt, NatsOpt, _existing_cluster, _run, app, out
+from ._common import ClusterOpt, JsonOpt, NatsOpt, _existing_cluster, _run, app, out
 
 services_app = typer.Typer(
     help="Deployed services: replicas, node, pid, port, health, restarts.",
@@ -26,8 +26,8 @@ def deploy(
     cluster: ClusterOpt = "default",
 ) -> None:
     """Deploy (or update) a service from a spec file; conflicting promises are refused."""
-    from .services import deploy as do_deploy
-    from .services import load_spec
+    from ..services import deploy as do_deploy
+    from ..services import load_spec
 
     async def main() -> None:
         spec = load_spec(spec_file)
@@ -46,7 +46,7 @@ def undeploy(
     cluster: ClusterOpt = "default",
 ) -> None:
     """Remove a service: its replicas are stopped and its promises withdrawn."""
-    from .services import undeploy as do_undeploy
+    from ..services import undeploy as do_undeploy
 
     async def main() -> None:
         async with _existing_cluster(nats, cluster) as mesh:
@@ -66,7 +66,7 @@ def services_list(
     """List services and their instances."""
     if ctx.invoked_subcommand is not None:
         return
-    from .services import services
+    from ..services import services
 
     async def main() -> None:
         async with _existing_cluster(nats, cluster) as mesh:
@@ -98,7 +98,7 @@ def services_explain(
     as_json: JsonOpt = False,
 ) -> None:
     """Why each replica of a service is where it is."""
-    from .services import explain
+    from ..services import explain
 
     async def main() -> None:
         async with _existing_cluster(nats, cluster) as mesh:
@@ -123,7 +123,7 @@ def logs(
     cluster: ClusterOpt = "default",
 ) -> None:
     """The last output lines of every replica of a service."""
-    from .services import logs as read_logs
+    from ..services import logs as read_logs
 
     async def main() -> None:
         async with _existing_cluster(nats, cluster) as mesh:
@@ -140,7 +140,7 @@ def promises(
     nats: NatsOpt = None, cluster: ClusterOpt = "default", as_json: JsonOpt = False
 ) -> None:
     """Promises, their latest assessment, and reputation (kept ratio) per promiser."""
-    from .services import promises_report
+    from ..services import promises_report
 
     async def main() -> None:
         async with _existing_cluster(nats, cluster) as mesh:

@@ -1,0 +1,21 @@
+"""The `accord` command line: run clusters and nodes, talk to agents, inspect the cluster, deploy
+services. Each module registers its commands on the one typer app of `_common`."""
+
+from __future__ import annotations
+
+import sys
+
+import msgspec
+
+from . import _agents, _inspect, _processes, _services
+from ._common import app, err
+
+__all__ = ["_agents", "_inspect", "_processes", "_services", "app", "main"]
+
+
+def main() -> None:
+    try:
+        app()
+    except msgspec.MsgspecError as exc:  # defensive: never show a traceback
+        err.print(f"[red]error:[/red] {exc}", highlight=False)
+        sys.exit(1)

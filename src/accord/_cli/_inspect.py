@@ -1,0 +1,178 @@
+"""Inspecting a running cluster: `accord status`, `leases`, and the dead letters (`accord dlq`)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+import time
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+import msgspec
+import typer
+from rich.table import Table
+
+from .._errors import ConfigurationError
+from ._common import ClusterOpt, JsonOpt, NatsOpt, _existing_cluster, _run, app, out
+
+
+@app.command()
+def status(nats: NatsOpt = None, cluster: ClusterOpt = "default", as_json: JsonOpt = False) -> None:
+    """Nodes, shard owners and epochs, and recent failure-detector transitions."""
+    from .._status import cluster_status
+
+    async def main() -> None:
+        async with _existing_cluster(nats, cluster) as mesh:
+            st = await cluster_status(mesh)
+        if as_json:
+            sys.stdout.write(json.dumps(st) + "\n")
+            return
+        _print_status(st)
+
+    _run(main())
+
+
+def _print_status(st: dict[str, Any]) -> None:
+    nodes = Table(
+        title=f"cluster {st['cluster']} — {st['num_shards']} shards, lease TTL {st['lease_ttl']}s"
+    )
+    for col in ("node", "state", "shards", "pid"):
+        nodes.add_column(col)
+    for n in st["nodes"]:
+        color = "green" if n["state"] == "alive" else "yellow" if n["alive"] else "red"
+        nodes.add_row(
+            n["name"], f"[{color}]{n['state']}[/{color}]", str(n["shards"]), str(n["pid"])
+        )
+    out.print(nodes)
+    unowned = st["num_shards"] - len(st["shards"])
+    owners = ", ".join(f"{s['shard']}→{s['owner']}@{s['epoch']}" for s in st["shards"][:16])
+    more = " …" if len(st["shards"]) > 16 else ""
+    out.print(f"shards: {owners}{more}  ({unowned} unowned)")
+    if st["history"]:
+        hist = Table(title=f"recent failure-detector transitions (seen by {st['reporter']})")
+        for col in ("time", "node", "from", "to", "reason"):
+            hist.add_column(col)
+        for t in st["history"][-10:]:
+            hist.add_row(time.strftime("%H:%M:%S", time.localtime(t["at"])), t["node"], t["old"],
+                         t["new"], t["reason"])  # fmt: skip
+        out.print(hist)
+
+
+@app.command()
+def leases(nats: NatsOpt = None, cluster: ClusterOpt = "default", as_json: JsonOpt = False) -> None:
+    """Named leases: holder, fencing token, TTL, last renewal."""
+
+    async def main() -> None:
+        async with _existing_cluster(nats, cluster) as mesh:
+            held = await mesh._keeper().list()
+        if as_json:
+            sys.stdout.write(msgspec.json.encode(held).decode() + "\n")
+            return
+        table = Table(title=f"{len(held)} lease(s)")
+        for col in ("name", "holder", "token", "ttl", "renewed"):
+            table.add_column(col)
+        for info in held:
+            ago = max(0.0, time.time() - info.renewed_at)
+            table.add_row(
+                info.name, info.holder, str(info.token), f"{info.ttl}s", f"{ago:.1f}s ago"
+            )
+        out.print(table)
+
+    _run(main())
+
+
+dlq_app = typer.Typer(
+    help="Dead letters: messages that failed max_deliver times.", no_args_is_help=True
+)
+app.add_typer(dlq_app, name="dlq")
+
+
+@contextlib.asynccontextmanager
+async def _dead_letters(nats: str | None, cluster: str) -> AsyncIterator[Any]:
+    from ..delivery._dlq import DeadLetters
+
+    async with _existing_cluster(nats, cluster) as mesh:
+        js = mesh._transport.js
+        yield DeadLetters(js, mesh.names, mesh.config.num_shards)
+
+
+@dlq_app.command("list")
+def dlq_list(
+    nats: NatsOpt = None, cluster: ClusterOpt = "default", as_json: JsonOpt = False
+) -> None:
+    """List dead letters (sequence, target, type, deliveries, reason)."""
+
+    async def main() -> None:
+        async with _dead_letters(nats, cluster) as dlq:
+            entries = await dlq.list()
+        if as_json:
+            sys.stdout.write(msgspec.json.encode(entries).decode() + "\n")
+            return
+        table = Table(title=f"{len(entries)} dead letter(s)")
+        for col in ("seq", "target", "type", "deliveries", "failed at", "reason"):
+            table.add_column(col)
+        for e in entries:
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e.failed_at))
+            table.add_row(str(e.seq), e.target, e.type, str(e.deliveries), when, e.reason)
+        out.print(table)
+
+    _run(main())
+
+
+@dlq_app.command("show")
+def dlq_show(
+    seq: Annotated[int, typer.Argument(help="Sequence number from `accord dlq list`.", min=1)],
+    nats: NatsOpt = None,
+    cluster: ClusterOpt = "default",
+) -> None:
+    """Show one dead letter with its message body (JSON)."""
+
+    async def main() -> None:
+        async with _dead_letters(nats, cluster) as dlq:
+            entry = await dlq.show(seq)
+        out.print_json(msgspec.json.encode(entry).decode())
+
+    _run(main())
+
+
+@dlq_app.command("replay")
+def dlq_replay(
+    seq: Annotated[
+        list[int] | None, typer.Argument(help="Sequence numbers (default: --all).")
+    ] = None,
+    replay_all: Annotated[bool, typer.Option("--all", help="Replay every dead letter.")] = False,
+    nats: NatsOpt = None,
+    cluster: ClusterOpt = "default",
+) -> None:
+    """Deliver dead letters again (into their mailbox, under a new message id)."""
+
+    async def main() -> None:
+        if not seq and not replay_all:
+            raise ConfigurationError("give sequence numbers or --all")
+        async with _dead_letters(nats, cluster) as dlq:
+            targets = seq or [e.seq for e in await dlq.list()]
+            for s in targets:
+                new_id = await dlq.replay(s)
+                out.print(f"replayed {s} as message {new_id}")
+
+    _run(main())
+
+
+@dlq_app.command("purge")
+def dlq_purge(
+    seq: Annotated[int | None, typer.Argument(help="One sequence number (default: --all).")] = None,
+    purge_all: Annotated[bool, typer.Option("--all", help="Purge every dead letter.")] = False,
+    nats: NatsOpt = None,
+    cluster: ClusterOpt = "default",
+) -> None:
+    """Delete dead letters for good."""
+
+    async def main() -> None:
+        if seq is None and not purge_all:
+            raise ConfigurationError("give a sequence number or --all")
+        async with _dead_letters(nats, cluster) as dlq:
+            n = await dlq.purge(seq)
+        out.print(f"purged {n} dead letter(s)")
+
+    _run(main())

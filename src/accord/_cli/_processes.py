@@ -1,0 +1,141 @@
+"""Long-running commands: `accord node`, `accord up` (embedded server and node processes) and
+`accord demo`."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .._errors import ConfigurationError
+from ._common import ClusterOpt, NatsOpt, _run, _setup_logging, _until_signalled, app, err, out
+
+
+@app.command()
+def node(
+    app_ref: Annotated[
+        str | None, typer.Option("--app", help="Module with agent classes (file or pkg.mod).")
+    ] = None,
+    nats: NatsOpt = None,
+    name: Annotated[str | None, typer.Option("--name", help="Node name (unique).")] = None,
+    cluster: ClusterOpt = "default",
+    label: Annotated[
+        list[str] | None, typer.Option("--label", help="key=value, repeatable.")
+    ] = None,
+    replicas: Annotated[
+        int | None,
+        typer.Option(
+            "--replicas", min=1, max=5, help="JetStream replicas (default: min(3, servers))."
+        ),
+    ] = None,
+    http_port: Annotated[
+        int | None,
+        typer.Option("--http-port", min=1, max=65535, help="Serve the services' load balancer."),
+    ] = None,
+    http_host: Annotated[str, typer.Option("--http-host", help="Load balancer address.")] = (
+        "127.0.0.1"
+    ),
+    advertise: Annotated[
+        str, typer.Option("--advertise", help="Address peers use to reach replicas run here.")
+    ] = "127.0.0.1",
+    log_level: Annotated[str, typer.Option("--log-level")] = "info",
+) -> None:
+    """Run one node process (agents from --app, plus the node agent for services) until
+    SIGTERM/SIGINT."""
+    from .._app import agent_classes, load_module
+    from .._node import Node
+    from .._settings import NodeSettings
+
+    _setup_logging(log_level)
+
+    async def main() -> None:
+        labels = {}
+        for item in label or []:
+            k, sep, v = item.partition("=")
+            if not sep or not k:
+                raise ConfigurationError(f"--label must be key=value, got {item!r}")
+            labels[k] = v
+        classes = agent_classes(load_module(app_ref)) if app_ref else []
+        settings = NodeSettings(
+            cluster=cluster,
+            labels=labels,
+            replicas=replicas,
+            http_port=http_port,
+            http_host=http_host,
+            advertise=advertise,
+        )
+        async with Node(classes, nats=nats, name=name, settings=settings) as n:
+            logging.getLogger("accord").info(
+                "node %s serving %s", n.node_name, ", ".join(sorted(n.specs)) or "no agent types"
+            )
+            await _until_signalled()
+
+    _run(main())
+
+
+@app.command()
+def up(
+    nodes: Annotated[int, typer.Option("--nodes", min=0, max=64, help="Node processes.")] = 3,
+    app_ref: Annotated[str | None, typer.Option("--app", help="Module with agent classes.")] = None,
+    cluster: ClusterOpt = "default",
+) -> None:
+    """Start an embedded nats-server and N node processes; Ctrl-C stops everything."""
+    from ..engine._resolve import state_dir, url_file
+    from ..engine._server import EmbeddedServer
+    from ..testing import NodeProcess
+
+    if nodes and not app_ref:
+        err.print("[red]error:[/red] --app is required when --nodes > 0", highlight=False)
+        raise typer.Exit(2)
+
+    async def main() -> None:
+        if app_ref:
+            from .._app import agent_classes, load_module
+
+            agent_classes(load_module(app_ref))  # fail fast on a bad app, before any process
+        data = state_dir() / "data"
+        server = EmbeddedServer(data)
+        url = await asyncio.to_thread(server.start)
+        procs: list[NodeProcess] = []
+        try:
+            url_file().parent.mkdir(parents=True, exist_ok=True)
+            url_file().write_text(url)
+            logs = state_dir() / "logs"
+            for i in range(1, nodes + 1):
+                assert app_ref is not None
+                procs.append(NodeProcess(url, app_ref, f"node-{i}", cluster=cluster,
+                                         log_dir=logs).start())  # fmt: skip
+            out.print(f"accord is up: NATS at [bold]{url}[/bold], {nodes} node(s), logs in {logs}")
+            out.print(f"  export ACCORD_NATS={url}   # Ctrl-C to stop")
+            await _until_signalled()
+        finally:
+            out.print("stopping nodes…")
+            await asyncio.gather(*(asyncio.to_thread(p.stop) for p in procs))
+            await asyncio.to_thread(server.stop)
+            with contextlib.suppress(FileNotFoundError):
+                url_file().unlink()
+            out.print("stopped.")
+
+    _run(main())
+
+
+@app.command()
+def demo(
+    app_ref: Annotated[
+        str, typer.Option("--app", help="Demo app module.")
+    ] = "examples/counter_app.py",
+    agents: Annotated[int, typer.Option("--agents", min=1, max=100_000)] = 500,
+) -> None:
+    """Embedded server + 3 nodes; traffic; SIGKILL one node; show failover; summary."""
+    from .._demo import run_demo
+
+    if not Path(app_ref).exists() and not app_ref.replace(".", "").replace("_", "").isalnum():
+        err.print(f"[red]error:[/red] demo app {app_ref!r} not found; run from the repository root "
+                  "or pass --app", highlight=False)  # fmt: skip
+        raise typer.Exit(2)
+    code = _run(run_demo(app_ref, agents, out))
+    raise typer.Exit(code)

@@ -1,0 +1,9 @@
+"""Test support: real clusters of node processes, a network-namespace lab (`netlab`) and a
+history checker (`history`). Nothing here is a fake: the same engine and node binary users run."""
+
+from ._cluster import Cluster as Cluster
+from ._cluster import NodeProcess as NodeProcess
+from ._cluster import connect_retrying as connect_retrying
+from ._cluster import wait_for_placement as wait_for_placement
+
+__all__ = ["Cluster", "NodeProcess", "connect_retrying", "wait_for_placement"]
