@@ -8,11 +8,15 @@ from ._errors import AgentTypeNotFound as AgentTypeNotFound
 from ._errors import BadRequest as BadRequest
 from ._errors import CircuitOpen as CircuitOpen
 from ._errors import ConfigurationError as ConfigurationError
+from ._errors import Contention as Contention
+from ._errors import Degraded as Degraded
 from ._errors import DeliveryTimeout as DeliveryTimeout
 from ._errors import EngineError as EngineError
 from ._errors import Fenced as Fenced
 from ._errors import LeaseLost as LeaseLost
+from ._errors import LeaseNotAcquired as LeaseNotAcquired
 from ._errors import NotConnected as NotConnected
+from ._errors import NotProcessed as NotProcessed
 from ._errors import OutcomeUnknown as OutcomeUnknown
 from ._errors import Overloaded as Overloaded
 from ._errors import RemoteError as RemoteError
@@ -41,7 +45,9 @@ __all__ = [
     "BreakerSettings",
     "CircuitOpen",
     "ConfigurationError",
+    "Contention",
     "Decision",
+    "Degraded",
     "DeliveryTimeout",
     "EmbeddedServer",
     "EngineError",
@@ -49,10 +55,12 @@ __all__ = [
     "InvalidSpec",
     "Lease",
     "LeaseLost",
+    "LeaseNotAcquired",
     "Mesh",
     "Node",
     "NodeSettings",
     "NotConnected",
+    "NotProcessed",
     "OutcomeUnknown",
     "Overloaded",
     "PromiseConflict",

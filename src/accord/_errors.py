@@ -14,25 +14,32 @@ class AccordError(Exception):
     code = "error"
 
 
+class NotProcessed(AccordError):
+    """Base of the errors that mean "certainly not processed": retrying is safe (after waiting
+    for the cause to pass, for `Overloaded`, `Degraded` and `CircuitOpen`)."""
+
+    code = "not_processed"
+
+
 class ConfigurationError(AccordError, ValueError):
     """Bad arguments or settings given by the user (an invalid agent id, cluster name, ...)."""
 
     code = "bad_config"
 
 
-class BadRequest(AccordError):
+class BadRequest(NotProcessed):
     """The receiver could not decode or validate a request; it was not processed."""
 
     code = "bad_request"
 
 
-class AgentTypeNotFound(AccordError):
+class AgentTypeNotFound(NotProcessed):
     """No node of the cluster hosts the requested agent type; the message was not processed."""
 
     code = "agent_type_not_found"
 
 
-class UnknownMessageType(AccordError):
+class UnknownMessageType(NotProcessed):
     """The agent type has no handler for this message type; the message was not processed."""
 
     code = "unknown_message_type"
@@ -80,10 +87,24 @@ class LeaseLost(AccordError):
     code = "lease_lost"
 
 
+class LeaseNotAcquired(LeaseLost, TimeoutError):
+    """A lease could not be taken within the timeout: another holder kept it. (A `LeaseLost`
+    subclass, which is what this case raised before it had its own name.)"""
+
+    code = "lease_not_acquired"
+
+
 class Fenced(AccordError):
     """A write carried an epoch older than the one already recorded, and was refused."""
 
     code = "fenced"
+
+
+class Contention(Fenced):
+    """A conditional write lost the race too many times in a row: not applied; retry later. (A
+    `Fenced` subclass, which is what this case raised before it had its own name.)"""
+
+    code = "contention"
 
 
 class EngineError(AccordError):
@@ -115,20 +136,20 @@ class OutcomeUnknown(AccordError):
         self.msg_id = msg_id
 
 
-class CircuitOpen(AccordError):
+class CircuitOpen(NotProcessed):
     """Calls to this target failed repeatedly; the breaker refuses new ones for a while."""
 
     code = "circuit_open"
 
 
-class Degraded(AccordError):
+class Degraded(NotProcessed):
     """The owner is cut off from the cluster's majority and its agent type is `degraded`: reads
     are still answered, this write was refused (not processed). Retry after the partition heals."""
 
     code = "degraded"
 
 
-class Overloaded(AccordError):
+class Overloaded(NotProcessed):
     """The node's bulkhead for this agent type (or the whole node) is full; not processed."""
 
     code = "overloaded"

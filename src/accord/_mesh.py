@@ -35,9 +35,9 @@ from ._errors import (
     RemoteError,
 )
 from ._ids import AgentId, shard_of, validate_agent_type
-from ._registry import WatchedKV
 from ._spec import DELIVERY_MODES, AgentSpec, known_spec
 from .cluster._config import ClusterConfig, Names
+from .cluster._watched import WatchedKV
 from .coord._groups import barrier, counter_add, counter_value
 from .coord._leases import Lease, LeaseKeeper, elect, fenced_read, fenced_write, hold
 from .coord._quorum import Ballots, Decision, ProposalRecord, VoteRequest, encode_proposal

@@ -15,7 +15,9 @@ DOCUMENTED = {
     "BreakerSettings",
     "CircuitOpen",
     "ConfigurationError",
+    "Contention",
     "Decision",
+    "Degraded",
     "DeliveryTimeout",
     "EmbeddedServer",
     "EngineError",
@@ -23,10 +25,12 @@ DOCUMENTED = {
     "InvalidSpec",
     "Lease",
     "LeaseLost",
+    "LeaseNotAcquired",
     "Mesh",
     "Node",
     "NodeSettings",
     "NotConnected",
+    "NotProcessed",
     "OutcomeUnknown",
     "Overloaded",
     "PromiseConflict",
@@ -67,3 +71,14 @@ def test_every_exported_exception_derives_from_accord_error() -> None:
     assert len(errors) == 17
     for cls in errors:
         assert issubclass(cls, accord.AccordError), cls
+
+
+def test_not_processed_groups_the_errors_that_are_safe_to_retry() -> None:
+    safe = {accord.BadRequest, accord.AgentTypeNotFound, accord.UnknownMessageType,
+            accord.Overloaded, accord.Degraded, accord.CircuitOpen}  # fmt: skip
+    for cls in safe:
+        assert issubclass(cls, accord.NotProcessed), cls
+    maybe_applied = {accord.OutcomeUnknown, accord.DeliveryTimeout, accord.RemoteError,
+                     accord.NotConnected}  # fmt: skip
+    for cls in maybe_applied:
+        assert not issubclass(cls, accord.NotProcessed), cls

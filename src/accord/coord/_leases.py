@@ -25,7 +25,14 @@ import nats.js.errors
 from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 
-from .._errors import ConfigurationError, Fenced, LeaseLost, NotConnected
+from .._errors import (
+    ConfigurationError,
+    Contention,
+    Fenced,
+    LeaseLost,
+    LeaseNotAcquired,
+    NotConnected,
+)
 from ..cluster._leasekv import LeaseKV, Taken
 from ..engine._nats import translated
 
@@ -99,7 +106,7 @@ class LeaseKeeper:
             if deadline is not None and time.monotonic() >= deadline:
                 if error is not None:
                     raise NotConnected(f"cannot take lease {name!r}: {error}") from None
-                raise LeaseLost(f"lease {name!r} not acquired within {timeout}s: it is held")
+                raise LeaseNotAcquired(f"lease {name!r} not acquired within {timeout}s: it is held")
             await asyncio.sleep(min(0.25, ttl / 4) * (0.5 + random.random()))
         lease = Lease(name, token, self.holder, ttl)
         lease.valid_until = sent + ttl - _margin(ttl)
@@ -214,7 +221,7 @@ async def fenced_write(kv: KeyValue, key: str, data: bytes, token: int) -> int:
             return int(await kv.update(key, enc, last=entry.revision))
         except nats.js.errors.KeyWrongLastSequenceError:
             continue  # raced with another writer: read again and re-check the token
-    raise Fenced(f"{key!r}: too much contention")
+    raise Contention(f"{key!r}: too much contention")
 
 
 @translated

@@ -21,7 +21,7 @@ import msgspec
 
 from .._background import Background
 from .._errors import AccordError, Fenced
-from .._registry import WatchedKV
+from ..cluster._watched import WatchedKV
 from ._placement import NodeView, Slot, _take, place
 from ._promises import NodePromises, Reputation, ServicePromises
 from ._spec import ServiceSpec

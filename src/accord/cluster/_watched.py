@@ -11,7 +11,7 @@ import logging
 
 from nats.js.kv import KeyValue
 
-from ._background import Background
+from .._background import Background
 
 log = logging.getLogger("accord.registry")
 
