@@ -47,6 +47,6 @@ class Backoff:
     def delay_for(self, attempt: int) -> float:
         """The delay of the `attempt`-th retry (1-based) without advancing: for callers that
         count attempts themselves (redeliveries)."""
-        base = min(self._cap, self._start * 2 ** max(0, attempt - 1))
+        base = min(self._cap, self._start * 2.0 ** max(0, attempt - 1))
         factor = self._rng.random() if self.full else 0.5 + self._rng.random()
         return base * factor
