@@ -24,13 +24,13 @@ from ._errors import StateError as StateError
 from ._errors import UnknownMessageType as UnknownMessageType
 from ._ids import AgentId as AgentId
 from ._mesh import Mesh as Mesh
-from ._node import Node as Node
-from ._settings import NodeSettings as NodeSettings
 from .coord._leases import Lease as Lease
 from .coord._quorum import Decision as Decision
 from .coord._quorum import VoteRequest as VoteRequest
 from .delivery._breaker import BreakerSettings as BreakerSettings
 from .engine._server import EmbeddedServer as EmbeddedServer
+from .runtime._node import Node as Node
+from .runtime._settings import NodeSettings as NodeSettings
 from .services._promises import Verdict as Verdict
 from .services._promises import promise as promise
 from .services._spec import InvalidSpec as InvalidSpec

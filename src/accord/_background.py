@@ -12,8 +12,12 @@ log = logging.getLogger("accord")
 
 
 class Background:
-    def __init__(self) -> None:
+    """A set of fire-and-forget tasks. A failure is logged: as one WARNING line when it is one of
+    the `expected` kinds (a send while disconnected, say), else as an error with its traceback."""
+
+    def __init__(self, expected: tuple[type[BaseException], ...] = ()) -> None:
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._expected = expected
 
     def spawn(self, coro: Coroutine[Any, Any, Any], name: str | None = None) -> asyncio.Task[Any]:
         task = asyncio.create_task(coro, name=name)
@@ -23,8 +27,21 @@ class Background:
 
     def _done(self, task: asyncio.Task[Any]) -> None:
         self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("background task %s failed", task.get_name(), exc_info=task.exception())
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is None:
+            return
+        if isinstance(exc, self._expected):
+            log.warning("background task %s failed: %s", task.get_name(), exc)
+        else:
+            log.error("background task %s failed", task.get_name(), exc_info=exc)
+
+    async def drain(self, timeout: float) -> None:
+        """Wait up to `timeout` seconds for the tasks running now to finish (e.g. the replies of
+        the last turns, before the connection closes)."""
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=timeout)
 
     async def close(self) -> None:
         await cancel_and_wait(list(self._tasks))

@@ -16,7 +16,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Iterable, Iterator
 from types import TracebackType
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import msgspec
 from nats.js.kv import KeyValue
@@ -73,8 +73,22 @@ class Mesh:
         config: ClusterConfig,
         kvs: dict[str, KeyValue] | None = None,
         breaker: BreakerSettings | None = None,
+        local: LocalRouteLike | None = None,
     ) -> None:
+        self._bind(transport, names, config, kvs, breaker, local)
+
+    def _bind(
+        self,
+        transport: Transport,
+        names: Names,
+        config: ClusterConfig,
+        kvs: dict[str, KeyValue] | None,
+        breaker: BreakerSettings | None,
+        local: LocalRouteLike | None,
+    ) -> None:
+        """Wire the client to its engine (a `Node` does it once started: it owns `local`)."""
         kvs = kvs or {}
+        self._local = local
         self._kvs = kvs
         self._transport = transport
         self.names = names
@@ -258,7 +272,8 @@ class Mesh:
         that was not confirmed within `timeout` — retrying with the same `msg_id` is then safe.
         """
         agent_id, shard = self._resolve(target)
-        if delivery is None and self._tell_local(agent_id, shard, msg):
+        local = self._local
+        if delivery is None and local is not None and local.tell(agent_id, shard, msg):
             self._local_tells += 1
             if self._local_tells % 256 == 0:
                 await asyncio.sleep(0)  # a tight loop of local tells must let the loop breathe
@@ -377,8 +392,9 @@ class Mesh:
         return cached
 
     def _local_spec(self, agent_type: str) -> AgentSpec | None:
-        """Overridden by `Node`: the spec of an agent type this process hosts."""
-        return None
+        """The spec of an agent type this process hosts (a node's), else None."""
+        local = self._local
+        return None if local is None else local.spec(agent_type)
 
     async def _split_brain(self, agent_id: AgentId) -> bool:
         """Is `agent_id`'s type `split_brain_allowed` (hosted here, or as registered)?"""
@@ -572,12 +588,9 @@ class Mesh:
     def _route_local(
         self, agent_id: AgentId, shard: int, msg: Any, deadline: float | None, *, ask: bool
     ) -> asyncio.Future[Any] | None:
-        """Overridden by `Node`: deliver in-process when this node owns `shard`."""
-        return None
-
-    def _tell_local(self, agent_id: AgentId, shard: int, msg: Any) -> bool:
-        """Overridden by `Node`: the local tell hot path; False means "take the general path"."""
-        return False
+        """Deliver in-process when this process serves `shard` (see `LocalRouteLike.route`)."""
+        local = self._local
+        return None if local is None else local.route(agent_id, shard, msg, deadline, ask=ask)
 
     async def _await_local(
         self, fut: asyncio.Future[Any], deadline: float, agent_id: AgentId, type_name: str
@@ -630,6 +643,16 @@ class Mesh:
         self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
     ) -> None:
         await self.close()
+
+
+class LocalRouteLike(Protocol):
+    """The in-process route of a node (`runtime/_local.py`); a plain client has none."""
+
+    def spec(self, agent_type: str) -> AgentSpec | None: ...
+    def tell(self, agent_id: AgentId, shard: int, msg: Any) -> bool: ...
+    def route(
+        self, agent_id: AgentId, shard: int, msg: Any, deadline: float | None, *, ask: bool
+    ) -> asyncio.Future[Any] | None: ...
 
 
 class _LocalResult:

@@ -96,7 +96,7 @@ async def env(nats_url: str) -> AsyncIterator[Env]:
     cluster = f"bad-{next(_cluster_seq)}-{uuid.uuid4().hex[:8]}"  # distinct per test
     settings_ = accord.NodeSettings(cluster=cluster)
     async with accord.Node([BiEcho], nats=nats_url, settings=settings_) as node:
-        await wait_for(lambda: len(node.shards.held()) == node.config.num_shards, "shards held")
+        await wait_for(lambda: len(node.held_shards()) == node.config.num_shards, "shards held")
         nc = await nats.connect(nats_url)
         try:
             yield Env(node, nc, cluster, nats_url)

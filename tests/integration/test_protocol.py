@@ -92,7 +92,7 @@ async def running_node(nats_url: str, cluster: str) -> AsyncIterator[accord.Node
     settings = accord.NodeSettings(cluster=cluster)
     async with accord.Node([ProtoCounter], nats=nats_url, settings=settings) as node:
         await wait_for(
-            lambda: len(node.shards.held()) == node.config.num_shards, "the node to hold all shards"
+            lambda: len(node.held_shards()) == node.config.num_shards, "the node to hold all shards"
         )
         yield node
 
@@ -186,7 +186,7 @@ async def test_raw_client_json_ask(nats_url: str) -> None:
             "v": 1,
             "ok": True,
             "body": {"agent": target, "value": 2},  # nested, not a string
-            "epoch": node.shards.held()[shard],
+            "epoch": node.held_shards()[shard],
             "node": node.node_name,
         }
         assert isinstance(reply["epoch"], int) and reply["epoch"] > 0
@@ -253,7 +253,7 @@ async def test_msgpack_raw_ask(nats_url: str) -> None:
                 "v": 1,
                 "ok": True,
                 "body": {"agent": target, "value": 7},
-                "epoch": node.shards.held()[shard_of(target, num_shards)],
+                "epoch": node.held_shards()[shard_of(target, num_shards)],
                 "node": node.node_name,
             }
 

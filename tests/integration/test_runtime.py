@@ -257,7 +257,7 @@ async def node(nats_url: str) -> AsyncIterator[accord.Node]:
     settings = accord.NodeSettings(cluster=unique_cluster(), drain_timeout=5.0)
     async with accord.Node(ALL_AGENTS, nats=nats_url, settings=settings) as n:
         await eventually(
-            lambda: len(n.shards.held()) == n.config.num_shards, what="node to hold every shard"
+            lambda: len(n.held_shards()) == n.config.num_shards, what="node to hold every shard"
         )
         yield n
 
@@ -481,7 +481,7 @@ async def test_idle_agent_is_deactivated_and_reactivated_fresh(
 async def test_graceful_stop_deactivates_live_agents(nats_url: str) -> None:
     settings = accord.NodeSettings(cluster=unique_cluster())
     async with accord.Node([RtIdle], nats=nats_url, settings=settings) as node:
-        await eventually(lambda: len(node.shards.held()) == node.config.num_shards)
+        await eventually(lambda: len(node.held_shards()) == node.config.num_shards)
         await node.ask("rt-idle/stopped", Inc())
         assert [e[0] for e in EVENTS["rt-idle/stopped"]] == ["activate"]
     assert [e[0] for e in EVENTS["rt-idle/stopped"]] == ["activate", "deactivate"]
@@ -532,16 +532,16 @@ async def test_tell_to_a_locally_owned_shard_does_not_touch_the_network(
 async def test_local_tells_wait_for_a_full_bulkhead_and_lose_nothing(nats_url: str) -> None:
     settings = accord.NodeSettings(cluster=unique_cluster(), max_inflight_per_type=8)
     async with accord.Node([RtLog], nats=nats_url, settings=settings) as node:
-        await eventually(lambda: len(node.shards.held()) == node.config.num_shards)
+        await eventually(lambda: len(node.held_shards()) == node.config.num_shards)
         assert await node.ask("rt-log/full", Items()) == []  # a live activation: the fast path
         peak = 0
         for i in range(300):
             await node.tell("rt-log/full", Append(i))
-            peak = max(peak, node.type_load("rt-log").n)
+            peak = max(peak, node._bulkhead.load("rt-log").n)
         assert peak <= 8  # the bulkhead bounds the mailbox of local tells too
         assert node.stats.overloaded > 0  # ... by making the teller wait
         assert await node.ask("rt-log/full", Items()) == list(range(300))  # in order, none lost
-        assert node.type_load("rt-log").n == 0
+        assert node._bulkhead.load("rt-log").n == 0
 
 
 # -- topics ---------------------------------------------------------------------------------

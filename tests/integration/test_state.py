@@ -121,7 +121,7 @@ async def _node(url: str, cluster: str, name: str = "n1", **settings: Any) -> ac
     node = accord.Node(AGENTS, nats=url, name=name,
                        settings=accord.NodeSettings(cluster=cluster, **settings))  # fmt: skip
     await node.start()
-    await _until(lambda: len(node.shards.held()) == node.config.num_shards, "all shards held")
+    await _until(lambda: len(node.held_shards()) == node.config.num_shards, "all shards held")
     return node
 
 
@@ -212,9 +212,9 @@ async def test_event_sourced_state_from_snapshot_and_replay_equals_full_log(nats
         amounts = [(i * 7) % 13 + 1 for i in range(23)]
         for a in amounts:
             await node.ask(agent, Deposit(a), timeout=10)
-        await _until(lambda: agent not in node._activations, "idle deactivation")
+        await _until(lambda: agent not in node._table.live, "idle deactivation")
         rebuilt = await node.ask(agent, Snapshot(), timeout=10)  # snapshot + replay
-        log = EventLog(node._nc.js, "accord_es1_es", "accord.es1.es")
+        log = EventLog(node._transport.js, "accord_es1_es", "accord.es1.es")
         folded = Book()
 
         def fold(ev: Any) -> None:
@@ -222,7 +222,8 @@ async def test_event_sourced_state_from_snapshot_and_replay_equals_full_log(nats
             folded.ops += 1
 
         await log.replay(agent, 0, {"Deposited": Deposited}, fold)
-        record, _ = await StateStore(await node._nc.js.key_value("accord_es1_state")).load(agent)
+        kv = await node._transport.js.key_value("accord_es1_state")
+        record, _ = await StateStore(kv).load(agent)
     finally:
         await node.stop()
     # The last snapshot holds 20 events (snapshot_every=5); the other 3 came from replay.
@@ -233,7 +234,7 @@ async def test_event_sourced_state_from_snapshot_and_replay_equals_full_log(nats
 async def test_eventual_state_is_written_behind_within_the_flush_interval(nats_url: str) -> None:
     node = await _node(nats_url, "ev1")
     agent = AgentId("lazy", "l1")
-    store = StateStore(await node._nc.js.key_value("accord_ev1_state"))
+    store = StateStore(await node._transport.js.key_value("accord_ev1_state"))
     try:
         for _ in range(3):
             await node.ask(agent, Add(2), timeout=5)
@@ -255,7 +256,7 @@ async def test_eventual_state_is_written_behind_within_the_flush_interval(nats_u
 
 async def test_undecodable_state_is_a_clear_error_never_a_reset(nats_url: str) -> None:
     node = await _node(nats_url, "sv1")
-    store = StateStore(await node._nc.js.key_value("accord_sv1_state"))
+    store = StateStore(await node._transport.js.key_value("accord_sv1_state"))
     try:
         for agent_type in ("strict", "migrating"):
             raw = msgspec.Raw(msgspec.msgpack.encode({"total": "12"}))
@@ -299,9 +300,9 @@ async def test_state_moves_with_its_shard_on_handoff(nats_url: str) -> None:
         second = accord.Node(AGENTS, nats=nats_url, name="second",
                              settings=accord.NodeSettings(cluster=cluster))  # fmt: skip
         await second.start()
-        await _until(lambda: len(second.shards.held()) > 10, "the joiner to take shards")
+        await _until(lambda: len(second.held_shards()) > 10, "the joiner to take shards")
         await _until(
-            lambda: len(first.shards.held()) + len(second.shards.held()) == 64, "stable placement"
+            lambda: len(first.held_shards()) + len(second.held_shards()) == 64, "stable placement"
         )
         moved = [a for a in agents if second.shards.serving(
             accord._ids.shard_of(a, 64)) is not None]  # fmt: skip

@@ -47,8 +47,8 @@ def node(
     """Run one node process (agents from --app, plus the node agent for services) until
     SIGTERM/SIGINT."""
     from .._app import agent_classes, load_module
-    from .._node import Node
-    from .._settings import NodeSettings
+    from ..runtime._node import Node
+    from ..runtime._settings import NodeSettings
 
     _setup_logging(log_level)
 

@@ -29,7 +29,7 @@ from ._store import Instance, LogLine, Placement, ServiceStore, instance_key
 from ._supervisor import Replica
 
 if TYPE_CHECKING:
-    from .._node import Node
+    from ..runtime._node import Node
 
 log = logging.getLogger("accord.services")
 

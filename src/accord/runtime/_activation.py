@@ -13,26 +13,25 @@ import asyncio
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import msgspec
 
-from ._agent import Agent
-from ._context import current_deadline, current_sender
-from ._errors import AccordError, Degraded, DeliveryTimeout, Fenced, RemoteError, StateError
-from ._ids import AgentId
-from ._spec import AgentSpec, HandlerSpec
-from .coord._quorum import VoteRequest
-from .delivery._mailbox import DurableDelivery, backoff_delay
-from .state._durable import Durable
-from .state._store import DedupEntry, MergeState
-
-if TYPE_CHECKING:
-    from ._node import Node
+from .._agent import Agent
+from .._context import current_deadline, current_sender
+from .._errors import AccordError, Degraded, DeliveryTimeout, Fenced, RemoteError, StateError
+from .._ids import AgentId
+from .._spec import AgentSpec, HandlerSpec
+from ..delivery._mailbox import DurableDelivery, backoff_delay
+from ..state._durable import Durable
+from ..state._store import DedupEntry, MergeState
+from ._host import Host
 
 log = logging.getLogger("accord.activation")
 
 ReplyFn = Callable[[Any, BaseException | None], Awaitable[None] | None]
+#: A turn run by the runtime instead of a handler: (activation, agent, work).
+SystemTurn = Callable[["Activation", Agent, "Work"], Awaitable[None]]
 _enc = msgspec.msgpack.Encoder()
 
 
@@ -40,10 +39,13 @@ class Work:
     """A message accepted for an agent. `reply` is None for a tell.
 
     `delivery` is set for mailbox (at-least-once / exactly-once) messages; `lookup` marks a request
-    for the recorded outcome of an exactly-once message (`handler` is then None).
+    for the recorded outcome of an exactly-once message (`handler` is then None); `system` is a
+    turn the runtime itself runs instead of a handler (a split-brain merge, `_cutoff.py`).
     """
 
-    __slots__ = ("data", "deadline", "delivery", "handler", "local", "lookup", "msg", "reply")
+    __slots__ = (
+        "data", "deadline", "delivery", "handler", "local", "lookup", "msg", "reply", "system",
+    )  # fmt: skip
 
     def __init__(
         self,
@@ -55,7 +57,9 @@ class Work:
         data: bytes = b"",
         lookup: str | None = None,
         local: bool = False,
+        system: SystemTurn | None = None,
     ) -> None:
+        self.system = system
         self.local = local
         self.handler = handler
         self.msg = msg
@@ -66,38 +70,26 @@ class Work:
         self.lookup = lookup
 
 
-class InFlight:
-    """A bulkhead's count: messages accepted and not yet started, per agent type or per node.
-
-    `waiting` (node-wide count only): a mailbox consumer waits for the count to drop; whoever
-    lowers it then calls `Node.capacity_freed`.
-    """
-
-    __slots__ = ("n", "waiting")
-
-    def __init__(self) -> None:
-        self.n = 0
-        self.waiting = False
-
-
 class Activation:
+    """One virtual agent's activation, hosted by a `Host` (the node)."""
+
     def __init__(
         self,
-        node: Node,
+        host: Host,
         agent_id: AgentId,
         spec: AgentSpec,
         shard: int,
         epoch: int,
         previous: asyncio.Task[None] | None,
     ) -> None:
-        self.node = node
+        self.host = host
         self.id = agent_id
         self._name = str(agent_id)
         self.spec = spec
         self.shard = shard
         self.epoch = epoch
         self.queue: deque[Work] = deque()
-        self.last_active = node.loop.time()
+        self.last_active = host.loop.time()
         self.closing = False  # drain what is queued, then deactivate
         self.busy = False
         self.durable: Durable | None = None
@@ -109,11 +101,13 @@ class Activation:
         self.agent: Agent | None = None
         self._waiter: asyncio.Future[None] | None = None
         self._previous = previous
-        self._shard_valid = node.shards.valid
-        self.load = node.type_load(spec.type_name)
-        self._total = node.inflight
-        self.tells_direct = spec.options.delivery == "at_most_once"  # `Node._tell_local` may put
-        self.task = node.loop.create_task(self._run(), name=f"accord-agent-{agent_id}")
+        self._shard_valid = host.valid
+        self._bulkhead = host.bulkhead
+        self.load = host.bulkhead.load(spec.type_name)
+        self._total = host.bulkhead.total
+        self.tells_direct = spec.options.delivery == "at_most_once"  # `LocalRoute.tell` may put
+        self._after_turn = host.after_turn
+        self.task = host.loop.create_task(self._run(), name=f"accord-agent-{agent_id}")
 
     def put(self, work: Work) -> None:
         self.queue.append(work)
@@ -132,7 +126,7 @@ class Activation:
 
     def _valid(self) -> bool:
         if self.orphan:
-            return self.node.orphan_epoch(self.shard) == self.epoch
+            return self.host.orphan_epoch(self.shard) == self.epoch
         return self._shard_valid(self.shard, self.epoch)
 
     def make_orphan(self) -> None:
@@ -143,28 +137,28 @@ class Activation:
     def merge_payload(self) -> MergeState | None:
         if self.durable is None or self.agent is None:
             return None
-        return self.durable.merge_payload(self.agent, self.node.node_name)
+        return self.durable.merge_payload(self.agent, self.host.name)
 
     async def _run(self) -> None:
-        node = self.node
+        host = self.host
         if self._previous is not None:  # the last activation of this id is still deactivating
             await asyncio.shield(self._previous)
             self._previous = None
         agent = self.spec.cls()
         agent.id = self.id
-        agent.mesh = node
-        agent.replica_id = f"{node.node_name}:{self.epoch}"
+        agent.mesh = host.mesh
+        agent.replica_id = f"{host.name}:{self.epoch}"
         self.agent = agent
         activated = False
         graceful = False
         try:
             if self.spec.durable:
-                self.durable = node.durable_for(self.id, self.spec, self.shard, self.epoch)
+                self.durable = host.durable_for(self.id, self.spec, self.shard, self.epoch)
                 await self.durable.load(agent)
                 self.durable.orphaned = self.orphan
             await agent.on_activate()
             activated = True
-            node.stats.activations += 1
+            host.stats.activations += 1
             sender_token = current_sender.set(self._name)  # for every turn; this task's context
             try:
                 await self._turns(agent)
@@ -189,14 +183,15 @@ class Activation:
                 payload = self.merge_payload()
                 if payload is not None:
                     self.merge_to(payload)
-            node.activation_ended(self)
+            host.ended(self)
             if activated:
                 await self._deactivate(agent, graceful)
-            node.inflight_add(self.spec.type_name, -len(self.queue))
+            self._bulkhead.add(self.spec.type_name, -len(self.queue))
 
     async def _turns(self, agent: Agent) -> None:
-        node = self.node
-        loop = node.loop
+        host = self.host
+        loop = host.loop
+        bulkhead = self._bulkhead
         queue = self.queue
         load = self.load
         total = self._total
@@ -220,21 +215,21 @@ class Activation:
             load.n -= 1
             total.n -= 1
             if total.waiting:
-                node.capacity_freed()
+                bulkhead.freed()
             self._streak += 1
             if self._streak % 64 == 0:
                 await asyncio.sleep(0)  # a long queue of instant turns must not starve the loop
             if not (self._valid() if self.orphan else shard_valid(shard, epoch)):
                 return  # the lease moved on: nothing more runs or replies here
             if work.deadline is not None and loop.time() >= work.deadline:
-                node.stats.expired += 1
+                host.stats.expired += 1
                 continue  # the caller has given up; running it would be wasted and unseen
             self.busy = True
             try:
                 if work.lookup is not None:
                     await self._answer_lookup(work)
-                elif type(work.msg) is MergeState:
-                    await self._merge_turn(agent, work)
+                elif work.system is not None:
+                    await work.system(self, agent, work)
                 elif self.orphan and not await self._cut_off_may_run(work):
                     pass
                 elif work.delivery is not None:
@@ -252,22 +247,23 @@ class Activation:
         dl_token = current_deadline.set(work.deadline)
         try:
             result = await work.handler.fn(agent, work.msg)
-            if type(work.msg) is VoteRequest:
-                await self.node.record_vote(work.msg, self._name, result)
+            after = self._after_turn.get(type(work.msg)) if self._after_turn else None
+            if after is not None:
+                await after(work.msg, self._name, result)
             return result, None
         except Exception as exc:
             if (
                 isinstance(exc, DeliveryTimeout)
                 and work.deadline is not None
-                and self.node.loop.time() >= work.deadline
+                and self.host.loop.time() >= work.deadline
             ):
                 return None, exc  # the caller's own deadline passed: answered as "timeout"
-            self.node.stats.handler_errors += 1
+            self.host.stats.handler_errors += 1
             log.debug("handler %s of %s raised", work.handler.name, self.id, exc_info=True)
             return None, _as_remote(exc)
         finally:
             current_deadline.reset(dl_token)
-            self.node.stats.turns += 1
+            self.host.stats.turns += 1
 
     async def _turn(self, agent: Agent, work: Work) -> None:
         """An at-most-once message: run once; persist state if the agent has any; reply."""
@@ -281,7 +277,7 @@ class Activation:
             if self._valid():
                 await self._reply(work, result, error)
             else:
-                self.node.stats.replies_withheld += 1
+                self.host.stats.replies_withheld += 1
 
     async def _durable_turn(self, agent: Agent, work: Work, dd: DurableDelivery) -> None:
         """A mailbox message: dedup, run with in-place retries, persist, ack, reply."""
@@ -291,7 +287,7 @@ class Activation:
             entry = self.durable.lookup(dd.msg_id)
             if entry is not None or self.durable.applied(dd.seq):
                 # Applied before: a redelivery (crash before the ack) or a retried publish.
-                self.node.stats.deduplicated += 1
+                self.host.stats.deduplicated += 1
                 await dd.ack()
                 if entry is not None:
                     await self._reply_entry(work, entry)
@@ -314,7 +310,7 @@ class Activation:
             if self.durable is not None:
                 self.durable.rollback(agent)
             if dd.attempts >= opts.max_deliver:
-                await self.node.dead_letter(work, dd, error)
+                await self.host.dead_letter(work.data, dd, error)
                 if exactly_once:
                     assert self.durable is not None
                     await self.durable.commit(agent, _dedup_entry(dd.msg_id, None, error), dd.seq)
@@ -343,16 +339,6 @@ class Activation:
                 except Exception as exc:  # the asker will time out; the agent goes on
                     log.warning("reply of %s not sent: %s", self.id, exc)
 
-    async def _merge_turn(self, agent: Agent, work: Work) -> None:
-        """Fold in the state a cut-off node kept serving during a partition."""
-        outcome = "ours"
-        if self.durable is not None:
-            outcome = self.durable.apply_merge(agent, work.msg)
-            await self.durable.commit(agent)
-        if work.delivery is not None:
-            await work.delivery.ack()
-        self.node.record_merge(self.id, work.msg, outcome)
-
     async def _answer_lookup(self, work: Work) -> None:
         assert work.lookup is not None
         entry = self.durable.lookup(work.lookup) if self.durable is not None else None
@@ -377,7 +363,7 @@ class Activation:
     async def _fail_queued(self, error: BaseException) -> None:
         while self.queue:
             work = self.queue.popleft()
-            self.node.inflight_add(self.spec.type_name, -1)
+            self._bulkhead.add(self.spec.type_name, -1)
             if work.delivery is not None:
                 await work.delivery.nak(delay=5.0)  # not the message's fault: try again later
             await self._reply(work, None, error)
@@ -386,7 +372,7 @@ class Activation:
         try:
             if graceful and self.durable is not None and self._valid():
                 await self.durable.flush(agent)
-            await asyncio.wait_for(agent.on_deactivate(), self.node.settings.deactivate_timeout)
+            await asyncio.wait_for(agent.on_deactivate(), self.host.deactivate_timeout)
         except Exception:
             log.exception("deactivation of %s failed", self.id)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import msgspec
 
-from .delivery._breaker import BreakerSettings
+from ..delivery._breaker import BreakerSettings
 
 
 class NodeSettings(msgspec.Struct, kw_only=True):

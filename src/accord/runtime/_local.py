@@ -1,0 +1,106 @@
+"""The in-process route: a message for a shard this node serves is handed to the activation
+directly, with the same semantics as over the wire (bulkheads, unknown types, deadlines) and no
+network hop. `Mesh` takes it as its `local` route; a plain client has none."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from .._errors import AccordError, AgentTypeNotFound, UnknownMessageType
+from .._ids import AgentId
+from .._spec import AgentSpec
+from ._activation import ReplyFn, Work
+from ._bulkhead import Bulkhead
+from ._table import ActivationTable
+
+
+class LocalRoute:
+    def __init__(
+        self,
+        specs: Mapping[str, AgentSpec],
+        table: ActivationTable,
+        bulkhead: Bulkhead,
+        serving: Callable[[int], int | None],
+        open_: Callable[[], bool],
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        self._specs = specs
+        self._live = table.live
+        self._table = table
+        self._bulkhead = bulkhead
+        self._serving = serving  # the epoch under which this node takes new messages for a shard
+        self._open = open_  # False before start and from the start of stop
+        self._loop = loop
+        self._delivered: asyncio.Future[Any] = loop.create_future()  # "handed over" (tells)
+        self._delivered.set_result(None)
+
+    def spec(self, agent_type: str) -> AgentSpec | None:
+        """The spec of an agent type hosted here."""
+        return self._specs.get(agent_type)
+
+    def tell(self, agent_id: AgentId, shard: int, msg: Any) -> bool:
+        """An at-most-once tell to a live activation of a shard served here, in one step.
+
+        Anything else (no activation yet, a new epoch, a full bulkhead, an unknown message, a
+        durable mode) returns False and takes the general path, which decides and reports it.
+        """
+        act = self._live.get(agent_id)
+        if act is None or act.closing or not act.tells_direct:
+            return False
+        h = act.spec.by_class.get(type(msg))
+        if h is None or self._serving(shard) != act.epoch or not self._open():
+            return False
+        if not self._bulkhead.room_for(act.load):
+            return False
+        act.put(Work(h, msg, None, None))
+        return True
+
+    def route(
+        self, agent_id: AgentId, shard: int, msg: Any, deadline: float | None, *, ask: bool
+    ) -> asyncio.Future[Any] | None:
+        """Deliver in-process if this node serves `shard`: a future of the reply (an ask) or of
+        the hand-over (a tell); None when the shard is not served here. A tell that cannot be
+        accepted raises (`Overloaded`, ...); an ask gets the error in its future."""
+        epoch = self._serving(shard) if self._open() else None
+        if epoch is None:
+            return None
+        spec = self._specs.get(agent_id.type)
+        h = spec.by_class.get(type(msg)) if spec is not None else None
+        try:
+            if spec is None:
+                raise AgentTypeNotFound(f"no agent type {agent_id.type!r} on this cluster")
+            if h is None:
+                raise UnknownMessageType(
+                    f"{agent_id.type!r} has no handler for {type(msg).__name__}"
+                )
+            self._bulkhead.check(spec.type_name)
+        except AccordError as exc:
+            if not ask:
+                raise
+            failed: asyncio.Future[Any] = self._loop.create_future()
+            failed.set_exception(exc)
+            return failed
+        if not ask:  # a tell: nothing to wait for
+            act = self._live.get(agent_id)
+            if act is None or act.epoch != epoch or act.closing:
+                act = self._table.get_or_create(agent_id, spec, shard, epoch)
+            act.put(Work(h, msg, deadline, None))
+            return self._delivered
+        fut: asyncio.Future[Any] = self._loop.create_future()
+        work = Work(h, msg, deadline, _future_replier(fut), local=True)
+        self._table.get_or_create(agent_id, spec, shard, epoch).put(work)
+        return fut
+
+
+def _future_replier(fut: asyncio.Future[Any]) -> ReplyFn:
+    def reply(result: Any, error: BaseException | None) -> None:
+        if fut.done():
+            return
+        if error is not None:
+            fut.set_exception(error)
+        else:
+            fut.set_result(result)
+
+    return reply

@@ -1,0 +1,76 @@
+"""The activation table: which agents are active on this node, by id and by shard, and the ones
+still deactivating (a new activation of the same id waits for the old one to finish)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Iterable
+
+from .._ids import AgentId
+from .._spec import AgentSpec
+from ._activation import Activation
+from ._host import ActivationRef, Host
+from ._settings import Stats
+
+
+class ActivationTable:
+    def __init__(self, host: Host, stats: Stats) -> None:
+        self._host = host
+        self._stats = stats
+        self.live: dict[AgentId, Activation] = {}  # read on the hot path
+        self._by_shard: dict[int, dict[AgentId, Activation]] = {}
+        self._deactivating: dict[AgentId, asyncio.Task[None]] = {}
+
+    def get_or_create(
+        self, agent_id: AgentId, spec: AgentSpec, shard: int, epoch: int, orphan: bool = False
+    ) -> Activation:
+        """The live activation of `agent_id` for `epoch`, or a new one (which first waits for a
+        previous activation of the same agent to finish deactivating)."""
+        act = self.live.get(agent_id)
+        if act is not None and act.epoch == epoch and not act.closing:
+            return act
+        previous = act.task if act is not None else self._deactivating.get(agent_id)
+        act = Activation(self._host, agent_id, spec, shard, epoch, previous)
+        if orphan:
+            act.make_orphan()
+        self.live[agent_id] = act
+        self._by_shard.setdefault(shard, {})[agent_id] = act
+        return act
+
+    def ended(self, ref: ActivationRef) -> None:
+        agent_id = ref.id
+        if self.live.get(agent_id) is ref:
+            del self.live[agent_id]
+        by = self._by_shard.get(ref.shard)
+        if by is not None and by.get(agent_id) is ref:
+            del by[agent_id]
+        task = ref.task
+        self._deactivating[agent_id] = task
+        task.add_done_callback(lambda t: self._forget(agent_id, t))
+        self._stats.deactivations += 1
+
+    def _forget(self, agent_id: AgentId, task: asyncio.Task[None]) -> None:
+        if self._deactivating.get(agent_id) is task:
+            del self._deactivating[agent_id]
+
+    def in_shard(
+        self, shard: int, where: Callable[[Activation], bool] | None = None
+    ) -> list[Activation]:
+        acts = list(self._by_shard.get(shard, {}).values())
+        return acts if where is None else [a for a in acts if where(a)]
+
+    def count(self) -> int:
+        return len(self.live)
+
+    def close_idle(self, now: float) -> None:
+        """Deactivate every activation idle for longer than its type's `idle_timeout`."""
+        for act in list(self.live.values()):
+            if not act.busy and not act.queue and now - act.last_active >= act.spec.idle_timeout:
+                act.close()
+
+    async def sweep_idle(self, specs: Iterable[AgentSpec], loop: asyncio.AbstractEventLoop) -> None:
+        """Forever: close idle activations, checking a few times per shortest idle timeout."""
+        idle = min((s.idle_timeout for s in specs), default=60.0)
+        while True:
+            await asyncio.sleep(max(0.05, min(idle / 4, 1.0)))
+            self.close_idle(loop.time())
