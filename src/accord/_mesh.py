@@ -11,12 +11,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterable, Iterator
 from types import TracebackType
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 
 import msgspec
 from nats.js.kv import KeyValue
@@ -24,9 +23,8 @@ from nats.js.kv import KeyValue
 from . import _codec as codec
 from ._background import Background
 from ._context import current_deadline, current_sender
+from ._directory import Directory
 from ._errors import (
-    WIRE_ERRORS,
-    AccordError,
     ConfigurationError,
     DeliveryTimeout,
     NotConnected,
@@ -34,25 +32,21 @@ from ._errors import (
     Overloaded,
     RemoteError,
 )
-from ._ids import AgentId, shard_of, validate_agent_type
-from ._spec import DELIVERY_MODES, AgentSpec, known_spec
+from ._ids import AgentId, shard_of
+from ._sender import LocalResult, Sender
+from ._spec import AgentSpec
 from .cluster._config import ClusterConfig, Names
 from .cluster._watched import WatchedKV
 from .coord._groups import barrier, counter_add, counter_value
 from .coord._leases import Lease, LeaseKeeper, elect, fenced_read, fenced_write, hold
 from .coord._quorum import Ballots, Decision, ProposalRecord, VoteRequest, encode_proposal
 from .delivery._breaker import BreakerSettings, CircuitBreakers
-from .delivery._client import DurableSender
-from .delivery._mailbox import mailbox_subject
-from .engine._api import NoResponders, RequestTimeout, Transport
+from .engine._api import Transport
 from .engine._nats import NatsTransport
 
 log = logging.getLogger("accord.mesh")
 
 DEFAULT_TIMEOUT = 10.0
-_BACKOFF_START = 0.005
-_BACKOFF_CAP = 0.1
-STANDBY_AFTER = 0.25  # seconds of 'no responders' before a split-brain agent is served anywhere
 
 
 def as_agent_id(target: AgentId | str) -> AgentId:
@@ -95,11 +89,13 @@ class Mesh:
         self.config = config
         self._bg = Background()
         self._loop = asyncio.get_running_loop()
-        self._subs = WatchedKV(kvs.get("subs"), self._bg)  # "<topic>.<agent type>" -> b"1"
-        self._types = WatchedKV(kvs.get("meta"), self._bg, prefix="type.")  # type -> options
+        self._directory = Directory(
+            WatchedKV(kvs.get("meta"), self._bg, prefix="type."),
+            WatchedKV(kvs.get("subs"), self._bg),
+            self._local_spec,
+        )
+        self._sender = Sender(transport, names, self._directory, self._route_local, self._loop)
         self._breakers = CircuitBreakers(breaker) if breaker is not None else None
-        self._durable: DurableSender | None = None
-        self._mode_cache: dict[bytes, str] = {}
         self._local_tells = 0
         self._targets: dict[str, tuple[AgentId, int]] = {}
 
@@ -148,24 +144,28 @@ class Mesh:
         """
         agent_id, shard = self._resolve(target)
         deadline = self._deadline(timeout)
-        mode = self._known_mode(agent_id, delivery) or await self._mode(agent_id, delivery)
+        mode = self._directory.known_mode(agent_id, delivery) or await self._directory.mode(
+            agent_id, delivery
+        )
         with self._breaker(agent_id):
             type_name = codec.message_type_name(type(msg))
             if mode != "at_most_once":
-                stored = await self._send_durable(
+                stored = await self._sender.send_durable(
                     "ask", agent_id, shard, type_name, codec.encode(msg), "msgpack", deadline,
                     mode, msg_id,
                 )  # fmt: skip
-                return self._unwrap(agent_id, type_name, stored, returns)
+                return self._sender.unwrap(agent_id, type_name, stored, returns)
             local = self._route_local(agent_id, shard, msg, deadline, ask=True)
             if local is not None:
-                return await self._await_local(local, deadline, agent_id, type_name)
+                return await self._sender.await_local(local, deadline, agent_id, type_name)
             body = codec.encode(msg)
-            data = await self._request(agent_id, shard, type_name, body, "msgpack", deadline, msg,
-                                       target if type(target) is str else None)  # fmt: skip
-            if isinstance(data, _LocalResult):
-                return await self._await_local(data.fut, deadline, agent_id, type_name)
-            return self._unwrap(agent_id, type_name, data, returns)
+            data = await self._sender.request(
+                agent_id, shard, type_name, body, "msgpack", deadline, msg,
+                target if type(target) is str else None,
+            )  # fmt: skip
+            if isinstance(data, LocalResult):
+                return await self._sender.await_local(data.fut, deadline, agent_id, type_name)
+            return self._sender.unwrap(agent_id, type_name, data, returns)
 
     async def ask_json(
         self,
@@ -183,76 +183,15 @@ class Mesh:
         """
         agent_id, shard = self._resolve(target)
         deadline = self._deadline(timeout)
-        mode = await self._mode(agent_id, delivery)
+        mode = await self._directory.mode(agent_id, delivery)
         if mode != "at_most_once":
-            stored = await self._send_durable(
+            stored = await self._sender.send_durable(
                 "ask", agent_id, shard, type_name, body, "json", deadline, mode, msg_id
             )
-            return self._unwrap(agent_id, type_name, stored, Any)
-        data = await self._request(agent_id, shard, type_name, body, "json", deadline, None)
-        assert not isinstance(data, _LocalResult)
-        return self._unwrap(agent_id, type_name, data, Any)
-
-    async def _request(
-        self,
-        agent_id: AgentId,
-        shard: int,
-        type_name: str,
-        body: bytes,
-        enc: codec.Encoding,
-        deadline: float,
-        msg: Any,
-        target: str | None = None,
-    ) -> bytes | _LocalResult:
-        """Send one ask, retrying while the shard has no owner, until `deadline`."""
-        subject = self.names.shard_subject(shard)
-        target = target or str(agent_id)
-        backoff = _BACKOFF_START
-        first = True
-        unowned_since: float | None = None
-        while True:
-            if msg is not None and not first:  # the shard may have moved here meanwhile
-                local = self._route_local(agent_id, shard, msg, deadline, ask=True)
-                if local is not None:
-                    return _LocalResult(local)
-            first = False
-            remaining = deadline - self._loop.time()
-            if remaining <= 0:
-                raise DeliveryTimeout(
-                    f"ask {agent_id} {type_name}: deadline passed with no owner for its shard",
-                    maybe_delivered=False,
-                )
-            req = codec.Request(
-                v=codec.PROTOCOL_VERSION,
-                kind="ask",
-                target=target,
-                type=type_name,
-                body=msgspec.Raw(body),
-                timeout_ms=max(1, int(remaining * 1000)),
-                sender=current_sender.get(),
-            )
-            data = codec.encode(req, enc)
-            try:
-                try:
-                    return await self._transport.request(subject, data, remaining)
-                except NoResponders:
-                    now = self._loop.time()
-                    unowned_since = now if unowned_since is None else unowned_since
-                    if now - unowned_since < STANDBY_AFTER or not await self._split_brain(agent_id):
-                        raise
-                    # The owner's process is gone (its subscription with it) and the lease has
-                    # not expired yet: a split-brain-tolerant agent is served by any node now.
-                    return await self._transport.request(
-                        self.names.standby_subject(shard), data, deadline - now
-                    )
-            except NoResponders:
-                await asyncio.sleep(min(backoff * (0.5 + random.random()), remaining))
-                backoff = min(backoff * 2, _BACKOFF_CAP)
-            except RequestTimeout:
-                raise DeliveryTimeout(
-                    f"ask {agent_id} {type_name}: no reply within the deadline",
-                    maybe_delivered=True,
-                ) from None
+            return self._sender.unwrap(agent_id, type_name, stored, Any)
+        data = await self._sender.request(agent_id, shard, type_name, body, "json", deadline, None)
+        assert not isinstance(data, LocalResult)
+        return self._sender.unwrap(agent_id, type_name, data, Any)
 
     async def tell(
         self,
@@ -270,6 +209,9 @@ class Mesh:
         owner it is dropped). `at_least_once` / `exactly_once`: returns only once the message is
         stored in the shard's JetStream mailbox; raises `OutcomeUnknown` (with the `msg_id`) if
         that was not confirmed within `timeout` — retrying with the same `msg_id` is then safe.
+        Raises `AgentTypeNotFound`/`UnknownMessageType` only for a local target (a remote one
+        drops what it cannot handle: a tell has no reply). On cancellation the message may or
+        may not have been sent (durable: may or may not be stored).
         """
         agent_id, shard = self._resolve(target)
         local = self._local
@@ -278,10 +220,12 @@ class Mesh:
             if self._local_tells % 256 == 0:
                 await asyncio.sleep(0)  # a tight loop of local tells must let the loop breathe
             return
-        mode = self._known_mode(agent_id, delivery) or await self._mode(agent_id, delivery)
+        mode = self._directory.known_mode(agent_id, delivery) or await self._directory.mode(
+            agent_id, delivery
+        )
         if mode != "at_most_once":
             type_name = codec.message_type_name(type(msg))
-            await self._send_durable("tell", agent_id, shard, type_name, codec.encode(msg),
+            await self._sender.send_durable("tell", agent_id, shard, type_name, codec.encode(msg),
                                      "msgpack", self._deadline(timeout), mode, msg_id)  # fmt: skip
             return
         while True:
@@ -296,7 +240,7 @@ class Mesh:
                 await asyncio.sleep(0)  # a tight loop of local tells must let the loop breathe
             return
         type_name = codec.message_type_name(type(msg))
-        await self._publish_tell(agent_id, shard, type_name, codec.encode(msg), "msgpack")
+        await self._sender.publish_tell(agent_id, shard, type_name, codec.encode(msg), "msgpack")
 
     async def tell_json(
         self,
@@ -309,116 +253,21 @@ class Mesh:
     ) -> None:
         """`tell` with a JSON-encoded message named by its wire type (for the CLI and tools)."""
         agent_id, shard = self._resolve(target)
-        mode = await self._mode(agent_id, delivery)
+        mode = await self._directory.mode(agent_id, delivery)
         if mode != "at_most_once":
-            await self._send_durable("tell", agent_id, shard, type_name, body, "json",
+            await self._sender.send_durable("tell", agent_id, shard, type_name, body, "json",
                                      self._deadline(None), mode, msg_id)  # fmt: skip
             return
-        await self._publish_tell(agent_id, shard, type_name, body, "json")
-
-    async def _send_durable(
-        self,
-        kind: Literal["ask", "tell"],
-        agent_id: AgentId,
-        shard: int,
-        type_name: str,
-        body: bytes,
-        enc: codec.Encoding,
-        deadline: float,
-        mode: str,
-        msg_id: str | None,
-    ) -> bytes:
-        if self._durable is None:
-            if not isinstance(self._transport, NatsTransport):
-                raise ConfigurationError("durable delivery needs a NATS JetStream transport")
-            self._durable = DurableSender(self._transport)
-        req = codec.Request(
-            v=codec.PROTOCOL_VERSION,
-            kind=kind,
-            target=str(agent_id),
-            type=type_name,
-            body=msgspec.Raw(body),
-            id=msg_id or uuid.uuid4().hex,
-            sender=current_sender.get(),
-            delivery=mode,
-        )
-        data = await self._durable.send(
-            mailbox_subject(self.names, shard), req, enc, deadline, self.names.shard_subject(shard)
-        )
-        return data or b""
-
-    async def _publish_tell(
-        self, agent_id: AgentId, shard: int, type_name: str, body: bytes, enc: codec.Encoding
-    ) -> None:
-        req = codec.Request(
-            v=codec.PROTOCOL_VERSION,
-            kind="tell",
-            target=str(agent_id),
-            type=type_name,
-            body=msgspec.Raw(body),
-            sender=current_sender.get(),
-        )
-        await self._transport.publish(self.names.shard_subject(shard), codec.encode(req, enc))
-
-    def _known_mode(self, agent_id: AgentId, delivery: str | None) -> str | None:
-        """The delivery mode without waiting, or None if that needs the type registry first."""
-        if delivery is not None:
-            if delivery not in DELIVERY_MODES:
-                raise ConfigurationError(f"delivery must be one of {DELIVERY_MODES}")
-            return delivery
-        spec = self._local_spec(agent_id.type)
-        if spec is not None:
-            return spec.options.delivery
-        types = self._types.loaded()
-        return None if types is None else self._mode_from(types.get(agent_id.type))
-
-    async def _mode(self, agent_id: AgentId, delivery: str | None) -> str:
-        known = self._known_mode(agent_id, delivery)
-        if known is not None:
-            return known
-        types = await self._types.get_all()
-        return self._mode_from(types.get(agent_id.type))
-
-    def _mode_from(self, raw: bytes | None) -> str:
-        if raw is None:
-            return "at_most_once"
-        cached = self._mode_cache.get(raw)
-        if cached is None:
-            try:
-                cached = str(msgspec.json.decode(raw).get("delivery", "at_most_once"))
-            except (msgspec.DecodeError, AttributeError):
-                cached = "at_most_once"
-            self._mode_cache[raw] = cached
-        return cached
+        await self._sender.publish_tell(agent_id, shard, type_name, body, "json")
 
     def _local_spec(self, agent_type: str) -> AgentSpec | None:
         """The spec of an agent type this process hosts (a node's), else None."""
         local = self._local
         return None if local is None else local.spec(agent_type)
 
-    async def _split_brain(self, agent_id: AgentId) -> bool:
-        """Is `agent_id`'s type `split_brain_allowed` (hosted here, or as registered)?"""
-        spec = self._local_spec(agent_id.type)
-        if spec is not None:
-            return spec.options.failover == "split_brain_allowed"
-        raw = (await self._types.get_all()).get(agent_id.type)
-        try:
-            return raw is not None and msgspec.json.decode(raw).get("failover") == (
-                "split_brain_allowed"
-            )
-        except (msgspec.DecodeError, AttributeError):
-            return False
-
     async def register_types(self, specs: Iterable[AgentSpec]) -> None:
         """Publish agent types' delivery modes so clients without the classes use them."""
-        if self._types.kv is None:
-            return
-        for spec in specs:
-            value = msgspec.json.encode(
-                {"delivery": spec.options.delivery, "failover": spec.options.failover}
-            )
-            await self._types.kv.put(f"type.{spec.type_name}", value)
-            self._types.set_local(spec.type_name, value)
+        await self._directory.register(specs)
 
     def _breaker(self, agent_id: AgentId) -> contextlib.AbstractContextManager[None]:
         return _NO_BREAKER if self._breakers is None else self._breaking(agent_id)
@@ -439,34 +288,26 @@ class Mesh:
     async def publish(self, topic_type: str, source: str, msg: msgspec.Struct) -> int:
         """Tell `msg` to every agent type subscribed to `topic_type`, keyed by `source`.
 
-        Returns how many agent types it was sent to. Delivery per agent is as for `tell`.
+        Returns how many agent types it was sent to. Delivery per agent is as for `tell`, one
+        after the other in type-name order: when one tell raises, the ones before it were sent
+        and the ones after it were not (nothing is rolled back); retrying may deliver twice to
+        the first ones (use durable agents with `exactly_once` where that matters).
         """
-        agent_types = await self._subscribers(topic_type)
+        agent_types = await self._directory.subscribers(topic_type)
         for agent_type in agent_types:
             await self.tell(AgentId(agent_type, source), msg)
         return len(agent_types)
 
     async def publish_json(self, topic_type: str, source: str, type_name: str, body: bytes) -> int:
         """`publish` with a JSON-encoded message named by its wire type."""
-        agent_types = await self._subscribers(topic_type)
+        agent_types = await self._directory.subscribers(topic_type)
         for agent_type in agent_types:
             await self.tell_json(AgentId(agent_type, source), type_name, body)
         return len(agent_types)
 
-    async def _subscribers(self, topic_type: str) -> list[str]:
-        validate_agent_type(topic_type)
-        subs = await self._subs.get_all()
-        prefix = f"{topic_type}."
-        return sorted(k.removeprefix(prefix) for k in subs if k.startswith(prefix))
-
     async def subscribe(self, topic_type: str, agent_type: str) -> None:
         """Record that messages published on `topic_type` go to agents of `agent_type`."""
-        validate_agent_type(topic_type)
-        validate_agent_type(agent_type)
-        if self._subs.kv is None:
-            raise ConfigurationError("this mesh has no subscription registry")
-        await self._subs.kv.put(f"{topic_type}.{agent_type}", b"1")
-        self._subs.set_local(f"{topic_type}.{agent_type}", b"1")
+        await self._directory.subscribe(topic_type, agent_type)
 
     # -- coordination -------------------------------------------------------------------------
 
@@ -524,6 +365,11 @@ class Mesh:
         cannot happen any more, `expired` if neither by `deadline` seconds. The vote requests are
         delivered at least once; votes and the decision are recorded (create-once, never decided
         twice) by whichever node sees the outcome settled, so the proposer's death loses nothing.
+
+        On cancellation (or the proposer's death) the proposal stays open: voters still vote and
+        the decision is still recorded by whoever settles its votes (if nobody does, no
+        `expired` is written); `decision(id)` reads it. Raises
+        `NotConnected` if the proposal could not be recorded (then nobody was asked to vote).
         """
         voter_ids = [str(as_agent_id(v)) for v in voters]
         if len(set(voter_ids)) != len(voter_ids):
@@ -565,15 +411,29 @@ class Mesh:
     async def barrier(
         self, name: str, parties: int, *, member: str | None = None, timeout: float = 30.0
     ) -> int:
-        """Wait until `parties` members arrived at barrier `name` (raises `DeliveryTimeout`)."""
+        """Arrive at barrier `name` as `member` (default: the calling agent, else this client)
+        and wait until `parties` distinct members arrived; return how many have.
+
+        Arriving is recorded before waiting and is never undone: after `DeliveryTimeout`
+        (`parties` not reached within `timeout`) or a cancellation the arrival still counts, and
+        arriving again as the same member counts once. `NotConnected` if the coordination
+        bucket does not answer (the arrival may or may not have been recorded).
+        """
         me = member or current_sender.get() or self.name
         return await barrier(self._coord_kv("coord"), name, me, parties, timeout)
 
     async def counter_add(self, name: str, delta: int = 1) -> int:
-        """Add `delta` to the cluster-wide counter `name`; return its new value."""
+        """Add `delta` to the cluster-wide counter `name` (compare-and-set, linearizable);
+        return its new value.
+
+        A `NotConnected` or a cancellation after the write was sent leaves the add applied or
+        not — the caller cannot tell which; re-adding may count twice. Use an `exactly_once`
+        agent when every increment must count exactly once.
+        """
         return await counter_add(self._coord_kv("coord"), name, delta)
 
     async def counter(self, name: str) -> int:
+        """The current value of counter `name` (0 if it was never added to)."""
         return await counter_value(self._coord_kv("coord"), name)
 
     # -- internals --------------------------------------------------------------------------
@@ -591,46 +451,6 @@ class Mesh:
         """Deliver in-process when this process serves `shard` (see `LocalRouteLike.route`)."""
         local = self._local
         return None if local is None else local.route(agent_id, shard, msg, deadline, ask=ask)
-
-    async def _await_local(
-        self, fut: asyncio.Future[Any], deadline: float, agent_id: AgentId, type_name: str
-    ) -> Any:
-        def expire() -> None:
-            if not fut.done():
-                fut.set_exception(
-                    DeliveryTimeout(
-                        f"ask {agent_id} {type_name}: no reply within the deadline",
-                        maybe_delivered=True,
-                    )
-                )
-
-        timer = self._loop.call_at(deadline, expire)
-        try:
-            return await fut
-        finally:
-            timer.cancel()
-
-    def _unwrap(self, agent_id: AgentId, type_name: str, data: bytes, returns: Any) -> Any:
-        reply, enc = codec.decode_reply(data)
-        if reply.ok:
-            if returns is None:
-                returns = _reply_type(agent_id.type, type_name)
-            return codec.decode_as(reply.body, returns, enc)
-        err = reply.error or codec.ErrorInfo(code="error", message="error reply without details")
-        if err.code == RemoteError.code:
-            raise RemoteError(err.type or "Exception", err.message)
-        cls = WIRE_ERRORS.get(err.code)
-        if cls is DeliveryTimeout:
-            raise DeliveryTimeout(err.message, maybe_delivered=True)
-        if cls is not None:
-            raise cls(err.message)
-        raise AccordError(f"{err.code}: {err.message}")
-
-    async def _transport_request(self, subject: str, data: bytes, timeout: float) -> bytes:
-        try:
-            return await self._transport.request(subject, data, timeout)
-        except (NoResponders, RequestTimeout):
-            raise NotConnected(f"no accord node answered on {subject}") from None
 
     async def close(self) -> None:
         await self._bg.close()
@@ -655,25 +475,4 @@ class LocalRouteLike(Protocol):
     ) -> asyncio.Future[Any] | None: ...
 
 
-class _LocalResult:
-    __slots__ = ("fut",)
-
-    def __init__(self, fut: asyncio.Future[Any]) -> None:
-        self.fut = fut
-
-
 _NO_BREAKER = contextlib.nullcontext()
-_reply_types: dict[tuple[str, str], Any] = {}
-
-
-def _reply_type(agent_type: str, type_name: str) -> Any:
-    """The declared return type of the handler of `type_name` (Any if this process lacks it)."""
-    cached = _reply_types.get((agent_type, type_name))
-    if cached is not None:
-        return cached
-    spec = known_spec(agent_type)
-    h = spec.handler_for_name(type_name) if spec else None
-    if h is None:
-        return Any  # not cached: the class may still be defined later
-    _reply_types[(agent_type, type_name)] = h.returns
-    return h.returns

@@ -17,7 +17,7 @@ async def cluster_status(mesh: Mesh, timeout: float = 2.0) -> dict[str, Any]:
 
     Raises `NotConnected` when no node answers.
     """
-    data = await mesh._transport_request(mesh.names.admin_subject, b"{}", timeout)
+    data = await mesh._sender.transport_request(mesh.names.admin_subject, b"{}", timeout)
     view = msgspec.json.decode(data)
     owners: dict[str, int] = {}
     for owner, _epoch in view["leases"].values():

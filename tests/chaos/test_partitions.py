@@ -135,7 +135,7 @@ async def _placed(mesh: accord.Mesh, nodes: set[str], timeout: float = 60) -> di
 
     async def view(node: str) -> dict[str, Any]:
         subject = f"{mesh.names.admin_subject}.{node}"
-        return dict(msgspec.json.decode(await mesh._transport_request(subject, b"{}", 1.0)))
+        return dict(msgspec.json.decode(await mesh._sender.transport_request(subject, b"{}", 1.0)))
 
     async def probe() -> dict[str, Any] | None:
         try:

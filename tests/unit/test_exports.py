@@ -82,3 +82,33 @@ def test_not_processed_groups_the_errors_that_are_safe_to_retry() -> None:
                      accord.NotConnected}  # fmt: skip
     for cls in maybe_applied:
         assert not issubclass(cls, accord.NotProcessed), cls
+
+
+MESH_SURFACE = {
+    "ask", "ask_json", "tell", "tell_json", "publish", "publish_json", "subscribe",
+    "register_types", "lease", "election", "fenced_write", "fenced_read", "propose", "decision",
+    "barrier", "counter_add", "counter", "close", "name",
+}  # fmt: skip
+NODE_SURFACE = MESH_SURFACE | {"start", "stop", "status", "activation_count", "held_shards"}
+#: Plain data attributes set by the constructors (not methods).
+MESH_DATA = {"names", "config"}
+NODE_DATA = MESH_DATA | {"node_name", "settings", "specs", "stats"}
+
+
+def _public(cls: type) -> set[str]:
+    return {n for n in dir(cls) if not n.startswith("_")}
+
+
+def test_mesh_exposes_only_its_documented_methods() -> None:
+    assert _public(accord.Mesh) == MESH_SURFACE
+
+
+def test_node_exposes_only_its_documented_methods() -> None:
+    # The internal callbacks of activations and the shard manager live on the node's parts
+    # (runtime/), not on the public class.
+    assert _public(accord.Node) == NODE_SURFACE
+
+
+def test_node_instance_data_is_only_the_documented_attributes() -> None:
+    node = accord.Node(name="surface-check")
+    assert {n for n in vars(node) if not n.startswith("_")} == NODE_DATA - MESH_DATA

@@ -157,7 +157,7 @@ class Node(Mesh):
         owner = ShardHost(names, self.specs.values(), transport, transport.js, table,
                           self._bulkhead, me, self._needs_mailbox(), s.drain_timeout, sends,
                           self._is_running)  # fmt: skip
-        self.shards = shards = ShardManager(transport.js, kvs["leases"], config, membership, owner)
+        self._shards = shards = ShardManager(transport.js, kvs["leases"], config, membership, owner)
         membership.on_stall = shards.resync
         self._cutoff = cutoff = CutOff(self.node_name, names, shards, table, transport,
                                        self._send_merge, self.stats, sends)  # fmt: skip
@@ -222,7 +222,7 @@ class Node(Mesh):
             self._running = False
             await self._stop_services(None)
             await self.membership.leave()
-            await self.shards.leave(self.settings.drain_timeout)
+            await self._shards.leave(self.settings.drain_timeout)
         await stack.aclose()
         log.info("node %s stopped; %s", self.node_name, self.stats)
 
@@ -233,7 +233,7 @@ class Node(Mesh):
         return self._running
 
     def _serving(self, shard: int) -> int | None:
-        return self.shards.serving(shard)
+        return self._shards.serving(shard)
 
     async def _start_services(self) -> None:
         """Start the node agent (services, promises) and the HTTP entry point, when configured.
@@ -281,7 +281,7 @@ class Node(Mesh):
         await self.stop()
 
     def _membership_changed(self) -> None:
-        shards = getattr(self, "shards", None)  # membership starts before the shard manager
+        shards = getattr(self, "_shards", None)  # membership starts before the shard manager
         if shards is not None:
             shards.wake()
 
@@ -296,7 +296,7 @@ class Node(Mesh):
 
     def held_shards(self) -> dict[int, int]:
         """The shards this node holds now, with their lease epochs."""
-        return self.shards.held()
+        return self._shards.held()
 
     def status(self) -> dict[str, Any]:
         """What this node reports about itself and its view of the cluster (`accord status`)."""
@@ -309,7 +309,7 @@ class Node(Mesh):
             "cluster": self.names.cluster,
             "num_shards": self.config.num_shards,
             "lease_ttl": self.config.lease_ttl,
-            "held": self.shards.held(),
+            "held": self._shards.held(),
             "activations": self._table.count(),
             "inflight": self._bulkhead.total.n,
             "agent_types": sorted(self.specs),
@@ -323,7 +323,7 @@ class Node(Mesh):
                 }
                 for name, state in members.items()
             },
-            "leases": {str(s): [v.node, v.epoch] for s, v in sorted(self.shards.table.items())},
+            "leases": {str(s): [v.node, v.epoch] for s, v in sorted(self._shards.table.items())},
             "history": [msgspec.structs.asdict(t) for t in list(membership.history)[-30:]],
         }
 

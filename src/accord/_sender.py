@@ -1,0 +1,229 @@
+"""One call on the wire: an ask retried while its shard has no owner (with the standby subject
+for split-brain agents of a vanished owner), a durable send through the mailbox, a tell, and the
+reply turned back into a value or the error it carries."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import uuid
+from collections.abc import Callable
+from typing import Any, Literal
+
+import msgspec
+
+from . import _codec as codec
+from ._context import current_sender
+from ._directory import Directory
+from ._errors import (
+    WIRE_ERRORS,
+    AccordError,
+    ConfigurationError,
+    DeliveryTimeout,
+    NotConnected,
+    RemoteError,
+)
+from ._ids import AgentId
+from ._retry import Backoff
+from ._spec import known_spec
+from .cluster._config import Names
+from .delivery._client import DurableSender
+from .delivery._mailbox import mailbox_subject
+from .engine._api import NoResponders, RequestTimeout, Transport
+from .engine._nats import NatsTransport
+
+_BACKOFF_START = 0.005
+_BACKOFF_CAP = 0.1
+STANDBY_AFTER = 0.25  # seconds of 'no responders' before a split-brain agent is served anywhere
+
+#: Deliver in-process if this process serves the shard: (agent, shard, msg, deadline, ask=).
+RouteLocal = Callable[..., "asyncio.Future[Any] | None"]
+
+
+class Sender:
+    def __init__(
+        self,
+        transport: Transport,
+        names: Names,
+        directory: Directory,
+        route_local: RouteLocal,
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        self._transport = transport
+        self._names = names
+        self._directory = directory
+        self._route_local = route_local
+        self._loop = loop
+        self._durable: DurableSender | None = None
+        self._rng = random.Random()
+        self._reply_types: dict[tuple[str, str], Any] = {}
+
+    async def request(
+        self,
+        agent_id: AgentId,
+        shard: int,
+        type_name: str,
+        body: bytes,
+        enc: codec.Encoding,
+        deadline: float,
+        msg: Any,
+        target: str | None = None,
+    ) -> bytes | LocalResult:
+        """Send one ask, retrying while the shard has no owner, until `deadline`."""
+        subject = self._names.shard_subject(shard)
+        target = target or str(agent_id)
+        backoff = Backoff(_BACKOFF_START, _BACKOFF_CAP, rng=self._rng)
+        first = True
+        unowned_since: float | None = None
+        while True:
+            if msg is not None and not first:  # the shard may have moved here meanwhile
+                local = self._route_local(agent_id, shard, msg, deadline, ask=True)
+                if local is not None:
+                    return LocalResult(local)
+            first = False
+            remaining = deadline - self._loop.time()
+            if remaining <= 0:
+                raise DeliveryTimeout(
+                    f"ask {agent_id} {type_name}: deadline passed with no owner for its shard",
+                    maybe_delivered=False,
+                )
+            req = codec.Request(
+                v=codec.PROTOCOL_VERSION,
+                kind="ask",
+                target=target,
+                type=type_name,
+                body=msgspec.Raw(body),
+                timeout_ms=max(1, int(remaining * 1000)),
+                sender=current_sender.get(),
+            )
+            data = codec.encode(req, enc)
+            try:
+                try:
+                    return await self._transport.request(subject, data, remaining)
+                except NoResponders:
+                    now = self._loop.time()
+                    unowned_since = now if unowned_since is None else unowned_since
+                    if now - unowned_since < STANDBY_AFTER or not await self._directory.split_brain(
+                        agent_id
+                    ):
+                        raise
+                    # The owner's process is gone (its subscription with it) and the lease has
+                    # not expired yet: a split-brain-tolerant agent is served by any node now.
+                    return await self._transport.request(
+                        self._names.standby_subject(shard), data, deadline - now
+                    )
+            except NoResponders:
+                await asyncio.sleep(min(backoff.next(), remaining))
+            except RequestTimeout:
+                raise DeliveryTimeout(
+                    f"ask {agent_id} {type_name}: no reply within the deadline",
+                    maybe_delivered=True,
+                ) from None
+
+    async def send_durable(
+        self,
+        kind: Literal["ask", "tell"],
+        agent_id: AgentId,
+        shard: int,
+        type_name: str,
+        body: bytes,
+        enc: codec.Encoding,
+        deadline: float,
+        mode: str,
+        msg_id: str | None,
+    ) -> bytes:
+        if self._durable is None:
+            if not isinstance(self._transport, NatsTransport):
+                raise ConfigurationError("durable delivery needs a NATS JetStream transport")
+            self._durable = DurableSender(self._transport)
+        req = codec.Request(
+            v=codec.PROTOCOL_VERSION,
+            kind=kind,
+            target=str(agent_id),
+            type=type_name,
+            body=msgspec.Raw(body),
+            id=msg_id or uuid.uuid4().hex,
+            sender=current_sender.get(),
+            delivery=mode,
+        )
+        data = await self._durable.send(
+            mailbox_subject(self._names, shard),
+            req,
+            enc,
+            deadline,
+            self._names.shard_subject(shard),
+        )
+        return data or b""
+
+    async def publish_tell(
+        self, agent_id: AgentId, shard: int, type_name: str, body: bytes, enc: codec.Encoding
+    ) -> None:
+        req = codec.Request(
+            v=codec.PROTOCOL_VERSION,
+            kind="tell",
+            target=str(agent_id),
+            type=type_name,
+            body=msgspec.Raw(body),
+            sender=current_sender.get(),
+        )
+        await self._transport.publish(self._names.shard_subject(shard), codec.encode(req, enc))
+
+    async def await_local(
+        self, fut: asyncio.Future[Any], deadline: float, agent_id: AgentId, type_name: str
+    ) -> Any:
+        def expire() -> None:
+            if not fut.done():
+                fut.set_exception(
+                    DeliveryTimeout(
+                        f"ask {agent_id} {type_name}: no reply within the deadline",
+                        maybe_delivered=True,
+                    )
+                )
+
+        timer = self._loop.call_at(deadline, expire)
+        try:
+            return await fut
+        finally:
+            timer.cancel()
+
+    def unwrap(self, agent_id: AgentId, type_name: str, data: bytes, returns: Any) -> Any:
+        reply, enc = codec.decode_reply(data)
+        if reply.ok:
+            if returns is None:
+                returns = self._reply_type(agent_id.type, type_name)
+            return codec.decode_as(reply.body, returns, enc)
+        err = reply.error or codec.ErrorInfo(code="error", message="error reply without details")
+        if err.code == RemoteError.code:
+            raise RemoteError(err.type or "Exception", err.message)
+        cls = WIRE_ERRORS.get(err.code)
+        if cls is DeliveryTimeout:
+            raise DeliveryTimeout(err.message, maybe_delivered=True)
+        if cls is not None:
+            raise cls(err.message)
+        raise AccordError(f"{err.code}: {err.message}")
+
+    async def transport_request(self, subject: str, data: bytes, timeout: float) -> bytes:
+        try:
+            return await self._transport.request(subject, data, timeout)
+        except (NoResponders, RequestTimeout):
+            raise NotConnected(f"no accord node answered on {subject}") from None
+
+    def _reply_type(self, agent_type: str, type_name: str) -> Any:
+        """The declared return type of the handler of `type_name` (Any if this process lacks
+        its class)."""
+        cached = self._reply_types.get((agent_type, type_name))
+        if cached is not None:
+            return cached
+        spec = known_spec(agent_type)
+        h = spec.handler_for_name(type_name) if spec else None
+        if h is None:
+            return Any  # not cached: the class may still be defined later
+        self._reply_types[(agent_type, type_name)] = h.returns
+        return h.returns
+
+
+class LocalResult:
+    __slots__ = ("fut",)
+
+    def __init__(self, fut: asyncio.Future[Any]) -> None:
+        self.fut = fut
