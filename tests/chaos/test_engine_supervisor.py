@@ -266,7 +266,7 @@ async def test_accord_up_gives_up_on_a_crash_loop_and_exits_1_quickly(tmp_path: 
         doc = await eventually(lambda: running_after(0), 30, "accord up's engine.json")
         known |= {doc["pid"]} | _children(up.pid)
         for n in range(1, 6):  # default policy: 5 restarts within 30 s are tolerated...
-            # later restarts of a burst wait a backoff delay (up to 1.2 s for the 5th)
+            # later restarts of a burst wait a backoff delay first (up to 0.6 s for the 5th)
             await asyncio.to_thread(_kill_and_time_return, doc["pid"], doc["port"], 5.0)
             doc = await eventually(lambda n=n: running_after(n), 5, f"restart {n}")
             known.add(doc["pid"])

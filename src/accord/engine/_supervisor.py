@@ -99,7 +99,7 @@ class EngineSupervisor:
         self.last_exit: str | None = None
         self._on_give_up = on_give_up
         self._clock = clock
-        self._backoff = backoff or Backoff(0.1, 2.0)
+        self._backoff = backoff or Backoff(0.05, 1.0)
         self._start_timeout = start_timeout
         self._failures: deque[float] = deque()
         self._stopping = threading.Event()
