@@ -181,7 +181,7 @@ class EngineSupervisor:
                     return False
                 try:
                     self.server.start(self._start_timeout)
-                except EngineError as exc:
+                except (EngineError, OSError) as exc:  # OSError: the binary could not be run
                     self.last_exit = f"restart failed: {exc}"
                     log.warning("nats-server restart on port %d failed: %s", self.server.port, exc)
                     continue
