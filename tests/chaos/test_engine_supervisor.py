@@ -210,7 +210,8 @@ async def test_accord_up_survives_two_engine_kills_under_at_least_once_traffic(
                 doc = await engine_running()
                 return doc if doc is not None and doc["restarts"] == n else None
 
-            await asyncio.gather(chaos(), *(send(ids[i::32]) for i in range(32)))
+            traffic = asyncio.gather(chaos(), *(send(ids[i::32]) for i in range(32)))
+            await asyncio.wait_for(traffic, 120)  # a sender retrying forever fails here
             assert set(ids) <= acked
             await eventually(lambda: asyncio.sleep(0, set(processed()) >= acked or None), 90,
                              "every acknowledged tell processed", interval=0.2)  # fmt: skip
