@@ -4,6 +4,7 @@ CRDT state is merged. A virtual wall clock and a store that is never touched sta
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import msgspec
@@ -181,3 +182,21 @@ def test_a_stateless_agent_keeps_ours() -> None:
     clock = HybridClock(Wall(1000.0))
     durable, agent = _owner(Stateless, None, clock.now(), clock)
     assert durable.apply_merge(agent, _incoming(Total(2), clock.now() + 10)) == "ours"
+
+
+def test_a_cut_off_activation_keeps_its_change_for_the_merge_and_never_flushes_it() -> None:
+    # A split-brain activation on the cut-off side: its commit stays in memory, and the idle
+    # flush of dirty state must not try the bucket either (a refused write would end the
+    # activation and lose the change that the merge on heal is to carry).
+    clock = HybridClock(Wall(1000.0))
+    durable, agent = _owner(Lww, Total(1), clock.now(), clock)
+    durable.orphaned = True
+    durable._saved = msgspec.msgpack.encode(Total(1))
+    agent.state = Total(9)
+    asyncio.run(durable.commit(agent))
+    asyncio.run(durable.flush(agent))
+    assert durable.dirty
+    payload = durable.merge_payload(agent, "node-a")
+    assert payload is not None and payload.node == "node-a" and payload.epoch == 3
+    assert msgspec.msgpack.decode(payload.state, type=Total) == Total(9)
+    assert payload.hlc == durable.record.hlc > 0
