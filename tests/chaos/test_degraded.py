@@ -1,4 +1,4 @@
-"""`failover="degraded"` agents under a real network partition (accord.netlab): while their
+"""`failover="degraded"` agents under a real network partition (accord.testing.netlab): while their
 owner's node is cut off from the NATS majority, reads (`read_only` handlers) are still answered
 there and writes are refused with `Degraded` and not applied; the majority side takes the shards
 over and writes there; after the heal one value remains, with none of the refused writes in it.
@@ -14,10 +14,11 @@ from typing import Any
 import pytest
 
 import accord
-from accord._errors import Degraded
+from accord import Degraded
+from accord.testing import connect_retrying
 
 from ._support import eventually
-from .test_partitions import HOSTS, _agents_by_owner, _mesh, _placed, _read, lab
+from .test_partitions import HOSTS, _agents_by_owner, _placed, _read, lab
 
 pytestmark = [pytest.mark.chaos, pytest.mark.netlab]
 __all__ = ["lab"]  # the fixture, imported for use here
@@ -43,9 +44,9 @@ async def test_degraded_agents_answer_reads_and_refuse_writes_while_cut_off(lab:
     nats_cluster = lab.nats
     everyone = {f"node-{h}" for h in HOSTS}
     async with (
-        _mesh(nats_cluster.urls) as everywhere,
-        _mesh([nats_cluster.url("h1")]) as minority,
-        _mesh([nats_cluster.url("h2")]) as majority,
+        connect_retrying(nats_cluster.urls) as everywhere,
+        connect_retrying([nats_cluster.url("h1")]) as minority,
+        connect_retrying([nats_cluster.url("h2")]) as majority,
     ):
         st = await _placed(everywhere, everyone)
         # The first write after the cut may be in flight as the lease ends (it is fenced and its

@@ -1,4 +1,4 @@
-"""Split-brain merges after a real network partition (accord.netlab): `split_brain_allowed`
+"""Split-brain merges after a real network partition (accord.testing.netlab): `split_brain_allowed`
 agents written on both sides merge on heal — plain state by last writer (hybrid logical clock),
 CRDT state by merging — and each merge is appended to `accord.<cluster>.events.merge` with its
 documented fields. The lab (3 servers, 3 nodes in network namespaces) is test_partitions.py's.
@@ -16,10 +16,11 @@ import nats.js.errors
 import pytest
 
 import accord
-from accord._errors import Degraded
+from accord import Degraded
+from accord.testing import connect_retrying
 
 from ._support import eventually
-from .test_partitions import HOSTS, _agents_by_owner, _mesh, _placed, _read, lab
+from .test_partitions import HOSTS, _agents_by_owner, _placed, _read, lab
 
 pytestmark = [pytest.mark.chaos, pytest.mark.netlab]
 __all__ = ["lab"]  # the fixture, imported for use here
@@ -74,9 +75,9 @@ async def test_split_brain_writes_merge_on_heal_and_each_merge_is_an_event(lab: 
     nats_cluster = lab.nats
     everyone = {f"node-{h}" for h in HOSTS}
     async with (
-        _mesh(nats_cluster.urls) as everywhere,
-        _mesh([nats_cluster.url("h1")]) as minority,
-        _mesh([nats_cluster.url("h2")]) as majority,
+        connect_retrying(nats_cluster.urls) as everywhere,
+        connect_retrying([nats_cluster.url("h1")]) as minority,
+        connect_retrying([nats_cluster.url("h2")]) as majority,
     ):
         st = await _placed(everywhere, everyone)
         [probe] = _agents_by_owner(st, "deg_counter", 1)["node-h1"]

@@ -108,6 +108,8 @@ def test_up_runs_a_cluster_that_status_and_ask_find_and_a_signal_stops_it(
         assert len(servers) == 1, started
         [server] = servers
         assert str(home / "data") in started[server]  # its data lives under ACCORD_HOME
+        engine = json.loads((home / "engine.json").read_text())  # what `accord up` says it runs
+        assert engine["pid"] == server and engine["url"] == url, engine
         assert node_pids <= set(started), (node_pids, started)  # the nodes status reports are its
 
         up.send_signal(stop_with)
