@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import msgspec
 import pytest
 
 import accord
@@ -28,16 +29,26 @@ from partition_app import Add, Read  # noqa: E402  (on sys.path through test_par
 REFUSED_WRITES = 5
 
 
-async def _refused(mesh: accord.Mesh, agent: str) -> Degraded | None:
+async def _refused(mesh: accord.Mesh, agent: str, seen: list[str]) -> Degraded | None:
     """A write's outcome on the cut-off side: the `Degraded` refusal, or None while the node
-    still holds its lease (the write waits on a JetStream without quorum and times out)."""
+    still holds its lease (the write waits on a JetStream without quorum and times out).
+    Other outcomes are appended to `seen`, for the failure message."""
     try:
         await mesh.ask(agent, Add(1), timeout=3, delivery="at_most_once")
     except Degraded as exc:
         return exc
-    except accord.AccordError:
+    except accord.AccordError as exc:
+        seen.append(f"{type(exc).__name__}: {exc}")
         return None
     raise AssertionError(f"a write to {agent} was accepted on the cut-off side")
+
+
+async def _status(mesh: accord.Mesh, node: str) -> Any:
+    try:
+        subject = f"{mesh.names.admin_subject}.{node}"
+        return msgspec.json.decode(await mesh._transport_request(subject, b"{}", 2.0))
+    except accord.AccordError as exc:
+        return f"nothing ({type(exc).__name__}: {exc})"
 
 
 async def test_degraded_agents_answer_reads_and_refuse_writes_while_cut_off(lab: Any) -> None:
@@ -60,7 +71,14 @@ async def test_degraded_agents_answer_reads_and_refuse_writes_while_cut_off(lab:
 
         lab.partition([{"h1"}, {"h2", "h3"}])
         cut_at = time.monotonic()
-        first = await eventually(lambda: _refused(minority, probe), 60, "a Degraded refusal")
+        seen: list[str] = []
+        try:
+            first = await eventually(lambda: _refused(minority, probe, seen), 60, "a refusal")
+        except AssertionError:
+            raise AssertionError(
+                f"no Degraded refusal for {probe}; outcomes {seen[-5:]}; "
+                f"node-h1 says {await _status(minority, 'node-h1')}"
+            ) from None
         assert "cut off" in str(first)
         refused_after = time.monotonic() - cut_at
 
