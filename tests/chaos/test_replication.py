@@ -30,7 +30,7 @@ from accord.engine._admin import JetStreamError, can_place
 
 from ._support import ROOT, eventually
 
-netlab = pytest.importorskip("accord.netlab")
+netlab = pytest.importorskip("accord.testing.netlab")
 sys.path.insert(0, str(ROOT / "examples"))
 from durable_app import Add, Read  # noqa: E402
 
