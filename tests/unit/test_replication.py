@@ -3,6 +3,8 @@ decided, raised and enforced, what a client waits for, and what `accord status` 
 
 from __future__ import annotations
 
+import asyncio
+
 import msgspec
 import pytest
 
@@ -28,6 +30,7 @@ class FakeAdmin:
         self.record = None if config is None else (msgspec.json.encode(config), 1)
         self.probes: list[int] = []
         self.down = False
+        self.listed = 0
 
     async def read_config(self) -> tuple[bytes, int] | None:
         if self.down:
@@ -42,6 +45,7 @@ class FakeAdmin:
         return True
 
     async def streams(self) -> list[StreamReplicas]:
+        self.listed += 1
         return [StreamReplicas(n, r, r, "s1") for n, r in self.replicas.items()]
 
     async def set_replicas(self, stream: str, replicas: int) -> None:
@@ -172,6 +176,29 @@ async def test_an_old_record_gets_a_factor_and_its_resources_are_raised() -> Non
     check = await Replication(admin, "default").check()
     assert check is not None and check.setting == 3
     assert admin.stored().num_shards == 8 and admin.stored().replicas == 3
+    assert all(admin.replicas[s] == 3 for s in CLUSTER_STREAMS)
+
+
+async def test_a_running_keeper_probes_growth_often_and_lists_streams_every_30_s() -> None:
+    admin = FakeAdmin(2, CLUSTER_STREAMS, ClusterConfig(replicas=2))
+    keeper = Replication(admin, "default")
+    now = [0.0]
+    listed_at: list[float] = []
+
+    async def sleep(s: float) -> None:
+        if admin.listed > len(listed_at):
+            listed_at.append(now[0])
+        now[0] += s
+        if now[0] == 40:  # a third server joins
+            admin.servers = 3
+        if now[0] > 100:
+            raise asyncio.CancelledError
+
+    with pytest.raises(asyncio.CancelledError):
+        await keeper.run(sleep, lambda: now[0])
+    # listed at start and every 30 s while the factor is 2, at once when it became 3 (40 s),
+    # then every 30 s (the checks themselves are 5 s apart until 40 s, then 30 s).
+    assert listed_at == [0, 30, 40, 70, 100]
     assert all(admin.replicas[s] == 3 for s in CLUSTER_STREAMS)
 
 

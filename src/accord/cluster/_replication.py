@@ -180,24 +180,31 @@ class Replication:
                         self.explicit, self.cluster, setting)  # fmt: skip
         return setting
 
-    async def check(self) -> Check | None:
+    async def check(self, *, resources: bool = True) -> Check | None:
         """Store a raised factor if due, then raise every bucket and stream below it.
         None before the cluster record exists. Raises `NotConnected` when JetStream is
-        unreachable; a stream that cannot be raised now is reported in `failed`."""
+        unreachable; a stream that cannot be raised now is reported in `failed`.
+
+        With `resources=False` only the factor is re-decided (the growth probe): the streams
+        are listed only if it changed, or the last pass left some below it."""
         found = await self.admin.read_config()
         if found is None:
             return None
         stored = decode_config(found[0])
         setting, auto = await decide(stored, self.explicit, self._servers)
-        if (setting, auto) != (stored.replicas, stored.replicas_auto):
+        changed = (setting, auto) != (stored.replicas, stored.replicas_auto)
+        if changed:
             new = msgspec.structs.replace(stored, replicas=setting, replicas_auto=auto)
             if not await self.admin.write_config(encode_config(new), found[1]):
                 return None  # another node changed the record: the next check reads it
             log.info("cluster %s replication factor %d -> %d (%s)", self.cluster,
                      stored.replicas, setting, "automatic" if auto else "explicit")  # fmt: skip
-        resources = resources_of(self.cluster, await self.admin.streams())
+        last = self.last
+        if not (resources or changed or last is None or last.failed or last.setting != setting):
+            return last
+        found_resources = resources_of(self.cluster, await self.admin.streams())
         raised, failed = [], {}
-        for r in below(setting, resources):
+        for r in below(setting, found_resources):
             try:
                 await self.admin.set_replicas(r.stream, setting)
             except NotConnected as exc:
@@ -205,9 +212,10 @@ class Replication:
                 continue
             raised.append(r.stream)
             log.info("raised %s from %d to %d replicas", r.stream, r.replicas, setting)
-        if failed:
-            log.warning("cannot raise to %d replicas yet: %s", setting, failed)
-        self.last = Check(setting, auto, resources, raised, failed)
+        if failed and (last is None or set(failed) != set(last.failed)):
+            log.warning("cannot raise to %d replicas yet (retried every %gs): %s", setting,
+                        GROW_CHECK_EVERY, failed)  # fmt: skip
+        self.last = Check(setting, auto, found_resources, raised, failed)
         return self.last
 
     def interval(self) -> float:
@@ -215,11 +223,20 @@ class Replication:
         growing = last is None or (last.auto and last.setting < MAX_AUTO) or bool(last.failed)
         return GROW_CHECK_EVERY if growing else CHECK_EVERY
 
-    async def run(self, sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
-        """Check forever (until cancelled); failures are logged and retried."""
+    async def run(
+        self,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        """Check forever (until cancelled): the factor every `interval()`, every bucket and
+        stream at least every `CHECK_EVERY` s; failures are logged and retried."""
+        full_due = clock()
         while True:
+            full = clock() >= full_due
             try:
-                await self.check()
+                await self.check(resources=full)
+                if full:
+                    full_due = clock() + CHECK_EVERY
             except AccordError as exc:
                 log.debug("replication check failed, retrying: %s", exc)
             await sleep(self.interval())
