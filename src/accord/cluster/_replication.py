@@ -213,8 +213,9 @@ class Replication:
             raised.append(r.stream)
             log.info("raised %s from %d to %d replicas", r.stream, r.replicas, setting)
         if failed and (last is None or set(failed) != set(last.failed)):
-            log.warning("cannot raise to %d replicas yet (retried every %gs): %s", setting,
-                        GROW_CHECK_EVERY, failed)  # fmt: skip
+            first = next(iter(failed.values()))
+            log.warning("cannot raise %s to %d replicas yet (retried every %gs): %s",
+                        ", ".join(failed), setting, GROW_CHECK_EVERY, first)  # fmt: skip
         self.last = Check(setting, auto, found_resources, raised, failed)
         return self.last
 
