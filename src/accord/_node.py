@@ -37,13 +37,15 @@ from ._ids import AgentId
 from ._mesh import Mesh
 from ._settings import NodeSettings, Stats
 from ._spec import DELIVERY_MODES, AgentSpec, HandlerSpec
-from .cluster._config import Names, open_cluster, replicas_for
+from .cluster._config import Names, open_cluster
 from .cluster._hlc import HybridClock
 from .cluster._membership import MemberInfo, Membership
+from .cluster._replication import Replication
 from .cluster._shards import ShardManager
 from .coord._quorum import VoteRequest
 from .delivery._dlq import dead_letter
 from .delivery._mailbox import DurableDelivery, ShardMailbox, ensure_streams
+from .engine._admin import NatsAdmin
 from .engine._api import Message, Subscription
 from .engine._nats import NatsTransport
 from .engine._resolve import resolve_servers
@@ -119,16 +121,21 @@ class Node(Mesh):
         try:
             transport = await NatsTransport.connect(servers, self.node_name)
             names = Names(self.settings.cluster)
+            admin = NatsAdmin(transport.nc, transport.js, names.bucket("meta"))
+            self._replication = Replication(admin, names.cluster, explicit=self.settings.replicas)
             config, kvs = await open_cluster(
                 transport.js,
                 names,
                 num_shards=self.settings.num_shards,
                 lease_ttl=self.settings.lease_ttl,
-                replicas=self._replicas(transport),
+                replicas=await self._replication.initial(),
+                replicas_auto=self.settings.replicas is None,
             )
             super().__init__(transport, names, config, kvs, self.settings.breaker)
             self._nc = transport
-            await ensure_streams(transport.js, names, self._replicas(transport))
+            await ensure_streams(
+                transport.js, names, config.replicas or await self._replication.initial()
+            )
             self._store = StateStore(kvs["state"])
             self._events = EventLog(
                 transport.js, f"accord_{names.cluster}_es", f"{names.prefix}.es"
@@ -172,6 +179,9 @@ class Node(Mesh):
             await self.shards.start()
             self._sweeper = self.loop.create_task(self._sweep_idle(), name="accord-idle-sweep")
             self._orphan_watch = self.loop.create_task(self._watch_orphans(), name="accord-heal")
+            self._replicator = self.loop.create_task(
+                self._replication.run(), name="accord-replication"
+            )
             self._started = True
         except BaseException:
             await self._stop_engine()
@@ -194,13 +204,6 @@ class Node(Mesh):
             for s in self.specs.values()
         )
 
-    def _replicas(self, transport: NatsTransport) -> int:
-        if self.settings.replicas is not None:
-            return self.settings.replicas
-        info = getattr(transport.nc, "_server_info", None) or {}
-        peers = {u for u in info.get("connect_urls", []) or []}
-        return replicas_for(1 + len(peers)) if peers else 1
-
     async def stop(self) -> None:
         """Leave the cluster gracefully and close everything this node started."""
         if not self._started:
@@ -211,7 +214,7 @@ class Node(Mesh):
         await self.membership.leave()
         await self.shards.leave(self.settings.drain_timeout)
         await self.shards.stop()
-        await cancel_and_wait([self._sweeper, self._orphan_watch])
+        await cancel_and_wait([self._sweeper, self._orphan_watch, self._replicator])
         await self.membership.stop()
         with contextlib.suppress(Exception):
             await self._admin.unsubscribe()
