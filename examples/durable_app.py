@@ -4,7 +4,8 @@
 - `tally` (at-least-once): every processing is appended to $ACCORD_PROCESS_LOG so a test can count
   deliveries and duplicates.
 - `flaky` (at-least-once, max_deliver=3): fails until the file $ACCORD_FIXED exists.
-- `slow_ledger` (strong) and `gcount` (crdt): a turn can be made slow to pause an owner mid-turn.
+- `slow_ledger` (strong) and `gcount` (crdt): a turn can be made slow to pause an owner mid-turn;
+  a slow turn appends {"id", "replica"} to $ACCORD_TURN_LOG once it is inside, for tests to wait on.
 - `account` (event-sourced, snapshot every 5 events).
 """
 
@@ -39,6 +40,13 @@ def _log_processing(entry: dict[str, object]) -> None:
     if path:
         with open(path, "a") as f:  # one short write per line: O_APPEND keeps lines whole
             f.write(json.dumps(entry) + "\n")
+
+
+def _inside_slow_turn(agent: accord.Agent, msg: Add) -> None:
+    path = os.environ.get("ACCORD_TURN_LOG")
+    if path and msg.pause:
+        with open(path, "a") as f:
+            f.write(json.dumps({"id": str(agent.id), "replica": agent.replica_id}) + "\n")
 
 
 def _fixed() -> bool:
@@ -90,6 +98,7 @@ class SlowLedger(accord.Agent, type="slow_ledger"):
     @accord.handler
     async def add(self, msg: Add) -> int:
         self.state.total += msg.n
+        _inside_slow_turn(self, msg)
         await asyncio.sleep(msg.pause)
         return self.state.total
 
@@ -110,6 +119,7 @@ class GCount(accord.Agent, type="gcount", consistency="crdt"):
     @accord.handler
     async def add(self, msg: Add) -> int:
         self.state.hits = self.state.hits.increment(self.replica_id, msg.n)
+        _inside_slow_turn(self, msg)
         await asyncio.sleep(msg.pause)
         return self.state.hits.value
 

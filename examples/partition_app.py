@@ -2,7 +2,8 @@
 
 - `abs_counter`: failover="absolute" (never two owners), strong state;
 - `sb_counter`: failover="split_brain_allowed", a CRDT counter merged on heal;
-- `deg_counter`: failover="degraded": reads answered while cut off, writes refused.
+- `deg_counter`: failover="degraded": reads answered while cut off, writes refused;
+- `sb_register`: failover="split_brain_allowed" with plain state: last writer (by HLC) wins on heal.
 """
 
 from __future__ import annotations
@@ -23,6 +24,14 @@ class Read(msgspec.Struct):
 
 class Total(msgspec.Struct):
     total: int = 0
+
+
+class SetTo(msgspec.Struct):
+    value: int
+
+
+class Register(msgspec.Struct):
+    value: int = 0
 
 
 class Hits(msgspec.Struct):
@@ -68,3 +77,16 @@ class DegCounter(accord.Agent, type="deg_counter", failover="degraded"):
     @accord.handler(read_only=True)
     async def read(self, msg: Read) -> int:
         return self.state.total
+
+
+class SbRegister(accord.Agent, type="sb_register", failover="split_brain_allowed"):
+    state: Register
+
+    @accord.handler
+    async def set(self, msg: SetTo) -> int:
+        self.state.value = msg.value
+        return self.state.value
+
+    @accord.handler(read_only=True)
+    async def read(self, msg: Read) -> int:
+        return self.state.value

@@ -9,7 +9,9 @@ from contextlib import asynccontextmanager
 
 from ._mesh import Mesh
 from .cluster._config import Names, open_cluster
+from .cluster._replication import WAIT_FOR_CLUSTER, wait_for_cluster
 from .delivery._breaker import BreakerSettings
+from .engine._admin import NatsAdmin
 from .engine._nats import NatsTransport
 from .engine._resolve import resolve_servers
 
@@ -21,19 +23,26 @@ async def connect(
     cluster: str = "default",
     name: str | None = None,
     breaker: BreakerSettings | None = None,
+    wait: float = WAIT_FOR_CLUSTER,
 ) -> AsyncIterator[Mesh]:
     """Connect a `Mesh` client to the cluster.
 
     `url` is a NATS URL, a comma-separated string of them, or a list. None means the local cluster:
     $ACCORD_NATS, else the one `accord up` is running, else a new embedded server that lives as
     long as this context. `breaker` enables per-target circuit breakers (off by default).
+
+    A client never creates the cluster: until a node has (with its replication factor), it
+    waits up to `wait` seconds, then raises `NotConnected` naming the cause.
     """
     servers, engine = await resolve_servers(url)
     try:
         transport = await NatsTransport.connect(servers, name or f"client-{os.getpid()}")
         try:
             names = Names(cluster)
-            config, kvs = await open_cluster(transport.js, names)
+            admin = NatsAdmin(transport.nc, transport.js, names.bucket("meta"))
+            stored = await wait_for_cluster(admin, cluster, wait)
+            # Opens what the node created; anything missing is created with the stored factor.
+            config, kvs = await open_cluster(transport.js, names, replicas=stored.replicas)
         except BaseException:
             await transport.close()
             raise

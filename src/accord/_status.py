@@ -7,6 +7,8 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
+from ._errors import NotConnected
+
 if TYPE_CHECKING:
     from ._mesh import Mesh
 
@@ -45,4 +47,19 @@ async def cluster_status(mesh: Mesh, timeout: float = 2.0) -> dict[str, Any]:
         "nodes": nodes,
         "shards": shards,
         "history": view["history"],
+        "replication": await _replication(mesh),
     }
+
+
+async def _replication(mesh: Mesh) -> dict[str, Any]:
+    """Replicas of every bucket and stream against the stored factor, read from JetStream now
+    (not from a node's last check); {"error": ...} when JetStream does not answer."""
+    from .cluster._replication import replication_status
+    from .engine._admin import NatsAdmin
+
+    transport: Any = mesh._transport
+    admin = NatsAdmin(transport.nc, transport.js, mesh.names.bucket("meta"))
+    try:
+        return await replication_status(admin, mesh.names.cluster)
+    except NotConnected as exc:
+        return {"error": str(exc)}

@@ -133,6 +133,16 @@ async def test_at_least_once_loses_nothing_when_a_node_dies_mid_flight(tmp_path:
     assert set(seen) == acked
 
 
+def _whole_lines(path: Path) -> list[str]:
+    """The lines a node process finished appending to `path` (none if it is not there yet)."""
+    return path.read_text().split("\n")[:-1] if path.exists() else []
+
+
+def _turn_log(tmp_path: Path) -> dict[str, str]:
+    """The env that makes a slow turn report that it is inside (examples/durable_app.py)."""
+    return {"ACCORD_TURN_LOG": str(tmp_path / "turns.jsonl")}
+
+
 async def _pause_owner_mid_turn(
     cluster: Cluster, mesh: accord.Mesh, agent: str, msg: Add
 ) -> tuple[str, int, asyncio.Task[object]]:
@@ -144,7 +154,13 @@ async def _pause_owner_mid_turn(
     owner, epoch = shard_owners(st)[shard_of(agent, mesh.config.num_shards)]
     await mesh.ask(agent, Read(), timeout=10)  # activate it on its owner
     turn = asyncio.create_task(mesh.ask(agent, msg, timeout=8))
-    await asyncio.sleep(0.3)  # the owner is inside its slow turn (pause=5 s)
+    log = Path(cluster.env["ACCORD_TURN_LOG"])
+
+    async def inside() -> bool | None:
+        return any(json.loads(line)["id"] == agent for line in _whole_lines(log)) or None
+
+    # The handler reports it changed the state and entered its pause (5 s): stop the owner now.
+    await eventually(inside, 5, f"the owner of {agent} inside its slow turn", interval=0.01)
     cluster.nodes[owner].signal(signal.SIGSTOP)
     await wait_for_placement(mesh, set(cluster.nodes) - {owner}, timeout=30)
     return owner, epoch, turn
@@ -158,7 +174,7 @@ async def test_fencing_a_resumed_owner_cannot_overwrite_the_new_owners_state(
     tmp_path: Path,
 ) -> None:
     agent = AgentId.parse("slow_ledger/f1")
-    with Cluster(APP, 3, log_dir=tmp_path / "logs") as cluster:
+    with Cluster(APP, 3, env=_turn_log(tmp_path), log_dir=tmp_path / "logs") as cluster:
         async with cluster.connect() as mesh:
             store = await _state_store(mesh)
             owner, old_epoch, stale_turn = await _pause_owner_mid_turn(
@@ -187,7 +203,7 @@ async def test_fencing_a_resumed_owner_cannot_overwrite_the_new_owners_state(
 
 async def test_crdt_writes_accepted_by_two_owners_merge(tmp_path: Path) -> None:
     agent = "gcount/g1"
-    with Cluster(APP, 3, log_dir=tmp_path / "logs") as cluster:
+    with Cluster(APP, 3, env=_turn_log(tmp_path), log_dir=tmp_path / "logs") as cluster:
         async with cluster.connect() as mesh:
             owner, _, stale_turn = await _pause_owner_mid_turn(
                 cluster, mesh, agent, Add(1000, pause=5)

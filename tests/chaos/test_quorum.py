@@ -35,9 +35,16 @@ def _voters_on(owners: dict[int, tuple[str, int]], n: int, node: str, prefix: st
     return out
 
 
+def _whole_lines(path: Path) -> set[str]:
+    """The lines the voters finished appending to `path` (none if it is not there yet)."""
+    return set(path.read_text().split("\n")[:-1]) if path.exists() else set()
+
+
 @pytest.mark.parametrize("surviving_no", [False, True], ids=["reachable", "unreachable"])
 async def test_vote_with_two_voters_killed_mid_vote(tmp_path: Path, surviving_no: bool) -> None:
-    with Cluster(APP, 3, log_dir=tmp_path / "logs") as cluster:
+    deliberating = tmp_path / "deliberating.log"
+    env = {"ACCORD_VOTE_LOG": str(deliberating)}
+    with Cluster(APP, 3, env=env, log_dir=tmp_path / "logs") as cluster:
         async with cluster.connect() as mesh:
             owners = shard_owners(await wait_for_placement(mesh, set(cluster.nodes)))
             doomed = _voters_on(owners, 2, "node-2", "d")
@@ -47,7 +54,12 @@ async def test_vote_with_two_voters_killed_mid_vote(tmp_path: Path, surviving_no
             vote = asyncio.create_task(
                 mesh.propose("release", Plan(True, pause=0.6), voters=voters, deadline=1.8)
             )
-            await asyncio.sleep(0.3)  # vote requests delivered; voters deliberating
+
+            async def doomed_deliberating() -> bool | None:
+                return set(doomed) <= _whole_lines(deliberating) or None
+
+            # Both doomed voters got their request and are inside their 0.6 s deliberation.
+            await eventually(doomed_deliberating, 10, "the doomed voters deliberating", 0.01)
             cluster.nodes["node-2"].kill()
             decision = await vote
             expected = "expired" if surviving_no else "accepted"

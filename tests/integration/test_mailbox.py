@@ -108,9 +108,11 @@ async def test_no_request_while_the_bulkhead_is_full(js: Any) -> None:
     names = await _names(js)
     got: list[Msg] = []
     room = asyncio.Event()
+    blocked = asyncio.Event()
 
     async def has_capacity() -> None:
         if len(got) >= 10:
+            blocked.set()
             await room.wait()
 
     def dispatch(shard: int, epoch: int, msg: Msg) -> bool:
@@ -121,8 +123,12 @@ async def test_no_request_while_the_bulkhead_is_full(js: Any) -> None:
     mailbox = ShardMailbox(js, names, 1, 1, dispatch, has_capacity, lambda: True, batch=8)
     await mailbox.start()
     try:
-        await _until(lambda: len(got) >= 10, 5, "the first messages")
-        await asyncio.sleep(0.5)
+        # Instead of sleeping to see that nothing more comes: wait until the pull loop waits on
+        # the bulkhead and every message it asked for has arrived. Nothing is asked for then, so
+        # nothing more can arrive, and the count below is final until there is room.
+        await _until(
+            lambda: blocked.is_set() and mailbox._owed <= 0, 5, "the pull loop blocked, settled"
+        )
         assert len(got) <= 10 + 8  # what was asked for before the bulkhead filled, no more
         room.set()
         await _until(lambda: len(got) == 60, 5, "the rest once there is room")

@@ -14,7 +14,7 @@ import typer
 from rich.table import Table
 
 from .._errors import ConfigurationError
-from ._common import ClusterOpt, JsonOpt, NatsOpt, _existing_cluster, _run, app, out
+from ._common import ClusterOpt, JsonOpt, NatsOpt, _existing_cluster, _run, app, err, out
 
 
 @app.command()
@@ -49,6 +49,7 @@ def _print_status(st: dict[str, Any]) -> None:
     owners = ", ".join(f"{s['shard']}→{s['owner']}@{s['epoch']}" for s in st["shards"][:16])
     more = " …" if len(st["shards"]) > 16 else ""
     out.print(f"shards: {owners}{more}  ({unowned} unowned)")
+    _print_replication(st.get("replication") or {})
     if st["history"]:
         hist = Table(title=f"recent failure-detector transitions (seen by {st['reporter']})")
         for col in ("time", "node", "from", "to", "reason"):
@@ -57,6 +58,26 @@ def _print_status(st: dict[str, Any]) -> None:
             hist.add_row(time.strftime("%H:%M:%S", time.localtime(t["at"])), t["node"], t["old"],
                          t["new"], t["reason"])  # fmt: skip
         out.print(hist)
+
+
+def _print_replication(rep: dict[str, Any]) -> None:
+    if "error" in rep:
+        err.print(f"[yellow]warning:[/yellow] replication unknown: {rep['error']}")
+        return
+    if not rep:
+        return
+    how = "automatic: min(3, servers)" if rep["auto"] else "explicit"
+    table = Table(title=f"replication — {rep['setting']} replicas ({how})")
+    for col in ("bucket/stream", "kind", "replicas", "current", "leader"):
+        table.add_column(col)
+    for r in rep["resources"]:
+        low = 0 < r["replicas"] < rep["setting"]
+        replicas = f"[red]{r['replicas']}[/red]" if low else str(r["replicas"] or "?")
+        current = "?" if r["current"] is None else str(r["current"])
+        table.add_row(r["name"], r["kind"], replicas, current, r["leader"] or "-")
+    out.print(table)
+    if rep["warning"]:
+        err.print(f"[yellow]warning:[/yellow] {rep['warning']}", highlight=False)
 
 
 @app.command()

@@ -82,45 +82,77 @@ def up(
     nodes: Annotated[int, typer.Option("--nodes", min=0, max=64, help="Node processes.")] = 3,
     app_ref: Annotated[str | None, typer.Option("--app", help="Module with agent classes.")] = None,
     cluster: ClusterOpt = "default",
+    log_level: Annotated[str, typer.Option("--log-level")] = "info",
 ) -> None:
-    """Start an embedded nats-server and N node processes; Ctrl-C stops everything."""
+    """Start an embedded nats-server and N node processes; Ctrl-C stops everything.
+
+    The nats-server is supervised: if it dies it is restarted on the same port and data directory
+    (see docs/operations.md); after repeated rapid failures `accord up` stops with exit code 1."""
     from ..engine._resolve import state_dir, url_file
     from ..engine._server import EmbeddedServer
+    from ..engine._supervisor import EngineSupervisor
     from ..testing import NodeProcess
 
     if nodes and not app_ref:
         err.print("[red]error:[/red] --app is required when --nodes > 0", highlight=False)
         raise typer.Exit(2)
+    _setup_logging(log_level)
 
-    async def main() -> None:
+    async def main() -> int:
         if app_ref:
             from .._app import agent_classes, load_module
 
             agent_classes(load_module(app_ref))  # fail fast on a bad app, before any process
-        data = state_dir() / "data"
-        server = EmbeddedServer(data)
-        url = await asyncio.to_thread(server.start)
+        logs = state_dir() / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        loop = asyncio.get_running_loop()
+        gave_up = asyncio.Event()
+        supervisor = EngineSupervisor(
+            EmbeddedServer(state_dir() / "data", log_file=logs / "nats-server.log"),
+            state_file=state_dir() / "engine.json",
+            on_give_up=lambda _exc: loop.call_soon_threadsafe(gave_up.set),
+        )
+        url = await asyncio.to_thread(supervisor.start)
         procs: list[NodeProcess] = []
         try:
             url_file().parent.mkdir(parents=True, exist_ok=True)
             url_file().write_text(url)
-            logs = state_dir() / "logs"
             for i in range(1, nodes + 1):
                 assert app_ref is not None
                 procs.append(NodeProcess(url, app_ref, f"node-{i}", cluster=cluster,
                                          log_dir=logs).start())  # fmt: skip
             out.print(f"accord is up: NATS at [bold]{url}[/bold], {nodes} node(s), logs in {logs}")
             out.print(f"  export ACCORD_NATS={url}   # Ctrl-C to stop")
-            await _until_signalled()
+            await _until_signalled_or(gave_up)
         finally:
+            # Nodes first, by PID, while the engine still runs: they hand their shards off. With
+            # the engine gone for good there is nobody to hand off to, so do not wait long.
+            grace = 2.0 if supervisor.failure is not None else 15.0
             out.print("stopping nodes…")
-            await asyncio.gather(*(asyncio.to_thread(p.stop) for p in procs))
-            await asyncio.to_thread(server.stop)
+            await asyncio.gather(*(asyncio.to_thread(p.stop, grace) for p in procs))
+            await asyncio.to_thread(supervisor.stop)
             with contextlib.suppress(FileNotFoundError):
                 url_file().unlink()
-            out.print("stopped.")
+            restarts = f" (nats-server restarted {supervisor.restarts} time(s))"
+            out.print(f"stopped.{restarts if supervisor.restarts else ''}")
+        if supervisor.failure is not None:
+            err.print(f"[red]error:[/red] EngineError: {supervisor.failure}", highlight=False)
+            return 1
+        return 0
 
-    _run(main())
+    code = _run(main())
+    if code:
+        raise typer.Exit(code)
+
+
+async def _until_signalled_or(event: asyncio.Event) -> None:
+    """Return on SIGINT/SIGTERM or once `event` is set."""
+    waiters = [asyncio.ensure_future(_until_signalled()), asyncio.ensure_future(event.wait())]
+    try:
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waiters:
+            w.cancel()
 
 
 @app.command()

@@ -34,6 +34,11 @@ class ClusterConfig(msgspec.Struct, frozen=True):
     num_shards: int = DEFAULT_SHARDS
     lease_ttl: int = DEFAULT_LEASE_TTL
     created_at: float = 0.0
+    replicas: int = 0
+    """Replicas of every bucket and stream (cluster/_replication.py); 0 in records written
+    before the factor was stored, until a node records it."""
+    replicas_auto: bool = True
+    """The factor follows the servers (min(3, servers)) rather than an explicit `--replicas`."""
 
 
 @dataclass(frozen=True)
@@ -85,6 +90,7 @@ async def open_cluster(
     num_shards: int | None = None,
     lease_ttl: int | None = None,
     replicas: int = 1,
+    replicas_auto: bool = True,
 ) -> tuple[ClusterConfig, dict[str, KeyValue]]:
     """Create the cluster's buckets and stream if missing and return the stored configuration.
 
@@ -100,7 +106,7 @@ async def open_cluster(
     deadline = time.monotonic() + OPEN_RETRY_FOR
     while True:
         try:
-            return await _open(js, names, num_shards, lease_ttl, replicas)
+            return await _open(js, names, num_shards, lease_ttl, replicas, replicas_auto)
         except _NotYet:
             if time.monotonic() > deadline:
                 raise
@@ -117,6 +123,7 @@ async def _open(
     num_shards: int | None,
     lease_ttl: int | None,
     replicas: int,
+    replicas_auto: bool = True,
 ) -> tuple[ClusterConfig, dict[str, KeyValue]]:
     try:
         kvs = {
@@ -133,6 +140,8 @@ async def _open(
             num_shards=num_shards or DEFAULT_SHARDS,
             lease_ttl=lease_ttl or DEFAULT_LEASE_TTL,
             created_at=time.time(),
+            replicas=replicas,
+            replicas_auto=replicas_auto,
         )
         with contextlib.suppress(nats.js.errors.KeyWrongLastSequenceError):
             await kvs["meta"].create("config", msgspec.json.encode(wanted))

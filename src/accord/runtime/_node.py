@@ -27,12 +27,14 @@ from .._errors import AccordError, ConfigurationError
 from .._ids import AgentId
 from .._mesh import Mesh
 from .._spec import AgentSpec
-from ..cluster._config import Names, open_cluster, replicas_for
+from ..cluster._config import Names, open_cluster
 from ..cluster._hlc import HybridClock
 from ..cluster._membership import MemberInfo, Membership
+from ..cluster._replication import Replication
 from ..cluster._shards import ShardManager
 from ..coord._quorum import VoteRequest
 from ..delivery._mailbox import DurableDelivery, ensure_streams
+from ..engine._admin import NatsAdmin
 from ..engine._api import Message
 from ..engine._nats import NatsTransport
 from ..engine._resolve import resolve_servers
@@ -125,10 +127,13 @@ class Node(Mesh):
         transport = await NatsTransport.connect(servers, self.node_name)
         stack.push_async_callback(transport.close)
         names = Names(s.cluster)
-        replicas = self._replicas(transport)
+        admin = NatsAdmin(transport.nc, transport.js, names.bucket("meta"))
+        replication = Replication(admin, names.cluster, explicit=s.replicas)
         config, kvs = await open_cluster(transport.js, names, num_shards=s.num_shards,
-                                         lease_ttl=s.lease_ttl, replicas=replicas)  # fmt: skip
-        await ensure_streams(transport.js, names, replicas)
+                                         lease_ttl=s.lease_ttl,
+                                         replicas=await replication.initial(),
+                                         replicas_auto=s.replicas is None)  # fmt: skip
+        await ensure_streams(transport.js, names, config.replicas or await replication.initial())
         sends = Background(expected=(AccordError, OSError))  # replies and merges
         stack.push_async_callback(sends.close)
         stack.push_async_callback(sends.drain, 5.0)  # the last turns' replies, before closing
@@ -168,8 +173,8 @@ class Node(Mesh):
         owner.attach(shards, inbound, cutoff)
         host.bind(self, shards, cutoff, inbound, table)
 
-        admin = await transport.subscribe(names.admin_subject, self._on_admin, queue="admin")
-        stack.push_async_callback(_unsubscribe, admin)
+        status_sub = await transport.subscribe(names.admin_subject, self._on_admin, queue="admin")
+        stack.push_async_callback(_unsubscribe, status_sub)
         node_admin = await transport.subscribe(f"{names.admin_subject}.{self.node_name}",
                                                self._on_admin)  # fmt: skip
         stack.push_async_callback(_unsubscribe, node_admin)
@@ -185,6 +190,7 @@ class Node(Mesh):
         tasks = [
             loop.create_task(table.sweep_idle(self.specs.values(), loop), name="accord-idle"),
             loop.create_task(cutoff.watch(), name="accord-heal"),
+            loop.create_task(replication.run(), name="accord-replication"),
         ]
         stack.push_async_callback(cancel_and_wait, tasks)
         self._running = True
@@ -201,13 +207,6 @@ class Node(Mesh):
             or s.options.failover == "split_brain_allowed"
             for s in self.specs.values()
         )
-
-    def _replicas(self, transport: NatsTransport) -> int:
-        if self.settings.replicas is not None:
-            return self.settings.replicas
-        info = getattr(transport.nc, "_server_info", None) or {}
-        peers = {u for u in info.get("connect_urls", []) or []}
-        return replicas_for(1 + len(peers)) if peers else 1
 
     async def stop(self) -> None:
         """Leave the cluster gracefully and close everything this node started.

@@ -15,8 +15,9 @@ class NodeSettings(msgspec.Struct, kw_only=True):
     lease_ttl: int | None = None
     """Shard lease TTL in whole seconds, used only at cluster creation (None: 2 or stored)."""
     replicas: int | None = None
-    """JetStream replicas of the cluster's buckets and streams; None: min(3, servers in the NATS
-    cluster), as seen by the server this node connects to."""
+    """JetStream replicas of the cluster's buckets and streams, stored with the cluster (explicit:
+    raises a lower stored factor, never lowers one); None: min(3, servers JetStream can place
+    replicas on), raised as servers join (cluster/_replication.py)."""
     heartbeat_interval: float = 0.25
     """Seconds between membership heartbeats."""
     suspect_after: float = 0.75

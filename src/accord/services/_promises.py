@@ -375,11 +375,13 @@ async def store_for(mesh: Mesh) -> ServiceStore:
     if cached is not None:
         return cached  # type: ignore[no-any-return]
     js = mesh._transport.js  # type: ignore[attr-defined]
-    try:  # the same replication as the cluster's own resources
-        info = await js.stream_info(mesh.names.events_stream)
-        replicas = info.config.num_replicas or 1
-    except (nats.js.errors.Error, nats.errors.Error, TimeoutError) as exc:
-        raise NotConnected(f"JetStream did not answer: {exc}") from None
+    replicas = mesh.config.replicas  # the cluster's stored factor (cluster/_replication.py)
+    if not replicas:  # a record from before the factor was stored
+        try:
+            info = await js.stream_info(mesh.names.events_stream)
+            replicas = info.config.num_replicas or 1
+        except (nats.js.errors.Error, nats.errors.Error, TimeoutError) as exc:
+            raise NotConnected(f"JetStream did not answer: {exc}") from None
     store = await ServiceStore.open(js, mesh.names, mesh._kvs["members"], replicas)
     mesh._service_store = store  # type: ignore[attr-defined]
     return store

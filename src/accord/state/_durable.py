@@ -249,8 +249,9 @@ class Durable:
             )
 
     async def flush(self, agent: Agent) -> None:
-        """Write what `eventual` consistency kept behind (deactivation, handoff, timer)."""
-        if self.dirty:
+        """Write what `eventual` consistency kept behind (deactivation, handoff, timer). An
+        orphaned activation writes nothing: its changes go to the owner as a merge on heal."""
+        if self.dirty and not self.orphaned:
             encoded = self._encode(agent)
             self.record.state = msgspec.Raw(encoded)
             await self._write(agent)
