@@ -21,6 +21,7 @@ from ._errors import OutcomeUnknown as OutcomeUnknown
 from ._errors import Overloaded as Overloaded
 from ._errors import RemoteError as RemoteError
 from ._errors import StateError as StateError
+from ._errors import TurnTimeout as TurnTimeout
 from ._errors import UnknownMessageType as UnknownMessageType
 from ._ids import AgentId as AgentId
 from ._mesh import Mesh as Mesh
@@ -66,6 +67,7 @@ __all__ = [
     "PromiseConflict",
     "RemoteError",
     "StateError",
+    "TurnTimeout",
     "UnknownMessageType",
     "Verdict",
     "VoteRequest",

@@ -6,6 +6,8 @@ options); the runtime only ever talks to specs, never to class internals.
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import inspect
 import sys
 import typing
@@ -20,6 +22,7 @@ from ._ids import AgentId, snake_case, validate_agent_type
 from ._spec import (
     CONSISTENCY_LEVELS,
     DELIVERY_MODES,
+    EXECUTORS,
     FAILOVER_STRATEGIES,
     AgentOptions,
     AgentSpec,
@@ -30,30 +33,53 @@ from ._spec import (
 if TYPE_CHECKING:
     from ._mesh import Mesh
 
-F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+F = TypeVar("F", bound=Callable[..., Any])
 
 _HANDLER_MARK = "__accord_handler__"
+_EXECUTOR_MARK = "__accord_executor__"
 
 
 @typing.overload
 def handler(fn: F, /) -> F: ...
 @typing.overload
-def handler(*, read_only: bool = False) -> Callable[[F], F]: ...
-def handler(fn: F | None = None, /, *, read_only: bool = False) -> F | Callable[[F], F]:
-    """Mark an async method as a message handler: `@accord.handler` or
-    `@accord.handler(read_only=True)`.
+def handler(*, read_only: bool = False, executor: str | None = None) -> Callable[[F], F]: ...
+def handler(
+    fn: F | None = None, /, *, read_only: bool = False, executor: str | None = None
+) -> F | Callable[[F], F]:
+    """Mark a method as a message handler: `@accord.handler`, `@accord.handler(read_only=True)`
+    or `@accord.handler(executor="thread")`.
 
     The handler's message parameter must be annotated with a `msgspec.Struct` type; messages of that
     type are dispatched to it. Its return value is the reply to an `ask` (ignored for a `tell`).
     `read_only` handlers promise not to change state: agents with `failover="degraded"` keep
     answering them while cut off from the cluster's majority.
+
+    A handler is an `async def` run on the node's event loop, so it must never block it. A
+    handler that has to make blocking calls is a plain `def` marked `executor="thread"`: each
+    turn runs it in a worker thread (`asyncio.to_thread`), still one turn at a time per agent;
+    it may read and change `self.state` but must not use `self.mesh` (which belongs to the
+    loop). From an `async def`, run one blocking call with `await asyncio.to_thread(f, ...)`.
     """
+    if executor is not None and executor not in EXECUTORS:
+        raise ConfigurationError(
+            f"@handler executor must be one of {EXECUTORS} (or None), got {executor!r}"
+        )
 
     def mark(f: F) -> F:
-        if not inspect.iscoroutinefunction(f):
-            raise ConfigurationError(f"@handler {f.__qualname__} must be an async def method")
+        is_async = inspect.iscoroutinefunction(f)
+        if executor is None and not is_async:
+            raise ConfigurationError(
+                f"@handler {f.__qualname__} must be an async def method, or a plain def marked "
+                '@handler(executor="thread") to run in a worker thread'
+            )
+        if executor == "thread" and is_async:
+            raise ConfigurationError(
+                f'@handler(executor="thread") {f.__qualname__} must be a plain def: an async def '
+                "runs on the event loop (call blocking code from it with asyncio.to_thread)"
+            )
         setattr(f, _HANDLER_MARK, "read" if read_only else True)
-        return typing.cast(F, f)
+        setattr(f, _EXECUTOR_MARK, executor)
+        return f
 
     return mark(fn) if fn is not None else mark
 
@@ -72,6 +98,9 @@ class Agent:
     - `max_deliver` (5) and `retry_backoff` (0.05 s base) for at-least-once redelivery;
     - `dedup_window` (100 message ids) for exactly-once; `snapshot_every` (50) and `events`
       (the event types) for event sourcing;
+    - `turn_timeout`: seconds one turn (a handler call) may run (None: no limit, the default);
+      past it the caller gets `TurnTimeout`, the turn's state changes are rolled back and the
+      activation is abandoned and replaced by a fresh one;
     - `failover`: `"absolute"` (default: never two owners; a node cut off from the majority stops
       serving), `"split_brain_allowed"` (both sides keep serving; states merge on heal) or
       `"degraded"` (cut-off side answers `read_only` handlers, refuses writes).
@@ -158,6 +187,9 @@ def _options(name: str, base: AgentOptions, given: dict[str, Any]) -> AgentOptio
         raise ConfigurationError(f"{name}: failover must be one of {FAILOVER_STRATEGIES}")
     if opts.consistency not in CONSISTENCY_LEVELS:
         raise ConfigurationError(f"{name}: consistency must be one of {CONSISTENCY_LEVELS}")
+    tt = opts.turn_timeout
+    if tt is not None and (isinstance(tt, bool) or not isinstance(tt, int | float) or not tt > 0):
+        raise ConfigurationError(f"{name}: turn_timeout must be > 0 seconds (or None: no limit)")
     if opts.max_deliver < 1 or opts.snapshot_every < 1 or opts.dedup_window < 1:
         raise ConfigurationError(f"{name}: max_deliver, snapshot_every, dedup_window must be >= 1")
     for ev in opts.events:
@@ -211,13 +243,26 @@ def _handler_spec(cls: type, attr: str, fn: Callable[..., Any]) -> HandlerSpec:
             f"{cls.__name__}.{attr}: the message parameter must be annotated with a msgspec.Struct"
             f" type, got {msg_type!r}"
         )
+    executor = getattr(fn, _EXECUTOR_MARK, None)
     return HandlerSpec(
         name=attr,
-        fn=fn,
+        fn=_in_thread(fn) if executor == "thread" else fn,
         msg_type=msg_type,
         returns=hints.get("return", Any),
         read_only=getattr(fn, _HANDLER_MARK, None) == "read",
+        executor=executor,
     )
+
+
+def _in_thread(fn: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Awaitable[Any]]:
+    """A blocking handler as the runtime calls it: awaited on the loop, run in a worker thread
+    (with the turn's context: deadline, sender)."""
+
+    @functools.wraps(fn)
+    async def run(agent: Any, msg: Any) -> Any:
+        return await asyncio.to_thread(fn, agent, msg)
+
+    return run
 
 
 def spec_of(cls: type[Agent]) -> AgentSpec:

@@ -75,6 +75,22 @@ class DeliveryTimeout(AccordError, TimeoutError):
         self.maybe_delivered = maybe_delivered
 
 
+class TurnTimeout(AccordError, TimeoutError):
+    """The handler ran longer than its agent type's `turn_timeout`; the turn was abandoned.
+
+    The message *may have been processed in part*: the handler ran until the timeout (asks and
+    tells it sent are not undone) and may still be running (a stuck thread or await cannot be
+    killed), but nothing of the turn is kept: its state changes are rolled back, never
+    persisted, and the activation is abandoned and replaced by a fresh one, which answers the
+    next message. For an at-least-once / exactly-once delivery it counts as a failed attempt:
+    the caller gets `TurnTimeout` at once, and the message stays in the agent's mailbox to be
+    retried (in order) by the fresh activation up to `max_deliver` attempts, then
+    dead-lettered; so it may still be applied after the caller saw this error.
+    """
+
+    code = "turn_timeout"
+
+
 class NotConnected(AccordError, ConnectionError):
     """The client could not reach, or lost, the NATS server."""
 
@@ -167,5 +183,6 @@ WIRE_ERRORS: dict[str, type[AccordError]] = {
         StateError,
         Overloaded,
         Degraded,
+        TurnTimeout,
     )
 }

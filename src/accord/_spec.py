@@ -11,6 +11,9 @@ from typing import Any, Literal, get_args
 
 import msgspec
 
+Executor = Literal["thread"]
+EXECUTORS: tuple[Executor, ...] = get_args(Executor)
+
 
 class HandlerSpec(msgspec.Struct, frozen=True):
     name: str
@@ -18,6 +21,9 @@ class HandlerSpec(msgspec.Struct, frozen=True):
     msg_type: type
     returns: Any
     read_only: bool = False
+    executor: Executor | None = None
+    """Where the handler runs: None on the event loop (an `async def`), "thread" in a worker
+    thread (a plain `def`; `fn` then wraps it in `asyncio.to_thread`)."""
 
 
 Delivery = Literal["at_most_once", "at_least_once", "exactly_once"]
@@ -43,6 +49,7 @@ class AgentOptions(msgspec.Struct, frozen=True, kw_only=True):
     flush_interval: float = 1.0
     events: tuple[type, ...] = ()
     failover: Failover = "absolute"
+    turn_timeout: float | None = None
 
 
 class AgentSpec(msgspec.Struct, frozen=True):

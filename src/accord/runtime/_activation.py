@@ -4,7 +4,9 @@ An activation belongs to a shard epoch. Before each turn, and again before reply
 its node still validly holds that epoch; once not, it stops without running or answering anything.
 Durable agents load their state before the first turn and persist it per turn (`state/_durable`);
 mailbox deliveries are retried in place (keeping per-agent order), acknowledged only after the
-turn and its state write, and dead-lettered after `max_deliver` attempts.
+turn and its state write, and dead-lettered after `max_deliver` attempts. A turn that runs past
+its type's `turn_timeout` is answered `TurnTimeout` and its activation is abandoned: the table
+puts a fresh one in its place, which takes over the queue without waiting for the stuck handler.
 """
 
 from __future__ import annotations
@@ -19,7 +21,15 @@ import msgspec
 
 from .._agent import Agent
 from .._context import current_deadline, current_sender
-from .._errors import AccordError, Degraded, DeliveryTimeout, Fenced, RemoteError, StateError
+from .._errors import (
+    AccordError,
+    Degraded,
+    DeliveryTimeout,
+    Fenced,
+    RemoteError,
+    StateError,
+    TurnTimeout,
+)
 from .._ids import AgentId
 from .._spec import AgentSpec, HandlerSpec
 from ..delivery._mailbox import DurableDelivery, backoff_delay
@@ -107,6 +117,9 @@ class Activation:
         self._total = host.bulkhead.total
         self.tells_direct = spec.options.delivery == "at_most_once"  # `LocalRoute.tell` may put
         self._after_turn = host.after_turn
+        self._turn_timeout = spec.options.turn_timeout
+        self.abandoned = False  # a turn timed out: no more turns here (see `_abandon`)
+        self._stuck: asyncio.Task[Any] | None = None  # the timed-out handler, maybe still running
         self.task = host.loop.create_task(self._run(), name=f"accord-agent-{agent_id}")
 
     def put(self, work: Work) -> None:
@@ -151,6 +164,7 @@ class Activation:
         self.agent = agent
         activated = False
         graceful = False
+        cancelled = False
         try:
             if self.spec.durable:
                 self.durable = host.durable_for(self.id, self.spec, self.shard, self.epoch)
@@ -167,6 +181,7 @@ class Activation:
             graceful = True
         except asyncio.CancelledError:
             # Lease lost: stop at once. Queued in-process asks learn they were not run.
+            cancelled = True
             self._drop_queued_local()
         except Fenced as exc:
             log.warning("%s fenced: %s", self.id, exc)  # a newer owner exists: stay silent
@@ -179,13 +194,16 @@ class Activation:
             )
             await self._fail_queued(error)
         finally:
-            if self.merge_to is not None:
-                payload = self.merge_payload()
-                if payload is not None:
-                    self.merge_to(payload)
-            host.ended(self)
-            if activated:
-                await self._deactivate(agent, graceful)
+            if self.abandoned:
+                await self._abandon(agent, restart=not cancelled)
+            else:
+                if self.merge_to is not None:
+                    payload = self.merge_payload()
+                    if payload is not None:
+                        self.merge_to(payload)
+                host.ended(self)
+                if activated:
+                    await self._deactivate(agent, graceful)
             self._bulkhead.add(self.spec.type_name, -len(self.queue))
 
     async def _turns(self, agent: Agent) -> None:
@@ -241,16 +259,23 @@ class Activation:
             finally:
                 self.busy = False
                 self.last_active = loop.time()
+            if self.abandoned:
+                return  # the agent object may still be in use by the timed-out handler
 
     async def _call(self, agent: Agent, work: Work) -> tuple[Any, AccordError | None]:
         assert work.handler is not None
         dl_token = current_deadline.set(work.deadline)
         try:
-            result = await work.handler.fn(agent, work.msg)
+            if self._turn_timeout is None:
+                result = await work.handler.fn(agent, work.msg)
+            else:
+                result = await self._bounded(work.handler.fn(agent, work.msg), self._turn_timeout)
             after = self._after_turn.get(type(work.msg)) if self._after_turn else None
             if after is not None:
                 await after(work.msg, self._name, result)
             return result, None
+        except _Expired:
+            return None, self._timed_out(work.handler)
         except Exception as exc:
             if (
                 isinstance(exc, DeliveryTimeout)
@@ -264,6 +289,47 @@ class Activation:
         finally:
             current_deadline.reset(dl_token)
             self.host.stats.turns += 1
+
+    async def _bounded(self, turn: Awaitable[Any], timeout: float) -> Any:
+        """Run the handler as a task of its own and wait at most `timeout` for it, so that a
+        handler stuck in an await that ignores cancellation cannot hold this activation."""
+        task = asyncio.ensure_future(turn)
+        try:
+            done, _ = await asyncio.wait((task,), timeout=timeout)
+        except asyncio.CancelledError:
+            task.cancel()
+            raise
+        if done:
+            return task.result()
+        task.cancel()  # best effort: it may ignore it, or be blocked in a worker thread
+        task.add_done_callback(_consume)
+        self._stuck = task
+        raise _Expired
+
+    def _timed_out(self, handler: HandlerSpec) -> TurnTimeout:
+        self.abandoned = True
+        self.host.stats.turn_timeouts += 1
+        log.warning("%s: handler %s ran past turn_timeout (%gs): answered TurnTimeout, "
+                    "activation abandoned and restarted", self.id, handler.name,
+                    self._turn_timeout)  # fmt: skip
+        return TurnTimeout(
+            f"{self.id}: handler {handler.name} ran past turn_timeout ({self._turn_timeout}s);"
+            " its state changes were rolled back and the agent restarted"
+        )
+
+    async def _abandon(self, agent: Agent, restart: bool) -> None:
+        """After a turn timed out: keep what earlier turns left unwritten (eventual state), then
+        let the table put a fresh activation in this one's place, with the queue. The agent
+        object is not deactivated (`on_deactivate` is not called): the stuck handler may still
+        be using it."""
+        durable = self.durable
+        if durable is not None and durable.dirty and not self.orphan and self._valid():
+            try:
+                await durable.flush(agent)  # rolled back already: the timed-out turn is not in it
+            except Exception:
+                log.exception("flush of abandoned %s failed", self.id)
+        restart = restart and self._valid() and (bool(self.queue) or not self.closing)
+        self.host.abandon(self, self._stuck, restart)
 
     async def _turn(self, agent: Agent, work: Work) -> None:
         """An at-most-once message: run once; persist state if the agent has any; reply."""
@@ -309,6 +375,16 @@ class Activation:
                 return
             if self.durable is not None:
                 self.durable.rollback(agent)
+            if self.abandoned and dd.attempts < opts.max_deliver:
+                # Timed out: the caller learns it now; the fresh activation retries the message
+                # first (per-agent order kept), as one more attempt.
+                await self._reply(work, None, error)
+                work.reply = None
+                await dd.in_progress()
+                self.queue.appendleft(work)
+                self.load.n += 1
+                self._total.n += 1
+                return
             if dd.attempts >= opts.max_deliver:
                 await self.host.dead_letter(work.data, dd, error)
                 if exactly_once:
@@ -375,6 +451,18 @@ class Activation:
             await asyncio.wait_for(agent.on_deactivate(), self.host.deactivate_timeout)
         except Exception:
             log.exception("deactivation of %s failed", self.id)
+
+
+class _Expired(Exception):
+    """The handler did not finish within `turn_timeout`."""
+
+
+def _consume(task: asyncio.Task[Any]) -> None:
+    """Retrieve an abandoned handler's outcome, so asyncio does not log it as never retrieved."""
+    if not task.cancelled():
+        exc = task.exception()
+        if exc is not None:
+            log.debug("abandoned turn ended with %r", exc)
 
 
 class _Recorded:

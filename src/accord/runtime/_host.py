@@ -60,6 +60,10 @@ class Host(Protocol):
     def ended(self, act: ActivationRef) -> None:
         """The activation stopped taking work (its task may still be deactivating)."""
 
+    def abandon(self, act: Any, stuck: asyncio.Task[Any] | None, restart: bool) -> None:
+        """`act` (an `Activation`) gave up after a turn timeout; with `restart` a fresh
+        activation takes its place and its queue. `stuck` is the timed-out handler's task."""
+
     def dead_letter(self, data: bytes, dd: DurableDelivery, error: AccordError) -> Awaitable[None]:
         """A mailbox message failed `max_deliver` times: move it to the dead letters."""
 

@@ -46,6 +46,7 @@ from ._cutoff import CutOff
 from ._host import ActivationRef, AfterTurn
 from ._inbound import Inbound
 from ._local import LocalRoute
+from ._looplag import LoopMonitor
 from ._ownership import ShardHost
 from ._settings import NodeSettings, Stats
 from ._table import ActivationTable
@@ -141,6 +142,11 @@ class Node(Mesh):
         self._bulkhead = Bulkhead(s, self.stats, self.node_name)
         host = _Hosting(self, loop, self._bulkhead)
         self._table = table = ActivationTable(host, self.stats)
+        stack.callback(table.cancel_stuck)
+        if s.loop_lag_warning is not None:
+            monitor = LoopMonitor(loop, self.stats, s.loop_lag_warning)
+            monitor.start()
+            stack.push_async_callback(monitor.stop)
         local = LocalRoute(self.specs, table, self._bulkhead, self._serving, self._is_running, loop)
         self._bind(transport, names, config, kvs, s.breaker, local)
         stack.push_async_callback(self._close_mesh)
@@ -353,6 +359,7 @@ class _Hosting:
             _unbound
         )
         self.ended: Callable[[ActivationRef], None] = _unbound
+        self.abandon: Callable[[Any, asyncio.Task[Any] | None, bool], None] = _unbound
 
     def bind(self, node: Node, shards: ShardManager, cutoff: CutOff, inbound: Inbound,
              table: ActivationTable) -> None:  # fmt: skip
@@ -361,6 +368,7 @@ class _Hosting:
         self.merged = cutoff.record
         self.dead_letter = inbound.dead_letter
         self.ended = table.ended
+        self.abandon = table.abandon
         self._shards = shards
         self._cutoff = cutoff
         if any(VoteRequest in spec.by_class for spec in node.specs.values()):

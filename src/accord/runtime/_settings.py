@@ -51,6 +51,10 @@ class NodeSettings(msgspec.Struct, kw_only=True):
     """Address the load balancer listens on."""
     advertise: str = "127.0.0.1"
     """Address other nodes (and their load balancers) use to reach replicas running here."""
+    loop_lag_warning: float | None = 0.25
+    """Seconds the event loop may stall (a handler blocking it) before a WARNING names the
+    stall and the turn running; reported by a watchdog thread while the loop is still blocked.
+    None: no loop monitor."""
 
 
 class Stats(msgspec.Struct):
@@ -76,3 +80,12 @@ class Stats(msgspec.Struct):
     """Split-brain states merged back into this node's agents after a partition healed."""
     overloaded: int = 0
     """Messages refused by a bulkhead."""
+    turn_timeouts: int = 0
+    """Turns that ran past their type's `turn_timeout` (answered `TurnTimeout`, activation
+    restarted)."""
+    loop_stalls: int = 0
+    """Times the event loop stalled for longer than `loop_lag_warning` (a blocking handler)."""
+    loop_lag_last: float = 0.0
+    """Seconds the loop monitor's last tick fired late."""
+    loop_lag_max: float = 0.0
+    """The largest such lateness since the node started (seconds)."""

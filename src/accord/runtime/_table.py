@@ -1,10 +1,12 @@
 """The activation table: which agents are active on this node, by id and by shard, and the ones
-still deactivating (a new activation of the same id waits for the old one to finish)."""
+still deactivating (a new activation of the same id waits for the old one to finish). One
+abandoned after a turn timeout is replaced at once: its stuck handler is not waited for."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Iterable
+from typing import Any
 
 from .._ids import AgentId
 from .._spec import AgentSpec
@@ -20,6 +22,7 @@ class ActivationTable:
         self.live: dict[AgentId, Activation] = {}  # read on the hot path
         self._by_shard: dict[int, dict[AgentId, Activation]] = {}
         self._deactivating: dict[AgentId, asyncio.Task[None]] = {}
+        self._stuck: set[asyncio.Task[Any]] = set()  # handlers of abandoned turns still running
 
     def get_or_create(
         self, agent_id: AgentId, spec: AgentSpec, shard: int, epoch: int, orphan: bool = False
@@ -48,6 +51,34 @@ class ActivationTable:
         self._deactivating[agent_id] = task
         task.add_done_callback(lambda t: self._forget(agent_id, t))
         self._stats.deactivations += 1
+
+    def abandon(self, act: Activation, stuck: asyncio.Task[Any] | None, restart: bool) -> None:
+        """`act` gave up after a turn timed out. With `restart`, a fresh activation of the same
+        agent (same epoch) takes its place and its queue at once, without waiting for `act`'s
+        task or the stuck handler; without, `act` just ends. The stuck handler is kept to be
+        cancelled again at `cancel_stuck` (node stop)."""
+        if stuck is not None and not stuck.done():
+            self._stuck.add(stuck)
+            stuck.add_done_callback(self._stuck.discard)
+        if not restart or self.live.get(act.id) is not act:
+            self.ended(act)
+            return
+        fresh = Activation(self._host, act.id, act.spec, act.shard, act.epoch, None)
+        if act.orphan:
+            fresh.make_orphan()
+        fresh.merge_to = act.merge_to
+        fresh.closing = act.closing
+        fresh.queue.extend(act.queue)  # still counted by the bulkhead: same per-type counts
+        act.queue.clear()
+        self.live[act.id] = fresh
+        self._by_shard.setdefault(act.shard, {})[act.id] = fresh
+        self._stats.deactivations += 1
+
+    def cancel_stuck(self) -> None:
+        """Cancel the handlers of abandoned turns once more (node stop); not awaited: they may
+        never finish (a blocked thread, an await that ignores cancellation)."""
+        for task in list(self._stuck):
+            task.cancel()
 
     def _forget(self, agent_id: AgentId, task: asyncio.Task[None]) -> None:
         if self._deactivating.get(agent_id) is task:
