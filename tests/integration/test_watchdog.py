@@ -82,6 +82,34 @@ class WdSlow(Agent, type="wd-slow", turn_timeout=0.5):
         return Seen(self.state.n, self.instance)
 
 
+class Flaky(msgspec.Struct):
+    key: str
+    stuck_for: int  # attempts that hang past turn_timeout before one returns
+
+
+class Mark(msgspec.Struct):
+    key: str
+
+
+#: What the durable agent saw, in order, by key.
+SEEN: dict[str, list[str]] = {}
+
+
+class WdDurable(Agent, type="wd-durable", delivery="at_least_once", turn_timeout=0.5,
+                max_deliver=3):  # fmt: skip
+    @handler
+    async def flaky(self, msg: Flaky) -> int:
+        seen = SEEN.setdefault(msg.key, [])
+        seen.append("flaky")
+        if seen.count("flaky") <= msg.stuck_for:
+            await asyncio.sleep(60)
+        return len(seen)
+
+    @handler
+    async def mark(self, msg: Mark) -> None:
+        SEEN.setdefault(msg.key, []).append("mark")
+
+
 class WdBlock(Agent, type="wd-block"):
     @handler
     async def block(self, msg: Block) -> None:
@@ -113,7 +141,7 @@ async def eventually(condition: Callable[[], Any], what: str, timeout: float = 1
 async def node(nats_url: str) -> AsyncIterator[accord.Node]:
     settings = accord.NodeSettings(cluster=f"wd-{uuid.uuid4().hex[:12]}", num_shards=8,
                                    drain_timeout=2.0)  # fmt: skip
-    async with accord.Node([WdSlow, WdBlock], nats=nats_url, settings=settings) as n:
+    async with accord.Node([WdSlow, WdBlock, WdDurable], nats=nats_url, settings=settings) as n:
         await eventually(lambda: len(n.held_shards()) == 8, "node to hold every shard")
         yield n
 
@@ -144,6 +172,21 @@ async def test_a_handler_ignoring_cancellation_does_not_hold_up_the_next_message
         await node.ask("wd-slow/c", Stubborn(), timeout=10)
     # The stuck handler is still sleeping; the fresh activation does not wait for it.
     assert (await node.ask("wd-slow/c", Add(7), timeout=10)).n == 7
+
+
+async def test_a_timed_out_mailbox_delivery_is_retried_first_by_the_fresh_activation(
+    node: accord.Node,
+) -> None:
+    with pytest.raises(accord.TurnTimeout):
+        await node.ask("wd-durable/d", Flaky("d", stuck_for=1), timeout=10)
+    await node.tell("wd-durable/d", Mark("d"), delivery="at_least_once")
+    await eventually(lambda: SEEN.get("d") == ["flaky", "flaky", "mark"], "retry, then next")
+    # An attempt that always hangs is dead-lettered after max_deliver (3) attempts.
+    await node.tell("wd-durable/e", Flaky("e", stuck_for=9), delivery="at_least_once")
+    await node.tell("wd-durable/e", Mark("e"), delivery="at_least_once")
+    await eventually(lambda: SEEN.get("e") == ["flaky"] * 3 + ["mark"], "3 attempts, then next")
+    await eventually(lambda: node.stats.dead_lettered == 1, "the message to be dead-lettered")
+    assert node.stats.turn_timeouts == 4
 
 
 async def test_a_handler_blocking_the_loop_is_reported_while_it_blocks(
