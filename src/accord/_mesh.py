@@ -131,7 +131,8 @@ class Mesh:
         """Send `msg` to `target` and return its handler's reply.
 
         Ends with exactly one outcome: the reply; `RemoteError` (the handler raised; processed up to
-        the failure); `AgentTypeNotFound` / `UnknownMessageType` / `BadRequest` / `Overloaded`
+        the failure); `TurnTimeout` (the handler ran past its type's `turn_timeout`: processed in
+        part, rolled back); `AgentTypeNotFound` / `UnknownMessageType` / `BadRequest` / `Overloaded`
         (not processed); `CircuitOpen` (not sent); or `DeliveryTimeout` when the deadline passes —
         `maybe_delivered` says whether any owner may have received it. The deadline is `timeout`
         (default 10 s), capped by the deadline of the handler this call is made from.
