@@ -380,10 +380,10 @@ class Activation:
                 # first (per-agent order kept), as one more attempt.
                 await self._reply(work, None, error)
                 work.reply = None
-                await dd.in_progress()
                 self.queue.appendleft(work)
                 self.load.n += 1
                 self._total.n += 1
+                await dd.in_progress()
                 return
             if dd.attempts >= opts.max_deliver:
                 await self.host.dead_letter(work.data, dd, error)
