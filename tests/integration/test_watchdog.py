@@ -76,6 +76,12 @@ class WdSlow(Agent, type="wd-slow", turn_timeout=0.5):
             await asyncio.sleep(60)  # cancelled again by the node's stop
         return "never"
 
+    @handler(executor="thread")
+    def grind(self, msg: Block) -> str:
+        self.state.n += 10_000
+        time.sleep(msg.seconds)  # in a worker thread: the watchdog cannot stop it, only leave it
+        return "ground"
+
     @handler
     async def add(self, msg: Add) -> Seen:
         self.state.n += msg.by
@@ -172,6 +178,14 @@ async def test_a_handler_ignoring_cancellation_does_not_hold_up_the_next_message
         await node.ask("wd-slow/c", Stubborn(), timeout=10)
     # The stuck handler is still sleeping; the fresh activation does not wait for it.
     assert (await node.ask("wd-slow/c", Add(7), timeout=10)).n == 7
+
+
+async def test_a_thread_handler_past_turn_timeout_is_left_running_and_the_agent_answers(
+    node: accord.Node,
+) -> None:
+    with pytest.raises(accord.TurnTimeout):
+        await node.ask("wd-slow/t", Block(1.5), timeout=10)
+    assert (await node.ask("wd-slow/t", Add(3), timeout=10)).n == 3
 
 
 async def test_a_timed_out_mailbox_delivery_is_retried_first_by_the_fresh_activation(
