@@ -92,7 +92,7 @@ class Mesh:
         self._directory = Directory(
             WatchedKV(kvs.get("meta"), self._bg, prefix="type."),
             WatchedKV(kvs.get("subs"), self._bg),
-            self._local_spec,
+            local.spec if local is not None else _no_spec,
         )
         self._sender = Sender(transport, names, self._directory, self._route_local, self._loop)
         self._breakers = CircuitBreakers(breaker) if breaker is not None else None
@@ -156,7 +156,8 @@ class Mesh:
                     mode, msg_id,
                 )  # fmt: skip
                 return self._sender.unwrap(agent_id, type_name, stored, returns)
-            local = self._route_local(agent_id, shard, msg, deadline, ask=True)
+            route = self._local
+            local = None if route is None else route.route(agent_id, shard, msg, deadline, ask=True)
             if local is not None:
                 return await self._sender.await_local(local, deadline, agent_id, type_name)
             body = codec.encode(msg)
@@ -477,3 +478,7 @@ class LocalRouteLike(Protocol):
 
 
 _NO_BREAKER = contextlib.nullcontext()
+
+
+def _no_spec(agent_type: str) -> AgentSpec | None:
+    return None

@@ -56,10 +56,6 @@ class Bulkhead:
             self.total.waiting = False
             self._capacity.set()
 
-    def room_for(self, load: InFlight) -> bool:
-        """Is there room for one more message of the type counted by `load` (hot path)?"""
-        return self.total.n < self.max_total and load.n < self.max_per_type
-
     def check(self, agent_type: str) -> None:
         """Raise `Overloaded` unless one more message of `agent_type` fits."""
         load = self._per_type.get(agent_type)

@@ -22,19 +22,21 @@ class LocalRoute:
         specs: Mapping[str, AgentSpec],
         table: ActivationTable,
         bulkhead: Bulkhead,
-        serving: Callable[[int], int | None],
-        open_: Callable[[], bool],
         loop: asyncio.AbstractEventLoop,
     ) -> None:
         self._specs = specs
         self._live = table.live
         self._table = table
         self._bulkhead = bulkhead
-        self._serving = serving  # the epoch under which this node takes new messages for a shard
-        self._open = open_  # False before start and from the start of stop
+        self._serving: Callable[[int], int | None] = _nothing  # set by `attach`
+        self.open = False  # the node takes new messages (False before start, from stop on)
         self._loop = loop
         self._delivered: asyncio.Future[Any] = loop.create_future()  # "handed over" (tells)
         self._delivered.set_result(None)
+
+    def attach(self, serving: Callable[[int], int | None]) -> None:
+        """`serving(shard)`: the epoch under which this node takes new messages for a shard."""
+        self._serving = serving
 
     def spec(self, agent_type: str) -> AgentSpec | None:
         """The spec of an agent type hosted here."""
@@ -50,9 +52,10 @@ class LocalRoute:
         if act is None or act.closing or not act.tells_direct:
             return False
         h = act.spec.by_class.get(type(msg))
-        if h is None or self._serving(shard) != act.epoch or not self._open():
+        if h is None or self._serving(shard) != act.epoch or not self.open:
             return False
-        if not self._bulkhead.room_for(act.load):
+        bulkhead = self._bulkhead
+        if bulkhead.total.n >= bulkhead.max_total or act.load.n >= bulkhead.max_per_type:
             return False
         act.put(Work(h, msg, None, None))
         return True
@@ -63,7 +66,7 @@ class LocalRoute:
         """Deliver in-process if this node serves `shard`: a future of the reply (an ask) or of
         the hand-over (a tell); None when the shard is not served here. A tell that cannot be
         accepted raises (`Overloaded`, ...); an ask gets the error in its future."""
-        epoch = self._serving(shard) if self._open() else None
+        epoch = self._serving(shard) if self.open else None
         if epoch is None:
             return None
         spec = self._specs.get(agent_id.type)
@@ -92,6 +95,10 @@ class LocalRoute:
         work = Work(h, msg, deadline, _future_replier(fut), local=True)
         self._table.get_or_create(agent_id, spec, shard, epoch).put(work)
         return fut
+
+
+def _nothing(shard: int) -> int | None:
+    return None
 
 
 def _future_replier(fut: asyncio.Future[Any]) -> ReplyFn:

@@ -147,7 +147,7 @@ class Node(Mesh):
             monitor = LoopMonitor(loop, self.stats, s.loop_lag_warning)
             monitor.start()
             stack.push_async_callback(monitor.stop)
-        local = LocalRoute(self.specs, table, self._bulkhead, self._serving, self._is_running, loop)
+        self._local_route = local = LocalRoute(self.specs, table, self._bulkhead, loop)
         self._bind(transport, names, config, kvs, s.breaker, local)
         stack.push_async_callback(self._close_mesh)
         self._store = StateStore(kvs["state"])
@@ -170,6 +170,7 @@ class Node(Mesh):
                           self._is_running)  # fmt: skip
         self._shards = shards = ShardManager(transport.js, kvs["leases"], config, membership, owner)
         membership.on_stall = shards.resync
+        local.attach(shards.serving)
         self._cutoff = cutoff = CutOff(self.node_name, names, shards, table, transport,
                                        self._send_merge, self.stats, sends)  # fmt: skip
         self._inbound = inbound = Inbound(
@@ -199,7 +200,7 @@ class Node(Mesh):
             loop.create_task(replication.run(), name="accord-replication"),
         ]
         stack.push_async_callback(cancel_and_wait, tasks)
-        self._running = True
+        self._running = local.open = True
         services = loop.create_task(self._start_services(), name="accord-services-start")
         stack.push_async_callback(self._stop_services, services)
 
@@ -224,7 +225,7 @@ class Node(Mesh):
         if stack is None:
             return
         if self._running:
-            self._running = False
+            self._running = self._local_route.open = False
             await self._stop_services(None)
             await self.membership.leave()
             await self._shards.leave(self.settings.drain_timeout)
@@ -236,9 +237,6 @@ class Node(Mesh):
 
     def _is_running(self) -> bool:
         return self._running
-
-    def _serving(self, shard: int) -> int | None:
-        return self._shards.serving(shard)
 
     async def _start_services(self) -> None:
         """Start the node agent (services, promises) and the HTTP entry point, when configured.
