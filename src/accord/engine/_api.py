@@ -38,6 +38,11 @@ class NotFound(Exception):
     """The bucket, stream or consumer does not exist."""
 
 
+class Refused(Exception):
+    """The engine answered with an error other than those named (a limit reached, a config it
+    rejects, a second consumer on a work-queue subject): certainly not applied."""
+
+
 # -- core messaging -------------------------------------------------------------------------
 
 
@@ -174,8 +179,9 @@ class KV(Protocol):
     async def keys(self, *, timeout: float = 5.0) -> list[str]:
         """Every live key (none for an empty bucket)."""
 
-    async def watch(self, pattern: str = ">") -> Watch:
-        """Watch the keys matching `pattern`: current values first, then every change."""
+    async def watch(self, pattern: str = ">", *, timeout: float = 5.0) -> Watch:
+        """Watch the keys matching `pattern`: current values first, then every change
+        (`timeout` bounds starting the watch)."""
 
 
 # -- streams ---------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""The NATS engine: `Transport` (and, growing, the rest of `engine/_api.py`) over nats-py.
+"""The NATS engine: `Engine` (`Transport` here, `JetStream` mixed in from `_nats_js.py`) over
+nats-py.
 
 The only package that imports nats-py is `accord.engine`; nats-py exceptions are translated here,
 inside each method, into accord's hierarchy or the seam's internal signals (`NoResponders`, ...).
@@ -12,6 +13,7 @@ instead of through a queue and a task per subscription.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import itertools
 import logging
@@ -27,12 +29,14 @@ from nats.js import JetStreamContext
 
 from .._errors import AccordError, NotConnected
 from ._api import DirectHandler, Handler, NoResponders, RequestTimeout, Subscription
+from ._nats_errors import map_errors
+from ._nats_js import NatsJetStream
 
 log = logging.getLogger("accord.transport")
 
 
-class NatsTransport:
-    """`Transport` over one nats-py connection that reconnects forever."""
+class NatsTransport(NatsJetStream):
+    """`Engine` over one nats-py connection that reconnects forever."""
 
     def __init__(self, nc: NatsClient, name: str) -> None:
         self.nc = nc
@@ -85,7 +89,8 @@ class NatsTransport:
         within `timeout`: outcome unknown) or `NotConnected`. A late reply is dropped.
         """
         if self._inbox_sub is None:
-            await self._start_inbox()
+            with map_errors(f"request on {subject}"):
+                await self._start_inbox()
         token = str(next(self._tokens))
         fut: asyncio.Future[Msg] = asyncio.get_running_loop().create_future()
         self._waiting[token] = fut
@@ -134,8 +139,9 @@ class NatsTransport:
             raise NotConnected(str(exc)) from None
 
     async def subscribe(self, subject: str, cb: Handler, queue: str = "") -> Subscription:
-        sub: Any = await self.nc.subscribe(subject, queue=queue, cb=cb)
-        return sub  # type: ignore[no-any-return]
+        with map_errors(f"subscribe to {subject}"):
+            sub: Any = await self.nc.subscribe(subject, queue=queue, cb=cb)
+        return NatsSubscription(sub)
 
     async def subscribe_direct(self, subject: str, fn: DirectHandler) -> Subscription:
         """Subscribe so that `fn` runs for each message, in arrival order, in the read loop.
@@ -145,7 +151,8 @@ class NatsTransport:
         every message received was handed to `fn` already.
         """
 
-        return await subscribe_direct(self.nc, subject, fn)
+        with map_errors(f"subscribe to {subject}"):
+            return NatsSubscription(await subscribe_direct(self.nc, subject, fn))
 
     async def flush(self, timeout: float) -> None:
         try:
@@ -174,6 +181,24 @@ async def subscribe_direct(nc: NatsClient, subject: str, fn: Callable[[Any], Non
         if task is not None:
             task.cancel()
     return sub  # type: ignore[no-any-return]
+
+
+class NatsSubscription:
+    """A nats-py subscription whose ending never raises: on a closed connection there is
+    nothing left to stop."""
+
+    __slots__ = ("_sub",)
+
+    def __init__(self, sub: Any) -> None:
+        self._sub = sub
+
+    async def unsubscribe(self) -> None:
+        with contextlib.suppress(nats.errors.Error, OSError):
+            await self._sub.unsubscribe()
+
+    async def drain(self) -> None:
+        with contextlib.suppress(nats.errors.Error, OSError):
+            await self._sub.drain()
 
 
 def _expire(fut: asyncio.Future[Msg]) -> None:
