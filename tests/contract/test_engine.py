@@ -82,6 +82,14 @@ def _name(what: str) -> str:
     return f"ct{what}{next(_serials)}"
 
 
+async def _ready() -> None:
+    return None
+
+
+def _true() -> bool:
+    return True
+
+
 # -- core messaging ------------------------------------------------------------------------
 
 
@@ -264,6 +272,8 @@ async def test_consumers_on_a_work_queue(h: Harness) -> None:
     assert await eng.consumers(stream) == {"c1": subj}
     assert await eng.delete_consumer(stream, "c1")
     assert not await eng.delete_consumer(stream, "c1")
+    with pytest.raises(NotFound):
+        await eng.consume(stream, "c1", lambda d: True, has_capacity=_ready, still_going=_true)
     await eng.ensure_consumer(stream, ConsumerSpec(name="c2", filter_subject=subj))
     assert await eng.consumers(stream) == {"c2": subj}
 
@@ -286,10 +296,6 @@ class Recorder:
                 self._acting.add(fut)
                 fut.add_done_callback(self._acting.discard)
         return not (self.stop_after and len(self.got) >= self.stop_after)
-
-
-async def _ready() -> None:
-    return None
 
 
 async def test_consume_in_order_and_ack_removes(h: Harness) -> None:

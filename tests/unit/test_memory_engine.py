@@ -163,10 +163,12 @@ async def test_connections_share_a_server_and_fail_alone() -> None:
     await a.ensure_consumer("wq", ConsumerSpec(name="c", filter_subject="wq.1"))
     b.up()
     delivered: list[Delivery] = []
-    consumer = await b.consume(
-        "wq", "c", lambda d: delivered.append(d) is None, has_capacity=_ready,
-        still_going=lambda: True,
-    )  # fmt: skip
+
+    def dispatch(d: Delivery) -> bool:
+        delivered.append(d)
+        return True
+
+    consumer = await b.consume("wq", "c", dispatch, has_capacity=_ready, still_going=lambda: True)
     b.down()
     await a.append("wq.1", b"m")
     await clock.advance(1)

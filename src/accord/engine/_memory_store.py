@@ -8,8 +8,8 @@ Every public call goes through the connection's `check`, which is where faults a
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, Protocol, TypeVar
 
 from .._background import cancel_and_wait
 from .._clock import Clock, TimerHandle
@@ -26,8 +26,23 @@ from ._api import (
     WrongRevision,
 )
 
-if TYPE_CHECKING:
-    from .memory import MemoryEngine
+T = TypeVar("T")
+
+
+class Connection(Protocol):
+    """What the stores need of the connection a call came through (`memory.MemoryEngine`)."""
+
+    @property
+    def is_down(self) -> bool: ...
+
+    def check(self, method: str) -> None:
+        """Raise if a call of `method` must fail now (closed, down, or an injected failure)."""
+
+    async def wait(
+        self, aw: Coroutine[Any, Any, T] | asyncio.Future[T], timeout: float, exc: type[Exception]
+    ) -> T:
+        """`aw`'s result, or `exc` once `timeout` passed on the server's clock."""
+
 
 DEFAULT_DUPLICATE_WINDOW = 120.0  # NATS' default
 
@@ -153,7 +168,7 @@ class Stream:
 class MemoryKV:
     """`KV` on a stream `KV_<name>` with subjects `$KV.<name>.<key>`, as in NATS."""
 
-    def __init__(self, conn: MemoryEngine, name: str, stream: Stream) -> None:
+    def __init__(self, conn: Connection, name: str, stream: Stream) -> None:
         self._conn = conn
         self.name = name
         self._stream = stream
@@ -219,7 +234,7 @@ class MemoryKV:
 
 
 class MemoryWatch:
-    def __init__(self, conn: MemoryEngine, stream: Stream, pre: str, pattern: str) -> None:
+    def __init__(self, conn: Connection, stream: Stream, pre: str, pattern: str) -> None:
         self._conn = conn
         self._stream = stream
         self._pre = pre
@@ -341,7 +356,7 @@ class Consumer:
 
     async def run(
         self,
-        conn: MemoryEngine,
+        conn: Connection,
         dispatch: Dispatch,
         has_capacity: Callable[[], Awaitable[None]],
         still_going: Callable[[], bool],

@@ -28,9 +28,10 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
 from .._errors import AccordError, NotConnected
-from ._api import DirectHandler, Handler, NoResponders, RequestTimeout, Subscription
+from ._api import DirectHandler, Handler, NoResponders, Refused, RequestTimeout, Subscription
 from ._nats_errors import map_errors
 from ._nats_js import NatsJetStream
+from ._nats_wire import subscribe_direct as subscribe_direct  # the name callers import
 
 log = logging.getLogger("accord.transport")
 
@@ -101,9 +102,10 @@ class NatsTransport(NatsJetStream):
                 msg = await fut
             finally:
                 timer.cancel()
-        except (nats.errors.ConnectionClosedError, nats.errors.OutboundBufferLimitError,
-                nats.errors.ConnectionReconnectingError) as exc:  # fmt: skip
-            raise NotConnected(str(exc)) from None
+        except nats.errors.MaxPayloadError:
+            raise Refused(f"request on {subject}: {len(data)} bytes exceed max_payload") from None
+        except (nats.errors.Error, OSError) as exc:  # closed, buffer full, bad subject, ...
+            raise NotConnected(f"request on {subject}: {type(exc).__name__}: {exc}") from None
         finally:
             self._waiting.pop(token, None)
         hdr = msg.headers
@@ -135,8 +137,10 @@ class NatsTransport(NatsJetStream):
     ) -> None:
         try:
             await self.nc.publish(subject, data, reply=reply, headers=headers)
-        except (nats.errors.ConnectionClosedError, nats.errors.OutboundBufferLimitError) as exc:
-            raise NotConnected(str(exc)) from None
+        except nats.errors.MaxPayloadError:
+            raise Refused(f"publish on {subject}: {len(data)} bytes exceed max_payload") from None
+        except (nats.errors.Error, OSError) as exc:  # closed, buffer full, bad subject, ...
+            raise NotConnected(f"publish on {subject}: {type(exc).__name__}: {exc}") from None
 
     async def subscribe(self, subject: str, cb: Handler, queue: str = "") -> Subscription:
         with map_errors(f"subscribe to {subject}"):
@@ -168,21 +172,6 @@ class NatsTransport(NatsJetStream):
                 await self.nc.close()
 
 
-async def subscribe_direct(nc: NatsClient, subject: str, fn: Callable[[Any], None]) -> Subscription:
-    """`NatsTransport.subscribe_direct` on a bare nats-py connection."""
-
-    async def fallback(msg: Msg) -> None:
-        fn(msg)
-
-    sub: Any = await nc.subscribe(subject, cb=fallback)
-    if isinstance(getattr(sub, "_pending_queue", None), asyncio.Queue):
-        sub._pending_queue = _DirectQueue(fn)  # nats-py hands every message to put_nowait
-        task = getattr(sub, "_wait_for_msgs_task", None)
-        if task is not None:
-            task.cancel()
-    return sub  # type: ignore[no-any-return]
-
-
 class NatsSubscription:
     """A nats-py subscription whose ending never raises: on a closed connection there is
     nothing left to stop."""
@@ -204,20 +193,6 @@ class NatsSubscription:
 def _expire(fut: asyncio.Future[Msg]) -> None:
     if not fut.done():
         fut.set_exception(RequestTimeout())
-
-
-class _DirectQueue(asyncio.Queue[Msg]):
-    """A subscription's pending queue that runs the handler instead of queueing."""
-
-    def __init__(self, fn: Callable[[Any], None]) -> None:
-        super().__init__()
-        self._fn = fn
-
-    def put_nowait(self, item: Msg) -> None:
-        try:
-            self._fn(item)
-        except Exception:  # the read loop must survive any handler bug
-            log.exception("message handler failed on %s", getattr(item, "subject", "?"))
 
 
 P = ParamSpec("P")

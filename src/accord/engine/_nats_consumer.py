@@ -18,6 +18,7 @@ from nats.aio.msg import Msg
 
 from .._background import cancel_and_wait
 from ._api import Dispatch, Subscription
+from ._nats_wire import subscribe_direct
 
 log = logging.getLogger("accord.consumer")
 
@@ -97,8 +98,6 @@ class PullConsumer:
         self._waiter: asyncio.Future[None] | None = None
 
     async def start(self) -> None:
-        from ._nats import subscribe_direct
-
         self._inbox = self._nc.new_inbox()
         self._sub = await subscribe_direct(self._nc, self._inbox, self._on_msg)
         self._task = asyncio.create_task(self._pull(), name=f"accord-consume-{self._name}")

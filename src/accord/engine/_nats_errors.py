@@ -57,6 +57,8 @@ def map_errors(what: str, timeout_is: type[Exception] = NotConnected) -> Iterato
         raise NotFound(f"{what}: {exc.description or 'not found'}") from None
     except nats.js.errors.APIError as exc:
         raise api_error(exc.err_code, exc.code, exc.description or "", what) from None
+    except nats.errors.MaxPayloadError:
+        raise Refused(f"{what}: message larger than the server accepts") from None
     except nats.errors.NoRespondersError:
         raise NoResponders(what) from None
     except (nats.errors.TimeoutError, TimeoutError):

@@ -44,63 +44,12 @@ from ._api import (
     StreamSpec,
     StreamState,
 )
+from ._nats_consumer import PullConsumer
 from ._nats_errors import error_from_reply, map_errors
+from ._nats_kv import NatsKV
+from ._nats_wire import decode_ack, msg_reply, parse_headers
 
 API = "$JS.API."
-
-
-class _ApiError(msgspec.Struct):
-    code: int = 0
-    err_code: int | None = None
-    description: str = ""
-
-
-class _Ack(msgspec.Struct):
-    stream: str = ""
-    seq: int = 0
-    duplicate: bool = False
-    error: _ApiError | None = None
-
-
-class _RawMsg(msgspec.Struct):
-    subject: str
-    seq: int
-    data: str = ""  # base64
-    hdrs: str = ""  # base64 of "NATS/1.0\r\nKey: value\r\n..."
-
-
-class _MsgReply(msgspec.Struct):
-    message: _RawMsg | None = None
-    error: _ApiError | None = None
-
-
-_ack = msgspec.json.Decoder(_Ack)
-_msg_reply = msgspec.json.Decoder(_MsgReply)
-
-
-def decode_ack(data: bytes, what: str) -> PubAck:
-    """The PubAck of a JetStream publish, or the accord error its error reply stands for."""
-    try:
-        ack = _ack.decode(data)
-    except msgspec.DecodeError as exc:
-        raise Refused(f"{what}: unreadable PubAck: {exc}") from None
-    if ack.error is not None:
-        err = ack.error
-        raise error_from_reply(msgspec.structs.asdict(err), what)
-    if not ack.stream:
-        raise Refused(f"{what}: PubAck names no stream")
-    return PubAck(ack.stream, ack.seq, ack.duplicate)
-
-
-def parse_headers(raw: bytes) -> dict[str, str] | None:
-    """Headers in NATS wire form (a status line, then `Key: value` lines)."""
-    lines = raw.decode(errors="replace").split("\r\n")[1:]
-    headers = {}
-    for line in lines:
-        key, sep, value = line.partition(":")
-        if sep:
-            headers[key.strip()] = value.strip()
-    return headers or None
 
 
 def _ns(seconds: float) -> int:
@@ -137,8 +86,6 @@ class NatsJetStream:
     # -- buckets and streams -------------------------------------------------------------
 
     async def bucket(self, spec: BucketSpec, *, create: bool = True, timeout: float = 5.0) -> KV:
-        from ._nats_kv import NatsKV
-
         what = f"open bucket {spec.name}"
         with map_errors(what):
             try:
@@ -261,7 +208,7 @@ class NatsJetStream:
         except RequestTimeout:
             raise NotConnected(f"{op}: JetStream did not answer within {timeout:g}s") from None
         try:
-            reply = _msg_reply.decode(msg.data)
+            reply = msg_reply.decode(msg.data)
         except msgspec.DecodeError as exc:
             raise Refused(f"{op}: unreadable reply: {exc}") from None
         if reply.error is not None:
@@ -337,8 +284,7 @@ class NatsJetStream:
         still_going: Callable[[], bool],
         batch: int = 128,
     ) -> Consumer:
-        from ._nats_consumer import PullConsumer
-
+        await self.api_call(f"CONSUMER.INFO.{stream}.{consumer}", b"", 5.0)  # NotFound if none
         pull = PullConsumer(self.nc, stream, consumer, dispatch, has_capacity, still_going, batch)
         with map_errors(f"consume {stream}/{consumer}"):
             await pull.start()

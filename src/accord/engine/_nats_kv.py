@@ -9,17 +9,32 @@ only a value counts as present — nats-py's own `create` does not know the mark
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import msgspec
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 
 from .._errors import NotConnected
-from ._api import Entry, NoResponders, NotFound, RequestTimeout, WrongRevision
+from ._api import Entry, NoResponders, NotFound, RequestTimeout, StoredMessage, WrongRevision
 from ._nats_errors import map_errors
+from ._nats_wire import decode_ack
 
-if TYPE_CHECKING:
-    from ._nats_js import NatsJetStream
+
+class Requests(Protocol):
+    """What a bucket needs of the engine it was opened on (`NatsJetStream`)."""
+
+    js: JetStreamContext
+
+    async def request_msg(
+        self, subject: str, data: bytes, timeout: float, headers: dict[str, str] | None = None
+    ) -> Msg: ...
+
+    async def stored_message(
+        self, stream: str, body: bytes, timeout: float
+    ) -> StoredMessage | None: ...
+
 
 _TOMBSTONES = ("DEL", "PURGE")
 
@@ -34,7 +49,7 @@ def is_tombstone(headers: dict[str, str] | None) -> bool:
 class NatsKV:
     """One bucket, opened through `NatsJetStream.bucket`."""
 
-    def __init__(self, engine: NatsJetStream, name: str, *, direct: bool) -> None:
+    def __init__(self, engine: Requests, name: str, *, direct: bool) -> None:
         self._engine = engine
         self.name = name
         self._stream = f"KV_{name}"
@@ -50,8 +65,6 @@ class NatsKV:
             raise NotConnected(f"{what} {self.name}/{key}: no bucket answers") from None
         except RequestTimeout:
             raise NotConnected(f"{what} {self.name}/{key}: no answer in {timeout:g}s") from None
-        from ._nats_js import decode_ack
-
         return decode_ack(msg.data, f"{what} {self.name}/{key}").seq
 
     @staticmethod
