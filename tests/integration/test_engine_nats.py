@@ -147,3 +147,44 @@ async def test_closed_connection_raises_not_connected(nats_url: str) -> None:
     for call in calls:
         with pytest.raises(NotConnected):
             await call()
+
+
+async def test_no_pull_request_while_has_capacity_waits(engine: NatsTransport) -> None:
+    """While `has_capacity` blocks, no new pull request goes out: once the outstanding ones have
+    ended, the server has delivered at most what was asked before the block (10 + one batch)."""
+    stream = _name("bh")
+    await engine.ensure_stream(StreamSpec(name=stream, subjects=(f"{stream}.*",), work_queue=True))
+    for i in range(60):
+        await engine.append(f"{stream}.1", b"%d" % i)
+    await engine.ensure_consumer(stream, ConsumerSpec(name="c", filter_subject=f"{stream}.1"))
+    got: list[Delivery] = []
+    room = asyncio.Event()
+
+    async def has_capacity() -> None:
+        if len(got) >= 10:
+            await room.wait()
+
+    def dispatch(d: Delivery) -> bool:
+        got.append(d)
+        return True
+
+    consumer = await engine.consume(
+        stream, "c", dispatch, has_capacity=has_capacity, still_going=lambda: True, batch=8
+    )
+    try:
+
+        async def requests_ended() -> bool:
+            info = await engine.api_call(f"CONSUMER.INFO.{stream}.c", b"", 5.0)
+            return len(got) >= 10 and info["num_waiting"] == 0
+
+        await _until(requests_ended, "the pull requests made before the block ended")
+        info = await engine.api_call(f"CONSUMER.INFO.{stream}.c", b"", 5.0)
+        assert 10 <= info["delivered"]["consumer_seq"] <= 10 + 8
+        room.set()
+        await _until(lambda: _true(len(got) == 60), "the rest once there is room")
+    finally:
+        await consumer.stop()
+
+
+async def _true(value: bool) -> bool:
+    return value
