@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -387,3 +388,16 @@ async def test_closed_engine_raises_not_connected(h: Harness) -> None:
         await h.engine.append("x.y", b"")
     with pytest.raises(NotConnected):
         await h.engine.request("x", b"", 1.0)
+
+
+async def test_core_request_to_a_stream_subject_is_stored(h: Harness) -> None:
+    """A core request on a subject a stream captures is stored and answered with the PubAck
+    (the cheap durable publish the mailbox uses), `Nats-Msg-Id` deduplicating it."""
+    eng = h.engine
+    stream, subj = await _stream(h, duplicate_window=60)
+    first = json.loads((await eng.request_msg(subj, b"x", 2, {"Nats-Msg-Id": "r1"})).data)
+    again = json.loads((await eng.request_msg(subj, b"x", 2, {"Nats-Msg-Id": "r1"})).data)
+    assert first["stream"] == stream and first["seq"] >= 1 and not first.get("duplicate")
+    assert again["seq"] == first["seq"] and again["duplicate"]
+    stored = await eng.get_message(stream, seq=first["seq"])
+    assert stored is not None and stored.data == b"x"

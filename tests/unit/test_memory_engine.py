@@ -199,3 +199,31 @@ async def test_queue_group_handlers_run_in_order() -> None:
         await eng.publish("q", b"%d" % i)
     await asyncio.wait_for(done.wait(), 5)
     assert order == [b"%d" % i for i in range(5)]
+
+
+async def test_an_ack_sent_while_down_is_lost() -> None:
+    """An ack from a cut-off connection does not reach the server: the message comes again
+    after its ack-wait, as on NATS."""
+    clock = VirtualClock()
+    eng = MemoryEngine(clock=clock)
+    await eng.ensure_stream(StreamSpec(name="wq", subjects=("wq.*",), work_queue=True))
+    await eng.append("wq.1", b"m")
+    await eng.ensure_consumer("wq", ConsumerSpec(name="c", filter_subject="wq.1", ack_wait=5))
+    got: list[Delivery] = []
+
+    def dispatch(d: Delivery) -> bool:
+        got.append(d)
+        return True
+
+    consumer = await eng.consume("wq", "c", dispatch, has_capacity=_ready, still_going=lambda: True)
+    await clock.advance(0.1)
+    assert len(got) == 1
+    eng.down()
+    await got[0].ack()
+    eng.up()
+    await clock.advance(5.1)
+    assert [d.num_delivered for d in got] == [1, 2]
+    await got[1].ack()
+    state = await eng.stream_state("wq")
+    assert state is not None and state.messages == 0
+    await consumer.stop()

@@ -271,14 +271,19 @@ class MemoryDelivery:
         self.seq = msg.seq
         self.num_delivered = num_delivered
 
+    # like a NATS ack, each is lost when the connection is down (the message comes again)
+
     async def ack(self) -> None:
-        self._consumer.ack(self.seq)
+        if not self._consumer.cut_off():
+            self._consumer.ack(self.seq)
 
     async def nak(self, delay: float = 0.0) -> None:
-        self._consumer.retry(self.seq, delay)
+        if not self._consumer.cut_off():
+            self._consumer.retry(self.seq, delay)
 
     async def in_progress(self) -> None:
-        self._consumer.retry(self.seq, self._consumer.spec.ack_wait)
+        if not self._consumer.cut_off():
+            self._consumer.retry(self.seq, self._consumer.spec.ack_wait)
 
 
 class Consumer:
@@ -292,6 +297,10 @@ class Consumer:
         self.pending: dict[int, int] = {}  # seq -> times delivered
         self.due: dict[int, TimerHandle | None] = {}  # seq -> its redelivery timer (None: now)
         self._waiter: asyncio.Future[None] | None = None
+        self._conn: Connection | None = None  # of the running loop
+
+    def cut_off(self) -> bool:
+        return self._conn is not None and self._conn.is_down
 
     def wake(self) -> None:
         if self._waiter is not None and not self._waiter.done():
@@ -362,6 +371,7 @@ class Consumer:
         still_going: Callable[[], bool],
     ) -> None:
         loop = asyncio.get_running_loop()
+        self._conn = conn
         while still_going() and self.stream.consumers.get(self.spec.name) is self:
             await has_capacity()
             delivery = None if conn.is_down else self.take()

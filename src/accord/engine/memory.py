@@ -34,6 +34,7 @@ from ._api import (
     StoredMessage,
     StreamSpec,
     StreamState,
+    WrongRevision,
 )
 from ._memory_store import Consumer, MemoryConsumer, MemoryKV, Stream, check_unique, matches
 
@@ -133,6 +134,27 @@ class MemoryServer:
             members[next(self._turns) % len(members)].deliver(msg)
             n += 1
         return n
+
+    def store_core(self, subject: str, data: bytes, headers: dict[str, str] | None) -> bytes | None:
+        """Store a core publish in the stream that captures `subject`, as NATS does (reading the
+        `Nats-Msg-Id`, expected-sequence and TTL headers); the PubAck JSON, None if no stream."""
+        for stream in self.streams.values():
+            if stream.captures(subject):
+                break
+        else:
+            return None
+        h = headers or {}
+        expect = h.get("Nats-Expected-Last-Subject-Sequence")
+        ttl = h.get("Nats-TTL", "0s").rstrip("s") or "0"
+        try:
+            ack = stream.append(
+                subject, data, headers, h.get("Nats-Msg-Id"),
+                int(expect) if expect is not None else None, int(float(ttl)),
+            )  # fmt: skip
+        except WrongRevision as exc:
+            error = {"code": 400, "err_code": 10071, "description": str(exc)}
+            return msgspec.json.encode({"error": error})
+        return msgspec.json.encode(ack)
 
     def stream(self, name: str) -> Stream:
         stream = self.streams.get(name)
@@ -241,7 +263,11 @@ class MemoryEngine:
         sub = _Sub(self, inbox, "", None, answer)
         self.server.subs.append(sub)
         try:
-            if not self.server.route(MemoryMessage(subject, data, inbox, headers)):
+            routed = self.server.route(MemoryMessage(subject, data, inbox, headers))
+            ack = self.server.store_core(subject, data, headers)
+            if ack is not None:  # a stream captured it: its PubAck is the reply, as on NATS
+                return MemoryMessage(inbox, ack)
+            if not routed:
                 raise NoResponders(subject)
             return await self.wait(reply, timeout, RequestTimeout)
         finally:
@@ -252,6 +278,9 @@ class MemoryEngine:
     ) -> None:
         self.check("publish")
         self.server.route(MemoryMessage(subject, data, reply, headers))
+        ack = self.server.store_core(subject, data, headers)
+        if ack is not None and reply:
+            self.server.route(MemoryMessage(reply, ack))
 
     async def subscribe(self, subject: str, cb: Handler, queue: str = "") -> _Sub:
         self.check("subscribe")
