@@ -11,7 +11,10 @@ import asyncio
 import itertools
 from collections.abc import AsyncIterator, Awaitable, Callable
 
+import nats.errors
+import nats.js.errors
 import pytest
+from nats.js.api import KeyValueConfig
 
 from accord import NotConnected
 from accord.engine._api import (
@@ -21,10 +24,12 @@ from accord.engine._api import (
     NoResponders,
     NotFound,
     Refused,
+    RequestTimeout,
     StreamSpec,
     WrongRevision,
 )
 from accord.engine._nats import NatsTransport
+from accord.engine._nats_errors import map_errors
 
 _serials = itertools.count(1)
 
@@ -188,3 +193,49 @@ async def test_no_pull_request_while_has_capacity_waits(engine: NatsTransport) -
 
 async def _true(value: bool) -> bool:
     return value
+
+
+async def test_direct_get_on_a_bucket_that_allows_it(engine: NatsTransport) -> None:
+    """On a bucket created with direct gets allowed, `get` without `leader` reads through
+    DIRECT.GET and still treats tombstones and missing keys as absent."""
+    name = _name("direct")
+    await engine.js.create_key_value(KeyValueConfig(bucket=name, direct=True))
+    kv = await engine.bucket(BucketSpec(name=name), create=False)
+    rev = await kv.put("k", b"v")
+    got = await kv.get("k")
+    assert got is not None and (got.value, got.revision) == (b"v", rev)
+    await kv.delete("k")
+    assert await kv.get("k") is None
+    assert await kv.get("never") is None
+
+
+@pytest.mark.parametrize(
+    ("raised", "expected"),
+    [
+        (nats.errors.NoRespondersError(), NoResponders),
+        (nats.errors.TimeoutError(), NotConnected),
+        (TimeoutError(), NotConnected),
+        (nats.errors.ConnectionClosedError(), NotConnected),
+        (nats.errors.ConnectionReconnectingError(), NotConnected),
+        (nats.errors.OutboundBufferLimitError(), NotConnected),
+        (nats.errors.MaxPayloadError(), Refused),
+        (ConnectionResetError(), NotConnected),
+        (nats.js.errors.BucketNotFoundError(), NotFound),
+        (nats.js.errors.NotFoundError(), NotFound),
+        (nats.js.errors.APIError(code=400, err_code=10071), WrongRevision),
+        (nats.js.errors.APIError(code=400, err_code=10164), WrongRevision),
+        (nats.js.errors.APIError(code=503, err_code=10008), NotConnected),
+        (nats.js.errors.ServiceUnavailableError(), NotConnected),
+        (nats.js.errors.APIError(code=400, err_code=10058), Refused),
+    ],
+)
+def test_map_errors_translates_nats_errors(raised: Exception, expected: type[Exception]) -> None:
+    """Every nats-py error class accord meets comes out of `map_errors` as the seam's error."""
+    with pytest.raises(expected), map_errors("op"):
+        raise raised
+
+
+def test_map_errors_times_out_as_the_method_documents() -> None:
+    """A method whose contract says `RequestTimeout` gets it for a timeout, not `NotConnected`."""
+    with pytest.raises(RequestTimeout), map_errors("op", timeout_is=RequestTimeout):
+        raise nats.errors.TimeoutError

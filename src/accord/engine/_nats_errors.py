@@ -55,6 +55,8 @@ def map_errors(what: str, timeout_is: type[Exception] = NotConnected) -> Iterato
         raise
     except nats.js.errors.NotFoundError as exc:  # incl. BucketNotFoundError, KeyNotFoundError
         raise NotFound(f"{what}: {exc.description or 'not found'}") from None
+    except nats.js.errors.ServiceUnavailableError as exc:  # JetStream down or not enabled
+        raise NotConnected(f"{what}: JetStream is unavailable: {exc.description or ''}") from None
     except nats.js.errors.APIError as exc:
         raise api_error(exc.err_code, exc.code, exc.description or "", what) from None
     except nats.errors.MaxPayloadError:
