@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 
 import msgspec
 
+from .._background import cancel_and_wait
 from .._clock import Clock, LoopClock
 from .._errors import NotConnected
 from ._api import (
@@ -94,14 +95,23 @@ class _Sub:
 
     async def unsubscribe(self) -> None:
         self.conn.server.remove(self)
-        if self.task is not None:
-            self.task.cancel()
+        await self._stop()
 
     async def drain(self) -> None:
         self.conn.server.remove(self)
-        if self.task is not None:
+        if self.task is not None and self.task is not asyncio.current_task():
             await self.pending.join()
-            self.task.cancel()
+        await self._stop()
+
+    async def _stop(self) -> None:
+        task = self.task
+        if task is None or task.done():
+            return
+        own = task is asyncio.current_task()
+        if own:  # a handler ending its own subscription
+            task.cancel()  # ends at its next await, like nats-py's
+            return
+        await cancel_and_wait([task])
 
 
 class MemoryServer:
@@ -306,8 +316,7 @@ class MemoryEngine:
         self._closed = True
         for sub in [s for s in self.server.subs if s.conn is self]:
             await sub.unsubscribe()
-        for task in list(self._tasks):
-            task.cancel()
+        await cancel_and_wait(list(self._tasks))
 
     # -- JetStream ------------------------------------------------------------------------
 
