@@ -216,6 +216,14 @@ async def test_watch_current_values_then_changes(h: Harness) -> None:
     with pytest.raises(RequestTimeout):
         task.result()
     await watch.stop()
+    await watch.stop()  # idempotent
+    with pytest.raises(NotConnected):
+        await watch.next(1)
+    empty = await h.engine.bucket(BucketSpec(name=_name("empty")))
+    assert await empty.keys() == []
+    quiet = await empty.watch()
+    assert await quiet.next(5) is None
+    await quiet.stop()
 
 
 # -- streams -------------------------------------------------------------------------------
