@@ -92,6 +92,7 @@ async def test_server_errors_map_to_seam_errors(engine: NatsTransport) -> None:
     assert await engine.stream_state(_name("missing")) is None
     assert await engine.get_message(stream, seq=99) is None
     assert not await engine.delete_consumer(stream, "nobody")
+    assert engine.cluster_size() == 1  # one server, no peers announced
 
 
 async def test_pull_loop_tops_up_and_keeps_stream_order(engine: NatsTransport) -> None:

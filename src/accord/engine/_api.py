@@ -121,6 +121,10 @@ class Transport(Protocol):
     async def close(self) -> None:
         """Drain and close the connection; idempotent."""
 
+    def cluster_size(self) -> int:
+        """How many servers the engine runs on, as far as this connection was told (1 for a
+        single server); decides default replica counts."""
+
 
 # -- key-value buckets ------------------------------------------------------------------------
 

@@ -125,6 +125,10 @@ class NatsTransport(NatsJetStream):
         if fut is not None and not fut.done():
             fut.set_result(msg)
 
+    def cluster_size(self) -> int:
+        info = getattr(self.nc, "_server_info", None) or {}
+        return 1 + len(set(info.get("connect_urls", []) or []))
+
     @property
     def max_payload(self) -> int:
         return int(self.nc.max_payload)

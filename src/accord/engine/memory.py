@@ -117,8 +117,9 @@ class _Sub:
 class MemoryServer:
     """What the connections share: subscriptions, streams (buckets are streams) and the clock."""
 
-    def __init__(self, clock: Clock | None = None) -> None:
+    def __init__(self, clock: Clock | None = None, cluster_size: int = 1) -> None:
         self.clock: Clock = clock or LoopClock()
+        self.cluster_size = cluster_size  # what `cluster_size()` reports (no servers to count)
         self.subs: list[_Sub] = []
         self.streams: dict[str, Stream] = {}
         self._turns = itertools.count()  # round-robin over queue-group members
@@ -309,6 +310,9 @@ class MemoryEngine:
 
     async def flush(self, timeout: float) -> None:
         self.check("flush")
+
+    def cluster_size(self) -> int:
+        return self.server.cluster_size
 
     async def close(self) -> None:
         if self._closed:
