@@ -19,7 +19,6 @@ from types import TracebackType
 from typing import Any, Literal
 
 import msgspec
-from nats.js.kv import KeyValue
 
 from . import _codec as codec
 from ._background import Background
@@ -36,7 +35,7 @@ from ._errors import (
 )
 from ._ids import AgentId, shard_of, validate_agent_type
 from ._spec import DELIVERY_MODES, AgentSpec, known_spec
-from .cluster._config import ClusterConfig, Names
+from .cluster._config import Buckets, ClusterConfig, Names
 from .cluster._watched import WatchedKV
 from .coord._groups import barrier, counter_add, counter_value
 from .coord._leases import Lease, LeaseKeeper, elect, fenced_read, fenced_write, hold
@@ -44,7 +43,7 @@ from .coord._quorum import Ballots, Decision, ProposalRecord, VoteRequest, encod
 from .delivery._breaker import BreakerSettings, CircuitBreakers
 from .delivery._client import DurableSender
 from .delivery._mailbox import mailbox_subject
-from .engine._api import NoResponders, RequestTimeout, Transport
+from .engine._api import KV, NoResponders, RequestTimeout, Transport
 from .engine._nats import NatsTransport
 
 log = logging.getLogger("accord.mesh")
@@ -71,18 +70,18 @@ class Mesh:
         transport: Transport,
         names: Names,
         config: ClusterConfig,
-        kvs: dict[str, KeyValue] | None = None,
+        buckets: Buckets | None = None,
         breaker: BreakerSettings | None = None,
     ) -> None:
-        kvs = kvs or {}
-        self._kvs = kvs
+        self._buckets = buckets
         self._transport = transport
         self.names = names
         self.config = config
         self._bg = Background()
         self._loop = asyncio.get_running_loop()
-        self._subs = WatchedKV(kvs.get("subs"), self._bg)  # "<topic>.<agent type>" -> b"1"
-        self._types = WatchedKV(kvs.get("meta"), self._bg, prefix="type.")  # type -> options
+        subs, meta = (buckets.subs, buckets.meta) if buckets is not None else (None, None)
+        self._subs = WatchedKV(subs, self._bg)  # "<topic>.<agent type>" -> b"1"
+        self._types = WatchedKV(meta, self._bg, prefix="type.")  # type -> options
         self._breakers = CircuitBreakers(breaker) if breaker is not None else None
         self._durable: DurableSender | None = None
         self._mode_cache: dict[bytes, str] = {}
@@ -454,16 +453,15 @@ class Mesh:
 
     # -- coordination -------------------------------------------------------------------------
 
-    def _coord_kv(self, name: str) -> KeyValue:
-        kv = self._kvs.get(name)
-        if kv is None:
+    def _coord_kv(self, name: Literal["locks", "coord"]) -> KV:
+        if self._buckets is None:
             raise ConfigurationError("this mesh has no coordination buckets")
-        return kv
+        return self._buckets.locks if name == "locks" else self._buckets.coord
 
     def _keeper(self) -> LeaseKeeper:
         if not isinstance(self._transport, NatsTransport):
             raise ConfigurationError("leases need a NATS JetStream transport")
-        return LeaseKeeper(self._transport.js, self._coord_kv("locks"), self.name)
+        return LeaseKeeper(self._coord_kv("locks"), self.name)
 
     def lease(
         self, name: str, ttl: int = 5, *, timeout: float | None = None
@@ -543,7 +541,7 @@ class Mesh:
         if not isinstance(self._transport, NatsTransport):
             raise ConfigurationError("proposals need a NATS JetStream transport")
         return Ballots(
-            self._transport.js, self._coord_kv("coord"), self.names.events_subject("decision")
+            self._transport, self._coord_kv("coord"), self.names.events_subject("decision")
         )
 
     async def barrier(

@@ -123,20 +123,20 @@ class Node(Mesh):
             names = Names(self.settings.cluster)
             admin = NatsAdmin(transport.nc, transport.js, names.bucket("meta"))
             self._replication = Replication(admin, names.cluster, explicit=self.settings.replicas)
-            config, kvs = await open_cluster(
-                transport.js,
+            config, buckets = await open_cluster(
+                transport,
                 names,
                 num_shards=self.settings.num_shards,
                 lease_ttl=self.settings.lease_ttl,
                 replicas=await self._replication.initial(),
                 replicas_auto=self.settings.replicas is None,
             )
-            super().__init__(transport, names, config, kvs, self.settings.breaker)
+            super().__init__(transport, names, config, buckets, self.settings.breaker)
             self._nc = transport
             await ensure_streams(
                 transport.js, names, config.replicas or await self._replication.initial()
             )
-            self._store = StateStore(kvs["state"])
+            self._store = StateStore(buckets.state)
             self._events = EventLog(
                 transport.js, f"accord_{names.cluster}_es", f"{names.prefix}.es"
             )
@@ -154,8 +154,8 @@ class Node(Mesh):
             )
             s = self.settings
             self.membership = Membership(
-                transport.js,
-                kvs["members"],
+                transport,
+                buckets.members,
                 names,
                 me,
                 heartbeat_interval=s.heartbeat_interval,
@@ -163,7 +163,7 @@ class Node(Mesh):
                 dead_after=s.dead_after,
                 on_change=self._membership_changed,
             )
-            self.shards = ShardManager(transport.js, kvs["leases"], config, self.membership, self)
+            self.shards = ShardManager(buckets.leases, config, self.membership, self)
             self.membership.on_stall = self.shards.resync
             self._admin = await transport.subscribe(
                 names.admin_subject, self._on_admin, queue="admin"

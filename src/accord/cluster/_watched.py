@@ -7,17 +7,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
-
-from nats.js.kv import KeyValue
 
 from .._background import Background
-
-log = logging.getLogger("accord.registry")
+from ..engine._api import KV, Entry
+from ._watch import follow
 
 
 class WatchedKV:
-    def __init__(self, kv: KeyValue | None, bg: Background, prefix: str = "") -> None:
+    def __init__(self, kv: KV | None, bg: Background, prefix: str = "") -> None:
         self.kv = kv
         self._bg = bg
         self._prefix = prefix
@@ -47,21 +44,17 @@ class WatchedKV:
 
     async def _watch(self) -> None:
         assert self.kv is not None
-        keys = f"{self._prefix}>" if self._prefix else ">"
-        while True:
-            try:
-                watcher = await self.kv.watch(keys)
-                async for entry in watcher:
-                    if entry is None:
-                        self._ready.set()
-                        continue
-                    key = entry.key.removeprefix(self._prefix)
-                    if entry.operation in ("DEL", "PURGE") or entry.value is None:
-                        self._data.pop(key, None)
-                    else:
-                        self._data[key] = entry.value
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.warning("watch of %s failed, restarting: %s", self._prefix or "bucket", exc)
-                await asyncio.sleep(0.5)
+        await follow(
+            self.kv,
+            self._apply,
+            pattern=f"{self._prefix}>" if self._prefix else ">",
+            synced=self._ready.set,
+            what=self._prefix or self.kv.name,
+        )
+
+    def _apply(self, entry: Entry) -> None:
+        key = entry.key.removeprefix(self._prefix)
+        if entry.deleted:
+            self._data.pop(key, None)
+        else:
+            self._data[key] = entry.value
