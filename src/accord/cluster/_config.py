@@ -14,14 +14,28 @@ from dataclasses import dataclass
 
 import msgspec
 
-from .._errors import ConfigurationError, NotConnected
+from .._errors import AccordError, ConfigurationError, NotConnected
 from .._retry import Backoff
-from ..engine._api import KV, BucketSpec, JetStream, StreamSpec, WrongRevision
+from ..engine._api import (
+    KV,
+    BucketSpec,
+    JetStream,
+    NoResponders,
+    NotFound,
+    Refused,
+    RequestTimeout,
+    StreamSpec,
+    WrongRevision,
+)
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9_\-]{1,32}$")
 DEFAULT_SHARDS = 64
 DEFAULT_LEASE_TTL = 2
 OPEN_RETRY_FOR = 15.0  # seconds `open_cluster` retries a JetStream that does not answer yet
+
+#: What an engine call may raise besides `WrongRevision` (which callers handle as a result): a
+#: loop that just tries again later catches these.
+ENGINE_FAILURES = (AccordError, Refused, NotFound, RequestTimeout, NoResponders)
 
 
 class ClusterConfig(msgspec.Struct, frozen=True):
@@ -107,7 +121,8 @@ async def open_cluster(
     Creation is idempotent and race-free: the config is written with `create`, so when two nodes
     start at once exactly one configuration wins and both read it back. While JetStream does not
     answer (`NotConnected`: a leader election, R3 creations queued on a busy machine) this retries
-    for `OPEN_RETRY_FOR` seconds, then raises `NotConnected`.
+    for `OPEN_RETRY_FOR` seconds, then raises `NotConnected`; a JetStream that refuses the buckets
+    (no JetStream, not enough servers for `replicas`) raises `NotConnected` at once.
     """
     if num_shards is not None and not 1 <= num_shards <= 4096:
         raise ConfigurationError(f"num_shards must be 1..4096, got {num_shards}")
@@ -121,6 +136,8 @@ async def open_cluster(
         except NotConnected:
             if time.monotonic() > deadline:
                 raise
+        except (Refused, NotFound, RequestTimeout, NoResponders) as exc:
+            raise NotConnected(f"JetStream is not available: {exc}") from None
         await asyncio.sleep(backoff.next())
 
 

@@ -16,9 +16,8 @@ from collections.abc import Callable
 import msgspec
 
 from .._background import Background, cancel_and_wait
-from .._errors import AccordError
-from ..engine._api import KV, Entry, JetStream, NoResponders, RequestTimeout
-from ._config import Names
+from ..engine._api import KV, Entry, JetStream
+from ._config import ENGINE_FAILURES, Names
 from ._detector import FailureDetector, State, Transition
 from ._watch import follow
 
@@ -105,14 +104,14 @@ class Membership:
     async def leave(self) -> None:
         """Announce a clean departure: peers stop placing shards here."""
         self.me.status = "leaving"
-        with contextlib.suppress(AccordError):
+        with contextlib.suppress(*ENGINE_FAILURES):
             await self.beat()
 
     async def stop(self) -> None:
         await cancel_and_wait(self._tasks)
         self._tasks = []
         await self._bg.close()
-        with contextlib.suppress(AccordError):
+        with contextlib.suppress(*ENGINE_FAILURES):
             await self._kv.delete(f"node.{self.me.name}")
 
     async def _beat_loop(self) -> None:
@@ -120,7 +119,9 @@ class Membership:
             await asyncio.sleep(self._interval)
             try:
                 await self.beat()
-            except AccordError as exc:  # NATS away: the detector on the other side will judge us
+            except (
+                ENGINE_FAILURES
+            ) as exc:  # NATS away: the detector on the other side will judge us
                 log.warning("heartbeat failed: %s", exc)
 
     async def _tick_loop(self) -> None:
@@ -178,5 +179,5 @@ class Membership:
 
     async def _publish(self, t: Transition) -> None:
         # The bucket is the truth; the event is a copy for `accord events` and post-mortems.
-        with contextlib.suppress(AccordError, NoResponders, RequestTimeout):
+        with contextlib.suppress(*ENGINE_FAILURES):
             await self._js.append(self._names.events_subject("fd"), _trans_enc.encode(t))

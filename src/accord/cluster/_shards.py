@@ -17,9 +17,8 @@ import msgspec
 
 from .._background import Background, cancel_and_wait
 from .._clock import Clock, LoopClock, TimerHandle
-from .._errors import AccordError
 from ..engine._api import KV, Entry, WrongRevision
-from ._config import ClusterConfig
+from ._config import ENGINE_FAILURES, ClusterConfig
 from ._detector import State
 from ._membership import MemberInfo
 from ._placement import assign, rank
@@ -252,7 +251,7 @@ class ShardManager:
                 revision = await self._write(key, value, adopted)
         except WrongRevision:
             return
-        except AccordError as exc:  # not confirmed: the lease may still be ours, validity decides
+        except ENGINE_FAILURES as exc:  # not confirmed: the lease may be ours, validity decides
             log.debug("renewal of shard %d failed: %s", shard, exc)
             return
         if self._held.get(shard) is h:
@@ -368,7 +367,7 @@ class ShardManager:
             except WrongRevision:
                 log.debug("shard %d not acquired: it is held", shard)
                 return  # somebody else holds it
-            except AccordError as exc:
+            except ENGINE_FAILURES as exc:
                 log.debug("acquire of shard %d failed: %s", shard, exc)
                 return
             h = Held(shard, rev, sent + self._ttl - self._margin)
@@ -436,7 +435,7 @@ class ShardManager:
             if h.timer:
                 h.timer.cancel()
             # Best effort: if it fails, the key expires by its TTL.
-            with contextlib.suppress(AccordError, WrongRevision):
+            with contextlib.suppress(WrongRevision, *ENGINE_FAILURES):
                 await self._kv.delete(f"shard.{shard}", last=h.revision, timeout=self._io_timeout)
         finally:
             self._busy.discard(shard)

@@ -14,12 +14,13 @@ import time
 
 from .._errors import ConfigurationError, DeliveryTimeout
 from ..engine._api import KV, Entry, WrongRevision
-from ._leases import validate_name
+from ._leases import engine_errors, validate_name
 
 _IO_TIMEOUT = 5.0  # seconds for one engine request (a barrier may wait for much longer)
 _POLL = 0.02
 
 
+@engine_errors
 async def barrier(kv: KV, name: str, member: str, parties: int, timeout: float) -> int:
     """Arrive at barrier `name` as `member`; return the number of arrivals once `parties` members
     have arrived.
@@ -67,6 +68,7 @@ async def _members(kv: KV, key: str) -> tuple[list[str], int]:
     return list(json.loads(entry.value or b"[]")), entry.revision
 
 
+@engine_errors
 async def counter_add(kv: KV, name: str, delta: int) -> int:
     """Add `delta` to counter `name` and return the new value (the value right after this add).
 
@@ -90,6 +92,7 @@ async def counter_add(kv: KV, name: str, delta: int) -> int:
             continue  # another add came first: read again
 
 
+@engine_errors
 async def counter_value(kv: KV, name: str) -> int:
     """The counter's current value (0 if it was never added to); `NotConnected` if the engine
     does not answer."""

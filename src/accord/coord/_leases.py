@@ -12,16 +12,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, ParamSpec, TypeVar
 
 import msgspec
 
 from .._clock import Clock, LoopClock
 from .._errors import (
-    AccordError,
     ConfigurationError,
     Contention,
     Fenced,
@@ -30,9 +30,28 @@ from .._errors import (
     NotConnected,
 )
 from .._retry import Backoff
-from ..engine._api import KV, WrongRevision
+from ..cluster._config import ENGINE_FAILURES
+from ..engine._api import KV, NoResponders, NotFound, Refused, RequestTimeout, WrongRevision
 
 log = logging.getLogger("accord.leases")
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def engine_errors(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
+    """The engine's signals that are not an answer (`Refused`, `NotFound`: a bucket limit or a
+    bucket gone) reach the caller as `NotConnected`, like the engine not answering: never as an
+    internal signal."""
+
+    @functools.wraps(fn)
+    async def call(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return await fn(*args, **kwargs)
+        except (Refused, NotFound, RequestTimeout, NoResponders) as exc:
+            raise NotConnected(f"{fn.__name__}: {exc}") from None
+
+    return call
 
 
 class LeaseInfo(msgspec.Struct):
@@ -109,8 +128,8 @@ class LeaseKeeper:
                 token = await self._kv.create(name, value, ttl=ttl, timeout=_io_timeout(ttl))
                 break
             except WrongRevision:
-                error: AccordError | None = None
-            except AccordError as exc:
+                error: Exception | None = None
+            except ENGINE_FAILURES as exc:
                 error = exc  # JetStream busy or electing a leader: keep trying until the deadline
             if deadline is not None and clock.now() >= deadline:
                 if error is not None:
@@ -146,7 +165,7 @@ class LeaseKeeper:
                         )
                 except WrongRevision:
                     break
-                except (AccordError, TimeoutError) as exc:
+                except (*ENGINE_FAILURES, TimeoutError) as exc:
                     log.debug("renewal of lease %s failed: %s", lease.name, exc)
                     continue
                 lease.valid_until = sent + lease.ttl - _margin(lease.ttl)
@@ -154,9 +173,10 @@ class LeaseKeeper:
             lease.lost.set()
             lease.valid_until = 0.0
             if revision:  # let the next holder in now, not after the TTL
-                with contextlib.suppress(AccordError, WrongRevision):
+                with contextlib.suppress(WrongRevision, *ENGINE_FAILURES):
                     await self._kv.delete(lease.name, last=revision)
 
+    @engine_errors
     async def list(self) -> list[LeaseInfo]:
         """Every lease now held (`NotConnected` if the engine does not answer)."""
         out = []
@@ -207,6 +227,7 @@ class FencedValue(msgspec.Struct):
     data: bytes
 
 
+@engine_errors
 async def fenced_write(kv: KV, key: str, data: bytes, token: int) -> int:
     """Write `data` under `key` unless a holder with a newer token already wrote it.
 
@@ -234,6 +255,7 @@ async def fenced_write(kv: KV, key: str, data: bytes, token: int) -> int:
     raise Contention(f"{key!r}: too much contention")
 
 
+@engine_errors
 async def fenced_read(kv: KV, key: str) -> tuple[int, bytes] | None:
     """The (token, data) last stored by `fenced_write` under `key`, or None."""
     entry = await kv.get(key)

@@ -24,8 +24,10 @@ from typing import Any
 
 import msgspec
 
-from .._errors import AccordError, ConfigurationError
-from ..engine._api import KV, JetStream, NoResponders, RequestTimeout, WrongRevision
+from .._errors import ConfigurationError
+from ..cluster._config import ENGINE_FAILURES
+from ..engine._api import KV, JetStream, WrongRevision
+from ._leases import engine_errors
 
 
 class VoteRequest(msgspec.Struct):
@@ -89,6 +91,7 @@ class Ballots:
         self._kv = kv
         self._events = events_subject
 
+    @engine_errors
     async def open(self, record: ProposalRecord) -> None:
         """Record the proposal (before any vote request is sent: voters look it up). Cancelled,
         it may or may not be recorded; without vote requests nobody decides it."""
@@ -100,6 +103,7 @@ class Ballots:
         with contextlib.suppress(WrongRevision):
             await self._kv.create(f"p.{record.id}", msgspec.json.encode(record))
 
+    @engine_errors
     async def proposal(self, pid: str) -> ProposalRecord | None:
         # From the leader: a voter asked right after `open` must not find it missing on a replica.
         entry = await self._kv.get(f"p.{pid}", leader=True)
@@ -107,6 +111,7 @@ class Ballots:
             return None
         return msgspec.json.decode(entry.value, type=ProposalRecord)
 
+    @engine_errors
     async def vote(self, pid: str, voter: str, yes: bool, by: str) -> Decision | None:
         """Record `voter`'s vote (first one wins) and decide if that settles the proposal."""
         record = await self.proposal(pid)
@@ -119,6 +124,7 @@ class Ballots:
         outcome = settle(record, votes)
         return await self.decide(record, outcome, votes, by) if outcome else None
 
+    @engine_errors
     async def votes(self, record: ProposalRecord) -> dict[str, bool]:
         out = {}
         for voter in record.voters:
@@ -127,6 +133,7 @@ class Ballots:
                 out[voter] = entry.value == b"1"
         return out
 
+    @engine_errors
     async def decide(
         self, record: ProposalRecord, outcome: str, votes: dict[str, bool], by: str
     ) -> Decision:
@@ -157,10 +164,11 @@ class Ballots:
             # Written and then gone (the bucket purged): the one we computed is as good.
             return decision
         # The KV record is the truth; the event is a copy for `accord events` and post-mortems.
-        with contextlib.suppress(AccordError, NoResponders, RequestTimeout):
+        with contextlib.suppress(*ENGINE_FAILURES):
             await self._js.append(self._events, msgspec.json.encode(decision))
         return decision
 
+    @engine_errors
     async def decision(self, pid: str, *, leader: bool = False) -> Decision | None:
         """The recorded decision, if any (`leader`: never a stale replica's "none yet")."""
         entry = await self._kv.get(f"d.{pid}", leader=leader)
@@ -168,6 +176,7 @@ class Ballots:
             return None
         return msgspec.json.decode(entry.value, type=Decision)
 
+    @engine_errors
     async def wait(self, pid: str, until: float) -> Decision | None:
         """Poll for the decision until the monotonic time `until`; None if there is none by then.
         Cancelling the wait changes nothing stored."""
