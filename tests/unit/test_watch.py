@@ -70,7 +70,7 @@ async def test_a_failed_watch_is_retried_until_the_engine_answers_again() -> Non
         assert seen.restarts >= 2 and seen.synced == 0  # kept trying, paced by the backoff
         kv.fail = False
         await kv.put("k", b"v")
-        await clock.advance(6.0)  # longer than the capped backoff
+        await clock.advance(4.0)  # longer than the capped backoff
         assert seen.synced == 1 and [e.key for e in seen.entries] == ["k"]
     finally:
         await cancel_and_wait([task])
