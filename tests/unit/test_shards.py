@@ -175,3 +175,16 @@ async def test_a_renewal_refused_because_another_node_took_the_key_stops_serving
     await kv.put("shard.0", msgspec.msgpack.encode(LeaseValue("b", 99, "b-1")), ttl=TTL)
     await until(clock, lambda: 0 not in mgr.held(), within=TTL / 2)
     assert (0, False, False) in owner.released  # lost, not orphaned: the new holder is reachable
+
+
+async def test_leaving_hands_every_shard_off_and_frees_its_key(
+    node_a: Manager, kv: FakeKV, clock: VirtualClock
+) -> None:
+    mgr, owner, _ = node_a
+    await until(clock, lambda: len(mgr.held()) == SHARDS)
+    await mgr.leave(timeout=5.0)
+    assert mgr.held() == {}
+    assert sorted(owner.released) == [(s, True, False) for s in range(SHARDS)]
+    assert all(kv.live(f"shard.{s}") is None for s in range(SHARDS))
+    await clock.advance(3 * TTL)
+    assert mgr.held() == {}  # a leaving node takes nothing back
