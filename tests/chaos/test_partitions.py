@@ -208,7 +208,7 @@ async def _lead_from(nats_cluster: Any, host: str) -> None:
 async def _stored_state(mesh: accord.Mesh, agent: str) -> Any:
     """The agent's state record as stored (for failure messages)."""
     with contextlib.suppress(Exception):
-        record, rev = await StateStore(mesh._buckets.state).load(AgentId.parse(agent))  # type: ignore[union-attr]
+        record, rev = await StateStore(mesh._kvs["state"]).load(AgentId.parse(agent))
         if record is not None:
             state = msgspec.msgpack.decode(record.state)
             return {"epoch": record.epoch, "rev": rev, "state": state}
