@@ -1,6 +1,6 @@
-"""Shard ownership (`cluster/_shards.ShardManager`) over an in-memory KV on a virtual clock: leases
-are acquired, renewed, lost when renewals stop getting through, handed off, and taken over from a
-holder that stopped renewing. No sleeps: time moves only when the test advances it."""
+"""Shard ownership (`cluster/_shards.ShardManager`) over the in-memory engine on a virtual clock:
+leases are acquired, renewed, lost when renewals stop getting through, handed off, and taken over
+from a holder that stopped renewing. No sleeps: time moves only when the test advances it."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ from accord.cluster._detector import State
 from accord.cluster._membership import MemberInfo
 from accord.cluster._placement import assign
 from accord.cluster._shards import LeaseValue, ShardManager
-
-from ._fake_kv import FakeKV
+from accord.engine._api import KV, BucketSpec
+from accord.engine.memory import MemoryEngine
 
 TTL = 2
 SHARDS = 4
@@ -56,8 +56,14 @@ def clock() -> VirtualClock:
 
 
 @pytest.fixture
-def kv(clock: VirtualClock) -> FakeKV:
-    return FakeKV(clock, name="leases")
+def engine(clock: VirtualClock) -> MemoryEngine:
+    return MemoryEngine(clock=clock)
+
+
+@pytest.fixture
+async def kv(engine: MemoryEngine) -> KV:
+    # As `open_cluster` makes it: per-key TTLs, and a marker when a key expires.
+    return await engine.bucket(BucketSpec(name="leases", marker_ttl=1))
 
 
 async def until(clock: VirtualClock, cond: Callable[[], bool], within: float = 30.0) -> None:
@@ -72,7 +78,7 @@ Manager = tuple[ShardManager, Owner, Members]
 
 
 @pytest.fixture
-async def node_a(kv: FakeKV, clock: VirtualClock) -> AsyncIterator[Manager]:
+async def node_a(kv: KV, clock: VirtualClock) -> AsyncIterator[Manager]:
     members, owner = Members("a", ["a"]), Owner()
     config = ClusterConfig(num_shards=SHARDS, lease_ttl=TTL)
     mgr = ShardManager(kv, config, members, owner, clock=clock)
@@ -83,43 +89,49 @@ async def node_a(kv: FakeKV, clock: VirtualClock) -> AsyncIterator[Manager]:
         await mgr.stop()
 
 
-def lease_of(kv: FakeKV, shard: int) -> LeaseValue | None:
-    entry = kv.live(f"shard.{shard}")
+async def lease_of(kv: KV, shard: int) -> LeaseValue | None:
+    entry = await kv.get(f"shard.{shard}")
     return None if entry is None else msgspec.msgpack.decode(entry.value, type=LeaseValue)
 
 
+async def revision(kv: KV, key: str) -> int:
+    entry = await kv.get(key)
+    assert entry is not None, key
+    return entry.revision
+
+
 async def test_a_lone_node_acquires_every_shard_with_its_create_revision_as_epoch(
-    node_a: Manager, kv: FakeKV, clock: VirtualClock
+    node_a: Manager, kv: KV, clock: VirtualClock
 ) -> None:
     mgr, owner, _ = node_a
     await until(clock, lambda: len(mgr.held()) == SHARDS)
     for shard, epoch in mgr.held().items():
         assert mgr.serving(shard) == epoch
         assert (shard, epoch) in owner.acquired
-        lease = lease_of(kv, shard)
+        lease = await lease_of(kv, shard)
         assert lease is not None and lease.node == "a" and lease.epoch == epoch
 
 
 async def test_renewals_keep_the_leases_past_many_ttls(
-    node_a: Manager, kv: FakeKV, clock: VirtualClock
+    node_a: Manager, kv: KV, clock: VirtualClock
 ) -> None:
     mgr, owner, _ = node_a
     await until(clock, lambda: len(mgr.held()) == SHARDS)
     epochs = mgr.held()
-    revisions = {s: kv.entries[f"shard.{s}"].revision for s in epochs}
+    revisions = {s: await revision(kv, f"shard.{s}") for s in epochs}
     await clock.advance(5 * TTL)
     assert mgr.held() == epochs  # same epochs: never lost, never re-acquired
     assert all(mgr.serving(s) == e for s, e in epochs.items())
-    assert all(kv.entries[f"shard.{s}"].revision > revisions[s] for s in epochs)  # renewed
+    assert all([await revision(kv, f"shard.{s}") > revisions[s] for s in epochs])  # renewed
     assert owner.released == []
 
 
 async def test_a_shard_is_lost_once_renewals_stop_getting_through(
-    node_a: Manager, kv: FakeKV, clock: VirtualClock
+    node_a: Manager, engine: MemoryEngine, clock: VirtualClock
 ) -> None:
     mgr, owner, _ = node_a
     await until(clock, lambda: len(mgr.held()) == SHARDS)
-    kv.fail = True  # the engine stops answering: no renewal is confirmed any more
+    engine.down()  # the engine stops answering: no renewal is confirmed any more
     lost_at = clock.now()
     await until(clock, lambda: not mgr.held(), within=2 * TTL)
     # Served until validity ran out (TTL minus the margin after the last confirmed renewal),
@@ -130,7 +142,7 @@ async def test_a_shard_is_lost_once_renewals_stop_getting_through(
 
 
 async def test_shards_are_handed_off_to_a_joining_node(
-    node_a: Manager, kv: FakeKV, clock: VirtualClock
+    node_a: Manager, kv: KV, clock: VirtualClock
 ) -> None:
     mgr, owner, members = node_a
     await until(clock, lambda: len(mgr.held()) == SHARDS)
@@ -140,11 +152,11 @@ async def test_shards_are_handed_off_to_a_joining_node(
     assert theirs, "placement gives the joining node some shards"
     await until(clock, lambda: set(mgr.held()) == set(range(SHARDS)) - theirs)
     assert sorted(s for s, graceful, _ in owner.released if graceful) == sorted(theirs)
-    assert all(kv.live(f"shard.{s}") is None for s in theirs)  # released for b to take
+    assert all([await kv.get(f"shard.{s}") is None for s in theirs])  # released for b to take
 
 
 async def test_a_lease_left_unrenewed_without_expiry_is_taken_over_by_compare_and_set(
-    kv: FakeKV, clock: VirtualClock
+    kv: KV, clock: VirtualClock
 ) -> None:
     # A stream leader elected during a partition may not expire a lease by TTL: node b's lease
     # stays in the bucket, unrenewed. After TTL + grace the desired owner takes it by CAS on the
@@ -161,14 +173,14 @@ async def test_a_lease_left_unrenewed_without_expiry_is_taken_over_by_compare_an
         await until(clock, lambda: len(mgr.held()) == SHARDS)
         for shard, epoch in mgr.held().items():
             assert epoch > old[shard]
-            lease = lease_of(kv, shard)
+            lease = await lease_of(kv, shard)
             assert lease is not None and lease.node == "a"
     finally:
         await mgr.stop()
 
 
 async def test_a_renewal_refused_because_another_node_took_the_key_stops_serving_at_once(
-    node_a: Manager, kv: FakeKV, clock: VirtualClock
+    node_a: Manager, kv: KV, clock: VirtualClock
 ) -> None:
     mgr, owner, _ = node_a
     await until(clock, lambda: len(mgr.held()) == SHARDS)
@@ -178,13 +190,13 @@ async def test_a_renewal_refused_because_another_node_took_the_key_stops_serving
 
 
 async def test_leaving_hands_every_shard_off_and_frees_its_key(
-    node_a: Manager, kv: FakeKV, clock: VirtualClock
+    node_a: Manager, kv: KV, clock: VirtualClock
 ) -> None:
     mgr, owner, _ = node_a
     await until(clock, lambda: len(mgr.held()) == SHARDS)
     await mgr.leave(timeout=5.0)
     assert mgr.held() == {}
     assert sorted(owner.released) == [(s, True, False) for s in range(SHARDS)]
-    assert all(kv.live(f"shard.{s}") is None for s in range(SHARDS))
+    assert all([await kv.get(f"shard.{s}") is None for s in range(SHARDS)])
     await clock.advance(3 * TTL)
     assert mgr.held() == {}  # a leaving node takes nothing back

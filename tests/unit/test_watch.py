@@ -1,6 +1,6 @@
-"""The one KV watch loop (`cluster/_watch.follow`): current values then changes; a watch silent
-for `stall` seconds is replaced (replaying the current values), and a failed one is replaced
-after a backoff, on a virtual clock."""
+"""The one KV watch loop (`cluster/_watch.follow`) over the in-memory engine: current values then
+changes; a watch silent for `stall` seconds is replaced (replaying the current values), and a
+failed one is replaced after a backoff, on a virtual clock."""
 
 from __future__ import annotations
 
@@ -9,9 +9,8 @@ import asyncio
 from accord._background import cancel_and_wait
 from accord._clock import VirtualClock
 from accord.cluster._watch import follow
-from accord.engine._api import Entry
-
-from ._fake_kv import FakeKV
+from accord.engine._api import BucketSpec, Entry
+from accord.engine.memory import MemoryEngine
 
 
 class Seen:
@@ -32,7 +31,7 @@ class Seen:
 
 async def test_current_values_then_changes_then_a_stalled_watch_is_replaced() -> None:
     clock = VirtualClock()
-    kv = FakeKV(clock)
+    kv = await MemoryEngine(clock=clock).bucket(BucketSpec(name="b"))
     await kv.put("a", b"1")
     seen = Seen()
     task = asyncio.create_task(
@@ -54,23 +53,23 @@ async def test_current_values_then_changes_then_a_stalled_watch_is_replaced() ->
         assert seen.restarts == 1 and seen.synced == 2
         replayed = [(e.key, e.deleted) for e in seen.entries[before:]]
         assert ("b", False) in replayed and ("a", False) not in replayed
-        assert len(kv.watches) == 1  # the stalled one was stopped
     finally:
         await cancel_and_wait([task])
 
 
 async def test_a_failed_watch_is_retried_until_the_engine_answers_again() -> None:
     clock = VirtualClock()
-    kv = FakeKV(clock)
+    engine = MemoryEngine(clock=clock)
+    kv = await engine.bucket(BucketSpec(name="b"))
     seen = Seen()
-    kv.fail = True
+    engine.down()
     task = asyncio.create_task(
         follow(kv, seen.apply, synced=seen.sync, restarted=seen.restarted, clock=clock)
     )
     try:
         await clock.advance(3.0)
         assert seen.restarts >= 2 and seen.synced == 0  # kept trying, paced by the backoff
-        kv.fail = False
+        engine.up()
         await kv.put("k", b"v")
         await clock.advance(4.0)  # longer than the capped backoff
         assert seen.synced == 1 and [e.key for e in seen.entries] == ["k"]
