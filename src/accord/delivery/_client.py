@@ -14,7 +14,7 @@ import asyncio
 from .. import _codec as codec
 from .._errors import DeliveryTimeout, NotConnected, OutcomeUnknown
 from .._retry import Backoff
-from ..engine._api import Engine, Message, NoResponders, RequestTimeout
+from ..engine._api import Engine, Message, NoResponders, Refused, RequestTimeout
 
 
 class DurableSender:
@@ -78,7 +78,7 @@ class DurableSender:
                     subject, data, msg_id=msg_id, timeout=min(remaining, 2.0)
                 )
                 return ack.duplicate
-            except (RequestTimeout, NoResponders, NotConnected):
+            except (RequestTimeout, NoResponders, NotConnected, Refused):
                 backoff = backoff or Backoff(0.02, 0.5)
                 await asyncio.sleep(min(backoff.next(), max(remaining, 0)))
 

@@ -15,7 +15,14 @@ from .. import _codec as codec
 from .._errors import ConfigurationError, NotConnected
 from .._ids import AgentId, shard_of
 from ..cluster._config import Names
-from ..engine._api import JetStream, NoResponders, NotFound, RequestTimeout, StoredMessage
+from ..engine._api import (
+    JetStream,
+    NoResponders,
+    NotFound,
+    Refused,
+    RequestTimeout,
+    StoredMessage,
+)
 from ._mailbox import dlq_stream, dlq_subject, mailbox_subject
 
 H_REASON = "Accord-Reason"
@@ -51,7 +58,7 @@ async def dead_letter(
         await js.append(
             dlq_subject(names, safe_type), data, headers=headers, msg_id=f"dlq:{msg_id}"[:250]
         )
-    except (RequestTimeout, NoResponders) as exc:
+    except (RequestTimeout, NoResponders, Refused) as exc:
         why = str(exc) or type(exc).__name__
         raise NotConnected(f"cannot store the dead letter of {msg_id}: {why}") from None
 
@@ -130,7 +137,7 @@ class DeadLetters:
         try:
             await self._js.append(subject, codec.encode(req, enc), msg_id=new_id)
             await self._js.delete_message(self._stream, seq)
-        except (NotConnected, RequestTimeout, NoResponders, NotFound) as exc:
+        except (NotConnected, RequestTimeout, NoResponders, NotFound, Refused) as exc:
             why = str(exc) or type(exc).__name__
             raise NotConnected(f"replay of dead letter {seq} failed: {why}") from None
         return new_id
@@ -143,7 +150,7 @@ class DeadLetters:
                 removed = await self._js.delete_message(self._stream, seq)
             except NotFound:
                 removed = False
-            except NotConnected as exc:
+            except (NotConnected, Refused) as exc:
                 raise NotConnected(f"cannot delete dead letter {seq}: {exc}") from None
             if not removed:  # removed meanwhile
                 raise ConfigurationError(f"no dead letter with sequence {seq}")
@@ -152,7 +159,7 @@ class DeadLetters:
             return await self._js.purge(self._stream)
         except NotFound:
             return 0  # no dead-letter stream: nothing to purge
-        except NotConnected as exc:
+        except (NotConnected, Refused) as exc:
             raise NotConnected(f"cannot purge the dead-letter stream: {exc}") from None
 
     async def _get(self, seq: int) -> StoredMessage:
@@ -160,7 +167,7 @@ class DeadLetters:
             msg = await self._js.get_message(self._stream, seq=seq)
         except NotFound:
             msg = None
-        except NotConnected as exc:
+        except (NotConnected, Refused) as exc:
             raise NotConnected(f"cannot read the dead-letter stream: {exc}") from None
         if msg is None:
             raise ConfigurationError(f"no dead letter with sequence {seq}")
@@ -173,5 +180,5 @@ class DeadLetters:
             )
         except NotFound:
             return None
-        except NotConnected as exc:
+        except (NotConnected, Refused) as exc:
             raise NotConnected(f"cannot read the dead-letter stream: {exc}") from None

@@ -17,7 +17,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable
 
-from .._errors import AccordError, NotConnected
+from .._errors import NotConnected
 from .._retry import Backoff
 from ..cluster._config import OPEN_RETRY_FOR, Names
 from ..engine._api import (
@@ -25,9 +25,9 @@ from ..engine._api import (
     ConsumerSpec,
     Delivery,
     JetStream,
+    Refused,
     RequestTimeout,
     StreamSpec,
-    WrongRevision,
 )
 
 log = logging.getLogger("accord.mailbox")
@@ -89,7 +89,7 @@ async def ensure_streams(js: JetStream, names: Names, replicas: int) -> None:
             try:
                 await js.ensure_stream(spec)
                 break
-            except (NotConnected, RequestTimeout) as exc:
+            except (NotConnected, RequestTimeout, Refused) as exc:
                 if time.monotonic() > deadline:
                     why = str(exc) or "no answer in time"
                     raise NotConnected(f"cannot create the mailbox streams: {why}") from None
@@ -171,9 +171,9 @@ class ShardMailbox:
         )
         try:
             await self._js.ensure_consumer(self._stream, spec)
-        except (WrongRevision, AccordError):
-            # Refused: another consumer may still filter this subject (an owner older than the
-            # previous one, whose consumer outlived it). Replace it; any other cause re-raises.
+        except Refused:
+            # Another consumer may still filter this subject (an owner older than the previous
+            # one, whose consumer outlived it): replace it. Any other refusal re-raises.
             if not await self._delete_stale():
                 raise
             await self._js.ensure_consumer(self._stream, spec)

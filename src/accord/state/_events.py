@@ -13,7 +13,7 @@ import msgspec
 
 from .._errors import Fenced, NotConnected, StateError
 from .._ids import AgentId
-from ..engine._api import JetStream, NoResponders, NotFound, RequestTimeout, WrongRevision
+from ..engine._api import JetStream, NoResponders, NotFound, Refused, RequestTimeout, WrongRevision
 
 EVENT_TYPE_HEADER = "Accord-Event-Type"
 
@@ -51,7 +51,7 @@ class EventLog:
             except WrongRevision:
                 msg = f"event log of {agent_id} was appended by another writer"
                 raise Fenced(msg) from None
-            except (NotConnected, RequestTimeout, NoResponders) as exc:
+            except (NotConnected, RequestTimeout, NoResponders, Refused) as exc:
                 why = str(exc) or type(exc).__name__
                 raise NotConnected(f"cannot append events of {agent_id}: {why}") from None
             last_seq = ack.seq
@@ -74,7 +74,7 @@ class EventLog:
                 )
             except NotFound:  # no stream yet: no events either
                 return seq, count
-            except NotConnected as exc:
+            except (NotConnected, Refused) as exc:
                 raise NotConnected(f"cannot replay events of {agent_id}: {exc}") from None
             if msg is None:
                 return seq, count

@@ -13,7 +13,7 @@ import msgspec
 
 from .._errors import Fenced, NotConnected, StateError
 from .._ids import AgentId
-from ..engine._api import KV, WrongRevision
+from ..engine._api import KV, NotFound, Refused, WrongRevision
 
 RECORD_VERSION = 1
 
@@ -95,7 +95,7 @@ class StateStore:
             entry = await self._kv.get(
                 state_key(agent_id), timeout=timeout or self.timeout, leader=latest
             )
-        except NotConnected as exc:
+        except (NotConnected, NotFound, Refused) as exc:
             raise NotConnected(f"cannot load state of {agent_id}: {exc}") from None
         if entry is None:
             return None, 0
@@ -129,7 +129,7 @@ class StateStore:
             return await self._kv.create(key, data, timeout=self.timeout)
         except WrongRevision:
             pass
-        except NotConnected as exc:
+        except (NotConnected, Refused) as exc:
             raise NotConnected(f"cannot save state of {agent_id}: {exc}") from None
         current, revision = await self.load(agent_id)
         if current is not None and current.epoch > record.epoch:
@@ -143,5 +143,5 @@ class StateStore:
         """Remove the agent's record and its history."""
         try:
             await self._kv.purge(state_key(agent_id), timeout=self.timeout)
-        except NotConnected as exc:
+        except (NotConnected, Refused) as exc:
             raise NotConnected(f"cannot delete state of {agent_id}: {exc}") from None
