@@ -175,3 +175,25 @@ async def test_a_newer_epoch_redelivers_the_unacked_in_order_and_the_old_owner_s
     finally:
         await second.stop()
         await first.stop()
+
+
+async def test_a_consumer_left_by_an_owner_older_than_the_previous_one_is_replaced(
+    js: NatsTransport,
+) -> None:
+    names = await _names(js)
+    got: list[bytes] = []
+    first = ShardMailbox(js, names, 4, 1, lambda s, e, m: True, _capacity, lambda: False)
+    await first.start()
+    await first.stop()  # its consumer stays on the server (it is durable)
+    # Epoch 3 knows only epoch 2 as its predecessor: epoch 1's consumer still filters the subject.
+    third = ShardMailbox(
+        js, names, 4, 3, lambda s, e, m: got.append(m.data) is None, _capacity, lambda: True
+    )
+    await third.start(previous_epoch=2)
+    try:
+        consumers = await js.consumers(f"accord_{names.cluster}_mailbox")
+        assert set(consumers) == {"shard-4-e3"}
+        await _publish(js, names, 4, [b"to-the-new-owner"])
+        await _until(lambda: got == [b"to-the-new-owner"], 5, "the message on the new consumer")
+    finally:
+        await third.stop()
