@@ -26,7 +26,7 @@ import pytest
 
 import accord
 from accord._ids import AgentId, shard_of
-from accord.engine._api import NoResponders
+from accord.engine._api import BucketSpec, NoResponders
 from accord.state._store import StateStore
 from accord.testing import connect_retrying
 from accord.testing import history as hist
@@ -109,6 +109,7 @@ async def _create_cluster(urls: list[str], num_shards: int) -> None:
 
     from accord.cluster._config import Names, open_cluster
     from accord.delivery._mailbox import ensure_streams
+    from accord.engine._nats import NatsTransport
 
     # Created here, one at a time, rather than by three starting nodes at once: R3 stream
     # creation on 2 busy cores can outlast a node's 5 s JetStream API timeout.
@@ -116,7 +117,7 @@ async def _create_cluster(urls: list[str], num_shards: int) -> None:
     try:
         js, names = nc.jetstream(), Names("default")
         _, kvs = await open_cluster(js, names, num_shards=num_shards, replicas=3)
-        await ensure_streams(js, names, 3)
+        await ensure_streams(NatsTransport(nc, "test-setup"), names, 3)
         with contextlib.suppress(ImportError):  # the node agent's buckets (services)
             from accord.services._store import ServiceStore
 
@@ -209,7 +210,9 @@ async def _lead_from(nats_cluster: Any, host: str) -> None:
 async def _stored_state(mesh: accord.Mesh, agent: str) -> Any:
     """The agent's state record as stored (for failure messages)."""
     with contextlib.suppress(Exception):
-        record, rev = await StateStore(mesh._kvs["state"]).load(AgentId.parse(agent))
+        bucket = BucketSpec(name=mesh.names.bucket("state"))
+        store = StateStore(await mesh._transport.bucket(bucket, create=False))
+        record, rev = await store.load(AgentId.parse(agent))
         if record is not None:
             state = msgspec.msgpack.decode(record.state)
             return {"epoch": record.epoch, "rev": rev, "state": state}
