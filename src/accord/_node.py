@@ -138,9 +138,7 @@ class Node(Mesh):
             self._store = StateStore(
                 await transport.bucket(BucketSpec(name=names.bucket("state")), create=False)
             )
-            self._events = EventLog(
-                transport, f"accord_{names.cluster}_es", f"{names.prefix}.es"
-            )
+            self._events = EventLog(transport, f"accord_{names.cluster}_es", f"{names.prefix}.es")
             await self.register_types(self.specs.values())
             for spec in self.specs.values():
                 for topic in spec.topics:
