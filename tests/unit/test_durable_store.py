@@ -1,9 +1,11 @@
 """Agent state, event logs and dead letters above the engine seam, with no server: fencing of an
 older epoch's writes, the exactly-once dedup window kept in the same write as the state, event
-log conflicts, and `accord dlq`'s list / show / replay / purge."""
+log conflicts, `accord dlq`'s list / show / replay / purge, engine failures seen from above the
+seam, and the shard mailbox's consumer policy — all over the in-memory engine."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -13,17 +15,31 @@ import pytest
 import accord
 from accord import _codec as codec
 from accord._agent import spec_of
-from accord._errors import ConfigurationError, Fenced
+from accord._clock import VirtualClock
+from accord._errors import ConfigurationError, Fenced, NotConnected
 from accord._ids import AgentId, shard_of
 from accord.cluster._config import Names
 from accord.delivery._dlq import DeadLetters, dead_letter
-from accord.delivery._mailbox import dlq_stream, ensure_streams, mailbox_stream, mailbox_subject
-from accord.engine._api import BucketSpec
+from accord.delivery._mailbox import (
+    DurableDelivery,
+    ShardMailbox,
+    dlq_stream,
+    ensure_streams,
+    mailbox_stream,
+    mailbox_subject,
+)
+from accord.engine._api import (
+    BucketSpec,
+    ConsumerSpec,
+    Delivery,
+    NoResponders,
+    Refused,
+    RequestTimeout,
+)
+from accord.engine.memory import MemoryEngine
 from accord.state._durable import Durable
 from accord.state._events import EventLog
 from accord.state._store import DedupEntry, StateConflict, StateRecord, StateStore
-
-from .fake_engine import FakeEngine
 
 
 class Total(msgspec.Struct):
@@ -43,14 +59,14 @@ AGENT = AgentId("unit_ledger", "acct/1")
 
 
 @pytest.fixture
-async def engine() -> AsyncIterator[FakeEngine]:
-    engine = FakeEngine()
+async def engine() -> AsyncIterator[MemoryEngine]:
+    engine = MemoryEngine(clock=VirtualClock())
     await ensure_streams(engine, NAMES, 1)
     yield engine
     await engine.close()
 
 
-async def _store(engine: FakeEngine) -> StateStore:
+async def _store(engine: MemoryEngine) -> StateStore:
     return StateStore(await engine.bucket(BucketSpec(name=NAMES.bucket("state"))))
 
 
@@ -68,7 +84,7 @@ def _ledger(total: int = 0) -> Any:
 
 
 async def test_a_write_by_an_older_epoch_after_a_newer_one_wrote_is_fenced(
-    engine: FakeEngine,
+    engine: MemoryEngine,
 ) -> None:
     store = await _store(engine)
     first = await store.save(AGENT, StateRecord(agent=str(AGENT), epoch=1), 0)
@@ -81,7 +97,7 @@ async def test_a_write_by_an_older_epoch_after_a_newer_one_wrote_is_fenced(
 
 
 async def test_a_stale_write_of_the_same_epoch_is_a_conflict_carrying_the_current_record(
-    engine: FakeEngine,
+    engine: MemoryEngine,
 ) -> None:
     store = await _store(engine)
     rev = await store.save(AGENT, StateRecord(agent=str(AGENT), epoch=3), 0)
@@ -95,7 +111,7 @@ async def test_a_stale_write_of_the_same_epoch_is_a_conflict_carrying_the_curren
 
 
 async def test_an_activation_of_an_older_epoch_than_the_stored_record_refuses_to_load(
-    engine: FakeEngine,
+    engine: MemoryEngine,
 ) -> None:
     store = await _store(engine)
     await _durable(store, 5).load(_ledger())  # claims the record for epoch 5
@@ -103,7 +119,7 @@ async def test_an_activation_of_an_older_epoch_than_the_stored_record_refuses_to
         await _durable(store, 4).load(_ledger())
 
 
-async def test_a_superseded_owner_cannot_commit_its_turn(engine: FakeEngine) -> None:
+async def test_a_superseded_owner_cannot_commit_its_turn(engine: MemoryEngine) -> None:
     store = await _store(engine)
     old, old_agent = _durable(store, 1), _ledger()
     await old.load(old_agent)
@@ -119,7 +135,7 @@ async def test_a_superseded_owner_cannot_commit_its_turn(engine: FakeEngine) -> 
 
 
 async def test_a_write_after_the_lease_ended_is_refused_before_reaching_the_store(
-    engine: FakeEngine,
+    engine: MemoryEngine,
 ) -> None:
     store = await _store(engine)
     owner = {"valid": True}
@@ -138,7 +154,7 @@ async def test_a_write_after_the_lease_ended_is_refused_before_reaching_the_stor
 
 
 async def test_the_dedup_entry_and_applied_sequence_are_stored_in_the_same_write_as_the_state(
-    engine: FakeEngine,
+    engine: MemoryEngine,
 ) -> None:
     store = await _store(engine)
     durable, agent = _durable(store, 1), _ledger()
@@ -161,7 +177,7 @@ async def test_the_dedup_entry_and_applied_sequence_are_stored_in_the_same_write
 
 
 async def test_an_exactly_once_message_is_stored_even_when_the_state_did_not_change(
-    engine: FakeEngine,
+    engine: MemoryEngine,
 ) -> None:
     store = await _store(engine)
     durable, agent = _durable(store, 1), _ledger()
@@ -172,7 +188,7 @@ async def test_an_exactly_once_message_is_stored_even_when_the_state_did_not_cha
     assert after > before and record is not None and record.dedup[-1].id == "noop-1"
 
 
-async def test_the_dedup_window_keeps_the_latest_entries(engine: FakeEngine) -> None:
+async def test_the_dedup_window_keeps_the_latest_entries(engine: MemoryEngine) -> None:
     store = await _store(engine)
     durable, agent = _durable(store, 1), _ledger()
     await durable.load(agent)
@@ -187,11 +203,11 @@ async def test_the_dedup_window_keeps_the_latest_entries(engine: FakeEngine) -> 
 # -- event logs --------------------------------------------------------------------------------
 
 
-def _log(engine: FakeEngine) -> EventLog:
+def _log(engine: MemoryEngine) -> EventLog:
     return EventLog(engine, f"accord_{NAMES.cluster}_es", f"{NAMES.prefix}.es")
 
 
-async def test_an_append_after_another_writer_appended_is_fenced(engine: FakeEngine) -> None:
+async def test_an_append_after_another_writer_appended_is_fenced(engine: MemoryEngine) -> None:
     log = _log(engine)
     seq = await log.append(AGENT, [Deposited(1), Deposited(2)], 0)
     await log.append(AGENT, [Deposited(3)], seq)  # the next owner appends
@@ -204,7 +220,9 @@ async def test_an_append_after_another_writer_appended_is_fenced(engine: FakeEng
     assert got == [1, 2, 3] and count == 3 and last > seq
 
 
-async def test_replay_starts_after_the_snapshot_and_skips_other_agents(engine: FakeEngine) -> None:
+async def test_replay_starts_after_the_snapshot_and_skips_other_agents(
+    engine: MemoryEngine,
+) -> None:
     log = _log(engine)
     other = AgentId("unit_ledger", "acct/2")
     seq = await log.append(AGENT, [Deposited(1)], 0)
@@ -222,7 +240,7 @@ async def test_replay_starts_after_the_snapshot_and_skips_other_agents(engine: F
 # -- dead letters ------------------------------------------------------------------------------
 
 
-async def _dead(engine: FakeEngine, n: int) -> None:
+async def _dead(engine: MemoryEngine, n: int) -> None:
     for i in range(n):
         req = codec.Request(
             v=codec.PROTOCOL_VERSION,
@@ -245,7 +263,9 @@ async def _dead(engine: FakeEngine, n: int) -> None:
         )
 
 
-async def test_dead_letters_are_listed_oldest_first_with_their_failure(engine: FakeEngine) -> None:
+async def test_dead_letters_are_listed_oldest_first_with_their_failure(
+    engine: MemoryEngine,
+) -> None:
     await _dead(engine, 3)
     entries = await DeadLetters(engine, NAMES, 16).list()
     assert [e.target for e in entries] == ["unit_ledger/a0", "unit_ledger/a1", "unit_ledger/a2"]
@@ -258,14 +278,14 @@ async def test_dead_letters_are_listed_oldest_first_with_their_failure(engine: F
     assert shown.body == {"n": 1}
 
 
-async def test_a_dead_letter_stored_twice_under_its_id_is_kept_once(engine: FakeEngine) -> None:
+async def test_a_dead_letter_stored_twice_under_its_id_is_kept_once(engine: MemoryEngine) -> None:
     await _dead(engine, 1)
     await _dead(engine, 1)  # the node retried after an unconfirmed append
     assert len(await DeadLetters(engine, NAMES, 16).list()) == 1
 
 
 async def test_replay_puts_the_message_back_in_its_shards_mailbox_under_a_new_id(
-    engine: FakeEngine,
+    engine: MemoryEngine,
 ) -> None:
     await _dead(engine, 2)
     dlq = DeadLetters(engine, NAMES, 16)
@@ -282,7 +302,7 @@ async def test_replay_puts_the_message_back_in_its_shards_mailbox_under_a_new_id
         await dlq.replay(first.seq)
 
 
-async def test_purge_removes_one_or_all_and_says_how_many(engine: FakeEngine) -> None:
+async def test_purge_removes_one_or_all_and_says_how_many(engine: MemoryEngine) -> None:
     await _dead(engine, 3)
     dlq = DeadLetters(engine, NAMES, 16)
     entries = await dlq.list()
@@ -294,3 +314,97 @@ async def test_purge_removes_one_or_all_and_says_how_many(engine: FakeEngine) ->
     assert await dlq.purge() == 2
     assert await dlq.list() == []
     assert await engine.stream_state(dlq_stream(NAMES)) is not None  # the stream stays
+
+
+# -- engine failures ---------------------------------------------------------------------------
+
+
+async def test_a_state_write_the_engine_did_not_answer_is_retried_while_the_lease_holds(
+    engine: MemoryEngine,
+) -> None:
+    store = await _store(engine)
+    durable, agent = _durable(store, 1), _ledger()
+    await durable.load(agent)
+    engine.fail_next("kv.update", NotConnected("lost in a leader election"), times=2)
+    agent.state = Total(3)
+    await durable.commit(agent)
+    record, _ = await store.load(AGENT)
+    assert record is not None and msgspec.msgpack.decode(record.state, type=Total) == Total(3)
+
+
+@pytest.mark.parametrize(
+    "signal", [RequestTimeout("no ack"), NoResponders("no stream"), Refused("stream offline")]
+)
+async def test_what_the_engine_signals_on_an_append_surfaces_as_not_connected(
+    engine: MemoryEngine, signal: Exception
+) -> None:
+    log = _log(engine)
+    engine.fail_next("append", signal)
+    with pytest.raises(NotConnected, match="cannot append events of unit_ledger/acct/1"):
+        await log.append(AGENT, [Deposited(1)], 0)
+    engine.fail_next("append", signal)
+    with pytest.raises(NotConnected, match="cannot store the dead letter of msg-0"):
+        await _dead(engine, 1)
+
+
+async def test_an_unreachable_engine_is_not_connected_from_every_dead_letter_command(
+    engine: MemoryEngine,
+) -> None:
+    await _dead(engine, 1)
+    dlq = DeadLetters(engine, NAMES, 16)
+    seq = (await dlq.list())[0].seq
+    engine.down()
+    for call in (dlq.list(), dlq.show(seq), dlq.replay(seq), dlq.purge(seq), dlq.purge()):
+        with pytest.raises(NotConnected):
+            await call
+    engine.up()
+    assert [e.seq for e in await dlq.list()] == [seq]  # nothing was lost or half-replayed
+
+
+async def test_a_replay_the_mailbox_refused_keeps_the_dead_letter(engine: MemoryEngine) -> None:
+    await _dead(engine, 1)
+    dlq = DeadLetters(engine, NAMES, 16)
+    seq = (await dlq.list())[0].seq
+    engine.fail_next("append", Refused("mailbox stream offline"))
+    with pytest.raises(NotConnected, match=f"replay of dead letter {seq} failed"):
+        await dlq.replay(seq)
+    assert [e.seq for e in await dlq.list()] == [seq]
+
+
+# -- the shard mailbox's consumer policy -------------------------------------------------------
+
+
+async def test_a_new_owner_replaces_every_older_consumer_and_gets_the_unacked_in_order(
+    engine: MemoryEngine,
+) -> None:
+    clock = engine.server.clock
+    assert isinstance(clock, VirtualClock)
+    stream = mailbox_stream(NAMES)
+    for epoch in (1, 2):  # two earlier owners whose consumers outlived them
+        spec = ConsumerSpec(name=f"shard-5-e{epoch}", filter_subject=mailbox_subject(NAMES, 5))
+        with contextlib.suppress(Refused):  # a work queue takes one consumer per subject
+            await engine.ensure_consumer(stream, spec)
+    for i in range(3):
+        await engine.append(mailbox_subject(NAMES, 5), b"m%d" % i, msg_id=f"m{i}")
+    got: list[tuple[int, int, bytes, int]] = []
+
+    def dispatch(shard: int, epoch: int, delivery: Delivery) -> bool:
+        dd = DurableDelivery(delivery, f"js:{delivery.seq}", "at_least_once")
+        got.append((shard, epoch, delivery.data, dd.attempts))
+        return True
+
+    mailbox = ShardMailbox(engine, NAMES, 5, 3, dispatch, _ready, lambda: True)
+    await mailbox.start(previous_epoch=2)  # epoch 1's consumer is found and replaced too
+    try:
+        for _ in range(40):
+            if len(got) == 3:
+                break
+            await clock.advance(0.05)
+        assert got == [(5, 3, b"m0", 0), (5, 3, b"m1", 0), (5, 3, b"m2", 0)]
+        assert set(await engine.consumers(stream)) == {"shard-5-e3"}
+    finally:
+        await mailbox.stop()
+
+
+async def _ready() -> None:
+    return None
