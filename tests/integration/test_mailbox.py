@@ -124,11 +124,13 @@ async def test_no_request_while_the_bulkhead_is_full(js: Any) -> None:
     mailbox = ShardMailbox(js, names, 1, 1, dispatch, has_capacity, lambda: True, batch=8)
     await mailbox.start()
     try:
-        # Instead of sleeping to see that nothing more comes: wait until the pull loop waits on
-        # the bulkhead and every message it asked for has arrived. Nothing is asked for then, so
-        # nothing more can arrive, and the count below is final until there is room.
+        # Instead of sleeping to see that nothing more comes: wait until the pull loop (the
+        # engine's, `engine/_nats_consumer.py`) waits on the bulkhead and every message it asked
+        # for has arrived. Nothing is asked for then, so nothing more can arrive, and the count
+        # below is final until there is room.
+        pull: Any = mailbox._consumer
         await _until(
-            lambda: blocked.is_set() and mailbox._owed <= 0, 5, "the pull loop blocked, settled"
+            lambda: blocked.is_set() and pull._owed <= 0, 5, "the pull loop blocked, settled"
         )
         assert len(got) <= 10 + 8  # what was asked for before the bulkhead filled, no more
         room.set()
