@@ -148,7 +148,8 @@ class NatsTransport(NatsJetStream):
         return self._inbox + token, fut
 
     def _forget(self, token: str, fut: asyncio.Future[Message]) -> None:
-        """A reply waiter ended without its reply (cancelled, timed out): drop its entry."""
+        """A reply waiter is done: drop its entry (a reply popped it already; this is for one
+        cancelled or timed out by its caller)."""
         if self._waiting.get(token) is fut:
             del self._waiting[token]
 
