@@ -18,7 +18,6 @@ from collections.abc import Coroutine, Iterable
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import msgspec
-from nats.aio.msg import Msg
 
 from . import _codec as codec
 from ._activation import Activation, InFlight, Work, _Recorded
@@ -46,7 +45,7 @@ from .coord._quorum import VoteRequest
 from .delivery._dlq import dead_letter
 from .delivery._mailbox import DurableDelivery, ShardMailbox, ensure_streams
 from .engine._admin import NatsAdmin
-from .engine._api import Message, Subscription
+from .engine._api import BucketSpec, Delivery, Message, Subscription
 from .engine._nats import NatsTransport
 from .engine._resolve import resolve_servers
 from .state._durable import Durable
@@ -134,12 +133,10 @@ class Node(Mesh):
             super().__init__(transport, names, config, buckets, self.settings.breaker)
             self._nc = transport
             await ensure_streams(
-                transport.js, names, config.replicas or await self._replication.initial()
+                transport, names, config.replicas or await self._replication.initial()
             )
             self._store = StateStore(buckets.state)
-            self._events = EventLog(
-                transport.js, f"accord_{names.cluster}_es", f"{names.prefix}.es"
-            )
+            self._events = EventLog(transport, f"accord_{names.cluster}_es", f"{names.prefix}.es")
             await self.register_types(self.specs.values())
             for spec in self.specs.values():
                 for topic in spec.topics:
@@ -302,7 +299,7 @@ class Node(Mesh):
     async def _start_mailbox(self, shard: int, epoch: int) -> bool:
         """Consume `shard`'s mailbox for `epoch`; False if JetStream refused (try again)."""
         mailbox = ShardMailbox(
-            self._nc.js,
+            self._nc,
             self.names,
             shard,
             epoch,
@@ -592,13 +589,12 @@ class Node(Mesh):
         cut_off = self._orphans.get(shard)
         return cut_off[1] if cut_off is not None else self._standby.get(shard)
 
-    def _on_mailbox(self, shard: int, epoch: int, msg: Msg) -> bool:
+    def _on_mailbox(self, shard: int, epoch: int, msg: Delivery) -> bool:
         """Dispatch one mailbox message; False once this node no longer owns `shard` at `epoch`."""
         if self.shards.held_epoch(shard) != epoch:
             return False
         enc: codec.Encoding = codec.sniff(msg.data)
-        seq = getattr(getattr(msg, "metadata", None), "sequence", None)
-        fallback_id = f"js:{seq.stream if seq is not None else 0}"
+        fallback_id = f"js:{msg.seq}"
         try:
             req, enc, t = self._parse(shard, msg.data)
             if req.kind == "result":
@@ -619,7 +615,7 @@ class Node(Mesh):
         self._activation(t.agent_id, t.spec, shard, epoch).put(work)
         return True
 
-    async def _reject_durable(self, msg: Msg, error: AccordError, msg_id: str) -> None:
+    async def _reject_durable(self, msg: Delivery, error: AccordError, msg_id: str) -> None:
         """A mailbox message that can never be handled goes straight to the dead letters."""
         target = msg_type = ""
         with contextlib.suppress(Exception):
@@ -629,7 +625,7 @@ class Node(Mesh):
                 self._send(req.reply_to, codec.error_reply(error.code, str(error), enc))
         with contextlib.suppress(Exception):
             await dead_letter(
-                self._nc.js,
+                self._nc,
                 self.names,
                 msg.data,
                 target=target,
@@ -652,7 +648,7 @@ class Node(Mesh):
         reason = f"{getattr(error, 'remote_type', error.code)}: " + getattr(
             error, "remote_message", str(error)
         )
-        await dead_letter(self._nc.js, self.names, work.data, target=target, msg_type=msg_type,
+        await dead_letter(self._nc, self.names, work.data, target=target, msg_type=msg_type,
                           msg_id=dd.msg_id, reason=reason, deliveries=dd.attempts)  # fmt: skip
         self.stats.dead_lettered += 1
         log.warning("dead-lettered %s %s after %d attempts: %s", target, msg_type, dd.attempts,

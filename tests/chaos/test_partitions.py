@@ -26,7 +26,7 @@ import pytest
 
 import accord
 from accord._ids import AgentId, shard_of
-from accord.engine._api import NoResponders
+from accord.engine._api import BucketSpec, NoResponders
 from accord.state._store import StateStore
 from accord.testing import connect_retrying
 from accord.testing import history as hist
@@ -208,7 +208,9 @@ async def _lead_from(nats_cluster: Any, host: str) -> None:
 async def _stored_state(mesh: accord.Mesh, agent: str) -> Any:
     """The agent's state record as stored (for failure messages)."""
     with contextlib.suppress(Exception):
-        record, rev = await StateStore(mesh._kvs["state"]).load(AgentId.parse(agent))
+        bucket = BucketSpec(name=mesh.names.bucket("state"))
+        store = StateStore(await mesh._transport.bucket(bucket, create=False))
+        record, rev = await store.load(AgentId.parse(agent))
         if record is not None:
             state = msgspec.msgpack.decode(record.state)
             return {"epoch": record.epoch, "rev": rev, "state": state}

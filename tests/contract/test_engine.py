@@ -409,3 +409,24 @@ async def test_core_request_to_a_stream_subject_is_stored(h: Harness) -> None:
     assert again["seq"] == first["seq"] and again["duplicate"]
     stored = await eng.get_message(stream, seq=first["seq"])
     assert stored is not None and stored.data == b"x"
+
+
+async def test_reply_inbox_resolves_on_the_first_message_to_its_subject(h: Harness) -> None:
+    """Each `reply_inbox` subject has its own waiter, resolved by the first message sent to it
+    (later than any request's reply: durable asks); a waiter given up on drops what comes."""
+    eng = h.engine
+    first, fut1 = await eng.reply_inbox()
+    second, fut2 = await eng.reply_inbox()
+    assert first != second
+    await eng.publish(second, b"for the second", headers={"Accord-Test": "1"})
+    await h.until(fut2.done, "the second waiter resolved")
+    msg = fut2.result()
+    assert (msg.data, (msg.headers or {}).get("Accord-Test")) == (b"for the second", "1")
+    assert not fut1.done()
+    fut1.cancel()  # the caller's deadline passed
+    await eng.publish(first, b"too late")  # dropped, nothing raises
+    await eng.flush(2)
+    again, fut3 = await eng.reply_inbox()
+    await eng.publish(again, b"on time")
+    await h.until(fut3.done, "a new waiter after one was given up on")
+    assert fut3.result().data == b"on time"

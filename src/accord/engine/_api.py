@@ -13,6 +13,7 @@ did not answer within the timeout; for a write, it may or may not have been appl
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Literal, Protocol
 
@@ -124,6 +125,16 @@ class Transport(Protocol):
     def cluster_size(self) -> int:
         """How many servers the engine runs on, as far as this connection was told (1 for a
         single server); decides default replica counts."""
+
+    async def reply_inbox(self) -> tuple[str, asyncio.Future[Message]]:
+        """A fresh reply subject on this connection's shared inbox, and the future that the
+        first message to it resolves: for a reply that comes later than a request's, sent by
+        whoever handles a stored message whose envelope names the subject (durable asks).
+
+        The future does not time out by itself: the caller bounds the wait (cancel the future or
+        set an exception on it). Once the future is done the subject is forgotten, and a later
+        message to it is dropped.
+        """
 
 
 # -- key-value buckets ------------------------------------------------------------------------

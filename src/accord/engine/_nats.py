@@ -28,7 +28,15 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
 from .._errors import AccordError, NotConnected
-from ._api import DirectHandler, Handler, NoResponders, Refused, RequestTimeout, Subscription
+from ._api import (
+    DirectHandler,
+    Handler,
+    Message,
+    NoResponders,
+    Refused,
+    RequestTimeout,
+    Subscription,
+)
 from ._nats_errors import map_errors
 from ._nats_js import NatsJetStream
 from ._nats_wire import subscribe_direct as subscribe_direct  # the name callers import
@@ -47,7 +55,7 @@ class NatsTransport(NatsJetStream):
         self._inbox_sub: Any = None
         self._inbox_lock = asyncio.Lock()
         self._tokens = itertools.count(1)
-        self._waiting: dict[str, asyncio.Future[Msg]] = {}
+        self._waiting: dict[str, asyncio.Future[Any]] = {}  # token -> waiter for a Msg
 
     @classmethod
     async def connect(cls, servers: list[str], name: str, timeout: float = 5.0) -> NatsTransport:
@@ -128,6 +136,22 @@ class NatsTransport(NatsJetStream):
     def cluster_size(self) -> int:
         info = getattr(self.nc, "_server_info", None) or {}
         return 1 + len(set(info.get("connect_urls", []) or []))
+
+    async def reply_inbox(self) -> tuple[str, asyncio.Future[Message]]:
+        if self._inbox_sub is None:
+            with map_errors("start the reply inbox"):
+                await self._start_inbox()
+        token = str(next(self._tokens))
+        fut: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
+        self._waiting[token] = fut
+        fut.add_done_callback(functools.partial(self._forget, token))
+        return self._inbox + token, fut
+
+    def _forget(self, token: str, fut: asyncio.Future[Message]) -> None:
+        """A reply waiter is done: drop its entry (a reply popped it already; this is for one
+        cancelled or timed out by its caller)."""
+        if self._waiting.get(token) is fut:
+            del self._waiting[token]
 
     @property
     def max_payload(self) -> int:

@@ -27,6 +27,7 @@ from ._api import (
     DirectHandler,
     Dispatch,
     Handler,
+    Message,
     NoResponders,
     NotFound,
     PubAck,
@@ -313,6 +314,19 @@ class MemoryEngine:
 
     def cluster_size(self) -> int:
         return self.server.cluster_size
+
+    async def reply_inbox(self) -> tuple[str, asyncio.Future[Message]]:
+        self.check("reply_inbox")
+        fut: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
+
+        def answer(msg: Any) -> None:
+            if not fut.done():
+                fut.set_result(msg)
+
+        sub = _Sub(self, self.new_inbox(), "", None, answer)
+        self.server.subs.append(sub)
+        fut.add_done_callback(lambda _: self.server.remove(sub))
+        return sub.subject, fut
 
     async def close(self) -> None:
         if self._closed:
