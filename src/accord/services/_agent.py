@@ -24,12 +24,12 @@ import msgspec
 from .._background import Background
 from .._errors import AccordError, Fenced
 from ..cluster._watched import WatchedKV
-from ..engine._api import Message
+from ..engine._api import Message, NoResponders, RequestTimeout
 from ._host import ServiceHost
 from ._placement import NodeView, Slot, _take, place
 from ._promises import Reputation
 from ._spec import ServiceSpec
-from ._store import Instance, LogLine, Placement, ServiceStore, instance_key
+from ._store import Instance, LogLine, Placement, ServiceStore
 from ._supervisor import Replica
 from ._verifiers import NodePromises, ServicePromises
 
@@ -80,8 +80,8 @@ class NodeAgent:
             await self._ledger_sub.unsubscribe()
         await asyncio.gather(*(r.stop() for r in self.replicas.values()), return_exceptions=True)
         for r in self.replicas.values():
-            with contextlib.suppress(Exception):
-                await self.store.instances_kv.purge(instance_key(r.inst))
+            with contextlib.suppress(AccordError):
+                await self.store.drop_instance(r.inst)
         self.replicas.clear()
 
     # -- views ----------------------------------------------------------------------------------
@@ -160,8 +160,8 @@ class NodeAgent:
             if target is None or target[0] != r.spec:
                 del self.replicas[key]
                 await r.stop()
-                with contextlib.suppress(Exception):
-                    await self.store.instances_kv.purge(instance_key(r.inst))
+                with contextlib.suppress(AccordError):
+                    await self.store.drop_instance(r.inst)
         for key, (spec, slot) in wanted.items():
             running = self.replicas.get(key)
             if running is not None:
@@ -278,8 +278,8 @@ class NodeAgent:
             "slots": [msgspec.to_builtins(s) for s in p.slots],
             "previous": [msgspec.to_builtins(s) for s in old.slots] if old else [],
         }
-        with contextlib.suppress(Exception):
-            await self.store.js.publish(
+        with contextlib.suppress(AccordError, RequestTimeout, NoResponders):
+            await self.store.js.append(
                 self.store.names.events_subject("placement"), msgspec.json.encode(event)
             )
 

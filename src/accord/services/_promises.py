@@ -22,11 +22,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING, Any, Protocol
 
 import msgspec
-import nats.errors
-import nats.js.errors
 
-from .._errors import AccordError, NotConnected
-from ._store import Assessment, PromiseConflict, ServiceStore, _entries, _token
+from .._errors import AccordError, ConfigurationError, NotConnected
+from ..engine._api import BucketSpec, JetStream, NotFound, WrongRevision
+from ._store import Assessment, PromiseConflict, ServiceStore, _entries, _token, answered
 
 if TYPE_CHECKING:
     from .._mesh import Mesh
@@ -93,6 +92,7 @@ class Reputation:
 # -- claims and the public promise API ------------------------------------------------------------
 
 
+@answered
 async def claim(store: ServiceStore, owner: str, claims: Iterable[str]) -> None:
     """Take every exclusive claim for `owner`, or none of them (`PromiseConflict`)."""
     taken: list[str] = []
@@ -101,9 +101,9 @@ async def claim(store: ServiceStore, owner: str, claims: Iterable[str]) -> None:
             key = f"claim.{_token(c)}"
             try:
                 await store.promises_kv.create(key, owner.encode())
-            except nats.js.errors.KeyWrongLastSequenceError:
-                entry = await store.promises_kv.get(key)
-                holder = (entry.value or b"").decode()
+            except WrongRevision:
+                entry = await store.promises_kv.get(key, leader=True)
+                holder = entry.value.decode() if entry is not None else ""
                 if holder != owner:
                     raise PromiseConflict(
                         f"{owner} cannot promise {c!r}: it is already promised by {holder}"
@@ -116,20 +116,29 @@ async def claim(store: ServiceStore, owner: str, claims: Iterable[str]) -> None:
         raise
 
 
+@answered
 async def release(store: ServiceStore, owner: str, claims: Iterable[str]) -> None:
     for c in claims:
         key = f"claim.{_token(c)}"
         with contextlib.suppress(Exception):
             entry = await store.promises_kv.get(key)
-            if (entry.value or b"").decode() == owner:
+            if entry is not None and entry.value.decode() == owner:
                 await store.promises_kv.delete(key)
 
 
+@answered
 async def register(store: ServiceStore, record: PromiseRecord) -> None:
     record.made_at = record.made_at or time.time()
     await store.promises_kv.put(f"p.{_token(record.name)}", msgspec.json.encode(record))
 
 
+@answered
+async def withdraw(store: ServiceStore, name: str) -> None:
+    """Remove the record of promise `name` (its ledger entries stay)."""
+    await store.promises_kv.delete(f"p.{_token(name)}")
+
+
+@answered
 async def records(store: ServiceStore) -> list[PromiseRecord]:
     out = []
     for key, value, _rev in await _entries(store.promises_kv):
@@ -191,8 +200,8 @@ async def promise(
         with contextlib.suppress(asyncio.CancelledError):
             await task
         await release(store, f"promise/{name}", claims)
-        with contextlib.suppress(Exception):
-            await store.promises_kv.delete(f"p.{_token(name)}")
+        with contextlib.suppress(AccordError):
+            await withdraw(store, name)
 
 
 async def _keep(
@@ -213,7 +222,7 @@ async def _keep(
         outcome = "unknown" if v.kept is None else ("kept" if v.kept else "not_kept")
         a = Assessment(promise=rec.name, promiser=rec.promiser, kind=rec.kind, outcome=outcome,
                        evidence=v.evidence, at=time.time(), assessor=assessor)  # fmt: skip
-        with contextlib.suppress(AccordError, nats.errors.Error, TimeoutError):
+        with contextlib.suppress(AccordError):
             await store.assess(a)
         handle.last = outcome
         handle.assessments += 1
@@ -236,18 +245,32 @@ _stores: weakref.WeakKeyDictionary[Mesh, ServiceStore] = weakref.WeakKeyDictiona
 async def store_for(mesh: Mesh) -> ServiceStore:
     """The services store of the cluster `mesh` is connected to (opened once per mesh).
 
-    Raises `NotConnected` when JetStream does not answer.
+    Raises `NotConnected` when JetStream does not answer, `ConfigurationError` when the mesh's
+    engine has no JetStream.
     """
     cached = _stores.get(mesh)
     if cached is not None:
         return cached
-    js = mesh._transport.js  # type: ignore[attr-defined]
-    replicas = mesh.config.replicas  # the cluster's stored factor (cluster/_replication.py)
-    if not replicas:  # a record from before the factor was stored
-        try:
-            info = await js.stream_info(mesh.names.events_stream)
-            replicas = info.config.num_replicas or 1
-        except (nats.js.errors.Error, nats.errors.Error, TimeoutError) as exc:
-            raise NotConnected(f"JetStream did not answer: {exc}") from None
-    store = await ServiceStore.open(js, mesh.names, mesh._kvs["members"], replicas)
-    return _stores.setdefault(mesh, store)
+    return _stores.setdefault(mesh, await _open_store(mesh))
+
+
+@answered
+async def _open_store(mesh: Mesh) -> ServiceStore:
+    js = _jetstream(mesh)
+    names = mesh.names
+    try:
+        members = await js.bucket(BucketSpec(name=names.bucket("members")), create=False)
+        replicas = mesh.config.replicas  # the cluster's stored factor (cluster/_replication.py)
+        if not replicas:  # a record from before the factor was stored: as the events stream
+            events = await js.stream_state(names.events_stream)
+            replicas = events.replicas if events is not None else 1
+    except NotFound:
+        raise NotConnected(f"cluster {names.cluster!r} is not set up on this JetStream") from None
+    return await ServiceStore.open(js, names, members, replicas)
+
+
+def _jetstream(mesh: Mesh) -> JetStream:
+    engine: Any = mesh._transport
+    if not callable(getattr(engine, "bucket", None)):
+        raise ConfigurationError("services need an engine with JetStream")
+    return engine  # type: ignore[no-any-return]
