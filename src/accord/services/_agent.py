@@ -24,7 +24,7 @@ import msgspec
 from .._background import Background
 from .._errors import AccordError, Fenced
 from ..cluster._watched import WatchedKV
-from ..engine._api import Message, NoResponders, RequestTimeout
+from ..engine._api import Message, NoResponders, Refused, RequestTimeout
 from ._host import ServiceHost
 from ._placement import NodeView, Slot, _take, place
 from ._promises import Reputation
@@ -278,7 +278,7 @@ class NodeAgent:
             "slots": [msgspec.to_builtins(s) for s in p.slots],
             "previous": [msgspec.to_builtins(s) for s in old.slots] if old else [],
         }
-        with contextlib.suppress(AccordError, RequestTimeout, NoResponders):
+        with contextlib.suppress(AccordError, RequestTimeout, NoResponders, Refused):
             await self.store.js.append(
                 self.store.names.events_subject("placement"), msgspec.json.encode(event)
             )
