@@ -231,6 +231,7 @@ class Node(Mesh):
         buckets cannot be opened (JetStream without quorum, say).
         """
         from .services._agent import NodeAgent
+        from .services._host import NodeParts
         from .services._promises import store_for
         from .services._proxy import Balancer
 
@@ -239,7 +240,9 @@ class Node(Mesh):
             return
         while self.agent is None:
             try:
-                agent = NodeAgent(self, await store_for(self), s.advertise)
+                host = NodeParts(self.node_name, self.membership, self, self._transport,
+                                 s.dead_after)  # fmt: skip
+                agent = NodeAgent(host, await store_for(self), s.advertise)
                 await agent.start()
                 self.agent = agent
             except (AccordError, OSError) as exc:

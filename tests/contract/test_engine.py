@@ -270,6 +270,24 @@ async def test_append_expectations_dedup_and_reads(h: Harness) -> None:
         await eng.get_message(_name("nostream"), seq=1)
 
 
+async def test_tail_reads_the_last_messages_of_a_subject_oldest_first(h: Harness) -> None:
+    """`tail` gives the last `last` messages on a subject or wildcard, only among the stream's
+    latest `within` when given; `max_msgs_per_subject` bounds each subject on its own."""
+    eng = h.engine
+    stream, subj = await _stream(h, max_msgs_per_subject=3)
+    for i in range(5):
+        await eng.append(subj, f"a{i}".encode())
+    b = await eng.append(f"{stream}.b", b"b0")
+    got = await eng.tail(stream, subj, 2)
+    assert [m.data for m in got] == [b"a3", b"a4"]  # a0, a1 went with the per-subject limit
+    assert [m.data for m in await eng.tail(stream, f"{stream}.>", 10)] == [b"a2", b"a3", b"a4",
+                                                                            b"b0"]  # fmt: skip
+    assert [m.seq for m in await eng.tail(stream, f"{stream}.>", 10, within=2)] == [5, b.seq]
+    assert await eng.tail(stream, f"{stream}.none", 10) == []
+    with pytest.raises(NotFound):
+        await eng.tail(_name("nostream"), "x.>", 1)
+
+
 async def test_consumers_on_a_work_queue(h: Harness) -> None:
     """A work queue takes one consumer per subject (`Refused` for a second); `consumers` names
     them with their filters; `delete_consumer` says whether there was one."""

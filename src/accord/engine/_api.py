@@ -223,6 +223,7 @@ class StreamSpec(msgspec.Struct, frozen=True, kw_only=True):
     max_bytes: int = 0
     max_age: float = 0.0
     duplicate_window: float = 0.0
+    max_msgs_per_subject: int = 0
 
 
 class BucketSpec(msgspec.Struct, frozen=True, kw_only=True):
@@ -392,6 +393,15 @@ class JetStream(Protocol):
         new ones are requested while `has_capacity` waits or after `still_going` turns False or
         `dispatch` returned False. `dispatch` runs in the connection's read loop: it must not
         block (hand the delivery to a task). `NotFound` when the consumer does not exist."""
+
+    async def tail(
+        self, stream: str, subject: str, last: int, *, within: int = 0, timeout: float = 5.0
+    ) -> list[StoredMessage]:
+        """The last `last` messages stored on `subject` (wildcards allowed), oldest first.
+
+        With `within` > 0, only the stream's latest `within` messages are searched (bounds the
+        cost for a rare subject in a long stream). `NotFound` if the stream does not exist.
+        """
 
 
 class Engine(Transport, JetStream, Protocol):

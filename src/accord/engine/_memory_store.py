@@ -124,9 +124,10 @@ class Stream:
         return PubAck(self.spec.name, seq)
 
     def _limit(self, subject: str) -> None:
-        if self.history:
+        per_subject = self.history or self.spec.max_msgs_per_subject
+        if per_subject:
             on_subject = [s for s, m in self.msgs.items() if m.subject == subject]
-            for seq in on_subject[: -self.history]:
+            for seq in on_subject[:-per_subject]:
                 self.remove(seq)
         while self.spec.max_msgs and len(self.msgs) > self.spec.max_msgs:
             self.remove(next(iter(self.msgs)))

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import msgspec
+import nats.errors
 import nats.js.errors
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
@@ -117,6 +119,7 @@ class NatsJetStream:
             max_msgs=spec.max_msgs or None,
             max_bytes=spec.max_bytes or None,
             max_age=spec.max_age or None,
+            max_msgs_per_subject=spec.max_msgs_per_subject or -1,
         )
         if spec.duplicate_window:
             cfg.duplicate_window = spec.duplicate_window
@@ -289,3 +292,39 @@ class NatsJetStream:
         with map_errors(f"consume {stream}/{consumer}"):
             await pull.start()
         return pull
+
+    async def tail(
+        self, stream: str, subject: str, last: int, *, within: int = 0, timeout: float = 5.0
+    ) -> list[StoredMessage]:
+        # An ephemeral ordered consumer from the first sequence worth reading: one pass over
+        # the stream's tail instead of a request per message.
+        out: list[StoredMessage] = []
+        with map_errors(f"read {subject} from {stream}"):
+            info = await asyncio.wait_for(self.js.stream_info(stream), timeout)
+            if info.state.messages == 0 or last <= 0:
+                return []
+            start = info.state.first_seq
+            if within > 0:
+                start = max(start, info.state.last_seq - within + 1)
+            config = ConsumerConfig(
+                deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start
+            )
+            sub = await asyncio.wait_for(
+                self.js.subscribe(subject, stream=stream, ordered_consumer=True, config=config),
+                timeout,
+            )
+            try:
+                while True:
+                    try:
+                        msg = await sub.next_msg(timeout=min(0.5, timeout))
+                    except (TimeoutError, nats.errors.TimeoutError):
+                        break  # nothing more on the subject after `start`
+                    meta = msg.metadata
+                    out.append(StoredMessage(meta.sequence.stream, msg.subject, msg.data,
+                                             msg.headers))  # fmt: skip
+                    if meta.num_pending == 0:
+                        break
+            finally:
+                with contextlib.suppress(Exception):
+                    await sub.unsubscribe()
+        return out[-last:]

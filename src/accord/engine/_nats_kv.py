@@ -9,7 +9,7 @@ only a value counts as present — nats-py's own `create` does not know the mark
 from __future__ import annotations
 
 import asyncio
-from typing import Protocol
+from typing import Any, Protocol
 
 import msgspec
 from nats.aio.msg import Msg
@@ -34,6 +34,8 @@ class Requests(Protocol):
     async def stored_message(
         self, stream: str, body: bytes, timeout: float
     ) -> StoredMessage | None: ...
+
+    async def api_call(self, op: str, body: bytes, timeout: float) -> dict[str, Any]: ...
 
 
 _TOMBSTONES = ("DEL", "PURGE")
@@ -131,19 +133,19 @@ class NatsKV:
         await self._store(key, b"", headers, timeout, "purge")
 
     async def keys(self, *, timeout: float = 5.0) -> list[str]:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        watch = await self.watch(">", timeout=timeout)
-        live: set[str] = set()
-        try:
-            while (entry := await _next_or_fail(watch, deadline - loop.time())) is not None:
-                if entry.deleted:
-                    live.discard(entry.key)
-                else:
-                    live.add(entry.key)
-        finally:
-            await watch.stop()
-        return sorted(live)
+        # From the server's own subject index, not from a watch: nats-py's watcher can signal
+        # "current values delivered" before the first one arrived (its pending count races
+        # with delivery), which reads as an empty bucket on a busy machine.
+        body = msgspec.json.encode({"subjects_filter": self._pre + ">"})
+        reply = await self._engine.api_call(f"STREAM.INFO.{self._stream}", body, timeout)
+        subjects = (reply.get("state") or {}).get("subjects") or {}
+        live = []
+        for subject in sorted(subjects):
+            key = subject[len(self._pre) :]
+            # a key's last message may be its delete or purge marker
+            if await self.get(key, timeout=timeout) is not None:
+                live.append(key)
+        return live
 
     async def watch(self, pattern: str = ">", *, timeout: float = 5.0) -> NatsWatch:
         kv = KeyValue(

@@ -463,6 +463,17 @@ class MemoryEngine:
         task.add_done_callback(self._tasks.discard)
         return MemoryConsumer(task, c)
 
+    async def tail(
+        self, stream: str, subject: str, last: int, *, within: int = 0, timeout: float = 5.0
+    ) -> list[StoredMessage]:
+        self.check("tail")
+        msgs = list(self.server.stream(stream).msgs.values())
+        if within > 0 and msgs:
+            first = msgs[-1].seq - within + 1
+            msgs = [m for m in msgs if m.seq >= first]
+        hits = [m for m in msgs if matches(subject, m.subject)]
+        return hits[-last:] if last > 0 else []
+
 
 def _current_cancelling() -> int:
     task = asyncio.current_task()
