@@ -45,7 +45,7 @@ from .coord._quorum import VoteRequest
 from .delivery._dlq import dead_letter
 from .delivery._mailbox import DurableDelivery, ShardMailbox, ensure_streams
 from .engine._admin import NatsAdmin
-from .engine._api import BucketSpec, Delivery, Message, Subscription
+from .engine._api import Delivery, Message, Subscription
 from .engine._nats import NatsTransport
 from .engine._resolve import resolve_servers
 from .state._durable import Durable
