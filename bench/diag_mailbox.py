@@ -23,6 +23,7 @@ from _common import cpu_seconds, emit, environment, parser, ratio, run
 
 from accord.cluster._config import Names
 from accord.delivery._mailbox import ShardMailbox, ensure_streams, mailbox_subject
+from accord.engine._nats import NatsTransport
 from accord.engine._server import EmbeddedServer
 
 CASES = [(1, 1), (40, 1), (40, 4), (40, 40)]  # (consumers, shard subjects carrying traffic)
@@ -32,7 +33,7 @@ _names = itertools.count(1)
 async def one_case(url: str, server_pid: int, consumers: int, subjects: int, n: int) -> dict:
     nc = await nats.connect(url)
     pub = await nats.connect(url)
-    js, pjs = nc.jetstream(), pub.jetstream()
+    js, pjs = NatsTransport(nc, "diag-consumers"), pub.jetstream()
     names = Names(f"diag{next(_names)}")
     await ensure_streams(js, names, 1)
     got = 0

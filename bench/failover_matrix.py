@@ -311,17 +311,14 @@ def lab_unusable() -> str | None:
 
 
 async def create_cluster(urls: list[str], num_shards: int) -> None:
-    import nats as nats_py
-
     from accord.cluster._config import Names, open_cluster
+    from accord.engine._nats import NatsTransport
 
-    nc = await nats_py.connect(urls, connect_timeout=2)
+    engine = await NatsTransport.connect(urls, "bench-setup", timeout=2)
     try:
-        await open_cluster(
-            nc.jetstream(timeout=10), Names("default"), num_shards=num_shards, replicas=3
-        )
+        await open_cluster(engine, Names("default"), num_shards=num_shards, replicas=3)
     finally:
-        await nc.close()
+        await engine.close()
 
 
 mesh_to = connect_retrying  # retried: JetStream can be slow to answer while the lab starts

@@ -42,11 +42,11 @@ async def connect(
             admin = NatsAdmin(transport.nc, transport.js, names.bucket("meta"))
             stored = await wait_for_cluster(admin, cluster, wait)
             # Opens what the node created; anything missing is created with the stored factor.
-            config, kvs = await open_cluster(transport.js, names, replicas=stored.replicas)
+            config, buckets = await open_cluster(transport, names, replicas=stored.replicas)
         except BaseException:
             await transport.close()
             raise
-        mesh = Mesh(transport, names, config, kvs, breaker)
+        mesh = Mesh(transport, names, config, buckets, breaker)
         try:
             yield mesh
         finally:

@@ -38,12 +38,14 @@ class Directory:
         types = self._types.loaded()
         return None if types is None else self._mode_from(types.get(agent_id.type))
 
-    async def mode(self, agent_id: AgentId, delivery: str | None) -> str:
-        """The delivery mode: as given, as hosted here, as registered, else at most once."""
+    async def mode(self, agent_id: AgentId, delivery: str | None, timeout: float = 5.0) -> str:
+        """The delivery mode: as given, as hosted here, as registered, else at most once.
+
+        `NotConnected` when the registry has not loaded within `timeout`."""
         known = self.known_mode(agent_id, delivery)
         if known is not None:
             return known
-        types = await self._types.get_all()
+        types = await self._types.get_all(timeout)
         return self._mode_from(types.get(agent_id.type))
 
     def _mode_from(self, raw: bytes | None) -> str:
@@ -58,12 +60,12 @@ class Directory:
             self._mode_cache[raw] = cached
         return cached
 
-    async def split_brain(self, agent_id: AgentId) -> bool:
+    async def split_brain(self, agent_id: AgentId, timeout: float = 5.0) -> bool:
         """Is `agent_id`'s type `split_brain_allowed` (hosted here, or as registered)?"""
         spec = self._local_spec(agent_id.type)
         if spec is not None:
             return spec.options.failover == "split_brain_allowed"
-        raw = (await self._types.get_all()).get(agent_id.type)
+        raw = (await self._types.get_all(timeout)).get(agent_id.type)
         try:
             return raw is not None and msgspec.json.decode(raw).get("failover") == (
                 "split_brain_allowed"

@@ -15,10 +15,9 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Iterable, Iterator
 from types import TracebackType
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import msgspec
-from nats.js.kv import KeyValue
 
 from . import _codec as codec
 from ._background import Background
@@ -35,14 +34,13 @@ from ._errors import (
 from ._ids import AgentId, shard_of
 from ._sender import LocalResult, Sender
 from ._spec import AgentSpec
-from .cluster._config import ClusterConfig, Names
+from .cluster._config import Buckets, ClusterConfig, Names
 from .cluster._watched import WatchedKV
 from .coord._groups import barrier, counter_add, counter_value
 from .coord._leases import Lease, LeaseKeeper, elect, fenced_read, fenced_write, hold
 from .coord._quorum import Ballots, Decision, ProposalRecord, VoteRequest, encode_proposal
 from .delivery._breaker import BreakerSettings, CircuitBreakers
-from .engine._api import Transport
-from .engine._nats import NatsTransport
+from .engine._api import KV, Engine
 
 log = logging.getLogger("accord.mesh")
 
@@ -62,36 +60,35 @@ class Mesh:
 
     def __init__(
         self,
-        transport: Transport,
+        transport: Engine,
         names: Names,
         config: ClusterConfig,
-        kvs: dict[str, KeyValue] | None = None,
+        buckets: Buckets | None = None,
         breaker: BreakerSettings | None = None,
         local: LocalRouteLike | None = None,
     ) -> None:
-        self._bind(transport, names, config, kvs, breaker, local)
+        self._bind(transport, names, config, buckets, breaker, local)
 
     def _bind(
         self,
-        transport: Transport,
+        transport: Engine,
         names: Names,
         config: ClusterConfig,
-        kvs: dict[str, KeyValue] | None,
+        buckets: Buckets | None,
         breaker: BreakerSettings | None,
         local: LocalRouteLike | None,
     ) -> None:
         """Wire the client to its engine (a `Node` does it once started: it owns `local`)."""
-        kvs = kvs or {}
         self._local = local
-        self._kvs = kvs
+        self._buckets = buckets
         self._transport = transport
         self.names = names
         self.config = config
         self._bg = Background()
         self._loop = asyncio.get_running_loop()
         self._directory = Directory(
-            WatchedKV(kvs.get("meta"), self._bg, prefix="type."),
-            WatchedKV(kvs.get("subs"), self._bg),
+            WatchedKV(buckets.meta if buckets else None, self._bg, prefix="type."),
+            WatchedKV(buckets.subs if buckets else None, self._bg),
             local.spec if local is not None else _no_spec,
         )
         self._sender = Sender(transport, names, self._directory, self._route_local, self._loop)
@@ -146,7 +143,7 @@ class Mesh:
         agent_id, shard = self._resolve(target)
         deadline = self._deadline(timeout)
         mode = self._directory.known_mode(agent_id, delivery) or await self._directory.mode(
-            agent_id, delivery
+            agent_id, delivery, deadline - self._loop.time()
         )
         with self._breaker(agent_id):
             type_name = codec.message_type_name(type(msg))
@@ -185,7 +182,7 @@ class Mesh:
         """
         agent_id, shard = self._resolve(target)
         deadline = self._deadline(timeout)
-        mode = await self._directory.mode(agent_id, delivery)
+        mode = await self._directory.mode(agent_id, delivery, deadline - self._loop.time())
         if mode != "at_most_once":
             stored = await self._sender.send_durable(
                 "ask", agent_id, shard, type_name, body, "json", deadline, mode, msg_id
@@ -313,16 +310,13 @@ class Mesh:
 
     # -- coordination -------------------------------------------------------------------------
 
-    def _coord_kv(self, name: str) -> KeyValue:
-        kv = self._kvs.get(name)
-        if kv is None:
+    def _coord_kv(self, name: Literal["locks", "coord"]) -> KV:
+        if self._buckets is None:
             raise ConfigurationError("this mesh has no coordination buckets")
-        return kv
+        return self._buckets.locks if name == "locks" else self._buckets.coord
 
     def _keeper(self) -> LeaseKeeper:
-        if not isinstance(self._transport, NatsTransport):
-            raise ConfigurationError("leases need a NATS JetStream transport")
-        return LeaseKeeper(self._transport.js, self._coord_kv("locks"), self.name)
+        return LeaseKeeper(self._coord_kv("locks"), self.name)
 
     def lease(
         self, name: str, ttl: int = 5, *, timeout: float | None = None
@@ -404,10 +398,8 @@ class Mesh:
         return await self._ballots().decision(proposal_id)
 
     def _ballots(self) -> Ballots:
-        if not isinstance(self._transport, NatsTransport):
-            raise ConfigurationError("proposals need a NATS JetStream transport")
         return Ballots(
-            self._transport.js, self._coord_kv("coord"), self.names.events_subject("decision")
+            self._transport, self._coord_kv("coord"), self.names.events_subject("decision")
         )
 
     async def barrier(

@@ -18,7 +18,6 @@ from ._directory import Directory
 from ._errors import (
     WIRE_ERRORS,
     AccordError,
-    ConfigurationError,
     DeliveryTimeout,
     NotConnected,
     RemoteError,
@@ -29,8 +28,7 @@ from ._spec import known_spec
 from .cluster._config import Names
 from .delivery._client import DurableSender
 from .delivery._mailbox import mailbox_subject
-from .engine._api import NoResponders, RequestTimeout, Transport
-from .engine._nats import NatsTransport
+from .engine._api import Engine, NoResponders, RequestTimeout
 
 _BACKOFF_START = 0.005
 _BACKOFF_CAP = 0.1
@@ -43,7 +41,7 @@ RouteLocal = Callable[..., "asyncio.Future[Any] | None"]
 class Sender:
     def __init__(
         self,
-        transport: Transport,
+        transport: Engine,
         names: Names,
         directory: Directory,
         route_local: RouteLocal,
@@ -103,8 +101,8 @@ class Sender:
                 except NoResponders:
                     now = self._loop.time()
                     unowned_since = now if unowned_since is None else unowned_since
-                    if now - unowned_since < STANDBY_AFTER or not await self._directory.split_brain(
-                        agent_id
+                    if now - unowned_since < STANDBY_AFTER or not await self._split_brain(
+                        agent_id, deadline - now
                     ):
                         raise
                     # The owner's process is gone (its subscription with it) and the lease has
@@ -133,8 +131,6 @@ class Sender:
         msg_id: str | None,
     ) -> bytes:
         if self._durable is None:
-            if not isinstance(self._transport, NatsTransport):
-                raise ConfigurationError("durable delivery needs a NATS JetStream transport")
             self._durable = DurableSender(self._transport)
         req = codec.Request(
             v=codec.PROTOCOL_VERSION,
@@ -207,6 +203,13 @@ class Sender:
             return await self._transport.request(subject, data, timeout)
         except (NoResponders, RequestTimeout):
             raise NotConnected(f"no accord node answered on {subject}") from None
+
+    async def _split_brain(self, agent_id: AgentId, timeout: float) -> bool:
+        """Is the agent's type `split_brain_allowed`? False while the registry cannot tell."""
+        try:
+            return await self._directory.split_brain(agent_id, timeout)
+        except NotConnected:
+            return False
 
     def _reply_type(self, agent_type: str, type_name: str) -> Any:
         """The declared return type of the handler of `type_name` (Any if this process lacks

@@ -19,6 +19,7 @@ import pytest
 
 import accord
 from accord._ids import AgentId, shard_of
+from accord.engine._api import BucketSpec
 from accord.state._store import StateRecord, StateStore
 from accord.testing import Cluster, wait_for_placement
 
@@ -167,7 +168,8 @@ async def _pause_owner_mid_turn(
 
 
 async def _state_store(mesh: accord.Mesh) -> StateStore:
-    return StateStore(await mesh._transport.js.key_value(mesh.names.bucket("state")))
+    bucket = BucketSpec(name=mesh.names.bucket("state"))
+    return StateStore(await mesh._transport.bucket(bucket, create=False))
 
 
 async def test_fencing_a_resumed_owner_cannot_overwrite_the_new_owners_state(

@@ -26,7 +26,7 @@ import pytest
 
 import accord
 from accord._ids import AgentId, shard_of
-from accord.engine._api import NoResponders
+from accord.engine._api import BucketSpec, NoResponders
 from accord.state._store import StateStore
 from accord.testing import connect_retrying
 from accord.testing import history as hist
@@ -105,24 +105,23 @@ def _wait_nodes_up(logs: Path, procs: dict[str, Any], timeout: float) -> None:
 
 
 async def _create_cluster(urls: list[str], num_shards: int) -> None:
-    import nats as nats_py
-
     from accord.cluster._config import Names, open_cluster
     from accord.delivery._mailbox import ensure_streams
+    from accord.engine._nats import NatsTransport
 
     # Created here, one at a time, rather than by three starting nodes at once: R3 stream
     # creation on 2 busy cores can outlast a node's 5 s JetStream API timeout.
-    nc = await nats_py.connect(urls)
+    js = await NatsTransport.connect(urls, "test-setup")
     try:
-        js, names = nc.jetstream(), Names("default")
-        _, kvs = await open_cluster(js, names, num_shards=num_shards, replicas=3)
+        names = Names("default")
+        _, buckets = await open_cluster(js, names, num_shards=num_shards, replicas=3)
         await ensure_streams(js, names, 3)
         with contextlib.suppress(ImportError):  # the node agent's buckets (services)
             from accord.services._store import ServiceStore
 
-            await ServiceStore.open(js, names, kvs["members"], 3)
+            await ServiceStore.open(js, names, buckets.members, 3)
     finally:
-        await nc.close()
+        await js.close()
 
 
 _mesh = connect_retrying  # retried: JetStream can be slow to answer while the lab starts
@@ -209,7 +208,9 @@ async def _lead_from(nats_cluster: Any, host: str) -> None:
 async def _stored_state(mesh: accord.Mesh, agent: str) -> Any:
     """The agent's state record as stored (for failure messages)."""
     with contextlib.suppress(Exception):
-        record, rev = await StateStore(mesh._kvs["state"]).load(AgentId.parse(agent))
+        bucket = BucketSpec(name=mesh.names.bucket("state"))
+        store = StateStore(await mesh._transport.bucket(bucket, create=False))
+        record, rev = await store.load(AgentId.parse(agent))
         if record is not None:
             state = msgspec.msgpack.decode(record.state)
             return {"epoch": record.epoch, "rev": rev, "state": state}

@@ -207,12 +207,13 @@ async def _legacy_cluster(urls: list[str]) -> None:
     a record without a replication factor."""
     from accord.cluster._config import Names, open_cluster
     from accord.delivery._mailbox import ensure_streams
+    from accord.engine._nats import NatsTransport
 
     async with _raw(urls) as nc:
-        js, names = nc.jetstream(), Names("default")
-        _, kvs = await open_cluster(js, names, num_shards=8, replicas=1)
-        await kvs["meta"].put("config", b'{"v":1,"num_shards":8,"lease_ttl":2,"created_at":1.0}')
-        await ensure_streams(js, names, 1)
+        engine, names = NatsTransport(nc, "test-setup"), Names("default")
+        _, buckets = await open_cluster(engine, names, num_shards=8, replicas=1)
+        await buckets.meta.put("config", b'{"v":1,"num_shards":8,"lease_ttl":2,"created_at":1.0}')
+        await ensure_streams(engine, names, 1)
 
 
 async def test_a_cluster_grown_from_two_servers_to_three_ends_with_every_resource_at_three(

@@ -1,8 +1,8 @@
 """The shard mailbox consumer against a real nats-server: outstanding pull requests topped up as
 messages arrive, stream order, acks, the bulkhead, and a newer epoch taking the shard over.
 
-Each test gets a cluster name of its own on the module's server; messages are published with
-plain JetStream publishes, and the dispatch function records what the mailbox hands over.
+Each test gets a cluster name of its own on the module's server; messages are appended through
+the NATS engine, and the dispatch function records what the mailbox hands over.
 """
 
 from __future__ import annotations
@@ -12,23 +12,24 @@ import itertools
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-import nats
 import pytest
-from nats.aio.msg import Msg
 
 from accord.cluster._config import Names
-from accord.delivery._mailbox import PULL_EXPIRES, ShardMailbox, ensure_streams, mailbox_subject
+from accord.delivery._mailbox import ShardMailbox, ensure_streams, mailbox_subject
+from accord.engine._api import Delivery
+from accord.engine._nats import NatsTransport
+from accord.engine._nats_consumer import PULL_EXPIRES
 
 _serials = itertools.count(1)
 
 
 @pytest.fixture
-async def js(nats_url: str) -> AsyncIterator[Any]:
-    nc = await nats.connect(nats_url)
+async def js(nats_url: str) -> AsyncIterator[NatsTransport]:
+    engine = await NatsTransport.connect([nats_url], "test-mailbox")
     try:
-        yield nc.jetstream()
+        yield engine
     finally:
-        await nc.close()
+        await engine.close()
 
 
 async def _names(js: Any) -> Names:
@@ -39,7 +40,7 @@ async def _names(js: Any) -> Names:
 
 async def _publish(js: Any, names: Names, shard: int, payloads: list[bytes]) -> None:
     for p in payloads:
-        await js.publish(mailbox_subject(names, shard), p, headers={"Nats-Msg-Id": p.decode()})
+        await js.append(mailbox_subject(names, shard), p, msg_id=p.decode())
 
 
 async def _until(cond: Callable[[], bool], timeout: float, what: str) -> None:
@@ -60,7 +61,7 @@ async def test_delivers_in_stream_order_beyond_one_batch_and_acked_ones_stay_ack
     got: list[bytes] = []
     acks: list[asyncio.Task[None]] = []
 
-    def dispatch(shard: int, epoch: int, msg: Msg) -> bool:
+    def dispatch(shard: int, epoch: int, msg: Delivery) -> bool:
         got.append(msg.data)
         acks.append(asyncio.get_running_loop().create_task(msg.ack()))
         return True
@@ -73,7 +74,7 @@ async def test_delivers_in_stream_order_beyond_one_batch_and_acked_ones_stay_ack
         await _until(lambda: len(got) >= 100, 10, "100 messages")
         assert got == sent  # 100 messages through requests of at most 8: order kept, none twice
         await asyncio.gather(*acks)  # every ack sent before the takeover (else: redelivered)
-        await js._nc.flush()
+        await js.flush(5)
     finally:
         await mailbox.stop()
     # A newer epoch's consumer gets only what was never acked: nothing.
@@ -106,7 +107,7 @@ async def test_consumes_again_after_its_pull_requests_expired(js: Any) -> None:
 
 async def test_no_request_while_the_bulkhead_is_full(js: Any) -> None:
     names = await _names(js)
-    got: list[Msg] = []
+    got: list[Delivery] = []
     room = asyncio.Event()
     blocked = asyncio.Event()
 
@@ -115,7 +116,7 @@ async def test_no_request_while_the_bulkhead_is_full(js: Any) -> None:
             blocked.set()
             await room.wait()
 
-    def dispatch(shard: int, epoch: int, msg: Msg) -> bool:
+    def dispatch(shard: int, epoch: int, msg: Delivery) -> bool:
         got.append(msg)
         return True
 
@@ -123,11 +124,13 @@ async def test_no_request_while_the_bulkhead_is_full(js: Any) -> None:
     mailbox = ShardMailbox(js, names, 1, 1, dispatch, has_capacity, lambda: True, batch=8)
     await mailbox.start()
     try:
-        # Instead of sleeping to see that nothing more comes: wait until the pull loop waits on
-        # the bulkhead and every message it asked for has arrived. Nothing is asked for then, so
-        # nothing more can arrive, and the count below is final until there is room.
+        # Instead of sleeping to see that nothing more comes: wait until the pull loop (the
+        # engine's, `engine/_nats_consumer.py`) waits on the bulkhead and every message it asked
+        # for has arrived. Nothing is asked for then, so nothing more can arrive, and the count
+        # below is final until there is room.
+        pull: Any = mailbox._consumer
         await _until(
-            lambda: blocked.is_set() and mailbox._owed <= 0, 5, "the pull loop blocked, settled"
+            lambda: blocked.is_set() and pull._owed <= 0, 5, "the pull loop blocked, settled"
         )
         assert len(got) <= 10 + 8  # what was asked for before the bulkhead filled, no more
         room.set()
@@ -143,7 +146,7 @@ async def test_a_newer_epoch_redelivers_the_unacked_in_order_and_the_old_owner_s
     old: list[bytes] = []
     owner = {"epoch": 1}
 
-    def old_dispatch(shard: int, epoch: int, msg: Msg) -> bool:
+    def old_dispatch(shard: int, epoch: int, msg: Delivery) -> bool:
         if owner["epoch"] != epoch:
             return False
         old.append(msg.data)  # never acked: the turn "crashed"
@@ -158,7 +161,7 @@ async def test_a_newer_epoch_redelivers_the_unacked_in_order_and_the_old_owner_s
     owner["epoch"] = 2
     new: list[bytes] = []
 
-    def new_dispatch(shard: int, epoch: int, msg: Msg) -> bool:
+    def new_dispatch(shard: int, epoch: int, msg: Delivery) -> bool:
         new.append(msg.data)
         asyncio.get_running_loop().create_task(msg.ack())
         return True
@@ -174,3 +177,25 @@ async def test_a_newer_epoch_redelivers_the_unacked_in_order_and_the_old_owner_s
     finally:
         await second.stop()
         await first.stop()
+
+
+async def test_a_consumer_left_by_an_owner_older_than_the_previous_one_is_replaced(
+    js: NatsTransport,
+) -> None:
+    names = await _names(js)
+    got: list[bytes] = []
+    first = ShardMailbox(js, names, 4, 1, lambda s, e, m: True, _capacity, lambda: False)
+    await first.start()
+    await first.stop()  # its consumer stays on the server (it is durable)
+    # Epoch 3 knows only epoch 2 as its predecessor: epoch 1's consumer still filters the subject.
+    third = ShardMailbox(
+        js, names, 4, 3, lambda s, e, m: got.append(m.data) is None, _capacity, lambda: True
+    )
+    await third.start(previous_epoch=2)
+    try:
+        consumers = await js.consumers(f"accord_{names.cluster}_mailbox")
+        assert set(consumers) == {"shard-4-e3"}
+        await _publish(js, names, 4, [b"to-the-new-owner"])
+        await _until(lambda: got == [b"to-the-new-owner"], 5, "the message on the new consumer")
+    finally:
+        await third.stop()

@@ -160,7 +160,14 @@ async def test_cluster_resources_are_as_documented(nats_url: str) -> None:
             js = nc.jetstream()
             meta = await js.key_value("accord_proto-res_meta")
             config = json.loads((await meta.get("config")).value)
-            assert set(config) == {"v", "num_shards", "lease_ttl", "created_at"}
+            assert set(config) == {
+                "v",
+                "num_shards",
+                "lease_ttl",
+                "created_at",
+                "replicas",
+                "replicas_auto",
+            }
             assert config["v"] == 1
             assert config["num_shards"] == node.config.num_shards == 64
             assert config["lease_ttl"] == node.config.lease_ttl

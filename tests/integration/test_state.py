@@ -18,6 +18,7 @@ import pytest
 
 import accord
 from accord._ids import AgentId
+from accord.engine._api import BucketSpec
 from accord.state._events import EventLog
 from accord.state._store import StateRecord, StateStore
 
@@ -125,6 +126,10 @@ async def _node(url: str, cluster: str, name: str = "n1", **settings: Any) -> ac
     return node
 
 
+async def _state_store(node: accord.Node, bucket: str) -> StateStore:
+    return StateStore(await node._transport.bucket(BucketSpec(name=bucket), create=False))
+
+
 async def _until(cond: Any, what: str, timeout: float = 20.0) -> None:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
@@ -214,7 +219,7 @@ async def test_event_sourced_state_from_snapshot_and_replay_equals_full_log(nats
             await node.ask(agent, Deposit(a), timeout=10)
         await _until(lambda: agent not in node._table.live, "idle deactivation")
         rebuilt = await node.ask(agent, Snapshot(), timeout=10)  # snapshot + replay
-        log = EventLog(node._transport.js, "accord_es1_es", "accord.es1.es")
+        log = EventLog(node._transport, "accord_es1_es", "accord.es1.es")
         folded = Book()
 
         def fold(ev: Any) -> None:
@@ -222,8 +227,7 @@ async def test_event_sourced_state_from_snapshot_and_replay_equals_full_log(nats
             folded.ops += 1
 
         await log.replay(agent, 0, {"Deposited": Deposited}, fold)
-        kv = await node._transport.js.key_value("accord_es1_state")
-        record, _ = await StateStore(kv).load(agent)
+        record, _ = await (await _state_store(node, "accord_es1_state")).load(agent)
     finally:
         await node.stop()
     # The last snapshot holds 20 events (snapshot_every=5); the other 3 came from replay.
@@ -234,7 +238,7 @@ async def test_event_sourced_state_from_snapshot_and_replay_equals_full_log(nats
 async def test_eventual_state_is_written_behind_within_the_flush_interval(nats_url: str) -> None:
     node = await _node(nats_url, "ev1")
     agent = AgentId("lazy", "l1")
-    store = StateStore(await node._transport.js.key_value("accord_ev1_state"))
+    store = await _state_store(node, "accord_ev1_state")
     try:
         for _ in range(3):
             await node.ask(agent, Add(2), timeout=5)
@@ -256,7 +260,7 @@ async def test_eventual_state_is_written_behind_within_the_flush_interval(nats_u
 
 async def test_undecodable_state_is_a_clear_error_never_a_reset(nats_url: str) -> None:
     node = await _node(nats_url, "sv1")
-    store = StateStore(await node._transport.js.key_value("accord_sv1_state"))
+    store = await _state_store(node, "accord_sv1_state")
     try:
         for agent_type in ("strict", "migrating"):
             raw = msgspec.Raw(msgspec.msgpack.encode({"total": "12"}))

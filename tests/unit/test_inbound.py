@@ -83,7 +83,7 @@ def _inbound(settings: NodeSettings | None = None) -> tuple[Inbound, Wire, Table
     inbound = Inbound(
         "n1", Names("inb"), SHARDS, {spec.type_name: spec}, _resolve, Held(),  # type: ignore[arg-type]
         None,  # type: ignore[arg-type]
-        table, bulkhead, wire, None, stats, Background(), lambda: 0.0,  # type: ignore[arg-type]
+        table, bulkhead, wire, stats, Background(), lambda: 0.0,  # type: ignore[arg-type]
     )  # fmt: skip
     return inbound, wire, table, stats
 

@@ -114,8 +114,7 @@ async def _dead_letters(nats: str | None, cluster: str) -> AsyncIterator[Any]:
     from ..delivery._dlq import DeadLetters
 
     async with _existing_cluster(nats, cluster) as mesh:
-        js = mesh._transport.js
-        yield DeadLetters(js, mesh.names, mesh.config.num_shards)
+        yield DeadLetters(mesh._transport, mesh.names, mesh.config.num_shards)
 
 
 @dlq_app.command("list")

@@ -14,16 +14,16 @@ from collections import deque
 from collections.abc import Callable
 
 import msgspec
-from nats.js import JetStreamContext
-from nats.js.kv import KeyValue
 
 from .._background import Background, cancel_and_wait
-from ._config import Names
+from ..engine._api import KV, Entry, JetStream
+from ._config import ENGINE_FAILURES, Names
 from ._detector import FailureDetector, State, Transition
+from ._watch import follow
 
 log = logging.getLogger("accord.membership")
 
-MEMBER_TTL = "30s"
+MEMBER_TTL = 30  # seconds a heartbeat keeps a member entry alive
 
 
 class MemberInfo(msgspec.Struct):
@@ -47,8 +47,8 @@ _trans_enc = msgspec.json.Encoder()
 class Membership:
     def __init__(
         self,
-        js: JetStreamContext,
-        kv: KeyValue,
+        js: JetStream,
+        kv: KV,
         names: Names,
         me: MemberInfo,
         *,
@@ -95,23 +95,23 @@ class Membership:
         return self.detector.state(node)
 
     async def beat(self) -> None:
+        """Write this node's entry now (raises `NotConnected` if it was not confirmed)."""
         self.me.ts = time.time()
-        key = f"$KV.{self._kv._name}.node.{self.me.name}"
-        await self._js.publish(
-            key, msgspec.json.encode(self.me), headers={"Nats-TTL": MEMBER_TTL}, timeout=2.0
+        await self._kv.put(
+            f"node.{self.me.name}", msgspec.json.encode(self.me), ttl=MEMBER_TTL, timeout=2.0
         )
 
     async def leave(self) -> None:
         """Announce a clean departure: peers stop placing shards here."""
         self.me.status = "leaving"
-        with contextlib.suppress(Exception):
+        with contextlib.suppress(*ENGINE_FAILURES):
             await self.beat()
 
     async def stop(self) -> None:
         await cancel_and_wait(self._tasks)
         self._tasks = []
         await self._bg.close()
-        with contextlib.suppress(Exception):
+        with contextlib.suppress(*ENGINE_FAILURES):
             await self._kv.delete(f"node.{self.me.name}")
 
     async def _beat_loop(self) -> None:
@@ -119,7 +119,9 @@ class Membership:
             await asyncio.sleep(self._interval)
             try:
                 await self.beat()
-            except Exception as exc:  # NATS away: the detector on the other side will judge us
+            except (
+                ENGINE_FAILURES
+            ) as exc:  # NATS away: the detector on the other side will judge us
                 log.warning("heartbeat failed: %s", exc)
 
     async def _tick_loop(self) -> None:
@@ -130,40 +132,25 @@ class Membership:
     async def _watch(self) -> None:
         # Our own heartbeats flow through this watch several times a second, so silence means
         # the watch's consumer is gone (its server cut off or dead): start a new one.
-        stall = max(2.0, 8 * self._interval)
-        while True:
-            watcher = None
-            try:
-                watcher = await self._kv.watchall()
-                while True:
-                    entry = await watcher.updates(timeout=stall)  # type: ignore[no-untyped-call]
-                    if entry is not None and not hasattr(entry, "key"):
-                        raise ConnectionError("watch ended")
-                    if entry is None:
-                        self._synced.set()
-                        continue
-                    self._apply(entry.key, entry.value, entry.operation)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.warning("members watch stalled or failed, restarting: %r", exc)
-                self.on_stall()
-                await asyncio.sleep(0.2)
-            finally:
-                if watcher is not None:
-                    with contextlib.suppress(Exception):
-                        await watcher.stop()  # type: ignore[no-untyped-call]
+        await follow(
+            self._kv,
+            self._apply,
+            stall=max(2.0, 8 * self._interval),
+            synced=self._synced.set,
+            restarted=lambda: self.on_stall(),
+            what="members",
+        )
 
-    def _apply(self, key: str, value: bytes | None, op: str | None) -> None:
-        name = key.removeprefix("node.")
-        if op in ("DEL", "PURGE") or not value:
+    def _apply(self, entry: Entry) -> None:
+        name = entry.key.removeprefix("node.")
+        if entry.deleted or not entry.value:
             self.infos.pop(name, None)
             self._record(self.detector.departed(name, "member entry removed"))
             return
         try:
-            info = _info_dec.decode(value)
+            info = _info_dec.decode(entry.value)
         except msgspec.DecodeError:
-            log.warning("ignoring malformed member entry %r", key)
+            log.warning("ignoring malformed member entry %r", entry.key)
             return
         known = self.infos.get(name)
         if known is not None and known.incarnation == info.incarnation and info.ts <= known.ts:
@@ -191,5 +178,6 @@ class Membership:
         self._on_change()
 
     async def _publish(self, t: Transition) -> None:
-        with contextlib.suppress(Exception):
-            await self._js.publish(self._names.events_subject("fd"), _trans_enc.encode(t))
+        # The bucket is the truth; the event is a copy for `accord events` and post-mortems.
+        with contextlib.suppress(*ENGINE_FAILURES):
+            await self._js.append(self._names.events_subject("fd"), _trans_enc.encode(t))

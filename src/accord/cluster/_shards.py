@@ -11,22 +11,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
-from collections.abc import Callable
 from typing import Protocol
 
 import msgspec
-import nats.errors
-import nats.js.errors
-from nats.js import JetStreamContext
-from nats.js.kv import KeyValue
 
 from .._background import Background, cancel_and_wait
-from ._config import ClusterConfig
+from .._clock import Clock, LoopClock, TimerHandle
+from ..engine._api import KV, Entry, WrongRevision
+from ._config import ENGINE_FAILURES, ClusterConfig
 from ._detector import State
-from ._leasekv import LeaseKV, Taken
-from ._membership import Membership
+from ._membership import MemberInfo
 from ._placement import assign, rank
+from ._watch import follow
 
 log = logging.getLogger("accord.shards")
 
@@ -44,6 +40,15 @@ class ShardOwner(Protocol):
     async def shard_released(self, shard: int, graceful: bool, orphan: bool = False) -> None: ...
 
 
+class Members(Protocol):
+    """What shard ownership reads of membership (`Membership` is one)."""
+
+    me: MemberInfo
+
+    def live(self) -> list[str]: ...
+    def state(self, node: str) -> State | None: ...
+
+
 class Held:
     __slots__ = ("epoch", "releasing", "renewing", "revision", "shard", "timer", "valid_until")
 
@@ -54,7 +59,7 @@ class Held:
         self.valid_until = valid_until
         self.releasing = False
         self.renewing = False  # one renewal at a time: two would race on the same revision
-        self.timer: asyncio.TimerHandle | None = None
+        self.timer: TimerHandle | None = None
 
 
 class LeaseView(msgspec.Struct, frozen=True):
@@ -69,16 +74,20 @@ _lease_enc = msgspec.msgpack.Encoder()
 
 
 class ShardManager:
+    """Takes, renews, hands off and loses this node's shard leases in the leases bucket `kv`.
+
+    Every timer and loop pause runs on `clock` (a `VirtualClock` drives it in unit tests).
+    """
+
     def __init__(
         self,
-        js: JetStreamContext,
-        kv: KeyValue,
+        kv: KV,
         config: ClusterConfig,
-        membership: Membership,
+        membership: Members,
         owner: ShardOwner,
         *,
         margin: float | None = None,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Clock | None = None,
     ) -> None:
         self._kv = kv
         self._n = config.num_shards
@@ -87,13 +96,14 @@ class ShardManager:
         self._members = membership
         self._me = membership.me.name
         self._owner = owner
-        self._clock = clock
-        self._leases = LeaseKV(js, kv, config.lease_ttl)
+        self._clock = clock = clock or LoopClock()
+        # A lease write unanswered for half a TTL cannot help any more (validity runs out).
+        self._io_timeout = max(0.5, config.lease_ttl / 2)
         self._held: dict[int, Held] = {}
         self._busy: set[int] = set()  # shards with an acquire or release under way
         self.table: dict[int, LeaseView] = {}
         self.previous_epoch: dict[int, int] = {}  # last known epoch of a now-free shard
-        self._free_since: dict[int, float] = dict.fromkeys(range(self._n), clock())
+        self._free_since: dict[int, float] = dict.fromkeys(range(self._n), clock.now())
         self._wake = asyncio.Event()
         self._leaving = False
         self._tasks: list[asyncio.Task[None]] = []
@@ -105,21 +115,21 @@ class ShardManager:
     def serving(self, shard: int) -> int | None:
         """The epoch if this node may take new messages for `shard` now, else None."""
         h = self._held.get(shard)
-        if h is None or h.releasing or self._clock() >= h.valid_until:
+        if h is None or h.releasing or self._clock.now() >= h.valid_until:
             return None
         return h.epoch
 
     def held_epoch(self, shard: int) -> int | None:
         """The epoch if this node validly holds `shard` now, even while handing it off."""
         h = self._held.get(shard)
-        if h is None or self._clock() >= h.valid_until:
+        if h is None or self._clock.now() >= h.valid_until:
             return None
         return h.epoch
 
     def valid(self, shard: int, epoch: int) -> bool:
         """May a turn of an activation born in `epoch` run (or reply) now? True while draining."""
         h = self._held.get(shard)
-        return h is not None and h.epoch == epoch and self._clock() < h.valid_until
+        return h is not None and h.epoch == epoch and self._clock.now() < h.valid_until
 
     def held(self) -> dict[int, int]:
         return {s: h.epoch for s, h in self._held.items()}
@@ -147,13 +157,13 @@ class ShardManager:
     async def leave(self, timeout: float) -> None:
         """Hand every held shard off gracefully (drain, deactivate, release)."""
         self._leaving = True
-        deadline = self._clock() + timeout
-        while self._held and self._clock() < deadline:
+        deadline = self._clock.now() + timeout
+        while self._held and self._clock.now() < deadline:
             mine = [s for s in self._held if s not in self._busy]
             self._busy.update(mine)  # claimed now, so the reconcile loop cannot release them too
             await asyncio.gather(*(self._release(s) for s in mine), return_exceptions=True)
             if self._held:  # acquisitions or releases still under way
-                await asyncio.sleep(0.02)
+                await self._clock.sleep(0.02)
 
     async def stop(self) -> None:
         await cancel_and_wait(self._tasks)
@@ -167,47 +177,37 @@ class ShardManager:
         # Every held lease is renewed each TTL/4, so a live cluster writes here several times a
         # second; silence for 2 TTLs means the watch's consumer sits on a server we cannot reach
         # (or died): start a new one. A restart only replays the current keys.
-        stall = max(3.0, 2.0 * self._ttl)
-        while True:
-            watcher = None
-            try:
-                watcher = await self._kv.watchall()
-                while True:
-                    entry = await watcher.updates(timeout=stall)  # type: ignore[no-untyped-call]
-                    if entry is not None and not hasattr(entry, "key"):
-                        raise ConnectionError("watch ended")
-                    if entry is None:
-                        self._synced.set()
-                        self.wake()
-                        continue
-                    self._apply(entry.key, entry.value, entry.operation, entry.revision)
-            except asyncio.CancelledError:
-                raise
-            except nats.errors.TimeoutError:
-                log.info("leases watch silent for %.0fs, restarting it", stall)
-            except Exception as exc:
-                log.warning("leases watch failed, restarting: %r", exc)
-                await asyncio.sleep(0.5)
-            finally:
-                if watcher is not None:
-                    with contextlib.suppress(Exception):
-                        await watcher.stop()  # type: ignore[no-untyped-call]
+        await follow(
+            self._kv,
+            self._apply,
+            stall=max(3.0, 2.0 * self._ttl),
+            synced=self._on_synced,
+            clock=self._clock,
+            what="leases",
+        )
 
-    def _apply(self, key: str, value: bytes | None, op: str | None, revision: int) -> None:
+    def _on_synced(self) -> None:
+        self._synced.set()
+        self.wake()
+
+    def _apply(self, entry: Entry) -> None:
         try:
-            shard = int(key.removeprefix("shard."))
+            shard = int(entry.key.removeprefix("shard."))
         except ValueError:
             return
-        if op in ("DEL", "PURGE") or not value:
+        if entry.deleted or not entry.value:
             self._forget(shard)
             self.wake()
             return
         try:
-            lease = _lease_dec.decode(value)
+            lease = _lease_dec.decode(entry.value)
         except msgspec.DecodeError:
-            log.warning("ignoring malformed lease entry %r", key)
+            log.warning("ignoring malformed lease entry %r", entry.key)
             return
-        self.table[shard] = LeaseView(lease.node, lease.epoch or revision, revision, self._clock())
+        revision = entry.revision
+        self.table[shard] = LeaseView(
+            lease.node, lease.epoch or revision, revision, self._clock.now()
+        )
         self._free_since.pop(shard, None)
 
     async def _renew_loop(self) -> None:
@@ -216,7 +216,7 @@ class ShardManager:
         # renewals of every other shard until their leases run out too.
         interval = self._ttl / 4
         while True:
-            await asyncio.sleep(interval)
+            await self._clock.sleep(interval)
             for shard in list(self._held):
                 self._bg.spawn(self._renew(shard), name=f"accord-renew-{shard}")
 
@@ -233,12 +233,12 @@ class ShardManager:
     async def _renew_held(self, h: Held) -> None:
         shard = h.shard
         key = f"shard.{shard}"
-        sent = self._clock()
+        sent = self._clock.now()
         value = _lease_enc.encode(LeaseValue(self._me, h.epoch, self._members.me.incarnation))
         try:
             try:
-                revision = await self._leases.renew(key, value, h.revision)
-            except Taken:
+                revision = await self._write(key, value, h.revision)
+            except WrongRevision:
                 # Refused: another node took the key, or it expired, or an earlier renewal of
                 # ours was applied with its reply lost — or is still pending on a stream leader
                 # cut off from its quorum, which checks against what it proposed, not what was
@@ -248,10 +248,10 @@ class ShardManager:
                 if adopted is None:
                     return
                 h.revision = adopted
-                revision = await self._leases.renew(key, value, adopted)
-        except Taken:
+                revision = await self._write(key, value, adopted)
+        except WrongRevision:
             return
-        except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
+        except ENGINE_FAILURES as exc:  # not confirmed: the lease may be ours, validity decides
             log.debug("renewal of shard %d failed: %s", shard, exc)
             return
         if self._held.get(shard) is h:
@@ -261,46 +261,58 @@ class ShardManager:
     async def _own_revision(self, shard: int) -> int | None:
         """The stored revision of our lease on `shard`; None if absent or unreadable. Stops
         serving `shard` at once if the stored lease is another node's."""
-        last = await self._leases.last(f"shard.{shard}")
+        last = await self._kv.get(f"shard.{shard}", leader=True, timeout=self._io_timeout)
         if last is None:
             return None
         try:
-            lease = _lease_dec.decode(last[0])
+            lease = _lease_dec.decode(last.value)
         except msgspec.DecodeError:
             return None
         if lease.node != self._me or lease.incarnation != self._members.me.incarnation:
             await self._lose(shard, f"lease taken by {lease.node}")
             return None
-        return last[1]
+        return last.revision
+
+    async def _write(self, key: str, value: bytes, last: int) -> int:
+        """Renew (or take over) the lease `key` by compare-and-set on revision `last`, with a
+        fresh TTL; `WrongRevision` if the key moved on."""
+        return await self._kv.update(key, value, last, ttl=self._ttl, timeout=self._io_timeout)
 
     def _set_valid(self, h: Held, until: float) -> None:
         h.valid_until = until
         if h.timer:
             h.timer.cancel()
-        loop = asyncio.get_running_loop()
-        h.timer = loop.call_later(max(0.0, until - self._clock()), self._check_valid, h)
+        h.timer = self._clock.call_at(until, lambda: self._check_valid(h))
 
     def _check_valid(self, h: Held) -> None:
-        if self._held.get(h.shard) is h and self._clock() >= h.valid_until:
+        if self._held.get(h.shard) is h and self._clock.now() >= h.valid_until:
             # Renewals stopped getting through (partition, overload): agent types that tolerate it
             # may keep serving from memory (see Node.shard_released).
             self._bg.spawn(self._lose(h.shard, "lease not renewed in time", orphan=True))
 
     async def _reconcile_loop(self) -> None:
         while True:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(0.25):
-                    await self._wake.wait()
+            await self._woken(0.25)
             self._wake.clear()
             try:
                 self._reconcile()
             except Exception:
                 log.exception("reconcile failed")
 
+    async def _woken(self, seconds: float) -> None:
+        """Return once `wake()` was called, or after `seconds` on the clock."""
+        if self._wake.is_set():
+            return
+        timer = self._clock.call_at(self._clock.now() + seconds, self._wake.set)
+        try:
+            await self._wake.wait()
+        finally:
+            timer.cancel()
+
     def _reconcile(self) -> None:
         live = self._members.live()
         desired = assign(self._n, live)
-        now = self._clock()
+        now = self._clock.now()
         for shard in range(self._n):
             if shard in self._busy:
                 continue
@@ -343,7 +355,7 @@ class ShardManager:
 
     async def _acquire(self, shard: int, over: int = 0) -> None:
         try:
-            sent = self._clock()
+            sent = self._clock.now()
             value = _lease_enc.encode(LeaseValue(self._me, 0, self._members.me.incarnation))
             try:
                 if over:
@@ -351,17 +363,17 @@ class ShardManager:
                     if rev is None:
                         return
                 else:
-                    rev = await self._leases.create(f"shard.{shard}", value)
-            except (Taken, nats.js.errors.APIError) as exc:
-                log.debug("shard %d not acquired: %r", shard, exc)
+                    rev = await self._create(f"shard.{shard}", value)
+            except WrongRevision:
+                log.debug("shard %d not acquired: it is held", shard)
                 return  # somebody else holds it
-            except (nats.errors.Error, TimeoutError) as exc:
+            except ENGINE_FAILURES as exc:
                 log.debug("acquire of shard %d failed: %s", shard, exc)
                 return
             h = Held(shard, rev, sent + self._ttl - self._margin)
             self._held[shard] = h
             self._set_valid(h, h.valid_until)
-            self.table[shard] = LeaseView(self._me, rev, rev, self._clock())
+            self.table[shard] = LeaseView(self._me, rev, rev, self._clock.now())
             self._free_since.pop(shard, None)
             log.info("acquired shard %d epoch %d", shard, rev)
             await self._owner.shard_acquired(shard, rev)
@@ -377,31 +389,36 @@ class ShardManager:
         holder as seen now, so it gets a full TTL before the next attempt."""
         key = f"shard.{shard}"
         try:
-            rev = await self._leases.renew(key, value, over)
-        except Taken:
-            last = await self._leases.last(key)
+            rev = await self._write(key, value, over)
+        except WrongRevision:
+            last = await self._kv.get(key, leader=True, timeout=self._io_timeout)
             if last is not None:
                 try:
-                    lease = _lease_dec.decode(last[0])
+                    lease = _lease_dec.decode(last.value)
                 except msgspec.DecodeError:
                     return None
                 self.table[shard] = LeaseView(
-                    lease.node, lease.epoch or last[1], last[1], self._clock()
+                    lease.node, lease.epoch or last.revision, last.revision, self._clock.now()
                 )
                 return None
             self._forget(shard)
-            rev = await self._leases.create(key, value)
+            rev = await self._create(key, value)
             log.warning("took over shard %d: its expired lease had left no marker", shard)
             return rev
         log.warning("took over shard %d from a lease not renewed for %.1fs", shard,
                     self._ttl + 1.0)  # fmt: skip
         return rev
 
+    async def _create(self, key: str, value: bytes) -> int:
+        """Take the free lease `key` (absent, deleted or expired); `WrongRevision` if held. The
+        returned revision is the shard's new fencing epoch."""
+        return await self._kv.create(key, value, ttl=self._ttl, timeout=self._io_timeout)
+
     def _forget(self, shard: int) -> None:
         gone = self.table.pop(shard, None)
         if gone is not None:
             self.previous_epoch[shard] = gone.epoch
-        self._free_since[shard] = self._clock()
+        self._free_since[shard] = self._clock.now()
 
     async def _release(self, shard: int) -> None:
         self._busy.add(shard)
@@ -417,7 +434,9 @@ class ShardManager:
             del self._held[shard]
             if h.timer:
                 h.timer.cancel()
-            await self._leases.release(f"shard.{shard}", h.revision)
+            # Best effort: if it fails, the key expires by its TTL.
+            with contextlib.suppress(WrongRevision, *ENGINE_FAILURES):
+                await self._kv.delete(f"shard.{shard}", last=h.revision, timeout=self._io_timeout)
         finally:
             self._busy.discard(shard)
             self.wake()

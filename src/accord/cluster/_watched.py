@@ -7,17 +7,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
-
-from nats.js.kv import KeyValue
 
 from .._background import Background
-
-log = logging.getLogger("accord.registry")
+from .._errors import NotConnected
+from ..engine._api import KV, Entry
+from ._watch import follow
 
 
 class WatchedKV:
-    def __init__(self, kv: KeyValue | None, bg: Background, prefix: str = "") -> None:
+    def __init__(self, kv: KV | None, bg: Background, prefix: str = "") -> None:
         self.kv = kv
         self._bg = bg
         self._prefix = prefix
@@ -26,6 +24,11 @@ class WatchedKV:
         self._started = False
 
     async def get_all(self, timeout: float = 5.0) -> dict[str, bytes]:
+        """Every value; the first call waits (up to `timeout`) for the initial ones.
+
+        Raises `NotConnected` when they have not arrived by then: an empty answer would be
+        taken for "no subscriptions" or "no such type", which the engine did not say.
+        """
         if self.kv is None:
             return self._data
         if not self._started:
@@ -33,7 +36,10 @@ class WatchedKV:
             self._bg.spawn(self._watch(), name=f"accord-watch-{self._prefix or 'kv'}")
         if not self._ready.is_set():
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._ready.wait(), timeout)
+                await asyncio.wait_for(self._ready.wait(), max(0.0, timeout))
+            if not self._ready.is_set():
+                what = f"{self.kv.name} ({self._prefix}*)" if self._prefix else self.kv.name
+                raise NotConnected(f"the registry {what} did not load within {timeout:.1f}s")
         return self._data
 
     def loaded(self) -> dict[str, bytes] | None:
@@ -47,21 +53,17 @@ class WatchedKV:
 
     async def _watch(self) -> None:
         assert self.kv is not None
-        keys = f"{self._prefix}>" if self._prefix else ">"
-        while True:
-            try:
-                watcher = await self.kv.watch(keys)
-                async for entry in watcher:
-                    if entry is None:
-                        self._ready.set()
-                        continue
-                    key = entry.key.removeprefix(self._prefix)
-                    if entry.operation in ("DEL", "PURGE") or entry.value is None:
-                        self._data.pop(key, None)
-                    else:
-                        self._data[key] = entry.value
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.warning("watch of %s failed, restarting: %s", self._prefix or "bucket", exc)
-                await asyncio.sleep(0.5)
+        await follow(
+            self.kv,
+            self._apply,
+            pattern=f"{self._prefix}>" if self._prefix else ">",
+            synced=self._ready.set,
+            what=self._prefix or self.kv.name,
+        )
+
+    def _apply(self, entry: Entry) -> None:
+        key = entry.key.removeprefix(self._prefix)
+        if entry.deleted:
+            self._data.pop(key, None)
+        else:
+            self._data[key] = entry.value

@@ -23,11 +23,11 @@ import time
 from typing import Any
 
 import msgspec
-import nats.js.errors
-from nats.js import JetStreamContext
-from nats.js.kv import KeyValue
 
 from .._errors import ConfigurationError
+from ..cluster._config import ENGINE_FAILURES
+from ..engine._api import KV, JetStream, WrongRevision
+from ._leases import engine_errors
 
 
 class VoteRequest(msgspec.Struct):
@@ -79,53 +79,69 @@ def settle(record: ProposalRecord, votes: dict[str, bool]) -> str | None:
 
 
 class Ballots:
-    """Reads and writes one cluster's proposals, votes and decisions."""
+    """Reads and writes one cluster's proposals, votes and decisions (bucket `kv`); decisions are
+    also appended to the events stream under `events_subject`.
 
-    def __init__(self, js: JetStreamContext, kv: KeyValue, events_subject: str) -> None:
+    Every method raises `NotConnected` when the engine does not answer; a write may then have been
+    applied or not, and every write here is create-once, so repeating it is safe.
+    """
+
+    def __init__(self, js: JetStream, kv: KV, events_subject: str) -> None:
         self._js = js
         self._kv = kv
         self._events = events_subject
 
+    @engine_errors
     async def open(self, record: ProposalRecord) -> None:
+        """Record the proposal (before any vote request is sent: voters look it up). Cancelled,
+        it may or may not be recorded; without vote requests nobody decides it."""
         if not record.voters:
             raise ConfigurationError("a proposal needs at least one voter")
         if not 0 < record.quorum <= 1:
             raise ConfigurationError(f"quorum must be in (0, 1], got {record.quorum}")
-        await self._kv.create(f"p.{record.id}", msgspec.json.encode(record))
+        # A repeat of our own create (its reply lost) finds the same record: fine.
+        with contextlib.suppress(WrongRevision):
+            await self._kv.create(f"p.{record.id}", msgspec.json.encode(record))
 
+    @engine_errors
     async def proposal(self, pid: str) -> ProposalRecord | None:
-        try:
-            entry = await self._kv.get(f"p.{pid}")
-        except nats.js.errors.KeyNotFoundError:
+        # From the leader: a voter asked right after `open` must not find it missing on a replica.
+        entry = await self._kv.get(f"p.{pid}", leader=True)
+        if entry is None:
             return None
-        return msgspec.json.decode(entry.value or b"", type=ProposalRecord)
+        return msgspec.json.decode(entry.value, type=ProposalRecord)
 
+    @engine_errors
     async def vote(self, pid: str, voter: str, yes: bool, by: str) -> Decision | None:
         """Record `voter`'s vote (first one wins) and decide if that settles the proposal."""
         record = await self.proposal(pid)
         if record is None or voter not in record.voters:
             return None
         # A redelivered vote request finds the vote recorded: the first vote stands.
-        with contextlib.suppress(nats.js.errors.KeyWrongLastSequenceError):
+        with contextlib.suppress(WrongRevision):
             await self._kv.create(f"v.{pid}.{_key(voter)}", b"1" if yes else b"0")
         votes = await self.votes(record)
         outcome = settle(record, votes)
         return await self.decide(record, outcome, votes, by) if outcome else None
 
+    @engine_errors
     async def votes(self, record: ProposalRecord) -> dict[str, bool]:
         out = {}
         for voter in record.voters:
-            try:
-                entry = await self._kv.get(f"v.{record.id}.{_key(voter)}")
-            except nats.js.errors.KeyNotFoundError:
-                continue
-            out[voter] = entry.value == b"1"
+            entry = await self._kv.get(f"v.{record.id}.{_key(voter)}")
+            if entry is not None:
+                out[voter] = entry.value == b"1"
         return out
 
+    @engine_errors
     async def decide(
         self, record: ProposalRecord, outcome: str, votes: dict[str, bool], by: str
     ) -> Decision:
-        """Write the decision once; if another was written first, return that one."""
+        """Write the decision once; if another was written first, return that one.
+
+        Cancelled, the decision may or may not be written; if it was not, a later vote (or the
+        proposer's `expired` at its deadline) writes one, and none is ever overwritten.
+        """
         yes = sum(1 for v in votes.values() if v)
         decision = Decision(
             id=record.id,
@@ -141,23 +157,29 @@ class Ballots:
         )
         try:
             await self._kv.create(f"d.{record.id}", msgspec.json.encode(decision))
-        except nats.js.errors.KeyWrongLastSequenceError:
-            existing = await self.decision(record.id)
-            assert existing is not None
-            return existing
-        with contextlib.suppress(Exception):  # the KV record is the truth; the event is a copy
-            await self._js.publish(self._events, msgspec.json.encode(decision))
+        except WrongRevision:
+            existing = await self.decision(record.id, leader=True)
+            if existing is not None:
+                return existing
+            # Written and then gone (the bucket purged): the one we computed is as good.
+            return decision
+        # The KV record is the truth; the event is a copy for `accord events` and post-mortems.
+        with contextlib.suppress(*ENGINE_FAILURES):
+            await self._js.append(self._events, msgspec.json.encode(decision))
         return decision
 
-    async def decision(self, pid: str) -> Decision | None:
-        try:
-            entry = await self._kv.get(f"d.{pid}")
-        except nats.js.errors.KeyNotFoundError:
+    @engine_errors
+    async def decision(self, pid: str, *, leader: bool = False) -> Decision | None:
+        """The recorded decision, if any (`leader`: never a stale replica's "none yet")."""
+        entry = await self._kv.get(f"d.{pid}", leader=leader)
+        if entry is None:
             return None
-        return msgspec.json.decode(entry.value or b"", type=Decision)
+        return msgspec.json.decode(entry.value, type=Decision)
 
+    @engine_errors
     async def wait(self, pid: str, until: float) -> Decision | None:
-        """Poll for the decision until the monotonic time `until`."""
+        """Poll for the decision until the monotonic time `until`; None if there is none by then.
+        Cancelling the wait changes nothing stored."""
         while True:
             found = await self.decision(pid)
             if found is not None or time.monotonic() >= until:

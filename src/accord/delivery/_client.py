@@ -1,49 +1,28 @@
 """The sender side of durable delivery: store in the mailbox, then wait for the reply.
 
-A message is published to its shard's mailbox subject with `Nats-Msg-Id`; publishing is retried
-with the same id until the server acknowledges it (a duplicate is dropped by the server). An ask
-then waits on its own inbox subject. When the publish was a duplicate (a retried exactly-once ask)
-the reply went to the first attempt's inbox, so the sender asks the owner for the recorded
-outcome instead (`kind: "result"`).
+A message is appended to its shard's mailbox subject with a message id; the append is retried
+with the same id until the stream confirms it (a duplicate is dropped by the stream). An ask then
+waits on a reply subject of the connection's shared inbox. When the append was a duplicate (a
+retried exactly-once ask) the reply went to the first attempt's inbox, so the sender asks the
+owner for the recorded outcome instead (`kind: "result"`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
-import random
-from typing import Any
-
-import nats.errors
-from nats.nuid import NUID
 
 from .. import _codec as codec
 from .._errors import DeliveryTimeout, NotConnected, OutcomeUnknown
-from ..engine._api import Message, NoResponders, RequestTimeout
-from ..engine._nats import NatsTransport
-from ._mailbox import StoreRefused, publish_durable
+from .._retry import Backoff
+from ..engine._api import Engine, Message, NoResponders, Refused, RequestTimeout
 
 
 class DurableSender:
-    def __init__(self, transport: NatsTransport) -> None:
-        self._transport = transport
-        self._prefix = f"_INBOX.accord.{NUID().next().decode()}"
-        self._tokens = itertools.count(1)
-        self._waiting: dict[str, asyncio.Future[bytes]] = {}
-        self._sub: Any = None
-        self._lock = asyncio.Lock()
+    """Durable sends over one engine connection: the mailbox append, and for an ask the reply
+    on a subject of the connection's shared inbox (`Transport.reply_inbox`)."""
 
-    async def _inbox(self) -> None:
-        async with self._lock:
-            if self._sub is None:
-                self._sub = await self._transport.subscribe_direct(
-                    f"{self._prefix}.*", self._on_reply
-                )
-
-    def _on_reply(self, msg: Message) -> None:
-        fut = self._waiting.pop(msg.subject.rpartition(".")[2], None)
-        if fut is not None and not fut.done():
-            fut.set_result(msg.data)
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
 
     async def send(
         self,
@@ -60,15 +39,9 @@ class DurableSender:
         """
         loop = asyncio.get_running_loop()
         assert req.id is not None
-        fut: asyncio.Future[bytes] | None = None
-        token = ""
+        fut: asyncio.Future[Message] | None = None
         if req.kind == "ask":
-            if self._sub is None:
-                await self._inbox()
-            token = str(next(self._tokens))
-            req.reply_to = f"{self._prefix}.{token}"
-            fut = loop.create_future()
-            self._waiting[token] = fut
+            req.reply_to, fut = await self._engine.reply_inbox()
         data = codec.encode(req, enc)
         try:
             duplicate = await self._publish(subject, data, req.id, deadline)
@@ -77,19 +50,21 @@ class DurableSender:
             if not duplicate:
                 timer = loop.call_at(deadline, _give_up, fut)
                 try:
-                    return await fut
+                    return (await fut).data
                 except TimeoutError:
                     pass
                 finally:
                     timer.cancel()
             return await self._lookup(shard_subject, req, enc, deadline)
         finally:
-            if token:
-                self._waiting.pop(token, None)
+            if fut is not None and not fut.done():
+                fut.cancel()  # the inbox forgets the subject
 
     async def _publish(self, subject: str, data: bytes, msg_id: str, deadline: float) -> bool:
+        """Append until the stream confirms; True when it was a duplicate of an earlier append
+        (the same `msg_id` within the duplicate window)."""
         loop = asyncio.get_running_loop()
-        delay = 0.02
+        backoff: Backoff | None = None
         while True:
             remaining = deadline - loop.time()
             if remaining <= 0:
@@ -99,12 +74,13 @@ class DurableSender:
                     msg_id=msg_id,
                 )
             try:
-                return await publish_durable(
-                    self._transport, subject, data, msg_id, min(remaining, 2.0)
+                ack = await self._engine.append(
+                    subject, data, msg_id=msg_id, timeout=min(remaining, 2.0)
                 )
-            except (RequestTimeout, NoResponders, NotConnected, StoreRefused, nats.errors.Error):
-                await asyncio.sleep(min(delay * (0.5 + random.random()), max(remaining, 0)))
-                delay = min(delay * 2, 0.5)
+                return ack.duplicate
+            except (RequestTimeout, NoResponders, NotConnected, Refused):
+                backoff = backoff or Backoff(0.02, 0.5)
+                await asyncio.sleep(min(backoff.next(), max(remaining, 0)))
 
     async def _lookup(
         self, shard_subject: str, req: codec.Request, enc: codec.Encoding, deadline: float
@@ -124,7 +100,7 @@ class DurableSender:
                     maybe_delivered=True,
                 )
             try:
-                reply = await self._transport.request(shard_subject, data, min(remaining, 1.0))
+                reply = await self._engine.request(shard_subject, data, min(remaining, 1.0))
             except (NoResponders, RequestTimeout):
                 await asyncio.sleep(min(0.05, max(remaining, 0)))
                 continue
@@ -134,6 +110,6 @@ class DurableSender:
             await asyncio.sleep(min(0.05, max(remaining, 0)))
 
 
-def _give_up(fut: asyncio.Future[bytes]) -> None:
+def _give_up(fut: asyncio.Future[Message]) -> None:
     if not fut.done():
         fut.set_exception(TimeoutError())

@@ -7,11 +7,13 @@ inside each method (`engine/_nats.py` for NATS, `engine/memory.py` for unit test
 the errors named here — accord's own, plus the internal signals below — crosses the seam.
 
 Errors every method may raise besides those it names: `NotConnected` (the engine is unreachable or
-did not answer within the timeout; for a write, it may or may not have been applied).
+did not answer within the timeout; for a write, it may or may not have been applied) and `Refused`
+(the engine answered with an error: not applied). A missing stream or bucket is `NotFound`.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Literal, Protocol
 
@@ -36,6 +38,11 @@ class WrongRevision(Exception):
 
 class NotFound(Exception):
     """The bucket, stream or consumer does not exist."""
+
+
+class Refused(Exception):
+    """The engine answered with an error other than those named (a limit reached, a config it
+    rejects, a second consumer on a work-queue subject): certainly not applied."""
 
 
 # -- core messaging -------------------------------------------------------------------------
@@ -115,6 +122,20 @@ class Transport(Protocol):
     async def close(self) -> None:
         """Drain and close the connection; idempotent."""
 
+    def cluster_size(self) -> int:
+        """How many servers the engine runs on, as far as this connection was told (1 for a
+        single server); decides default replica counts."""
+
+    async def reply_inbox(self) -> tuple[str, asyncio.Future[Message]]:
+        """A fresh reply subject on this connection's shared inbox, and the future that the
+        first message to it resolves: for a reply that comes later than a request's, sent by
+        whoever handles a stored message whose envelope names the subject (durable asks).
+
+        The future does not time out by itself: the caller bounds the wait (cancel the future or
+        set an exception on it). Once the future is done the subject is forgotten, and a later
+        message to it is dropped.
+        """
+
 
 # -- key-value buckets ------------------------------------------------------------------------
 
@@ -129,6 +150,8 @@ class Entry(msgspec.Struct, frozen=True):
 
 
 class Watch(Protocol):
+    """A running watch of a bucket's keys (see `KV.watch`)."""
+
     async def next(self, timeout: float) -> Entry | None:
         """The next change. None once, after every key's current value was delivered.
 
@@ -136,7 +159,8 @@ class Watch(Protocol):
         watch that went silent) and `NotConnected` when the watch ended.
         """
 
-    async def stop(self) -> None: ...
+    async def stop(self) -> None:
+        """End the watch; idempotent, never raises."""
 
 
 class KV(Protocol):
@@ -149,11 +173,13 @@ class KV(Protocol):
         """The key's latest value, or None when it is absent, deleted or expired.
 
         `leader=True` reads from the stream leader, never a replica that may lag behind (use it
-        where a stale read would be acted upon).
+        where a stale read would be acted upon). Without it a replica may answer (so a node cut
+        off from the leader can still read), possibly an older value.
         """
 
     async def put(self, key: str, value: bytes, *, timeout: float = 5.0, ttl: int = 0) -> int:
-        """Write unconditionally; return the new revision. `ttl` > 0: the key expires after it."""
+        """Write unconditionally; return the new revision. `ttl` > 0: the key expires after `ttl`
+        seconds (the bucket needs `marker_ttl` > 0 for the expiry to be seen by watches)."""
 
     async def create(self, key: str, value: bytes, *, timeout: float = 5.0, ttl: int = 0) -> int:
         """Write iff the key is absent, deleted or expired; else `WrongRevision`. The returned
@@ -172,10 +198,11 @@ class KV(Protocol):
         """Remove the key and its history."""
 
     async def keys(self, *, timeout: float = 5.0) -> list[str]:
-        """Every live key (none for an empty bucket)."""
+        """Every live key, sorted (an empty list for an empty bucket)."""
 
-    async def watch(self, pattern: str = ">") -> Watch:
-        """Watch the keys matching `pattern`: current values first, then every change."""
+    async def watch(self, pattern: str = ">", *, timeout: float = 5.0) -> Watch:
+        """Watch the keys matching `pattern`: current values first, then every change
+        (`timeout` bounds starting the watch)."""
 
 
 # -- streams ---------------------------------------------------------------------------------
@@ -184,7 +211,8 @@ Storage = Literal["file", "memory"]
 
 
 class StreamSpec(msgspec.Struct, frozen=True, kw_only=True):
-    """What accord asks of one stream. Limits of 0 mean none."""
+    """What accord asks of one stream. Limits of 0 mean none; a `duplicate_window` of 0 means the
+    engine's default (2 minutes on NATS), not "no deduplication"."""
 
     name: str
     subjects: tuple[str, ...]
@@ -195,6 +223,7 @@ class StreamSpec(msgspec.Struct, frozen=True, kw_only=True):
     max_bytes: int = 0
     max_age: float = 0.0
     duplicate_window: float = 0.0
+    max_msgs_per_subject: int = 0
 
 
 class BucketSpec(msgspec.Struct, frozen=True, kw_only=True):
@@ -220,12 +249,17 @@ class StreamState(msgspec.Struct, frozen=True):
 
 
 class PubAck(msgspec.Struct, frozen=True):
+    """A stored message's stream and sequence; `duplicate`: an earlier append with the same
+    `msg_id` stored it (at `seq`)."""
+
     stream: str
     seq: int
     duplicate: bool = False
 
 
 class StoredMessage(msgspec.Struct, frozen=True):
+    """A message as the stream keeps it (KV tombstones and expiry markers included)."""
+
     seq: int
     subject: str
     data: bytes
@@ -265,7 +299,9 @@ class ConsumerSpec(msgspec.Struct, frozen=True, kw_only=True):
 class Consumer(Protocol):
     """A running pull loop: deliveries go to `dispatch` in stream order, while it returns True."""
 
-    async def stop(self) -> None: ...
+    async def stop(self) -> None:
+        """End the loop; deliveries not yet acknowledged are delivered again (to the next
+        consumer, or to this one after their ack-wait)."""
 
 
 #: Called for each delivery from the read loop; False means "stop consuming" (the caller lost
@@ -305,9 +341,10 @@ class JetStream(Protocol):
 
         `msg_id`: a publish with an id seen within the stream's duplicate window is stored once
         (`PubAck.duplicate`). `expect_last_subject_seq`: store only if the subject's last
-        sequence is that (0: no message yet), else `WrongRevision`. Raises `RequestTimeout` when
-        the store was not confirmed in time (it may or may not be stored; retry with the same
-        `msg_id`), `NoResponders` when no stream captures the subject.
+        sequence is that (0: no message yet), else `WrongRevision`. `ttl` > 0: the message is
+        removed after `ttl` seconds (the stream must allow per-message TTLs, as buckets do).
+        Raises `RequestTimeout` when the store was not confirmed in time (it may or may not be
+        stored; retry with the same `msg_id`), `NoResponders` when no stream captures the subject.
         """
 
     async def get_message(
@@ -320,7 +357,8 @@ class JetStream(Protocol):
         timeout: float = 5.0,
     ) -> StoredMessage | None:
         """A stored message: at `seq`; the last one on `subject`; or with `after`, the first at
-        or after `seq` (on `subject`, if given). None when there is none."""
+        or after `seq` (on `subject`, if given; wildcards allowed). None when there is none;
+        `NotFound` when the stream does not exist. Read from the stream leader."""
 
     async def delete_message(self, stream: str, seq: int, *, timeout: float = 5.0) -> bool:
         """Remove one message; False if there was none at `seq`."""
@@ -331,7 +369,9 @@ class JetStream(Protocol):
     async def ensure_consumer(
         self, stream: str, spec: ConsumerSpec, *, timeout: float = 5.0
     ) -> None:
-        """Create the durable consumer (delivering from the first unacknowledged message)."""
+        """Create the durable consumer (delivering from the first message still stored); an
+        existing one of that name is kept. `Refused` when the stream does not take it, e.g. a
+        work queue where another consumer filters the same subject."""
 
     async def delete_consumer(self, stream: str, name: str, *, timeout: float = 5.0) -> bool:
         """False if it did not exist."""
@@ -351,7 +391,17 @@ class JetStream(Protocol):
     ) -> Consumer:
         """Start pulling from a durable consumer: at most `batch` messages are outstanding, no
         new ones are requested while `has_capacity` waits or after `still_going` turns False or
-        `dispatch` returned False."""
+        `dispatch` returned False. `dispatch` runs in the connection's read loop: it must not
+        block (hand the delivery to a task). `NotFound` when the consumer does not exist."""
+
+    async def tail(
+        self, stream: str, subject: str, last: int, *, within: int = 0, timeout: float = 5.0
+    ) -> list[StoredMessage]:
+        """The last `last` messages stored on `subject` (wildcards allowed), oldest first.
+
+        With `within` > 0, only the stream's latest `within` messages are searched (bounds the
+        cost for a rare subject in a long stream). `NotFound` if the stream does not exist.
+        """
 
 
 class Engine(Transport, JetStream, Protocol):

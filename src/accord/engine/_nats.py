@@ -1,4 +1,5 @@
-"""The NATS engine: `Transport` (and, growing, the rest of `engine/_api.py`) over nats-py.
+"""The NATS engine: `Engine` (`Transport` here, `JetStream` mixed in from `_nats_js.py`) over
+nats-py.
 
 The only package that imports nats-py is `accord.engine`; nats-py exceptions are translated here,
 inside each method, into accord's hierarchy or the seam's internal signals (`NoResponders`, ...).
@@ -12,6 +13,7 @@ instead of through a queue and a task per subscription.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import itertools
 import logging
@@ -26,13 +28,24 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
 from .._errors import AccordError, NotConnected
-from ._api import DirectHandler, Handler, NoResponders, RequestTimeout, Subscription
+from ._api import (
+    DirectHandler,
+    Handler,
+    Message,
+    NoResponders,
+    Refused,
+    RequestTimeout,
+    Subscription,
+)
+from ._nats_errors import map_errors
+from ._nats_js import NatsJetStream
+from ._nats_wire import subscribe_direct as subscribe_direct  # the name callers import
 
 log = logging.getLogger("accord.transport")
 
 
-class NatsTransport:
-    """`Transport` over one nats-py connection that reconnects forever."""
+class NatsTransport(NatsJetStream):
+    """`Engine` over one nats-py connection that reconnects forever."""
 
     def __init__(self, nc: NatsClient, name: str) -> None:
         self.nc = nc
@@ -42,7 +55,7 @@ class NatsTransport:
         self._inbox_sub: Any = None
         self._inbox_lock = asyncio.Lock()
         self._tokens = itertools.count(1)
-        self._waiting: dict[str, asyncio.Future[Msg]] = {}
+        self._waiting: dict[str, asyncio.Future[Any]] = {}  # token -> waiter for a Msg
 
     @classmethod
     async def connect(cls, servers: list[str], name: str, timeout: float = 5.0) -> NatsTransport:
@@ -85,7 +98,8 @@ class NatsTransport:
         within `timeout`: outcome unknown) or `NotConnected`. A late reply is dropped.
         """
         if self._inbox_sub is None:
-            await self._start_inbox()
+            with map_errors(f"request on {subject}"):
+                await self._start_inbox()
         token = str(next(self._tokens))
         fut: asyncio.Future[Msg] = asyncio.get_running_loop().create_future()
         self._waiting[token] = fut
@@ -96,9 +110,10 @@ class NatsTransport:
                 msg = await fut
             finally:
                 timer.cancel()
-        except (nats.errors.ConnectionClosedError, nats.errors.OutboundBufferLimitError,
-                nats.errors.ConnectionReconnectingError) as exc:  # fmt: skip
-            raise NotConnected(str(exc)) from None
+        except nats.errors.MaxPayloadError:
+            raise Refused(f"request on {subject}: {len(data)} bytes exceed max_payload") from None
+        except (nats.errors.Error, OSError) as exc:  # closed, buffer full, bad subject, ...
+            raise NotConnected(f"request on {subject}: {type(exc).__name__}: {exc}") from None
         finally:
             self._waiting.pop(token, None)
         hdr = msg.headers
@@ -118,6 +133,26 @@ class NatsTransport:
         if fut is not None and not fut.done():
             fut.set_result(msg)
 
+    def cluster_size(self) -> int:
+        info = getattr(self.nc, "_server_info", None) or {}
+        return 1 + len(set(info.get("connect_urls", []) or []))
+
+    async def reply_inbox(self) -> tuple[str, asyncio.Future[Message]]:
+        if self._inbox_sub is None:
+            with map_errors("start the reply inbox"):
+                await self._start_inbox()
+        token = str(next(self._tokens))
+        fut: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
+        self._waiting[token] = fut
+        fut.add_done_callback(functools.partial(self._forget, token))
+        return self._inbox + token, fut
+
+    def _forget(self, token: str, fut: asyncio.Future[Message]) -> None:
+        """A reply waiter is done: drop its entry (a reply popped it already; this is for one
+        cancelled or timed out by its caller)."""
+        if self._waiting.get(token) is fut:
+            del self._waiting[token]
+
     @property
     def max_payload(self) -> int:
         return int(self.nc.max_payload)
@@ -130,12 +165,15 @@ class NatsTransport:
     ) -> None:
         try:
             await self.nc.publish(subject, data, reply=reply, headers=headers)
-        except (nats.errors.ConnectionClosedError, nats.errors.OutboundBufferLimitError) as exc:
-            raise NotConnected(str(exc)) from None
+        except nats.errors.MaxPayloadError:
+            raise Refused(f"publish on {subject}: {len(data)} bytes exceed max_payload") from None
+        except (nats.errors.Error, OSError) as exc:  # closed, buffer full, bad subject, ...
+            raise NotConnected(f"publish on {subject}: {type(exc).__name__}: {exc}") from None
 
     async def subscribe(self, subject: str, cb: Handler, queue: str = "") -> Subscription:
-        sub: Any = await self.nc.subscribe(subject, queue=queue, cb=cb)
-        return sub  # type: ignore[no-any-return]
+        with map_errors(f"subscribe to {subject}"):
+            sub: Any = await self.nc.subscribe(subject, queue=queue, cb=cb)
+        return NatsSubscription(sub)
 
     async def subscribe_direct(self, subject: str, fn: DirectHandler) -> Subscription:
         """Subscribe so that `fn` runs for each message, in arrival order, in the read loop.
@@ -145,7 +183,8 @@ class NatsTransport:
         every message received was handed to `fn` already.
         """
 
-        return await subscribe_direct(self.nc, subject, fn)
+        with map_errors(f"subscribe to {subject}"):
+            return NatsSubscription(await subscribe_direct(self.nc, subject, fn))
 
     async def flush(self, timeout: float) -> None:
         try:
@@ -161,38 +200,27 @@ class NatsTransport:
                 await self.nc.close()
 
 
-async def subscribe_direct(nc: NatsClient, subject: str, fn: Callable[[Any], None]) -> Subscription:
-    """`NatsTransport.subscribe_direct` on a bare nats-py connection."""
+class NatsSubscription:
+    """A nats-py subscription whose ending never raises: on a closed connection there is
+    nothing left to stop."""
 
-    async def fallback(msg: Msg) -> None:
-        fn(msg)
+    __slots__ = ("_sub",)
 
-    sub: Any = await nc.subscribe(subject, cb=fallback)
-    if isinstance(getattr(sub, "_pending_queue", None), asyncio.Queue):
-        sub._pending_queue = _DirectQueue(fn)  # nats-py hands every message to put_nowait
-        task = getattr(sub, "_wait_for_msgs_task", None)
-        if task is not None:
-            task.cancel()
-    return sub  # type: ignore[no-any-return]
+    def __init__(self, sub: Any) -> None:
+        self._sub = sub
+
+    async def unsubscribe(self) -> None:
+        with contextlib.suppress(nats.errors.Error, OSError):
+            await self._sub.unsubscribe()
+
+    async def drain(self) -> None:
+        with contextlib.suppress(nats.errors.Error, OSError):
+            await self._sub.drain()
 
 
 def _expire(fut: asyncio.Future[Msg]) -> None:
     if not fut.done():
         fut.set_exception(RequestTimeout())
-
-
-class _DirectQueue(asyncio.Queue[Msg]):
-    """A subscription's pending queue that runs the handler instead of queueing."""
-
-    def __init__(self, fn: Callable[[Any], None]) -> None:
-        super().__init__()
-        self._fn = fn
-
-    def put_nowait(self, item: Msg) -> None:
-        try:
-            self._fn(item)
-        except Exception:  # the read loop must survive any handler bug
-            log.exception("message handler failed on %s", getattr(item, "subject", "?"))
 
 
 P = ParamSpec("P")

@@ -27,7 +27,7 @@ from ..cluster._config import Names
 from ..cluster._shards import ShardManager
 from ..delivery._dlq import dead_letter
 from ..delivery._mailbox import DurableDelivery
-from ..engine._api import Message, Transport
+from ..engine._api import Delivery, Engine, Message
 from ..state._store import MERGE_TYPE, MergeState
 from ._activation import ReplyFn, Work, _Recorded
 from ._bulkhead import Bulkhead
@@ -58,8 +58,7 @@ class Inbound:
         cutoff: CutOff,
         table: ActivationTable,
         bulkhead: Bulkhead,
-        transport: Transport,
-        js: Any,
+        transport: Engine,
         stats: Stats,
         sends: Background,
         loop_time: Callable[[], float],
@@ -74,7 +73,6 @@ class Inbound:
         self._table = table
         self._bulkhead = bulkhead
         self._transport = transport
-        self._js = js
         self._stats = stats
         self._sends = sends
         self._time = loop_time
@@ -209,13 +207,12 @@ class Inbound:
 
     # -- the durable mailbox --------------------------------------------------------------------
 
-    def on_mailbox(self, shard: int, epoch: int, msg: Any) -> bool:
+    def on_mailbox(self, shard: int, epoch: int, msg: Delivery) -> bool:
         """Dispatch one mailbox message; False once this node no longer owns `shard` at `epoch`."""
         if self._shards.held_epoch(shard) != epoch:
             return False
         enc: codec.Encoding = codec.sniff(msg.data)
-        seq = getattr(getattr(msg, "metadata", None), "sequence", None)
-        fallback_id = f"js:{seq.stream if seq is not None else 0}"
+        fallback_id = f"js:{msg.seq}"
         try:
             req, enc, t = self._parse(shard, msg.data)
             if req.kind == "result":
@@ -238,7 +235,7 @@ class Inbound:
         self._table.get_or_create(t.agent_id, t.spec, shard, epoch).put(work)
         return True
 
-    async def _reject_durable(self, msg: Any, error: AccordError, msg_id: str) -> None:
+    async def _reject_durable(self, msg: Delivery, error: AccordError, msg_id: str) -> None:
         """A mailbox message that can never be handled goes straight to the dead letters."""
         target = msg_type = ""
         with contextlib.suppress(Exception):
@@ -248,7 +245,7 @@ class Inbound:
                 self._send(req.reply_to, codec.error_reply(error.code, str(error), enc))
         with contextlib.suppress(Exception):
             await dead_letter(
-                self._js,
+                self._transport,
                 self._names,
                 msg.data,
                 target=target,
@@ -271,7 +268,7 @@ class Inbound:
         reason = f"{getattr(error, 'remote_type', error.code)}: " + getattr(
             error, "remote_message", str(error)
         )
-        await dead_letter(self._js, self._names, data, target=target, msg_type=msg_type,
+        await dead_letter(self._transport, self._names, data, target=target, msg_type=msg_type,
                           msg_id=dd.msg_id, reason=reason, deliveries=dd.attempts)  # fmt: skip
         self._stats.dead_lettered += 1
         log.warning("dead-lettered %s %s after %d attempts: %s", target, msg_type, dd.attempts,

@@ -130,11 +130,11 @@ class Node(Mesh):
         names = Names(s.cluster)
         admin = NatsAdmin(transport.nc, transport.js, names.bucket("meta"))
         replication = Replication(admin, names.cluster, explicit=s.replicas)
-        config, kvs = await open_cluster(transport.js, names, num_shards=s.num_shards,
+        config, buckets = await open_cluster(transport, names, num_shards=s.num_shards,
                                          lease_ttl=s.lease_ttl,
                                          replicas=await replication.initial(),
                                          replicas_auto=s.replicas is None)  # fmt: skip
-        await ensure_streams(transport.js, names, config.replicas or await replication.initial())
+        await ensure_streams(transport, names, config.replicas or await replication.initial())
         sends = Background(expected=(AccordError, OSError))  # replies and merges
         stack.push_async_callback(sends.close)
         stack.push_async_callback(sends.drain, 5.0)  # the last turns' replies, before closing
@@ -148,10 +148,10 @@ class Node(Mesh):
             monitor.start()
             stack.push_async_callback(monitor.stop)
         self._local_route = local = LocalRoute(self.specs, table, self._bulkhead, loop)
-        self._bind(transport, names, config, kvs, s.breaker, local)
+        self._bind(transport, names, config, buckets, s.breaker, local)
         stack.push_async_callback(self._close_mesh)
-        self._store = StateStore(kvs["state"])
-        self._events = EventLog(transport.js, f"accord_{names.cluster}_es", f"{names.prefix}.es")
+        self._store = StateStore(buckets.state)
+        self._events = EventLog(transport, f"accord_{names.cluster}_es", f"{names.prefix}.es")
         await self.register_types(self.specs.values())
         for spec in self.specs.values():
             for topic in spec.topics:
@@ -160,22 +160,22 @@ class Node(Mesh):
         me = MemberInfo(name=self.node_name, incarnation=uuid.uuid4().hex, pid=os.getpid(),
                         host=socket.gethostname(), started_at=time.time(),
                         labels=dict(s.labels))  # fmt: skip
-        self.membership = membership = Membership(
-            transport.js, kvs["members"], names, me,
+        self._membership = membership = Membership(
+            transport, buckets.members, names, me,
             heartbeat_interval=s.heartbeat_interval, suspect_after=s.suspect_after,
             dead_after=s.dead_after, on_change=self._membership_changed,
         )  # fmt: skip
-        owner = ShardHost(names, self.specs.values(), transport, transport.js, table,
+        owner = ShardHost(names, self.specs.values(), transport, table,
                           self._bulkhead, me, self._needs_mailbox(), s.drain_timeout, sends,
                           self._is_running)  # fmt: skip
-        self._shards = shards = ShardManager(transport.js, kvs["leases"], config, membership, owner)
+        self._shards = shards = ShardManager(buckets.leases, config, membership, owner)
         membership.on_stall = shards.resync
         local.attach(shards.serving)
         self._cutoff = cutoff = CutOff(self.node_name, names, shards, table, transport,
                                        self._send_merge, self.stats, sends)  # fmt: skip
         self._inbound = inbound = Inbound(
             self.node_name, names, config.num_shards, self.specs, self._resolve, shards, cutoff,
-            table, self._bulkhead, transport, transport.js, self.stats, sends, loop.time,
+            table, self._bulkhead, transport, self.stats, sends, loop.time,
         )  # fmt: skip
         owner.attach(shards, inbound, cutoff)
         host.bind(self, shards, cutoff, inbound, table)
@@ -227,7 +227,7 @@ class Node(Mesh):
         if self._running:
             self._running = self._local_route.open = False
             await self._stop_services(None)
-            await self.membership.leave()
+            await self._membership.leave()
             await self._shards.leave(self.settings.drain_timeout)
         await stack.aclose()
         log.info("node %s stopped; %s", self.node_name, self.stats)
@@ -245,6 +245,7 @@ class Node(Mesh):
         buckets cannot be opened (JetStream without quorum, say).
         """
         from ..services._agent import NodeAgent
+        from ..services._host import NodeParts
         from ..services._promises import store_for
         from ..services._proxy import Balancer
 
@@ -253,7 +254,9 @@ class Node(Mesh):
             return
         while self._agent is None:
             try:
-                agent = NodeAgent(self, await store_for(self), s.advertise)
+                host = NodeParts(self.node_name, self._membership, self, self._transport,
+                                 s.dead_after)  # fmt: skip
+                agent = NodeAgent(host, await store_for(self), s.advertise)
                 await agent.start()
                 self._agent = agent
             except (AccordError, OSError) as exc:
@@ -303,7 +306,7 @@ class Node(Mesh):
 
     def status(self) -> dict[str, Any]:
         """What this node reports about itself and its view of the cluster (`accord status`)."""
-        membership = self.membership
+        membership = self._membership
         members = membership.detector.members()
         infos = membership.infos
         return {

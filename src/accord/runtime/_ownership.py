@@ -16,7 +16,7 @@ from ..cluster._config import Names
 from ..cluster._membership import MemberInfo
 from ..cluster._shards import ShardManager
 from ..delivery._mailbox import ShardMailbox
-from ..engine._api import Message, Subscription, Transport
+from ..engine._api import Engine, Message, Subscription
 from ._activation import Activation
 from ._bulkhead import Bulkhead
 from ._cutoff import CutOff
@@ -39,8 +39,7 @@ class ShardHost:
         self,
         names: Names,
         specs: Iterable[AgentSpec],
-        transport: Transport,
-        js: object,
+        transport: Engine,
         table: ActivationTable,
         bulkhead: Bulkhead,
         me: MemberInfo,
@@ -52,7 +51,6 @@ class ShardHost:
         self._names = names
         self._specs = list(specs)
         self._transport = transport
-        self._js = js
         self._table = table
         self._bulkhead = bulkhead
         self._me = me
@@ -91,7 +89,7 @@ class ShardHost:
         """Consume `shard`'s mailbox for `epoch`; False if JetStream refused (try again)."""
         shards = self.shards
         mailbox = ShardMailbox(
-            self._js,  # type: ignore[arg-type]
+            self._transport,
             self._names,
             shard,
             epoch,

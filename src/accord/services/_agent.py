@@ -4,8 +4,10 @@ Each node agent
 - watches the `placements` bucket and runs (or stops) the replicas assigned to its node;
 - campaigns for the services controller. The leader (one at a time, fenced by its lease token)
   turns specs + live nodes into placements (`_placement.place`), records every decision in the
-  events stream, and assesses the promises every spec makes (`_promises.ServicePromises`);
+  events stream, and assesses the promises every spec makes (`_verifiers.ServicePromises`);
 - keeps a window of the promise ledger to rank nodes by reputation for placement.
+
+It asks its node only what `ServiceHost` offers, and is the `ServiceView` its readers use.
 """
 
 from __future__ import annotations
@@ -15,21 +17,21 @@ import contextlib
 import logging
 import time
 import zlib
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 import msgspec
 
 from .._background import Background
 from .._errors import AccordError, Fenced
 from ..cluster._watched import WatchedKV
+from ..engine._api import Message, NoResponders, Refused, RequestTimeout
+from ._host import ServiceHost
 from ._placement import NodeView, Slot, _take, place
-from ._promises import NodePromises, Reputation, ServicePromises
+from ._promises import Reputation
 from ._spec import ServiceSpec
-from ._store import Instance, LogLine, Placement, ServiceStore, instance_key
+from ._store import Instance, LogLine, Placement, ServiceStore
 from ._supervisor import Replica
-
-if TYPE_CHECKING:
-    from ..runtime._node import Node
+from ._verifiers import NodePromises, ServicePromises
 
 log = logging.getLogger("accord.services")
 
@@ -38,8 +40,11 @@ T = TypeVar("T")
 
 
 class NodeAgent:
-    def __init__(self, node: Node, store: ServiceStore, address: str) -> None:
-        self.node = node
+    """Runs this node's share of the services; `store` is the node's (it stays open after
+    `stop`), `address` is where other nodes reach the replicas that run here."""
+
+    def __init__(self, host: ServiceHost, store: ServiceStore, address: str) -> None:
+        self.host = host
         self.store = store
         self.address = address
         self._bg = Background()
@@ -56,15 +61,14 @@ class NodeAgent:
 
     @property
     def name(self) -> str:
-        return self.node.node_name
+        return self.host.name
 
     async def start(self) -> None:
         await self.specs.get_all()
         await self.placements.get_all()
         await self.instances.get_all()
-        nc = self.node._transport.nc  # type: ignore[attr-defined]
-        self._ledger_sub = await nc.subscribe(
-            f"{self.store.names.prefix}.ledger.>", cb=self._on_assessment
+        self._ledger_sub = await self.host.subscribe(
+            f"{self.store.names.prefix}.ledger.>", self._on_assessment
         )
         self._bg.spawn(self._local_loop(), name="accord-node-agent")
         self._bg.spawn(self._controller_loop(), name="accord-services-controller")
@@ -76,8 +80,8 @@ class NodeAgent:
             await self._ledger_sub.unsubscribe()
         await asyncio.gather(*(r.stop() for r in self.replicas.values()), return_exceptions=True)
         for r in self.replicas.values():
-            with contextlib.suppress(Exception):
-                await self.store.instances_kv.purge(instance_key(r.inst))
+            with contextlib.suppress(AccordError):
+                await self.store.drop_instance(r.inst)
         self.replicas.clear()
 
     # -- views ----------------------------------------------------------------------------------
@@ -92,10 +96,9 @@ class NodeAgent:
         return list(self._instances_view.current().values())
 
     def live_nodes(self) -> list[NodeView]:
-        m = self.node.membership
         out = []
-        for name in sorted(m.live()):
-            info = m.infos.get(name)
+        for name in sorted(self.host.live()):
+            info = self.host.info(name)
             if info is None or info.status != "up":
                 continue
             out.append(NodeView(name, dict(info.labels), self.reputation.of(f"node/{name}")))
@@ -103,7 +106,7 @@ class NodeAgent:
 
     def healthy(self, service: str) -> list[Instance]:
         """Healthy replicas of `service` on live nodes that the placement still assigns."""
-        live = set(self.node.membership.live())
+        live = set(self.host.live())
         p = self.current_placements().get(service)
         assigned = {s.node for s in p.slots} if p is not None else set()
         return [
@@ -119,7 +122,7 @@ class NodeAgent:
     def lost(self, service: str) -> list[Instance]:
         """Replicas of `service` last reported healthy by a node that is no longer alive (their
         records outlive the node by up to the instance TTL)."""
-        live = set(self.node.membership.live())
+        live = set(self.host.live())
         return [
             i
             for i in self.current_instances()
@@ -157,8 +160,8 @@ class NodeAgent:
             if target is None or target[0] != r.spec:
                 del self.replicas[key]
                 await r.stop()
-                with contextlib.suppress(Exception):
-                    await self.store.instances_kv.purge(instance_key(r.inst))
+                with contextlib.suppress(AccordError):
+                    await self.store.drop_instance(r.inst)
         for key, (spec, slot) in wanted.items():
             running = self.replicas.get(key)
             if running is not None:
@@ -174,14 +177,14 @@ class NodeAgent:
 
             def lease() -> contextlib.AbstractAsyncContextManager[Any]:
                 ttl = spec.lease_ttl
-                return self.node.lease(f"svc.{spec.name}", ttl=ttl, timeout=ttl + 1.0)
+                return self.host.lease(f"svc.{spec.name}", ttl=ttl, timeout=ttl + 1.0)
 
             def may_campaign() -> bool:
                 p = self.current_placements().get(spec.name)
                 if p is None:
                     return False
                 primary = next((s.node for s in p.slots if s.role == "primary"), None)
-                return primary == self.name or primary not in self.node.membership.live()
+                return primary == self.name or primary not in self.host.live()
 
         return Replica(
             spec,
@@ -197,12 +200,11 @@ class NodeAgent:
         )
 
     async def _log(self, line: LogLine) -> None:
-        nc = self.node._transport.nc  # type: ignore[attr-defined]
         subject = f"{self.store.names.prefix}.logs.{line.service}"
         with contextlib.suppress(Exception):  # buffered by the client; lost only if NATS is away
-            await nc.publish(subject, msgspec.json.encode(line))
+            await self.host.publish(subject, msgspec.json.encode(line))
 
-    async def _on_assessment(self, msg: Any) -> None:
+    async def _on_assessment(self, msg: Message) -> None:
         with contextlib.suppress(msgspec.DecodeError, msgspec.ValidationError):
             self.reputation.add(msgspec.json.decode(msg.data, type=_Assessed))
 
@@ -211,13 +213,13 @@ class NodeAgent:
     async def _controller_loop(self) -> None:
         while True:
             try:
-                async for term in self.node.election(CONTROLLER_LEASE, ttl=2):
+                async for term in self.host.election(CONTROLLER_LEASE, ttl=2):
                     log.info("%s leads the services controller (token %d)", self.name,
                              term.token)  # fmt: skip
                     promises = ServicePromises(self)
                     # A new leader's failure detector may be stale (it may just have rejoined):
                     # let it hear every live node's heartbeats before it moves anything.
-                    settle = time.monotonic() + self.node.settings.dead_after + 0.5
+                    settle = time.monotonic() + self.host.dead_after + 0.5
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(term.lost.wait(), settle - time.monotonic())
                     while term.valid:
@@ -240,7 +242,7 @@ class NodeAgent:
         specs = self.current_specs()
         placements = self.current_placements()
         nodes = self.live_nodes()
-        if not self.node.membership.live():
+        if not self.host.live():
             return
         used: dict[str, tuple[float, float]] = {}
         for name in sorted(specs):
@@ -276,8 +278,8 @@ class NodeAgent:
             "slots": [msgspec.to_builtins(s) for s in p.slots],
             "previous": [msgspec.to_builtins(s) for s in old.slots] if old else [],
         }
-        with contextlib.suppress(Exception):
-            await self.store.js.publish(
+        with contextlib.suppress(AccordError, RequestTimeout, NoResponders, Refused):
+            await self.store.js.append(
                 self.store.names.events_subject("placement"), msgspec.json.encode(event)
             )
 

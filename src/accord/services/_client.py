@@ -7,11 +7,19 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from ..engine._nats import translated
 from ._placement import conflicts
-from ._promises import PromiseRecord, Reputation, claim, records, register, release, store_for
+from ._promises import (
+    PromiseRecord,
+    Reputation,
+    claim,
+    records,
+    register,
+    release,
+    store_for,
+    withdraw,
+)
 from ._spec import InvalidSpec, ServiceSpec
-from ._store import Assessment, LogLine, PromiseConflict, _token
+from ._store import Assessment, LogLine, PromiseConflict
 
 if TYPE_CHECKING:
     from .._mesh import Mesh
@@ -44,7 +52,6 @@ def promises_of(spec: ServiceSpec) -> list[PromiseRecord]:
     return out
 
 
-@translated
 async def deploy(mesh: Mesh, spec: ServiceSpec) -> int:
     """Deploy (or update) a service. Raises `PromiseConflict` without deploying anything when the
     spec contradicts another service or cannot be kept by the live nodes. Returns the revision."""
@@ -70,7 +77,6 @@ async def deploy(mesh: Mesh, spec: ServiceSpec) -> int:
     return rev
 
 
-@translated
 async def undeploy(mesh: Mesh, name: str) -> None:
     store = await store_for(mesh)
     specs = await store.specs()
@@ -80,10 +86,9 @@ async def undeploy(mesh: Mesh, name: str) -> None:
     await store.undeploy(name)
     await release(store, f"service/{name}", claims_of(spec))
     for r in promises_of(spec):
-        await store.promises_kv.delete(f"p.{_token(r.name)}")
+        await withdraw(store, r.name)
 
 
-@translated
 async def services(mesh: Mesh) -> list[dict[str, Any]]:
     """Every service with its placement and the instances the nodes report."""
     store = await store_for(mesh)
@@ -112,7 +117,6 @@ async def services(mesh: Mesh) -> list[dict[str, Any]]:
     return out
 
 
-@translated
 async def explain(mesh: Mesh, name: str) -> dict[str, Any]:
     """Why each replica of `name` is where it is."""
     for svc in await services(mesh):
@@ -121,7 +125,6 @@ async def explain(mesh: Mesh, name: str) -> dict[str, Any]:
     raise InvalidSpec(f"no service named {name!r} is deployed")
 
 
-@translated
 async def logs(mesh: Mesh, name: str, last: int = 200) -> list[LogLine]:
     store = await store_for(mesh)
     if name not in await store.specs():
@@ -129,7 +132,6 @@ async def logs(mesh: Mesh, name: str, last: int = 200) -> list[LogLine]:
     return await store.logs(name, last)
 
 
-@translated
 async def promises_report(mesh: Mesh, last: int = 2000) -> dict[str, Any]:
     """Every promise with its latest assessment, the recent ledger, and reputations."""
     store = await store_for(mesh)

@@ -3,7 +3,7 @@
 Every assessment — kept, not kept or unknown, with evidence and time — is appended to the ledger
 stream. A promise that is not kept triggers its promiser's remediation and is assessed again.
 Reputation is the kept ratio of a promiser's assessments over a sliding window; placement prefers
-nodes with a better one.
+nodes with a better one. (The verifiers of the promises services make are in `_verifiers.py`.)
 
 Conflicts are found when a promise is made: a promise names the exclusive resources it claims
 (`port:8080`, `route:web.example/api`) and a claim already held by another promise is refused with
@@ -16,25 +16,23 @@ import asyncio
 import contextlib
 import logging
 import time
+import weakref
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING, Any, Protocol
 
 import msgspec
-import nats.errors
-import nats.js.errors
 
-from .._errors import AccordError, NotConnected
-from ._store import Assessment, PromiseConflict, ServiceStore, _entries, _token
+from .._errors import AccordError, ConfigurationError, NotConnected
+from ..engine._api import BucketSpec, JetStream, NotFound, WrongRevision
+from ._store import Assessment, PromiseConflict, ServiceStore, _entries, _token, answered
 
 if TYPE_CHECKING:
     from .._mesh import Mesh
-    from ._agent import NodeAgent
 
 log = logging.getLogger("accord.promises")
 
 REPUTATION_WINDOW = 300.0
-REWRITE_EVERY = 10.0  # an unchanged outcome is re-recorded this often
 
 
 class PromiseRecord(msgspec.Struct, kw_only=True):
@@ -91,149 +89,10 @@ class Reputation:
         return out
 
 
-class _Recorder:
-    """Writes an assessment when the outcome changes, and at least every REWRITE_EVERY s."""
-
-    def __init__(self, store: ServiceStore, assessor: str) -> None:
-        self._store = store
-        self._assessor = assessor
-        self._last: dict[str, tuple[str, float]] = {}
-
-    async def record(
-        self, promise: str, promiser: str, kind: str, kept: bool | None, evidence: str
-    ) -> bool:
-        outcome = "unknown" if kept is None else ("kept" if kept else "not_kept")
-        now = time.time()
-        prev = self._last.get(promise)
-        if prev is not None and prev[0] == outcome and now - prev[1] < REWRITE_EVERY:
-            return False
-        a = Assessment(promise=promise, promiser=promiser, kind=kind, outcome=outcome,
-                       evidence=evidence, at=now, assessor=self._assessor)  # fmt: skip
-        await self._store.assess(a)
-        self._last[promise] = (outcome, now)
-        if prev is None or prev[0] != outcome:
-            log.info("promise %s: %s (%s)", promise, outcome, evidence)
-        return True
-
-
-class ServicePromises:
-    """The promises a service spec makes, assessed by the services controller:
-
-    - `<svc>.replicas` (state): the wanted number of healthy replicas run;
-    - `<svc>.replace` (action): a lost or crashed replica is healthy again within
-      `promises.replace_within` seconds;
-    - `<svc>.latency` (state, when `promises.p95_latency_ms` is set): probe p95 under the target.
-    """
-
-    def __init__(self, agent: NodeAgent) -> None:
-        self.agent = agent
-        self._rec = _Recorder(agent.store, agent.name)
-        self._outage: dict[str, float] = {}
-        self._late: set[str] = set()
-        self._ever_kept: set[str] = set()
-        self._seeded: set[str] = set()
-
-    async def _seed(self, names: Iterable[str]) -> None:
-        """A new controller term picks up where the ledger left off: services already assessed
-        are past their start-up grace, and an open outage keeps its start time."""
-        for name in names:
-            self._seeded.add(name)
-            last = await self.agent.store.ledger(last=1, promise=f"{name}.replicas")
-            if not last or last[-1].outcome == "unknown":
-                continue
-            self._ever_kept.add(name)
-            if last[-1].outcome == "not_kept":
-                self._outage[name] = time.monotonic() - max(0.0, time.time() - last[-1].at)
-
-    async def assess(self, term: Any) -> None:
-        specs = self.agent.current_specs()
-        await self._seed(n for n in specs if n not in self._seeded)
-        placements = self.agent.current_placements()
-        for name, spec in specs.items():
-            promiser = f"service/{name}"
-            want = spec.wanted_healthy
-            healthy = self.agent.healthy(name)
-            kept = len(healthy) >= want
-            where = ", ".join(f"{i.index}@{i.node}:{i.port}" for i in healthy) or "none"
-            evidence = f"{len(healthy)}/{want} healthy ({where})"
-            lost = self.agent.lost(name)
-            if lost:
-                evidence += "; lost with their node: " + ", ".join(
-                    f"{i.index}@{i.node}" for i in lost
-                )
-            p = placements.get(name)
-            verdict: bool | None = kept
-            if kept or lost:  # it ran: a replica gone with its node is a loss, not a start
-                self._ever_kept.add(name)
-            if not kept and name not in self._ever_kept:
-                age = time.time() - (p.first_at or p.at) if p is not None else 0.0
-                if age < spec.health.grace:
-                    verdict, evidence = None, f"starting: {evidence}"
-            await self._rec.record(f"{name}.replicas", promiser, "state", verdict, evidence)
-            await self._assess_replace(name, spec.promises.replace_within, kept, promiser)
-            if spec.promises.p95_latency_ms is not None:
-                p95s = [i.p95_ms for i in healthy if i.p95_ms is not None]
-                if not p95s:
-                    await self._rec.record(f"{name}.latency", promiser, "state", None,
-                                           "no probe latency yet")  # fmt: skip
-                else:
-                    worst = max(p95s)
-                    target = spec.promises.p95_latency_ms
-                    await self._rec.record(
-                        f"{name}.latency", promiser, "state", worst < target,
-                        f"worst replica probe p95 {worst:.1f} ms (target < {target:g} ms)",
-                    )  # fmt: skip
-
-    async def _assess_replace(self, name: str, within: float, kept: bool, promiser: str) -> None:
-        if name not in self._ever_kept:
-            return
-        now = time.monotonic()
-        started = self._outage.get(name)
-        if not kept:
-            if started is None:
-                self._outage[name] = now
-            elif now - started > within and name not in self._late:
-                self._late.add(name)
-                await self._rec.record(f"{name}.replace", promiser, "action", False,
-                                       f"replicas still missing after {within:g}s")  # fmt: skip
-            return
-        if started is not None:
-            took = now - started
-            del self._outage[name]
-            self._late.discard(name)
-            self._rec._last.pop(f"{name}.replace", None)  # each outage is its own assessment
-            await self._rec.record(
-                f"{name}.replace", promiser, "action", took <= within,
-                f"replicas restored {took:.1f}s after the loss (promised {within:g}s)",
-            )  # fmt: skip
-
-
-class NodePromises:
-    """Each node promises to keep the replicas placed on it healthy (`node/<name>`)."""
-
-    def __init__(self, agent: NodeAgent) -> None:
-        self.agent = agent
-        self._rec = _Recorder(agent.store, agent.name)
-
-    async def run(self) -> None:
-        while True:
-            await asyncio.sleep(2.0)
-            for r in list(self.agent.replicas.values()):
-                status = r.inst.status
-                if status in ("standby", "waiting_lease", "stopped"):
-                    continue
-                kept = True if status == "healthy" else (None if status == "starting" else False)
-                evidence = f"{r.spec.name}/{r.inst.index} {status}, {r.inst.restarts} restarts"
-                with contextlib.suppress(Exception):
-                    await self._rec.record(
-                        f"{r.spec.name}.{r.inst.index}@{self.agent.name}",
-                        f"node/{self.agent.name}", "state", kept, evidence,
-                    )  # fmt: skip
-
-
 # -- claims and the public promise API ------------------------------------------------------------
 
 
+@answered
 async def claim(store: ServiceStore, owner: str, claims: Iterable[str]) -> None:
     """Take every exclusive claim for `owner`, or none of them (`PromiseConflict`)."""
     taken: list[str] = []
@@ -242,9 +101,9 @@ async def claim(store: ServiceStore, owner: str, claims: Iterable[str]) -> None:
             key = f"claim.{_token(c)}"
             try:
                 await store.promises_kv.create(key, owner.encode())
-            except nats.js.errors.KeyWrongLastSequenceError:
-                entry = await store.promises_kv.get(key)
-                holder = (entry.value or b"").decode()
+            except WrongRevision:
+                entry = await store.promises_kv.get(key, leader=True)
+                holder = entry.value.decode() if entry is not None else ""
                 if holder != owner:
                     raise PromiseConflict(
                         f"{owner} cannot promise {c!r}: it is already promised by {holder}"
@@ -257,20 +116,29 @@ async def claim(store: ServiceStore, owner: str, claims: Iterable[str]) -> None:
         raise
 
 
+@answered
 async def release(store: ServiceStore, owner: str, claims: Iterable[str]) -> None:
     for c in claims:
         key = f"claim.{_token(c)}"
         with contextlib.suppress(Exception):
             entry = await store.promises_kv.get(key)
-            if (entry.value or b"").decode() == owner:
+            if entry is not None and entry.value.decode() == owner:
                 await store.promises_kv.delete(key)
 
 
+@answered
 async def register(store: ServiceStore, record: PromiseRecord) -> None:
     record.made_at = record.made_at or time.time()
     await store.promises_kv.put(f"p.{_token(record.name)}", msgspec.json.encode(record))
 
 
+@answered
+async def withdraw(store: ServiceStore, name: str) -> None:
+    """Remove the record of promise `name` (its ledger entries stay)."""
+    await store.promises_kv.delete(f"p.{_token(name)}")
+
+
+@answered
 async def records(store: ServiceStore) -> list[PromiseRecord]:
     out = []
     for key, value, _rev in await _entries(store.promises_kv):
@@ -332,8 +200,8 @@ async def promise(
         with contextlib.suppress(asyncio.CancelledError):
             await task
         await release(store, f"promise/{name}", claims)
-        with contextlib.suppress(Exception):
-            await store.promises_kv.delete(f"p.{_token(name)}")
+        with contextlib.suppress(AccordError):
+            await withdraw(store, name)
 
 
 async def _keep(
@@ -354,7 +222,7 @@ async def _keep(
         outcome = "unknown" if v.kept is None else ("kept" if v.kept else "not_kept")
         a = Assessment(promise=rec.name, promiser=rec.promiser, kind=rec.kind, outcome=outcome,
                        evidence=v.evidence, at=time.time(), assessor=assessor)  # fmt: skip
-        with contextlib.suppress(AccordError, nats.errors.Error, TimeoutError):
+        with contextlib.suppress(AccordError):
             await store.assess(a)
         handle.last = outcome
         handle.assessments += 1
@@ -369,19 +237,40 @@ async def _keep(
         await asyncio.sleep(every)
 
 
+# One store per Mesh, opened on first use and gone with the Mesh (a client has nothing to close:
+# the store holds only bucket handles on the Mesh's own connection).
+_stores: weakref.WeakKeyDictionary[Mesh, ServiceStore] = weakref.WeakKeyDictionary()
+
+
 async def store_for(mesh: Mesh) -> ServiceStore:
-    """The services store of the cluster `mesh` is connected to (opened once per mesh)."""
-    cached = getattr(mesh, "_service_store", None)
+    """The services store of the cluster `mesh` is connected to (opened once per mesh).
+
+    Raises `NotConnected` when JetStream does not answer, `ConfigurationError` when the mesh's
+    engine has no JetStream.
+    """
+    cached = _stores.get(mesh)
     if cached is not None:
-        return cached  # type: ignore[no-any-return]
-    js = mesh._transport.js  # type: ignore[attr-defined]
-    replicas = mesh.config.replicas  # the cluster's stored factor (cluster/_replication.py)
-    if not replicas:  # a record from before the factor was stored
-        try:
-            info = await js.stream_info(mesh.names.events_stream)
-            replicas = info.config.num_replicas or 1
-        except (nats.js.errors.Error, nats.errors.Error, TimeoutError) as exc:
-            raise NotConnected(f"JetStream did not answer: {exc}") from None
-    store = await ServiceStore.open(js, mesh.names, mesh._kvs["members"], replicas)
-    mesh._service_store = store  # type: ignore[attr-defined]
-    return store
+        return cached
+    return _stores.setdefault(mesh, await _open_store(mesh))
+
+
+@answered
+async def _open_store(mesh: Mesh) -> ServiceStore:
+    js = _jetstream(mesh)
+    names = mesh.names
+    try:
+        members = await js.bucket(BucketSpec(name=names.bucket("members")), create=False)
+        replicas = mesh.config.replicas  # the cluster's stored factor (cluster/_replication.py)
+        if not replicas:  # a record from before the factor was stored: as the events stream
+            events = await js.stream_state(names.events_stream)
+            replicas = events.replicas if events is not None else 1
+    except NotFound:
+        raise NotConnected(f"cluster {names.cluster!r} is not set up on this JetStream") from None
+    return await ServiceStore.open(js, names, members, replicas)
+
+
+def _jetstream(mesh: Mesh) -> JetStream:
+    engine: Any = mesh._transport
+    if not callable(getattr(engine, "bucket", None)):
+        raise ConfigurationError("services need an engine with JetStream")
+    return engine  # type: ignore[no-any-return]

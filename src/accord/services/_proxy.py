@@ -2,9 +2,9 @@
 replica of the service it names, anywhere in the cluster.
 
 Routing: a service with `host` takes requests whose `Host` header (port stripped) matches;
-otherwise the longest matching `path_prefix` wins. Backends are the replicas the node agent sees as
-healthy on live nodes (instance records, refreshed by watch). Balancing per service: round-robin
-or least-connections.
+otherwise the longest matching `path_prefix` wins. Backends are the replicas the node's
+`ServiceView` (its node agent) shows as healthy on live nodes (instance records, refreshed by
+watch). Balancing per service: round-robin or least-connections.
 
 Failures: a backend that refuses or drops a connection is marked down for `DOWN_FOR` seconds and
 the request is retried on another replica — always when the connection could not be made (the
@@ -26,8 +26,8 @@ from aiohttp import web
 from ._store import Instance
 
 if TYPE_CHECKING:
-    from ._agent import NodeAgent
     from ._spec import ServiceSpec
+    from ._view import ServiceView
 
 log = logging.getLogger("accord.proxy")
 
@@ -49,8 +49,8 @@ _BROKEN = (
 
 
 class Balancer:
-    def __init__(self, agent: NodeAgent, host: str, port: int) -> None:
-        self.agent = agent
+    def __init__(self, view: ServiceView, host: str, port: int) -> None:
+        self.view = view
         self.host = host
         self.port = port
         self._rr = itertools.count()
@@ -82,7 +82,7 @@ class Balancer:
 
     def route(self, host: str, path: str) -> ServiceSpec | None:
         host = host.rsplit(":", 1)[0] if host and not host.startswith("[") else host
-        specs = list(self.agent.current_specs().values())
+        specs = list(self.view.current_specs().values())
         by_host = [s for s in specs if s.host and s.host == host]
         candidates = by_host or [s for s in specs if not s.host]
         best: ServiceSpec | None = None
@@ -100,7 +100,7 @@ class Balancer:
         now = time.monotonic()
         ready = [
             i
-            for i in self.agent.healthy(spec.name)
+            for i in self.view.healthy(spec.name)
             if (i.address, i.port or 0) not in tried
             and self._down.get((i.address, i.port or 0), 0.0) <= now
         ]

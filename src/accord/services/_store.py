@@ -11,24 +11,32 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import ParamSpec, TypeVar
 
 import msgspec
-import nats.errors
-import nats.js.errors
-from nats.js import JetStreamContext
-from nats.js.api import ConsumerConfig, DeliverPolicy, StorageType, StreamConfig
-from nats.js.kv import KeyValue
 
 from .._errors import ConfigurationError, Fenced, NotConnected
-from ..cluster._config import Names, _bucket
+from ..cluster._config import Names
 from ..cluster._membership import MemberInfo
-from ..engine._nats import translated
+from ..engine._api import (
+    KV,
+    BucketSpec,
+    JetStream,
+    NoResponders,
+    NotFound,
+    Refused,
+    RequestTimeout,
+    StoredMessage,
+    StreamSpec,
+    WrongRevision,
+)
 from ._placement import NodeView, Slot
 from ._spec import ServiceSpec, decode_spec, encode_spec
 
-INSTANCE_TTL = "10s"
+INSTANCE_TTL = 10  # seconds
 LOG_LINES_PER_SERVICE = 5_000
 
 
@@ -93,12 +101,34 @@ class LogLine(msgspec.Struct):
     line: str
 
 
-def _js_errors(exc: Exception) -> NotConnected:
-    return NotConnected(f"JetStream did not answer: {type(exc).__name__}: {exc}")
+P = ParamSpec("P")
+R = TypeVar("R")
+_SIGNALS = (NoResponders, NotFound, Refused, RequestTimeout, WrongRevision)
+
+
+def answered(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
+    """The engine's internal signals that escape `fn` become `NotConnected` ("no answer the
+    services can act on"), so none reaches a user. Engine errors come translated already: only
+    the seam's named signals are caught, and a method handles those it expects itself."""
+
+    @functools.wraps(fn)
+    async def call(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return await fn(*args, **kwargs)
+        except _SIGNALS as exc:
+            raise NotConnected(f"{fn.__name__}: {type(exc).__name__}: {exc}") from None
+
+    return call
 
 
 class ServiceStore:
-    def __init__(self, js: JetStreamContext, names: Names, kvs: dict[str, KeyValue]) -> None:
+    """The services' buckets and streams on one engine connection (a client's or a node's).
+
+    Every method raises `NotConnected` when the engine does not answer (a write may or may not
+    have been applied), besides the errors it names.
+    """
+
+    def __init__(self, js: JetStream, names: Names, kvs: dict[str, KV]) -> None:
         self.js = js
         self.names = names
         self.specs_kv = kvs["services"]
@@ -108,29 +138,49 @@ class ServiceStore:
         self.members_kv = kvs["members"]
 
     @classmethod
+    @answered
     async def open(
-        cls, js: JetStreamContext, names: Names, members: KeyValue, replicas: int = 1
+        cls, js: JetStream, names: Names, members: KV, replicas: int = 1
     ) -> ServiceStore:
-        try:
-            kvs = {
-                "services": await _bucket(js, names.bucket("services"), replicas),
-                "placements": await _bucket(js, names.bucket("placements"), replicas),
-                "instances": await _bucket(js, names.bucket("instances"), replicas, marker_ttl=1),
-                "promises": await _bucket(js, names.bucket("promises"), replicas),
-                "members": members,
-            }
-            for kind, extra in (
-                ("ledger", {"max_msgs": 200_000, "max_age": 7 * 24 * 3600.0}),
-                ("logs", {"max_msgs_per_subject": LOG_LINES_PER_SERVICE, "max_age": 86400.0}),
-            ):
-                await _stream(js, names, kind, replicas, extra)
-        except (nats.js.errors.Error, nats.errors.Error, TimeoutError) as exc:
-            raise _js_errors(exc) from None
+        """Open the services' buckets and streams, creating those that are missing (with
+        `replicas`, as the cluster's own resources); `members` is the cluster's members bucket."""
+
+        async def bucket(kind: str, marker_ttl: int = 0) -> KV:
+            spec = BucketSpec(
+                name=names.bucket(kind), replicas=replicas, history=1, marker_ttl=marker_ttl
+            )
+            return await js.bucket(spec)
+
+        kvs = {
+            "services": await bucket("services"),
+            "placements": await bucket("placements"),
+            "instances": await bucket("instances", marker_ttl=1),
+            "promises": await bucket("promises"),
+            "members": members,
+        }
+        await js.ensure_stream(
+            StreamSpec(
+                name=_stream_name(names, "ledger"),
+                subjects=(f"{names.prefix}.ledger.>",),
+                replicas=replicas,
+                max_msgs=200_000,
+                max_age=7 * 24 * 3600.0,
+            )
+        )
+        await js.ensure_stream(
+            StreamSpec(
+                name=_stream_name(names, "logs"),
+                subjects=(f"{names.prefix}.logs.>",),
+                replicas=replicas,
+                max_msgs_per_subject=LOG_LINES_PER_SERVICE,
+                max_age=86400.0,
+            )
+        )
         return cls(js, names, kvs)
 
     # -- specs ---------------------------------------------------------------------------------
 
-    @translated
+    @answered
     async def specs(self) -> dict[str, tuple[ServiceSpec, int]]:
         """Every deployed spec with its revision (the spec's generation)."""
         out = {}
@@ -139,27 +189,27 @@ class ServiceStore:
                 out[key] = (decode_spec(value), rev)
         return out
 
-    @translated
+    @answered
     async def deploy(self, spec: ServiceSpec, revision: int | None) -> int:
         """Store the spec: create it (`revision` None), or compare-and-set over `revision`, the
-        deployed one the caller checked against."""
+        deployed one the caller checked against. `PromiseConflict` if it changed meanwhile."""
         try:
             if revision is not None:
                 return await self.specs_kv.update(spec.name, encode_spec(spec), last=revision)
             return await self.specs_kv.create(spec.name, encode_spec(spec))
-        except nats.js.errors.KeyWrongLastSequenceError:
+        except WrongRevision:
             raise PromiseConflict(
                 f"service {spec.name!r} was changed concurrently; deploy again"
             ) from None
 
-    @translated
+    @answered
     async def undeploy(self, name: str) -> None:
         """Delete the spec (the caller checked it is deployed)."""
         await self.specs_kv.delete(name)
 
     # -- placements and instances ------------------------------------------------------------
 
-    @translated
+    @answered
     async def placements(self) -> dict[str, tuple[Placement, int]]:
         out = {}
         for key, value, rev in await _entries(self.placements_kv):
@@ -167,27 +217,32 @@ class ServiceStore:
                 out[key] = (msgspec.json.decode(value, type=Placement), rev)
         return out
 
+    @answered
     async def write_placement(self, p: Placement, token: int) -> None:
         """Store a placement unless a controller with a newer token already wrote one (`Fenced`)."""
         for _ in range(20):
-            current = (await self.placements()).get(p.service)
+            current = await self.placements_kv.get(p.service, leader=True)
             try:
                 if current is None:
                     await self.placements_kv.create(p.service, msgspec.json.encode(p))
                     return
-                if current[0].token > token:
-                    raise Fenced(f"placement of {p.service} was decided by a newer controller")
-                await self.placements_kv.update(p.service, msgspec.json.encode(p), last=current[1])
+                with contextlib.suppress(msgspec.DecodeError, msgspec.ValidationError):
+                    held = msgspec.json.decode(current.value, type=Placement)
+                    if held.token > token:
+                        raise Fenced(f"placement of {p.service} was decided by a newer controller")
+                await self.placements_kv.update(
+                    p.service, msgspec.json.encode(p), last=current.revision
+                )
                 return
-            except nats.js.errors.KeyWrongLastSequenceError:
+            except WrongRevision:
                 continue
         raise NotConnected(f"placement of {p.service} kept changing under the controller")
 
+    @answered
     async def drop_placement(self, name: str) -> None:
-        with contextlib.suppress(nats.js.errors.KeyNotFoundError):
-            await self.placements_kv.purge(name)
+        await self.placements_kv.purge(name)
 
-    @translated
+    @answered
     async def instances(self) -> list[Instance]:
         out = []
         for _key, value, _rev in await _entries(self.instances_kv):
@@ -195,14 +250,20 @@ class ServiceStore:
                 out.append(msgspec.json.decode(value, type=Instance))
         return sorted(out, key=lambda i: (i.service, i.index))
 
+    @answered
     async def put_instance(self, inst: Instance) -> None:
+        """Report what this node runs; the record expires `INSTANCE_TTL` s after the last report."""
         inst.updated_at = time.time()
-        subject = f"$KV.{self.instances_kv._name}.{instance_key(inst)}"
-        await self.js.publish(
-            subject, msgspec.json.encode(inst), headers={"Nats-TTL": INSTANCE_TTL}, timeout=2.0
+        await self.instances_kv.put(
+            instance_key(inst), msgspec.json.encode(inst), ttl=INSTANCE_TTL, timeout=2.0
         )
 
-    @translated
+    @answered
+    async def drop_instance(self, inst: Instance) -> None:
+        """Withdraw the record of a replica this node stopped running."""
+        await self.instances_kv.purge(instance_key(inst))
+
+    @answered
     async def nodes(self, fresh_within: float = 5.0) -> list[NodeView]:
         """Live nodes as the members bucket shows them (for checks outside a node)."""
         now = time.time()
@@ -216,70 +277,43 @@ class ServiceStore:
 
     # -- ledger and logs ------------------------------------------------------------------------
 
-    @translated
+    @answered
     async def assess(self, a: Assessment) -> None:
-        await self.js.publish(
+        """Append an assessment to the ledger (it may be stored even when this raises)."""
+        await self.js.append(
             f"{self.names.prefix}.ledger.{_token(a.promise)}", msgspec.json.encode(a), timeout=2.0
         )
 
-    @translated
+    @answered
     async def ledger(self, last: int = 1000, promise: str | None = None) -> list[Assessment]:
+        """The latest `last` assessments (of `promise`, if given), oldest first."""
         subject = f"{self.names.prefix}.ledger." + (_token(promise) if promise else ">")
+        stream = _stream_name(self.names, "ledger")
         out = []
-        for seq, data in await self._tail(
-            f"accord_{self.names.cluster}_ledger", subject, last, scan=20_000
-        ):
+        for m in await self._tail(stream, subject, last, within=20_000):
             with contextlib.suppress(msgspec.DecodeError, msgspec.ValidationError):
-                a = msgspec.json.decode(data, type=Assessment)
-                a.seq = seq
+                a = msgspec.json.decode(m.data, type=Assessment)
+                a.seq = m.seq
                 out.append(a)
         return out
 
-    @translated
+    @answered
     async def logs(self, service: str, last: int = 200) -> list[LogLine]:
+        """The latest `last` output lines of `service`'s replicas, oldest first."""
         subject = f"{self.names.prefix}.logs.{service}"
         out = []
-        for _seq, data in await self._tail(f"accord_{self.names.cluster}_logs", subject, last):
+        for m in await self._tail(_stream_name(self.names, "logs"), subject, last):
             with contextlib.suppress(msgspec.DecodeError, msgspec.ValidationError):
-                out.append(msgspec.json.decode(data, type=LogLine))
+                out.append(msgspec.json.decode(m.data, type=LogLine))
         return out
 
     async def _tail(
-        self, stream: str, subject: str, last: int, scan: int | None = None
-    ) -> list[tuple[int, bytes]]:
-        """The last `last` messages of `subject` (oldest first) among the stream's last `scan`
-        messages (all when None), read with an ephemeral ordered consumer."""
+        self, stream: str, subject: str, last: int, within: int = 0
+    ) -> list[StoredMessage]:
         try:
-            info = await self.js.stream_info(stream)
-        except nats.js.errors.NotFoundError:
+            return await self.js.tail(stream, subject, last, within=within)
+        except NotFound:  # not created yet: nothing recorded
             return []
-        if info.state.messages == 0:
-            return []
-        start = info.state.first_seq
-        if scan is not None:
-            start = max(start, info.state.last_seq - scan + 1)
-        sub = await self.js.subscribe(
-            subject,
-            stream=stream,
-            ordered_consumer=True,
-            config=ConsumerConfig(
-                deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start
-            ),
-        )
-        out: list[tuple[int, bytes]] = []
-        try:
-            while True:
-                try:
-                    msg = await sub.next_msg(timeout=0.5)
-                except (TimeoutError, nats.errors.TimeoutError):
-                    break
-                out.append((msg.metadata.sequence.stream, msg.data))
-                if msg.metadata.num_pending == 0:
-                    break
-        finally:
-            with contextlib.suppress(Exception):
-                await sub.unsubscribe()
-        return out[-last:]
 
 
 def _token(name: str) -> str:
@@ -287,41 +321,15 @@ def _token(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_" else "_" for c in name)[:200] or "_"
 
 
-async def _entries(kv: KeyValue) -> list[tuple[str, bytes, int]]:
-    """Every live key of `kv` with its value and revision.
-
-    The key list comes from the server's own subject index (stream info with a subject filter),
-    not from `kv.keys()`, whose watcher can report an empty bucket when the consumer's first
-    message races with its pending count.
-    """
-    prefix = f"$KV.{kv._name}."
-    info = await kv._js.stream_info(f"KV_{kv._name}", subjects_filter=f"{prefix}>")
+async def _entries(kv: KV) -> list[tuple[str, bytes, int]]:
+    """Every live key of `kv` with its value and revision."""
     out = []
-    for subject in sorted(info.state.subjects or {}):
-        try:
-            entry = await kv.get(subject[len(prefix) :])
-        except nats.js.errors.KeyNotFoundError:  # deleted or purged (a marker is its last message)
-            continue
-        if entry.value:
-            out.append((entry.key, entry.value, entry.revision or 0))
+    for key in await kv.keys():
+        entry = await kv.get(key)
+        if entry is not None and entry.value:  # deleted since it was listed
+            out.append((entry.key, entry.value, entry.revision))
     return out
 
 
-async def _stream(
-    js: JetStreamContext, names: Names, kind: str, replicas: int, extra: dict[str, Any]
-) -> None:
-    name = f"accord_{names.cluster}_{kind}"
-    try:
-        await js.stream_info(name)
-        return
-    except nats.js.errors.NotFoundError:
-        pass
-    cfg = StreamConfig(
-        name=name,
-        subjects=[f"{names.prefix}.{kind}.>"],
-        num_replicas=replicas,
-        storage=StorageType.FILE,
-        **extra,
-    )
-    with contextlib.suppress(nats.js.errors.BadRequestError):  # created concurrently
-        await js.add_stream(cfg)
+def _stream_name(names: Names, kind: str) -> str:
+    return f"accord_{names.cluster}_{kind}"

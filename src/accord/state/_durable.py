@@ -26,6 +26,7 @@ import msgspec
 from .._agent import Agent
 from .._errors import Fenced, NotConnected, StateError
 from .._ids import AgentId
+from .._retry import Backoff
 from .._spec import AgentSpec
 from ..cluster._hlc import HybridClock
 from ._events import EventLog
@@ -140,7 +141,7 @@ class Durable:
         A lease that ends meanwhile raises `Fenced` when `fence` (the activation stops silently:
         the next owner answers), else the last `NotConnected`."""
         deadline = time.monotonic() + RETRY_FOR
-        delay = 0.1
+        backoff: Backoff | None = None  # made on the first failure: most calls succeed at once
         while True:
             try:
                 return await op()
@@ -150,11 +151,12 @@ class Durable:
                         raise Fenced(f"{self.id}: lease of epoch {self.epoch} ended while "
                                      f"JetStream did not answer ({exc})") from None  # fmt: skip
                     raise
+                backoff = backoff or Backoff(0.1, 1.0)
+                delay = backoff.next()
                 if time.monotonic() + delay > deadline:
                     raise
                 log.info("%s: %s; retrying", self.id, exc)
             await asyncio.sleep(delay)
-            delay = min(1.0, delay * 2)
 
     def _decode_state(self, record: StateRecord) -> Any:
         typ = self.spec.state_type

@@ -1,4 +1,4 @@
-"""Agent state records in a JetStream KV bucket, written by compare-and-set and fenced by epoch.
+"""Agent state records in a KV bucket (`engine.KV`), written by compare-and-set and fenced by epoch.
 
 One record per agent: the encoded state, the writer's shard epoch, the state schema version, the
 exactly-once dedup window and, for event-sourced agents, the last event folded into the snapshot.
@@ -7,16 +7,13 @@ A writer whose compare-and-set fails because a newer epoch wrote meanwhile gets 
 
 from __future__ import annotations
 
-import asyncio
 import base64
 
 import msgspec
-import nats.errors
-import nats.js.errors
-from nats.js.kv import KeyValue
 
 from .._errors import Fenced, NotConnected, StateError
 from .._ids import AgentId
+from ..engine._api import KV, NotFound, Refused, WrongRevision
 
 RECORD_VERSION = 1
 
@@ -78,17 +75,11 @@ def state_key(agent_id: AgentId) -> str:
 
 
 class StateStore:
-    """`timeout` bounds each request: one lost in a JetStream leader election fails after it
-    (as `NotConnected`) instead of after nats-py's default 5 s, so the caller can retry."""
+    """`timeout` bounds each request: one lost in a leader election of the engine fails after it
+    (as `NotConnected`) instead of after the engine's default 5 s, so the caller can retry."""
 
-    def __init__(self, kv: KeyValue, timeout: float = 2.0) -> None:
+    def __init__(self, kv: KV, timeout: float = 2.0) -> None:
         self._kv = kv
-        # Reads go to the stream leader, never a replica's direct get: a replica still catching
-        # up (a server back from a partition) answers an old revision, and a writer that took it
-        # for the latest would overwrite acknowledged state when its compare-and-set conflicts.
-        self._leader_kv = KeyValue(
-            name=kv._name, stream=kv._stream, pre=kv._pre, js=kv._js, direct=False
-        )
         self.timeout = timeout
 
     async def load(
@@ -96,15 +87,19 @@ class StateStore:
     ) -> tuple[StateRecord | None, int]:
         """The stored record and its revision (None, 0 when the agent has none). `latest=False`
         accepts any replica's copy, possibly behind (for a node cut off from the leader)."""
-        kv = self._leader_kv if latest else self._kv
         try:
-            entry = await asyncio.wait_for(kv.get(state_key(agent_id)), timeout or self.timeout)
-        except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
+            # `latest` reads from the stream leader, never a replica: a replica still catching
+            # up (a server back from a partition) answers an old revision, and a writer that took
+            # it for the latest would overwrite acknowledged state when its compare-and-set
+            # conflicts.
+            entry = await self._kv.get(
+                state_key(agent_id), timeout=timeout or self.timeout, leader=latest
+            )
+        except (NotConnected, NotFound, Refused) as exc:
+            raise NotConnected(f"cannot load state of {agent_id}: {exc}") from None
+        if entry is None:
             return None, 0
-        except (nats.errors.Error, TimeoutError) as exc:
-            why = str(exc) or "no answer in time"
-            raise NotConnected(f"cannot load state of {agent_id}: {why}") from None
-        return self.decode(agent_id, entry.value or b""), int(entry.revision or 0)
+        return self.decode(agent_id, entry.value), entry.revision
 
     @staticmethod
     def decode(agent_id: AgentId, data: bytes) -> StateRecord:
@@ -123,21 +118,19 @@ class StateStore:
         """Write `record` iff the stored revision is still `last_revision`; return the new one.
 
         Raises `Fenced` when a newer epoch wrote meanwhile, `StateConflict` when the record changed
-        under a writer of the same or an older epoch (the caller decides: merge, or supersede).
+        under a writer of the same or an older epoch (the caller decides: merge, or supersede),
+        `NotConnected` when the engine did not answer (the write may or may not be applied).
         """
         key = state_key(agent_id)
         data = _enc.encode(record)
         try:
             if last_revision:
-                write = self._kv.update(key, data, last=last_revision)
-            else:
-                write = self._kv.create(key, data)
-            return int(await asyncio.wait_for(write, self.timeout))
-        except nats.js.errors.KeyWrongLastSequenceError:
+                return await self._kv.update(key, data, last_revision, timeout=self.timeout)
+            return await self._kv.create(key, data, timeout=self.timeout)
+        except WrongRevision:
             pass
-        except (nats.errors.Error, TimeoutError) as exc:
-            why = str(exc) or "no answer in time"
-            raise NotConnected(f"cannot save state of {agent_id}: {why}") from None
+        except (NotConnected, Refused) as exc:
+            raise NotConnected(f"cannot save state of {agent_id}: {exc}") from None
         current, revision = await self.load(agent_id)
         if current is not None and current.epoch > record.epoch:
             raise Fenced(
@@ -147,7 +140,8 @@ class StateStore:
         raise StateConflict(current, revision)
 
     async def delete(self, agent_id: AgentId) -> None:
+        """Remove the agent's record and its history."""
         try:
-            await self._kv.purge(state_key(agent_id))
-        except (nats.errors.Error, TimeoutError) as exc:
+            await self._kv.purge(state_key(agent_id), timeout=self.timeout)
+        except (NotConnected, Refused) as exc:
             raise NotConnected(f"cannot delete state of {agent_id}: {exc}") from None
