@@ -15,6 +15,7 @@ from ._errors import EngineError as EngineError
 from ._errors import Fenced as Fenced
 from ._errors import LeaseLost as LeaseLost
 from ._errors import LeaseNotAcquired as LeaseNotAcquired
+from ._errors import NonDeterminism as NonDeterminism
 from ._errors import NotConnected as NotConnected
 from ._errors import NotProcessed as NotProcessed
 from ._errors import OutcomeUnknown as OutcomeUnknown
@@ -22,6 +23,8 @@ from ._errors import Overloaded as Overloaded
 from ._errors import RemoteError as RemoteError
 from ._errors import StateError as StateError
 from ._errors import UnknownMessageType as UnknownMessageType
+from ._errors import WorkflowFailed as WorkflowFailed
+from ._errors import WorkflowNotFound as WorkflowNotFound
 from ._ids import AgentId as AgentId
 from ._mesh import Mesh as Mesh
 from .coord._leases import Lease as Lease
@@ -35,6 +38,11 @@ from .services._promises import Verdict as Verdict
 from .services._promises import promise as promise
 from .services._spec import InvalidSpec as InvalidSpec
 from .services._store import PromiseConflict as PromiseConflict
+from .workflows._client import WorkflowHandle as WorkflowHandle
+from .workflows._context import WorkflowContext as WorkflowContext
+from .workflows._model import Retry as Retry
+from .workflows._model import WorkflowStatus as WorkflowStatus
+from .workflows._workflow import Workflow as Workflow
 
 __all__ = [
     "AccordError",
@@ -59,16 +67,24 @@ __all__ = [
     "Mesh",
     "Node",
     "NodeSettings",
+    "NonDeterminism",
     "NotConnected",
     "NotProcessed",
     "OutcomeUnknown",
     "Overloaded",
     "PromiseConflict",
     "RemoteError",
+    "Retry",
     "StateError",
     "UnknownMessageType",
     "Verdict",
     "VoteRequest",
+    "Workflow",
+    "WorkflowContext",
+    "WorkflowFailed",
+    "WorkflowHandle",
+    "WorkflowNotFound",
+    "WorkflowStatus",
     "connect",
     "handler",
     "promise",
