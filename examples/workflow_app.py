@@ -6,7 +6,7 @@
 - `saga`: reserve, charge (compensations: release, refund), then a step that fails unless the file
   $ACCORD_FIXED exists; compensations append to $ACCORD_STEP_LOG.
 - `sleeper`: sleeps `Job.n` seconds durably, then returns the journaled time.
-- `approval`: waits for an `Approve` signal (or `Job.n` seconds), returns whether it came.
+- `approval`: sleeps `Job.pause` s, then waits for an `Approve` signal (or `Job.n` seconds).
 - `changing`: its first step's name comes from $ACCORD_STEP_NAME (to provoke a NonDeterminism).
 - `pinger`: an ordinary agent with a reminder (`StartPing` → `Ping` after `delay`).
 """
@@ -137,7 +137,11 @@ class Sleeper(accord.Workflow, type="sleeper"):
 
 
 class Approval(accord.Workflow, type="approval"):
+    """Sleeps `Job.pause` seconds first (a signal sent meanwhile is kept), then waits."""
+
     async def run(self, ctx: accord.WorkflowContext, job: Job) -> str:
+        if job.pause:
+            await ctx.sleep(job.pause)
         ok = await ctx.wait_signal(Approve, timeout=float(job.n))
         return "timeout" if ok is None else f"approved by {ok.by}"
 
