@@ -40,6 +40,9 @@ if TYPE_CHECKING:
     from .._mesh import Mesh
 
 ASK_TIMEOUT = 10.0
+ATTEMPT_TIMEOUT = 5.0
+"""Seconds one attempt may take: a request that reached an owner which then died gets no answer,
+and waiting past a shard's failover for it would be wasted (every message here is idempotent)."""
 _RETRIED = (DeliveryTimeout, NotConnected, OutcomeUnknown)
 
 
@@ -68,8 +71,8 @@ class WorkflowHandle:
         while True:
             left = deadline - loop.time()
             try:
-                report = await self._mesh.ask(self.id, msg, returns=WorkflowReport,
-                                              timeout=max(0.1, left))  # fmt: skip
+                attempt = max(0.1, min(left, ATTEMPT_TIMEOUT))
+                report = await self._mesh.ask(self.id, msg, returns=WorkflowReport, timeout=attempt)
                 return typing.cast(WorkflowReport, report)
             except _RETRIED:
                 if loop.time() >= deadline:
@@ -101,7 +104,13 @@ class WorkflowHandle:
         deadline = None if timeout is None else loop.time() + timeout
         pause = 0.02
         while True:
-            report = await self._report()
+            try:
+                report = await self._report()
+            except _RETRIED:  # the run's shard is failing over: ask again until our deadline
+                if deadline is not None and loop.time() > deadline:
+                    raise
+                await asyncio.sleep(pause)
+                continue
             st = report.status
             if st.state in TERMINAL:
                 if st.state == "completed":
