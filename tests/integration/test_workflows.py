@@ -149,3 +149,13 @@ async def test_reminder_reactivates_a_deactivated_agent(cluster: Cluster) -> Non
 
         # pinger idles out after 0.5 s; only the durable reminder brings the Ping.
         assert await _eventually_value(pinged, 30, "the reminder's Ping") == 1
+
+
+async def test_input_of_the_wrong_type_starts_nothing(cluster: Cluster) -> None:
+    async with cluster.connect() as mesh:
+        with pytest.raises(accord.BadRequest, match="does not decode"):
+            await mesh.start_workflow("chain", "wrong-input", {"n": "not a number"})
+        with pytest.raises(accord.WorkflowNotFound):
+            await mesh.workflow("chain/wrong-input")
+        with pytest.raises(accord.AgentTypeNotFound):
+            await mesh.start_workflow("no_such_workflow", "k", Job(1))

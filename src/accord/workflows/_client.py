@@ -16,10 +16,13 @@ import msgspec
 
 from .._codec import message_type_name
 from .._errors import (
+    AccordError,
+    BadRequest,
     ConfigurationError,
     DeliveryTimeout,
     NotConnected,
     OutcomeUnknown,
+    RemoteError,
     WorkflowFailed,
     WorkflowNotFound,
 )
@@ -31,6 +34,7 @@ from ._model import (
     WorkflowCancel,
     WorkflowQuery,
     WorkflowReport,
+    WorkflowRetry,
     WorkflowSignal,
     WorkflowStart,
     WorkflowStatus,
@@ -44,6 +48,9 @@ ATTEMPT_TIMEOUT = 5.0
 """Seconds one attempt may take: a request that reached an owner which then died gets no answer,
 and waiting past a shard's failover for it would be wasted (every message here is idempotent)."""
 _RETRIED = (DeliveryTimeout, NotConnected, OutcomeUnknown)
+_REFUSALS: dict[str, type[AccordError]] = {
+    "WorkflowNotFound": WorkflowNotFound, "BadRequest": BadRequest,
+}  # fmt: skip
 
 
 class WorkflowHandle:
@@ -78,6 +85,11 @@ class WorkflowHandle:
                 if loop.time() >= deadline:
                     raise
                 await asyncio.sleep(0.2)
+            except RemoteError as exc:  # the run agent refused: raise it as its own kind
+                local = _REFUSALS.get(exc.remote_type)
+                if local is None:
+                    raise
+                raise local(exc.remote_message) from None
 
     async def _report(self, journal: bool = False, timeout: float | None = None) -> WorkflowReport:
         report = await self._ask(WorkflowQuery(journal), timeout)
@@ -140,6 +152,13 @@ class WorkflowHandle:
         """Cancel the run: it ends `cancelled` at once (no compensation runs; a step under way
         is interrupted). Nothing happens to an ended run. Returns its status."""
         report = await self._ask(WorkflowCancel())
+        return report.status
+
+    async def retry(self) -> WorkflowStatus:
+        """Go on with a failed or compensated run from its failed step (after its cause was
+        fixed): steps whose compensation ran are done again. `BadRequest` for a run in another
+        state. Returns its status."""
+        report = await self._ask(WorkflowRetry())
         return report.status
 
 

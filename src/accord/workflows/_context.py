@@ -144,7 +144,8 @@ class WorkflowContext:
         n, done = self._replayed("ask", step_name)
         if done is not None:
             return _decode(done.result, _reply_type(target, wire))
-        msg_id = f"{self.run_id}#{n}"
+        retries = self._j.retries  # a retried run asks again under new ids: undone asks redo
+        msg_id = f"{self.run_id}#{n}" + (f".{retries}" if retries else "")
         attempt = 0
         while True:
             attempt += 1

@@ -119,13 +119,20 @@ class WfEnded(msgspec.Struct, tag=True, tag_field="entry"):
     error: str = ""
 
 
+class WfRetried(msgspec.Struct, tag=True, tag_field="entry"):
+    """`accord workflows retry`: the run goes on from its failed step; steps whose compensation
+    ran are done again (their asks under new message ids)."""
+
+    at: float
+
+
 JOURNAL_TYPES: tuple[type, ...] = (
     WfStarted, WfStep, WfStepFailed, WfTimerSet, WfTimerFired, WfSignal, WfSignalTaken,
-    WfCompensation, WfEnded,
+    WfCompensation, WfEnded, WfRetried,
 )  # fmt: skip
 Entry = (
     WfStarted | WfStep | WfStepFailed | WfTimerSet | WfTimerFired | WfSignal | WfSignalTaken
-    | WfCompensation | WfEnded
+    | WfCompensation | WfEnded | WfRetried
 )  # fmt: skip
 
 
@@ -135,6 +142,7 @@ class Journal(msgspec.Struct):
     started: bool = False
     input: bytes = b""
     version: int = 0
+    started_at: float = 0.0
     steps: dict[int, WfStep] = msgspec.field(default_factory=dict)
     failures: dict[int, WfStepFailed] = msgspec.field(default_factory=dict)
     attempts: int = 0
@@ -144,12 +152,14 @@ class Journal(msgspec.Struct):
     taken: dict[int, int] = msgspec.field(default_factory=dict)
     compensations: dict[int, WfCompensation] = msgspec.field(default_factory=dict)
     ended: WfEnded | None = None
+    retries: int = 0
     entries: list[Entry] = msgspec.field(default_factory=list)
 
     def apply(self, ev: Entry) -> None:
         self.entries.append(ev)
         if isinstance(ev, WfStarted):
             self.started, self.input, self.version = True, ev.input, ev.version
+            self.started_at = ev.at
         elif isinstance(ev, WfStep):
             self.steps[ev.n] = ev
         elif isinstance(ev, WfStepFailed):
@@ -168,6 +178,17 @@ class Journal(msgspec.Struct):
                 self.compensations[ev.n] = ev
         elif isinstance(ev, WfEnded):
             self.ended = ev
+        elif isinstance(ev, WfRetried):
+            self.ended = None
+            self.retries += 1
+            for n, comp in self.compensations.items():
+                if comp.ok:
+                    self.steps.pop(n, None)  # undone: to be done again
+            self.compensations.clear()
+            self.failures = {
+                n: msgspec.structs.replace(f, final=False, attempt=0)
+                for n, f in self.failures.items()
+            }
 
 
 # -- messages to the run agent -----------------------------------------------------------------
@@ -186,6 +207,10 @@ class WorkflowSignal(msgspec.Struct):
 
 
 class WorkflowCancel(msgspec.Struct):
+    pass
+
+
+class WorkflowRetry(msgspec.Struct):
     pass
 
 

@@ -30,22 +30,28 @@ from ._model import (
     TERMINAL,
     Journal,
     WaitSignal,
+    WfCompensation,
     WfEnded,
+    WfRetried,
     WfSignal,
     WfSignalTaken,
     WfStarted,
+    WfStep,
+    WfStepFailed,
     WfTimerFired,
     WfTimerSet,
     WorkflowCancel,
     WorkflowQuery,
     WorkflowRecord,
     WorkflowReport,
+    WorkflowRetry,
     WorkflowSignal,
     WorkflowStart,
     WorkflowStatus,
     WorkflowTimerFired,
     WorkflowWake,
 )
+from ._monitor import RunEntry, event, index
 from ._timers import cancel, schedule
 
 log = logging.getLogger("accord.workflows")
@@ -196,6 +202,7 @@ class Workflow(
             version = type(self).__accord_workflow_version__
             self.emit(WfStarted(msg.input, version, time.time()))
             self._spawn()
+            await self._observe("started")
         return self._report()
 
     @handler(read_only=True)
@@ -208,6 +215,7 @@ class Workflow(
             raise _Refused(f"{self.id}: record of another activation (or of an ended run)")
         if msg.entry is not None:
             self.emit(msg.entry)
+            await self._observe_entry(msg.entry)
         if msg.wait is not None:
             self._wait(msg.wait)
         return 0
@@ -277,7 +285,48 @@ class Workflow(
             if task is not None:
                 task.cancel()
             await cancel(self.mesh, self.id, WAKE)
+            await self._observe("cancelled", error="cancelled")
         return self._report()
+
+    @handler
+    async def _on_retry(self, msg: WorkflowRetry) -> WorkflowReport:
+        """Go on from the failed step (`accord workflows retry`, after the cause was fixed)."""
+        j = self.state
+        if not j.started:
+            raise WorkflowNotFound(f"no workflow run {self.id}")
+        if j.ended is None or j.ended.state not in ("failed", "compensated"):
+            state = "running" if j.ended is None else j.ended.state
+            raise BadRequest(f"{self.id} is {state}: only a failed or compensated run is retried")
+        self.emit(WfRetried(time.time()))
+        self._spawn()
+        await self._observe("retried")
+        return self._report()
+
+    async def _observe_entry(self, entry: object) -> None:
+        if isinstance(entry, WfStep):
+            await self._observe("step_completed", step=f"{entry.n}:{entry.name}", index_it=False)
+        elif isinstance(entry, WfStepFailed):
+            name = "step_failed" if entry.final else "step_retried"
+            await self._observe(name, step=f"{entry.n}:{entry.name}", attempt=entry.attempt,
+                                error=entry.error, index_it=False)  # fmt: skip
+        elif isinstance(entry, WfCompensation):
+            name = "compensating" if entry.ok else "compensation_failed"
+            await self._observe(name, step=f"{entry.n}:{entry.name}", attempt=entry.attempt,
+                                error=entry.error, index_it=False)  # fmt: skip
+        elif isinstance(entry, WfEnded):
+            await self._observe(entry.state, error=entry.error)
+
+    async def _observe(self, name: str, *, step: str = "", attempt: int = 0, error: str = "",
+                       index_it: bool = True) -> None:  # fmt: skip
+        """Tell the operators: a lifecycle event, and (for a change of state) the run index."""
+        await event(self.mesh, str(self.id), name, step=step, attempt=attempt, error=error)
+        if index_it:
+            st = self._report().status
+            await index(self.mesh, RunEntry(
+                id=st.id, type=st.type, state=st.state, steps_done=st.steps_done,
+                attempts=st.attempts, error=st.error, started=self.state.started_at,
+                updated=time.time(),
+            ))  # fmt: skip
 
     def _report(self, journal: bool = False) -> WorkflowReport:
         j = self.state
