@@ -40,7 +40,6 @@ from ._model import (
     WorkflowRecord,
     WorkflowTimerFired,
 )
-from ._timers import schedule
 
 if TYPE_CHECKING:
     from ._workflow import Workflow
@@ -200,9 +199,8 @@ class WorkflowContext:
             timer = WfTimerSet(n, "sleep", time.time() + max(0.0, seconds))
             await self._record(timer)
         if n not in self._j.fired:
-            await schedule(self._wf.mesh, self._wf.id, f"wf-{n}", WorkflowTimerFired(n), timer.due)
-            await fut
-            await self._sync()
+            await self._wf._schedule(f"wf-{n}", WorkflowTimerFired(n), timer.due)
+            await self._parked(fut)
 
     async def wait_signal(self, msg_type: type[M], timeout: float | None = None) -> M | None:
         """Wait for a signal of `msg_type` (sent with `handle.signal`), or None after `timeout`
@@ -221,10 +219,8 @@ class WorkflowContext:
             if n not in self._j.taken:
                 timer = self._j.timers.get(n)
                 if timer is not None:
-                    await schedule(self._wf.mesh, self._wf.id, f"wf-{n}", WorkflowTimerFired(n),
-                                   timer.due)  # fmt: skip
-                await fut
-                await self._sync()
+                    await self._wf._schedule(f"wf-{n}", WorkflowTimerFired(n), timer.due)
+                await self._parked(fut)
         index = self._j.taken[n]
         if index < 0:
             return None
@@ -287,6 +283,14 @@ class WorkflowContext:
 
     async def _record(self, entry: Entry | None, wait: WaitSignal | None = None) -> None:
         await self._wf._record(WorkflowRecord(self._wf._token, entry, wait))
+
+    async def _parked(self, fut: asyncio.Future[None]) -> None:
+        """Wait for a timer or a signal. Meanwhile the watchdog is off: the timer or the signal
+        re-activates the run, so a long wait lets its activation idle out."""
+        await self._wf._watchdog(False)
+        await fut
+        await self._sync()
+        await self._wf._watchdog(True)
 
     async def _sync(self) -> None:
         """Wait until the turn that woke this run has committed its journal entries."""

@@ -58,6 +58,7 @@ log = logging.getLogger("accord.workflows")
 
 WAKE = "accord-wf-wake"
 RECORD_TIMEOUT = 30.0
+TIMER_RETRY_FOR = 30.0
 
 
 class _Stale(BaseException):
@@ -141,13 +142,37 @@ class Workflow(
             raise _Stale(str(exc)) from None
         return typing.cast(int, result)
 
+    async def _watchdog(self, on: bool) -> None:
+        """Arm (or disarm) the reminder that re-activates this run after a crash."""
+        every = self.wake_every
+        if on:
+            await self._schedule(WAKE, WorkflowWake(), time.time() + every, every)
+        else:
+            await cancel(self.mesh, self.id, WAKE)
+
+    async def _schedule(
+        self, name: str, msg: msgspec.Struct, due: float, every: float = 0.0
+    ) -> None:
+        """Store a timer of this run, retrying while the timer bucket does not answer; after
+        `TIMER_RETRY_FOR` seconds the run's coroutine stops (`_Stale`) — never fails the run."""
+        deadline = time.monotonic() + TIMER_RETRY_FOR
+        delay = 0.1
+        while True:
+            try:
+                await schedule(self.mesh, self.id, name, msg, due, every)
+                return
+            except AccordError as exc:
+                if time.monotonic() + delay > deadline:
+                    raise _Stale(f"timer {name} not stored: {exc}") from None
+                await asyncio.sleep(delay)
+                delay = min(2.0, delay * 2)
+
     # -- the run ----------------------------------------------------------------------------
 
     async def _drive(self) -> None:
         ctx = WorkflowContext(self)
         try:
-            every = self.wake_every
-            await schedule(self.mesh, self.id, WAKE, WorkflowWake(), time.time() + every, every)
+            await self._watchdog(True)
             version = type(self).__accord_workflow_version__
             if self.state.version != version:
                 raise NonDeterminism(
