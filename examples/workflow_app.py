@@ -8,6 +8,7 @@
 - `sleeper`: sleeps `Job.n` seconds durably, then returns the journaled time.
 - `approval`: sleeps `Job.pause` s, then waits for an `Approve` signal (or `Job.n` seconds).
 - `changing`: its first step's name comes from $ACCORD_STEP_NAME (to provoke a NonDeterminism).
+- `noop5`: five exactly-once asks (the benchmark's workflow).
 - `pinger`: an ordinary agent with a reminder (`StartPing` → `Ping` after `delay`).
 """
 
@@ -157,6 +158,17 @@ class Changing(accord.Workflow, type="changing"):
         return job.n
 
 
+class Noop5(accord.Workflow, type="noop5"):
+    """Five journaled exactly-once asks (bench/workflows.py): the client-side baseline is the same
+    five asks sent one after the other."""
+
+    async def run(self, ctx: accord.WorkflowContext, job: Job) -> int:
+        total = 0
+        for _ in range(5):
+            total = await ctx.ask(f"wf_counter/b{job.n % 50}", Add(1))
+        return total
+
+
 class StartPing(msgspec.Struct):
     delay: float
 
@@ -187,4 +199,4 @@ class Pinger(accord.Agent, type="pinger", idle_timeout=0.5):
         return self.state.count
 
 
-AGENTS = [WfCounter, Chain, Saga, Sleeper, Approval, Changing, Pinger]
+AGENTS = [WfCounter, Chain, Saga, Sleeper, Approval, Changing, Noop5, Pinger]
