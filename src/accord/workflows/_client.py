@@ -7,6 +7,7 @@ exists is returned as it is), so a start or a signal whose answer was lost is si
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import typing
 import uuid
 from collections.abc import Generator
@@ -39,11 +40,14 @@ from ._model import (
     WorkflowStart,
     WorkflowStatus,
 )
+from ._monitor import done_subject
 
 if TYPE_CHECKING:
     from .._mesh import Mesh
 
 ASK_TIMEOUT = 10.0
+RESULT_RECHECK = 2.0
+"""`result()` waits for the run's end announcement, asking its status again at least this often."""
 ATTEMPT_TIMEOUT = 5.0
 """Seconds one attempt may take: a request that reached an owner which then died gets no answer,
 and waiting past a shard's failover for it would be wasted (every message here is idempotent)."""
@@ -114,14 +118,31 @@ class WorkflowHandle:
         `timeout` seconds (None: wait for ever) — the run goes on either way."""
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
-        pause = 0.02
+        ended = asyncio.Event()
+
+        async def on_end(msg: Any) -> None:
+            ended.set()
+
+        sub = await self._mesh._transport.subscribe(done_subject(self._mesh, self.id), on_end)
+        try:
+            return await self._until_ended(ended, deadline, timeout)
+        finally:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+
+    async def _until_ended(
+        self, ended: asyncio.Event, deadline: float | None, timeout: float | None
+    ) -> Any:
+        loop = asyncio.get_running_loop()
+        pause = RESULT_RECHECK
         while True:
             try:
+                ended.clear()
                 report = await self._report()
             except _RETRIED:  # the run's shard is failing over: ask again until our deadline
                 if deadline is not None and loop.time() > deadline:
                     raise
-                await asyncio.sleep(pause)
+                await asyncio.sleep(0.2)
                 continue
             st = report.status
             if st.state in TERMINAL:
@@ -131,11 +152,12 @@ class WorkflowHandle:
                     f"workflow {self.id} {st.state}: {st.error}",
                     state=st.state, cause=st.error, compensated=st.state == "compensated",
                 )  # fmt: skip
-            if deadline is not None and loop.time() + pause > deadline:
+            left = None if deadline is None else deadline - loop.time()
+            if left is not None and left <= 0:
                 raise DeliveryTimeout(f"workflow {self.id} still {st.state} after {timeout} s",
                                       maybe_delivered=True)  # fmt: skip
-            await asyncio.sleep(pause)
-            pause = min(0.5, pause * 1.5)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(ended.wait(), pause if left is None else min(pause, left))
 
     async def signal(self, msg: msgspec.Struct) -> None:
         """Deliver `msg` to the run (kept in its journal until a `wait_signal` of its type takes

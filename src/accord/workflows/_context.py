@@ -9,6 +9,7 @@ answering, so the run never gets ahead of its journal.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import time
 import typing
@@ -305,11 +306,22 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
+_hints: dict[Any, Any] = {}
+
+
 def _returns(fn: Callable[..., Any]) -> Any:
+    """`fn`'s return annotation (cached: resolving string annotations compiles them)."""
     try:
-        return typing.get_type_hints(fn).get("return", Any)
+        return _hints[fn]
+    except (KeyError, TypeError):
+        pass
+    try:
+        typ = typing.get_type_hints(fn).get("return", Any)
     except Exception:
-        return Any
+        typ = Any
+    with contextlib.suppress(TypeError):  # an unhashable callable: not cached
+        _hints[fn] = typ
+    return typ
 
 
 def _reply_type(target: str, wire: str) -> Any:

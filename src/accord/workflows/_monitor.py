@@ -93,6 +93,19 @@ async def list_runs(mesh: Mesh) -> list[RunEntry]:
     return sorted(runs, key=lambda r: r.id)
 
 
+def done_subject(mesh: Mesh, run_id: str) -> str:
+    """Where a run's end is announced (a core publish: `result()` waits for it, and still asks
+    the run's status every few seconds in case the announcement was lost)."""
+    return f"{mesh.names.prefix}.wf.done.{_key(run_id)}"
+
+
+async def announce_end(mesh: Mesh, run_id: str) -> None:
+    try:
+        await mesh._transport.publish(done_subject(mesh, run_id), b"")
+    except AccordError as exc:
+        log.debug("end of %s not announced: %s", run_id, exc)
+
+
 async def event(mesh: Mesh, run: str, name: str, *, step: str = "", attempt: int = 0,
                 error: str = "") -> None:  # fmt: skip
     """Append a lifecycle event to the events stream (buffered publish: may be lost with the

@@ -51,13 +51,14 @@ from ._model import (
     WorkflowTimerFired,
     WorkflowWake,
 )
-from ._monitor import RunEntry, event, index
+from ._monitor import RunEntry, announce_end, event, index
 from ._timers import cancel, schedule
 
 log = logging.getLogger("accord.workflows")
 
 WAKE = "accord-wf-wake"
 RECORD_TIMEOUT = 30.0
+_UNSET: Any = object()
 TIMER_RETRY_FOR = 30.0
 
 
@@ -206,13 +207,17 @@ class Workflow(
             log.info("%s: watchdog not removed yet: %s", self.id, exc)
 
     def _input(self, data: bytes) -> Any:
-        params = list(inspect.signature(self.run).parameters.values())
-        typ: Any = Any
-        if len(params) >= 2:
-            try:
-                typ = typing.get_type_hints(type(self).run).get(params[1].name, Any)
-            except Exception:
-                typ = Any
+        cls = type(self)
+        typ = cls.__dict__.get("__accord_input_type__", _UNSET)
+        if typ is _UNSET:  # resolved once per class: string annotations are compiled
+            params = list(inspect.signature(cls.run).parameters.values())
+            typ = Any
+            if len(params) >= 3:
+                try:
+                    typ = typing.get_type_hints(cls.run).get(params[2].name, Any)
+                except Exception:
+                    typ = Any
+            cls.__accord_input_type__ = typ  # type: ignore[attr-defined]
         try:
             return msgspec.msgpack.decode(data, type=typ)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
@@ -311,6 +316,7 @@ class Workflow(
                 task.cancel()
             await cancel(self.mesh, self.id, WAKE)
             await self._observe("cancelled", error="cancelled")
+            await announce_end(self.mesh, str(self.id))
         return self._report()
 
     @handler
@@ -340,6 +346,7 @@ class Workflow(
                                 error=entry.error, index_it=False)  # fmt: skip
         elif isinstance(entry, WfEnded):
             await self._observe(entry.state, error=entry.error)
+            await announce_end(self.mesh, str(self.id))
 
     async def _observe(self, name: str, *, step: str = "", attempt: int = 0, error: str = "",
                        index_it: bool = True) -> None:  # fmt: skip
