@@ -9,6 +9,7 @@
 - `approval`: sleeps `Job.pause` s, then waits for an `Approve` signal (or `Job.n` seconds).
 - `changing`: its first step's name comes from $ACCORD_STEP_NAME (to provoke a NonDeterminism).
 - `noop5`: five exactly-once asks (the benchmark's workflow).
+- `alarm`: many reminders, each recording how late it rang (the timer benchmark).
 - `pinger`: an ordinary agent with a reminder (`StartPing` → `Ping` after `delay`).
 """
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import time
 
 import msgspec
 
@@ -199,4 +201,41 @@ class Pinger(accord.Agent, type="pinger", idle_timeout=0.5):
         return self.state.count
 
 
-AGENTS = [WfCounter, Chain, Saga, Sleeper, Approval, Changing, Noop5, Pinger]
+class Arm(msgspec.Struct):
+    count: int
+    spread: float
+    """Seconds over which the `count` reminders fall due (evenly)."""
+    start: float = 0.0
+    """Wall-clock time of the first due time (0: now + 1 s)."""
+
+
+class Ring(msgspec.Struct):
+    due: float
+
+
+class Lateness(msgspec.Struct):
+    late: list[float] = msgspec.field(default_factory=list)
+
+
+class Alarm(accord.Agent, type="alarm"):
+    """Sets many one-shot reminders; records how late each one rang (bench/workflows.py)."""
+
+    state: Lateness
+
+    @accord.handler
+    async def arm(self, msg: Arm) -> None:
+        start = msg.start or time.time() + 1.0
+        for k in range(msg.count):
+            due = start + msg.spread * k / max(1, msg.count)
+            await self.remind(f"a{k}", Ring(due), delay=max(0.0, due - time.time()))
+
+    @accord.handler
+    async def ring(self, msg: Ring) -> None:
+        self.state.late.append(time.time() - msg.due)
+
+    @accord.handler
+    async def read(self, msg: Read) -> Lateness:
+        return self.state
+
+
+AGENTS = [WfCounter, Chain, Saga, Sleeper, Approval, Changing, Noop5, Pinger, Alarm]
