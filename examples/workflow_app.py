@@ -133,9 +133,20 @@ class Saga(accord.Workflow, type="saga"):
         return await ctx.step(ship, ctx.run_id, retry=FAST)
 
 
-class Sleeper(accord.Workflow, type="sleeper"):
+async def woke(run: str) -> None:
+    _log({"run": run, "step": "woke"})
+
+
+class Sleeper(accord.Workflow, type="sleeper", idle_timeout=1.0):
+    """Idles out (1 s) while it sleeps: only its durable timer brings it back."""
+
+    async def on_activate(self) -> None:
+        _log({"run": str(self.id), "step": "activate"})
+        await super().on_activate()
+
     async def run(self, ctx: accord.WorkflowContext, job: Job) -> float:
         await ctx.sleep(float(job.n))
+        await ctx.step(woke, ctx.run_id)
         return await ctx.now()
 
 

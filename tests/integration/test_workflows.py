@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -136,6 +137,26 @@ async def test_signal_sent_before_the_wait_is_kept(cluster: Cluster) -> None:
         assert await h.result(timeout=60) == "approved by early bird"
         timed_out = await mesh.start_workflow("approval", "nobody", Job(1))
         assert await timed_out.result(timeout=60) == "timeout"
+
+
+async def test_a_sleeping_run_idles_out_and_its_timer_brings_it_back(cluster: Cluster) -> None:
+    log = cluster.tmp / "steps.jsonl"  # type: ignore[attr-defined]
+    async with cluster.connect() as mesh:
+        began = time.time()
+        h = await mesh.start_workflow("sleeper", "idle-nap", Job(4))
+
+        async def woke() -> list[str] | None:  # the log only: asking the run would activate it
+            mine = [str(e["step"]) for e in _steps(log) if e["run"] == "sleeper/idle-nap"]
+            return mine if "woke" in mine else None
+
+        # activated at start, deactivated after 1 s idle (no watchdog while it waits), and
+        # activated again by its timer alone
+        assert await _eventually_value(woke, 60, "the sleeper to wake") == [
+            "activate",
+            "activate",
+            "woke",
+        ]
+        assert await h.result(timeout=60) >= began + 4.0
 
 
 async def test_reminder_reactivates_a_deactivated_agent(cluster: Cluster) -> None:

@@ -90,6 +90,9 @@ class WorkflowHandle:
                     raise
                 await asyncio.sleep(0.2)
             except RemoteError as exc:  # the run agent refused: raise it as its own kind
+                if exc.remote_type == "NotConnected" and loop.time() < deadline:
+                    await asyncio.sleep(0.2)  # its turn could not store a timer: again
+                    continue
                 local = _REFUSALS.get(exc.remote_type)
                 if local is None:
                     raise

@@ -201,7 +201,7 @@ class WorkflowContext:
             await self._record(timer)
         if n not in self._j.fired:
             await self._wf._schedule(f"wf-{n}", WorkflowTimerFired(n), timer.due)
-            await self._parked(fut)
+            await self._parked(n, fut)
 
     async def wait_signal(self, msg_type: type[M], timeout: float | None = None) -> M | None:
         """Wait for a signal of `msg_type` (sent with `handle.signal`), or None after `timeout`
@@ -221,7 +221,7 @@ class WorkflowContext:
                 timer = self._j.timers.get(n)
                 if timer is not None:
                     await self._wf._schedule(f"wf-{n}", WorkflowTimerFired(n), timer.due)
-                await self._parked(fut)
+                await self._parked(n, fut)
         index = self._j.taken[n]
         if index < 0:
             return None
@@ -285,13 +285,15 @@ class WorkflowContext:
     async def _record(self, entry: Entry | None, wait: WaitSignal | None = None) -> None:
         await self._wf._record(WorkflowRecord(self._wf._token, entry, wait))
 
-    async def _parked(self, fut: asyncio.Future[None]) -> None:
-        """Wait for a timer or a signal. Meanwhile the watchdog is off: the timer or the signal
-        re-activates the run, so a long wait lets its activation idle out."""
-        await self._wf._watchdog(False)
+    async def _parked(self, n: int, fut: asyncio.Future[None]) -> None:
+        """Wait for step `n`'s timer or signal (its timer is stored already). Meanwhile the
+        watchdog is off — the timer or the signal re-activates the run, so a long wait lets its
+        activation idle out. Both switches happen in turns of the run agent (`park` here, the
+        waking turn after), so they cannot cross, and a crash between them leaves a timer or a
+        signal sender that will deliver again."""
+        await self._wf._record(WorkflowRecord(self._wf._token, park=n))
         await fut
         await self._sync()
-        await self._wf._watchdog(True)
 
     async def _sync(self) -> None:
         """Wait until the turn that woke this run has committed its journal entries."""

@@ -246,3 +246,6 @@ class WorkflowRecord(msgspec.Struct):
     token: str
     entry: Entry | None = None
     wait: WaitSignal | None = None
+    park: int = 0
+    """> 0: the run now waits for its step `park` (its timer is stored): the watchdog goes off
+    in this turn, unless the wait already ended; the turn that wakes the run turns it on."""

@@ -36,6 +36,9 @@ log = logging.getLogger("accord.timers")
 FIRE_TIMEOUT = 10.0
 """Seconds one delivery may take (the agent may have to be activated, its shard failed over)."""
 MAX_IN_FLIGHT = 64
+RETRYABLE = frozenset({"NotConnected"})
+"""Handler errors that mean "could not be done now" (a workflow's watchdog not stored): the
+turn failed and was rolled back, so the timer is delivered again."""
 RETRY_CAP = 10.0
 
 
@@ -208,9 +211,11 @@ class _Term:
                         timeout=FIRE_TIMEOUT,
                     )  # fmt: skip
                     break
-                except RemoteError as exc:  # the handler raised: delivered, its outcome is its own
-                    log.warning("timer %s of %s: handler raised %s", rec.name, rec.agent, exc)
-                    break
+                except RemoteError as exc:
+                    if exc.remote_type not in RETRYABLE:  # the handler raised: delivered
+                        log.warning("timer %s of %s: handler raised %s", rec.name, rec.agent, exc)
+                        break
+                    await asyncio.sleep(min(RETRY_CAP, 0.5 * 2 ** min(attempt, 5)))
                 except AccordError as exc:
                     delay = min(RETRY_CAP, 0.5 * 2 ** min(attempt, 5))
                     log.info("timer %s of %s not delivered (%s); retry in %.1f s",

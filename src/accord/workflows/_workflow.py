@@ -91,6 +91,7 @@ class Workflow(
     _task: asyncio.Task[None] | None
     _waiters: dict[int, asyncio.Future[None]]
     _signal_waits: dict[int, str]
+    _parked: int
 
     def __init_subclass__(cls, *, version: int = 1, **options: Any) -> None:
         cls.__accord_workflow_version__ = version
@@ -110,6 +111,7 @@ class Workflow(
         self._task = None
         self._waiters = {}
         self._signal_waits = {}
+        self._parked = 0
         if self.state.started and self.state.ended is None:
             self._spawn()
 
@@ -143,13 +145,11 @@ class Workflow(
             raise _Stale(str(exc)) from None
         return typing.cast(int, result)
 
-    async def _watchdog(self, on: bool) -> None:
-        """Arm (or disarm) the reminder that re-activates this run after a crash."""
+    async def _watchdog(self) -> None:
+        """Arm the reminder that re-activates this run after a crash (when the run starts or
+        resumes on an activation)."""
         every = self.wake_every
-        if on:
-            await self._schedule(WAKE, WorkflowWake(), time.time() + every, every)
-        else:
-            await cancel(self.mesh, self.id, WAKE)
+        await self._schedule(WAKE, WorkflowWake(), time.time() + every, every)
 
     async def _schedule(
         self, name: str, msg: msgspec.Struct, due: float, every: float = 0.0
@@ -171,9 +171,15 @@ class Workflow(
     # -- the run ----------------------------------------------------------------------------
 
     async def _drive(self) -> None:
+        try:
+            await self._drive_run()
+        except _Stale as exc:
+            log.info("%s: run stops here (%s); the owner of the run resumes it", self.id, exc)
+
+    async def _drive_run(self) -> None:
         ctx = WorkflowContext(self)
         try:
-            await self._watchdog(True)
+            await self._watchdog()
             version = type(self).__accord_workflow_version__
             if self.state.version != version:
                 raise NonDeterminism(
@@ -198,9 +204,6 @@ class Workflow(
         except NonDeterminism as exc:
             log.error("%s", exc)
             await self._record(WorkflowRecord(self._token, WfEnded("failed", error=str(exc))))
-        except _Stale as exc:
-            log.info("%s: run stops here (%s); the owner of the run resumes it", self.id, exc)
-            return
         try:
             await cancel(self.mesh, self.id, WAKE)
         except AccordError as exc:  # the wake finds the run ended and forgets itself then
@@ -248,7 +251,21 @@ class Workflow(
             await self._observe_entry(msg.entry)
         if msg.wait is not None:
             self._wait(msg.wait)
+        if msg.park:
+            j = self.state
+            if msg.park not in j.fired and msg.park not in j.taken:
+                self._parked = msg.park
+                await cancel(self.mesh, self.id, WAKE)
         return 0
+
+    async def _unpark(self) -> None:
+        """In the turn that wakes a parked run: the watchdog on again, before the turn answers
+        (so a crash before that makes the timer or the signal be delivered again). Raises
+        `NotConnected` (the turn fails; it is delivered again) if it cannot be stored."""
+        if self._parked:
+            every = self.wake_every
+            await schedule(self.mesh, self.id, WAKE, WorkflowWake(), time.time() + every, every)
+            self._parked = 0
 
     def _wait(self, w: WaitSignal) -> None:
         j = self.state
@@ -281,6 +298,7 @@ class Workflow(
                 if self._signal_waits[n] == msg.type and n not in j.taken:
                     del self._signal_waits[n]
                     self.emit(WfSignalTaken(n, index))
+                    await self._unpark()
                     self._wake(n)
                     break
         return self._report()
@@ -295,6 +313,7 @@ class Workflow(
         if j.timers[n].name.startswith("signal ") and n not in j.taken:
             self._signal_waits.pop(n, None)
             self.emit(WfSignalTaken(n, -1))
+        await self._unpark()
         self._wake(n)
 
     @handler
