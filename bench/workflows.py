@@ -14,13 +14,20 @@ Part 2, timers: `--timers N` reminders (default 2,000; the issue's figure is 10,
 `alarm` agents, falling due evenly over `--spread S` seconds (default 20; the issue's 60), each
 recording how late it rang (wall clock, same machine). Reports lateness p50/p99. Target: p99 <=
 100 ms.
+
+Part 3, resume: on a second cluster of 2 nodes, `--resumes K` runs of `chain` whose first step
+takes 3 s; the node running one is SIGKILLed mid-step; reported is the time from the kill until
+the step starts again on the other node (the steps log), against the lease TTL. Target: <= lease
+TTL + 1 s.
 """
 
 from __future__ import annotations
 
 import asyncio
 import sys
+import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 from _common import ROOT, emit, environment, parser, percentile, ratio, run, verdict
@@ -29,6 +36,7 @@ import accord
 from accord.testing import Cluster, wait_for_placement
 
 APP = ROOT / "examples" / "workflow_app.py"
+RESUMES = 3
 sys.path.insert(0, str(ROOT / "examples"))
 
 from workflow_app import Add, Arm, Job, Lateness, Read  # noqa: E402
@@ -76,6 +84,33 @@ async def _timers(mesh: accord.Mesh, n: int, spread: float) -> dict[str, float]:
     }
 
 
+async def _resumes(k: int, log_dir: Path) -> dict[str, float]:
+    from accord._ids import shard_of
+    from accord._status import cluster_status
+
+    took: list[float] = []
+    ttl = 0.0
+    for attempt in range(k):
+        steps = log_dir / f"steps-{attempt}.jsonl"
+        with Cluster(str(APP), 2, env={"ACCORD_STEP_LOG": str(steps)}) as cluster:
+            async with cluster.connect() as mesh:
+                await wait_for_placement(mesh, set(cluster.nodes))
+                ttl = float(mesh.config.lease_ttl)
+                run_id = f"chain/resume-{attempt}"
+                await mesh.start_workflow("chain", run_id.split("/")[1], Job(1, pause=3.0))
+                while not steps.exists():  # step 1 has begun
+                    await asyncio.sleep(0.01)
+                st = await cluster_status(mesh)
+                shard = shard_of(run_id, mesh.config.num_shards)
+                owner = next(s["owner"] for s in st["shards"] if s["shard"] == shard)
+                killed = time.monotonic()
+                cluster.nodes[owner].kill()
+                while len(steps.read_text().splitlines()) < 2:  # step 1 again, elsewhere
+                    await asyncio.sleep(0.01)
+                took.append(time.monotonic() - killed)
+    return {"lease_ttl_s": ttl, "resume_p50_s": percentile(took, 50), "resume_max_s": max(took)}
+
+
 async def main(runs: int, concurrency: int, timers: int, spread: float) -> dict[str, Any]:
     with Cluster(str(APP), 1) as cluster:
         async with cluster.connect() as mesh:
@@ -96,7 +131,10 @@ async def main(runs: int, concurrency: int, timers: int, spread: float) -> dict[
             base_lat, base_s = await _timed(runs, concurrency, chain)
             wf_lat, wf_s = await _timed(runs, concurrency, workflow)
             timer_result = await _timers(mesh, timers, spread) if timers else {}
+    with tempfile.TemporaryDirectory() as tmp:
+        resume = await _resumes(RESUMES, Path(tmp)) if RESUMES else {}
     return {
+        "resume": resume,
         "timers": timer_result,
         "runs": runs,
         "concurrency": concurrency,
@@ -121,7 +159,9 @@ if __name__ == "__main__":
     p.add_argument("--concurrency", type=int, default=32)
     p.add_argument("--timers", type=int, default=2000)
     p.add_argument("--spread", type=float, default=20.0)
+    p.add_argument("--resumes", type=int, default=3)
     args = p.parse_args()
+    RESUMES = args.resumes
     result, loop_name = run(
         lambda: main(args.runs, args.concurrency, args.timers, args.spread), args.uvloop
     )
@@ -142,6 +182,13 @@ if __name__ == "__main__":
             f"timers           : {t['rang']}/{t['timers']} rang, lateness p50 "
             f"{t['late_p50_ms']:.1f} ms  p99 {t['late_p99_ms']:.1f} ms  max {t['late_max_ms']:.1f}"
             f" ms  {verdict(t['late_p99_ms'], 100, False)}"
+        )
+    r = result["resume"]
+    if r:
+        lines.append(
+            f"resume after kill: p50 {r['resume_p50_s']:.2f} s  max {r['resume_max_s']:.2f} s "
+            f"(lease TTL {r['lease_ttl_s']:.0f} s) "
+            f"{verdict(r['resume_max_s'], r['lease_ttl_s'] + 1, False)}"
         )
     emit(result, args.json, lines)
     _ = accord  # the public API is what is measured
