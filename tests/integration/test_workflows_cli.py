@@ -81,6 +81,9 @@ async def test_signal_and_cancel_from_the_cli(cluster: Cluster) -> None:
     async with cluster.connect() as mesh:
         await wait_for_placement(mesh, set(cluster.nodes))
         a = await mesh.start_workflow("approval", "cli-a", Job(3600))
+        await _eventually_waiting(a)
+        wrong = await _cli(cluster.url, "signal", "approval/cli-a", "Approve", '{"by": 5}')
+        assert wrong.returncode == 2 and "does not decode" in wrong.stderr, wrong.stderr
         sent = await _cli(cluster.url, "signal", "approval/cli-a", "Approve", '{"by": "ops"}')
         assert sent.returncode == 0, sent.stderr
         assert await a.result(timeout=60) == "approved by ops"
@@ -88,6 +91,14 @@ async def test_signal_and_cancel_from_the_cli(cluster: Cluster) -> None:
         cancelled = await _cli(cluster.url, "cancel", "approval/cli-b")
         assert cancelled.returncode == 0 and "cancelled" in cancelled.stdout, cancelled.stderr
         assert (await b.status()).state == "cancelled"
+
+
+async def _eventually_waiting(h: accord.WorkflowHandle) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 30
+    while (await h.status()).state != "waiting":
+        assert loop.time() < deadline, "the run never waited"
+        await asyncio.sleep(0.05)
 
 
 @pytest.mark.parametrize(

@@ -23,6 +23,7 @@ from .._codec import message_type_name
 from .._errors import (
     AccordError,
     AgentTypeNotFound,
+    BadRequest,
     NonDeterminism,
     RemoteError,
     UnknownMessageType,
@@ -208,6 +209,7 @@ class WorkflowContext:
         seconds (a durable timer; None: no timeout). Signals are journaled as they arrive and
         taken in arrival order, so one sent before the run waits for it is kept, not lost."""
         wire = message_type_name(msg_type)
+        self._wf._signal_types[wire] = msg_type
         name = f"signal {wire}"
         n, _ = self._replayed("signal", name, journal_kind=False)
         timer = self._j.timers.get(n)
@@ -225,7 +227,12 @@ class WorkflowContext:
         index = self._j.taken[n]
         if index < 0:
             return None
-        return msgspec.msgpack.decode(self._j.signals[index].body, type=msg_type)
+        signal = self._j.signals[index]
+        try:
+            return msgspec.msgpack.decode(signal.body, type=msg_type)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            # sent before the run waited for its type (so not checked on arrival): fails the run
+            raise BadRequest(f"signal {signal.id} does not decode as {wire}: {exc}") from None
 
     # -- the saga ---------------------------------------------------------------------------
 

@@ -91,6 +91,7 @@ class Workflow(
     _task: asyncio.Task[None] | None
     _waiters: dict[int, asyncio.Future[None]]
     _signal_waits: dict[int, str]
+    _signal_types: dict[str, type]
     _parked: int
 
     def __init_subclass__(cls, *, version: int = 1, **options: Any) -> None:
@@ -111,6 +112,7 @@ class Workflow(
         self._task = None
         self._waiters = {}
         self._signal_waits = {}
+        self._signal_types = {}  # wire name -> type, of the signals this run's code waits for
         self._parked = 0
         if self.state.started and self.state.ended is None:
             self._spawn()
@@ -292,6 +294,12 @@ class Workflow(
                     body = msgspec.msgpack.encode(msgspec.json.decode(msg.body))
                 except msgspec.DecodeError as exc:
                     raise BadRequest(f"signal body is not JSON: {exc}") from None
+            typ = self._signal_types.get(msg.type)
+            if typ is not None:  # a type the run waits for: refuse what would not decode
+                try:
+                    msgspec.msgpack.decode(body, type=typ)
+                except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                    raise BadRequest(f"signal {msg.type} does not decode: {exc}") from None
             self.emit(WfSignal(msg.id, msg.type, body))
             index = len(j.signals) - 1
             for n in sorted(self._signal_waits):
