@@ -15,6 +15,7 @@ from ._errors import EngineError as EngineError
 from ._errors import Fenced as Fenced
 from ._errors import LeaseLost as LeaseLost
 from ._errors import LeaseNotAcquired as LeaseNotAcquired
+from ._errors import NonDeterminism as NonDeterminism
 from ._errors import NotConnected as NotConnected
 from ._errors import NotProcessed as NotProcessed
 from ._errors import OutcomeUnknown as OutcomeUnknown
@@ -23,6 +24,8 @@ from ._errors import RemoteError as RemoteError
 from ._errors import StateError as StateError
 from ._errors import TurnTimeout as TurnTimeout
 from ._errors import UnknownMessageType as UnknownMessageType
+from ._errors import WorkflowFailed as WorkflowFailed
+from ._errors import WorkflowNotFound as WorkflowNotFound
 from ._ids import AgentId as AgentId
 from ._mesh import Mesh as Mesh
 from .coord._leases import Lease as Lease
@@ -36,6 +39,11 @@ from .services._promises import Verdict as Verdict
 from .services._promises import promise as promise
 from .services._spec import InvalidSpec as InvalidSpec
 from .services._store import PromiseConflict as PromiseConflict
+from .workflows._client import WorkflowHandle as WorkflowHandle
+from .workflows._context import WorkflowContext as WorkflowContext
+from .workflows._model import Retry as Retry
+from .workflows._model import WorkflowStatus as WorkflowStatus
+from .workflows._workflow import Workflow as Workflow
 
 __all__ = [
     "AccordError",
@@ -60,17 +68,25 @@ __all__ = [
     "Mesh",
     "Node",
     "NodeSettings",
+    "NonDeterminism",
     "NotConnected",
     "NotProcessed",
     "OutcomeUnknown",
     "Overloaded",
     "PromiseConflict",
     "RemoteError",
+    "Retry",
     "StateError",
     "TurnTimeout",
     "UnknownMessageType",
     "Verdict",
     "VoteRequest",
+    "Workflow",
+    "WorkflowContext",
+    "WorkflowFailed",
+    "WorkflowHandle",
+    "WorkflowNotFound",
+    "WorkflowStatus",
     "connect",
     "handler",
     "promise",

@@ -10,6 +10,7 @@ import asyncio
 import functools
 import inspect
 import sys
+import time
 import typing
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
@@ -154,6 +155,27 @@ class Agent:
 
     async def on_deactivate(self) -> None:
         """Called once when the activation ends (idle, shard handoff, node shutdown)."""
+
+    async def remind(
+        self, name: str, msg: Any, *, delay: float, every: float | None = None
+    ) -> None:
+        """Deliver `msg` to this agent in `delay` seconds (then every `every` seconds, if given)
+        as a durable reminder: kept in the timer index, it survives deactivation, node death and
+        a restart of the whole cluster, and re-activates the agent when due. At-least-once: a
+        delivery whose turn did not answer is made again. Replaces a reminder of the same name.
+        """
+        from .workflows._timers import schedule
+
+        if delay < 0 or (every is not None and every <= 0):
+            raise ConfigurationError("remind: delay must be >= 0 and every > 0")
+        await schedule(self.mesh, self.id, f"r:{name}", msg, time.time() + delay, every or 0.0)
+
+    async def forget_reminder(self, name: str) -> None:
+        """Cancel the reminder `name` (nothing if there is none); one already being delivered
+        may still arrive once."""
+        from .workflows._timers import cancel
+
+        await cancel(self.mesh, self.id, f"r:{name}")
 
     def apply(self, event: Any) -> None:
         """Event-sourced agents: fold `event` into `self.state` (also used to replay the log)."""

@@ -171,6 +171,40 @@ class Overloaded(NotProcessed):
     code = "overloaded"
 
 
+class WorkflowFailed(AccordError):
+    """A workflow run ended without a result: it failed, was compensated, or was cancelled.
+
+    `state` is the run's final state (`failed`, `compensated`, `cancelled`), `cause` the error
+    that ended it (a step's last error, `run`'s exception, a `NonDeterminism`), and `compensated`
+    whether the compensations of its completed steps all ran to completion.
+    """
+
+    code = "workflow_failed"
+
+    def __init__(self, message: str, *, state: str, cause: str, compensated: bool) -> None:
+        super().__init__(message)
+        self.state = state
+        self.cause = cause
+        self.compensated = compensated
+
+
+class NonDeterminism(AccordError):
+    """A workflow's replay asked for a different step than its journal holds (its code changed
+    under a running run); `step` names the step (number and name) where they diverge."""
+
+    code = "non_determinism"
+
+    def __init__(self, message: str, *, step: str) -> None:
+        super().__init__(message)
+        self.step = step
+
+
+class WorkflowNotFound(AccordError):
+    """No workflow run has this id (it was never started)."""
+
+    code = "workflow_not_found"
+
+
 #: Codes that a reply envelope may carry, mapped to the exception the caller raises.
 WIRE_ERRORS: dict[str, type[AccordError]] = {
     cls.code: cls

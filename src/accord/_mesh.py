@@ -41,6 +41,7 @@ from .coord._leases import Lease, LeaseKeeper, elect, fenced_read, fenced_write,
 from .coord._quorum import Ballots, Decision, ProposalRecord, VoteRequest, encode_proposal
 from .delivery._breaker import BreakerSettings, CircuitBreakers
 from .engine._api import KV, Engine
+from .workflows import _client as _workflows
 
 log = logging.getLogger("accord.mesh")
 
@@ -445,6 +446,18 @@ class Mesh:
         """Deliver in-process when this process serves `shard` (see `LocalRouteLike.route`)."""
         local = self._local
         return None if local is None else local.route(agent_id, shard, msg, deadline, ask=ask)
+
+    # -- workflows (workflows/_client.py) ----------------------------------------------------
+
+    async def start_workflow(
+        self, workflow: type | str, key: str, input: Any, *, timeout: float | None = None
+    ) -> _workflows.WorkflowHandle:
+        """Start the workflow run `<type>/<key>`; idempotent (see `workflows._client`)."""
+        return await _workflows.start_workflow(self, workflow, key, input, timeout=timeout)
+
+    def workflow(self, run_id: str) -> _workflows.WorkflowHandle:
+        """The handle of run `run_id`; `await mesh.workflow(id)` also checks that it exists."""
+        return _workflows.WorkflowHandle(self, run_id)
 
     async def close(self) -> None:
         await self._bg.close()

@@ -27,6 +27,7 @@ DOCUMENTED = {
     "LeaseLost",
     "LeaseNotAcquired",
     "Mesh",
+    "NonDeterminism",
     "Node",
     "NodeSettings",
     "NotConnected",
@@ -35,11 +36,18 @@ DOCUMENTED = {
     "Overloaded",
     "PromiseConflict",
     "RemoteError",
+    "Retry",
     "StateError",
     "TurnTimeout",
     "UnknownMessageType",
     "Verdict",
     "VoteRequest",
+    "Workflow",
+    "WorkflowContext",
+    "WorkflowFailed",
+    "WorkflowHandle",
+    "WorkflowNotFound",
+    "WorkflowStatus",
     "connect",
     "handler",
     "promise",
@@ -69,7 +77,7 @@ def test_star_import_exposes_only_the_documented_names() -> None:
 def test_every_exported_exception_derives_from_accord_error() -> None:
     exported = [getattr(accord, n) for n in accord.__all__]
     errors = [o for o in exported if isinstance(o, type) and issubclass(o, BaseException)]
-    assert len(errors) == 22
+    assert len(errors) == 25
     for cls in errors:
         assert issubclass(cls, accord.AccordError), cls
 
@@ -88,7 +96,7 @@ def test_not_processed_groups_the_errors_that_are_safe_to_retry() -> None:
 MESH_SURFACE = {
     "ask", "ask_json", "tell", "tell_json", "publish", "publish_json", "subscribe",
     "register_types", "lease", "election", "fenced_write", "fenced_read", "propose", "decision",
-    "barrier", "counter_add", "counter", "close", "name",
+    "barrier", "counter_add", "counter", "close", "name", "start_workflow", "workflow",
 }  # fmt: skip
 NODE_SURFACE = MESH_SURFACE | {"start", "stop", "status", "activation_count", "held_shards"}
 #: Plain data attributes set by the constructors (not methods).

@@ -7,10 +7,10 @@ import sys
 
 import msgspec
 
-from . import _agents, _inspect, _processes, _services
+from . import _agents, _inspect, _processes, _services, _workflows
 from ._common import app, err
 
-__all__ = ["_agents", "_inspect", "_processes", "_services", "app", "main"]
+__all__ = ["_agents", "_inspect", "_processes", "_services", "_workflows", "app", "main"]
 
 
 def main() -> None:

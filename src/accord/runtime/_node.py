@@ -41,6 +41,7 @@ from ..engine._resolve import resolve_servers
 from ..state._durable import Durable
 from ..state._events import EventLog
 from ..state._store import MergeState, StateStore
+from ..workflows._timers import TimerService
 from ._bulkhead import Bulkhead
 from ._cutoff import CutOff
 from ._host import ActivationRef, AfterTurn
@@ -198,6 +199,7 @@ class Node(Mesh):
             loop.create_task(table.sweep_idle(self.specs.values(), loop), name="accord-idle"),
             loop.create_task(cutoff.watch(), name="accord-heal"),
             loop.create_task(replication.run(), name="accord-replication"),
+            loop.create_task(TimerService(self).run(), name="accord-timers"),
         ]
         stack.push_async_callback(cancel_and_wait, tasks)
         self._running = local.open = True

@@ -1,0 +1,194 @@
+"""Workflows: a 5-step workflow (five journaled exactly-once `ctx.ask` steps, `noop5` in
+examples/workflow_app.py) against the same five exactly-once asks sent one after the other by a
+client — the chain a user would otherwise hand-write.
+
+    python bench/workflows.py [--runs N] [--concurrency C] [--json]
+
+One `accord node` process on an embedded nats-server. Each side runs N chains with C in flight;
+end-to-end latency of a workflow is `start_workflow` to `result()` (which polls the run's status,
+20 ms first, then backing off), of the baseline the five asks. Reports p50/p99, chains/s and
+journaled steps/s (5 per run). Targets (issue 12): workflow throughput >= 0.5x the hand-written
+chain; >= 2,000 journaled steps/s on a 2-core VM.
+
+Part 2, timers: `--timers N` reminders (default 2,000; the issue's figure is 10,000) set by 100
+`alarm` agents, falling due evenly over `--spread S` seconds (default 20; the issue's 60), each
+recording how late it rang (wall clock, same machine). Reports lateness p50/p99. Target: p99 <=
+100 ms.
+
+Part 3, resume: on a second cluster of 2 nodes, `--resumes K` runs of `chain` whose first step
+takes 3 s; the node running one is SIGKILLed mid-step; reported is the time from the kill until
+the step starts again on the other node (the steps log), against the lease TTL. Target: <= lease
+TTL + 1 s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from _common import ROOT, emit, environment, parser, percentile, ratio, run, verdict
+
+import accord
+from accord.testing import Cluster, wait_for_placement
+
+APP = ROOT / "examples" / "workflow_app.py"
+RESUMES = 3
+sys.path.insert(0, str(ROOT / "examples"))
+
+from workflow_app import Add, Arm, Job, Lateness, Read  # noqa: E402
+
+
+async def _timed(n: int, concurrency: int, one: Any) -> tuple[list[float], float]:
+    latencies: list[float] = []
+    queue = list(range(n))
+
+    async def worker() -> None:
+        while queue:
+            i = queue.pop()
+            t0 = time.perf_counter()
+            await one(i)
+            latencies.append(time.perf_counter() - t0)
+
+    began = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return latencies, time.perf_counter() - began
+
+
+async def _timers(mesh: accord.Mesh, n: int, spread: float) -> dict[str, float]:
+    agents = [f"alarm/t{time.time_ns()}-{i}" for i in range(100)]
+    start = time.time() + 5.0  # every reminder is stored before the first falls due
+    await asyncio.gather(*(mesh.ask(a, Arm(n // 100, spread, start), timeout=60) for a in agents))
+    deadline = time.monotonic() + spread + 60
+
+    async def late() -> list[float]:
+        out: list[float] = []
+        for a in agents:
+            out.extend((await mesh.ask(a, Read(), returns=Lateness)).late)
+        return out
+
+    while True:
+        got = await late()
+        if len(got) >= 100 * (n // 100) or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(1.0)
+    return {
+        "timers": 100 * (n // 100),
+        "rang": len(got),
+        "late_p50_ms": percentile(got, 50) * 1e3,
+        "late_p99_ms": percentile(got, 99) * 1e3,
+        "late_max_ms": max(got, default=float("nan")) * 1e3,
+    }
+
+
+async def _resumes(k: int, log_dir: Path) -> dict[str, float]:
+    from accord._ids import shard_of
+    from accord._status import cluster_status
+
+    took: list[float] = []
+    ttl = 0.0
+    for attempt in range(k):
+        steps = log_dir / f"steps-{attempt}.jsonl"
+        with Cluster(str(APP), 2, env={"ACCORD_STEP_LOG": str(steps)}) as cluster:
+            async with cluster.connect() as mesh:
+                await wait_for_placement(mesh, set(cluster.nodes))
+                ttl = float(mesh.config.lease_ttl)
+                run_id = f"chain/resume-{attempt}"
+                await mesh.start_workflow("chain", run_id.split("/")[1], Job(1, pause=3.0))
+                while not steps.exists():  # step 1 has begun
+                    await asyncio.sleep(0.01)
+                st = await cluster_status(mesh)
+                shard = shard_of(run_id, mesh.config.num_shards)
+                owner = next(s["owner"] for s in st["shards"] if s["shard"] == shard)
+                killed = time.monotonic()
+                cluster.nodes[owner].kill()
+                while len(steps.read_text().splitlines()) < 2:  # step 1 again, elsewhere
+                    await asyncio.sleep(0.01)
+                took.append(time.monotonic() - killed)
+    return {"lease_ttl_s": ttl, "resume_p50_s": percentile(took, 50), "resume_max_s": max(took)}
+
+
+async def main(runs: int, concurrency: int, timers: int, spread: float) -> dict[str, Any]:
+    with Cluster(str(APP), 1) as cluster:
+        async with cluster.connect() as mesh:
+            await wait_for_placement(mesh, set(cluster.nodes))
+            tag = f"{time.time_ns()}"
+
+            async def workflow(i: int) -> None:
+                h = await mesh.start_workflow("noop5", f"{tag}-{i}", Job(i))
+                await h.result(timeout=120)
+
+            async def chain(i: int) -> None:
+                for step in range(5):
+                    await mesh.ask(f"wf_counter/b{i % 50}", Add(1), delivery="exactly_once",
+                                   msg_id=f"{tag}-{i}#{step}")  # fmt: skip
+
+            await _timed(20, 4, workflow)  # warm up both paths
+            await _timed(20, 4, chain)
+            base_lat, base_s = await _timed(runs, concurrency, chain)
+            wf_lat, wf_s = await _timed(runs, concurrency, workflow)
+            timer_result = await _timers(mesh, timers, spread) if timers else {}
+    with tempfile.TemporaryDirectory() as tmp:
+        resume = await _resumes(RESUMES, Path(tmp)) if RESUMES else {}
+    return {
+        "resume": resume,
+        "timers": timer_result,
+        "runs": runs,
+        "concurrency": concurrency,
+        "workflow": {
+            "p50_ms": percentile(wf_lat, 50) * 1e3,
+            "p99_ms": percentile(wf_lat, 99) * 1e3,
+            "runs_per_s": runs / wf_s,
+            "journaled_steps_per_s": 5 * runs / wf_s,
+        },
+        "hand_written": {
+            "p50_ms": percentile(base_lat, 50) * 1e3,
+            "p99_ms": percentile(base_lat, 99) * 1e3,
+            "chains_per_s": runs / base_s,
+        },
+        "throughput_ratio": ratio(runs / wf_s, runs / base_s),
+    }
+
+
+if __name__ == "__main__":
+    p = parser(__doc__ or "")
+    p.add_argument("--runs", type=int, default=500)
+    p.add_argument("--concurrency", type=int, default=32)
+    p.add_argument("--timers", type=int, default=2000)
+    p.add_argument("--spread", type=float, default=20.0)
+    p.add_argument("--resumes", type=int, default=3)
+    args = p.parse_args()
+    RESUMES = args.resumes
+    result, loop_name = run(
+        lambda: main(args.runs, args.concurrency, args.timers, args.spread), args.uvloop
+    )
+    result["env"] = environment(loop_name)
+    wf, hw = result["workflow"], result["hand_written"]
+    lines = [
+        f"5-step workflow  : p50 {wf['p50_ms']:.1f} ms  p99 {wf['p99_ms']:.1f} ms  "
+        f"{wf['runs_per_s']:.0f} runs/s  {wf['journaled_steps_per_s']:.0f} journaled steps/s",
+        f"hand-written 5x  : p50 {hw['p50_ms']:.1f} ms  p99 {hw['p99_ms']:.1f} ms  "
+        f"{hw['chains_per_s']:.0f} chains/s",
+        f"throughput ratio : {result['throughput_ratio']:.2f} "
+        f"{verdict(result['throughput_ratio'], 0.5, True)}",
+        f"journaled steps/s: {verdict(wf['journaled_steps_per_s'], 2000, True)}",
+    ]
+    t = result["timers"]
+    if t:
+        lines.append(
+            f"timers           : {t['rang']}/{t['timers']} rang, lateness p50 "
+            f"{t['late_p50_ms']:.1f} ms  p99 {t['late_p99_ms']:.1f} ms  max {t['late_max_ms']:.1f}"
+            f" ms  {verdict(t['late_p99_ms'], 100, False)}"
+        )
+    r = result["resume"]
+    if r:
+        lines.append(
+            f"resume after kill: p50 {r['resume_p50_s']:.2f} s  max {r['resume_max_s']:.2f} s "
+            f"(lease TTL {r['lease_ttl_s']:.0f} s) "
+            f"{verdict(r['resume_max_s'], r['lease_ttl_s'] + 1, False)}"
+        )
+    emit(result, args.json, lines)
+    _ = accord  # the public API is what is measured

@@ -1,0 +1,219 @@
+"""The client side of workflows: `mesh.start_workflow`, `mesh.workflow` and `WorkflowHandle`.
+
+Everything is a message to the run's agent (`type/key`): starting is idempotent (a run that
+exists is returned as it is), so a start or a signal whose answer was lost is simply sent again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import typing
+import uuid
+from collections.abc import Generator
+from typing import Any
+
+import msgspec
+
+from .._codec import message_type_name
+from .._errors import (
+    AccordError,
+    BadRequest,
+    ConfigurationError,
+    DeliveryTimeout,
+    NotConnected,
+    OutcomeUnknown,
+    RemoteError,
+    WorkflowFailed,
+    WorkflowNotFound,
+)
+from .._ids import AgentId, validate_agent_type
+from .._spec import known_spec
+from ._mesh_api import MeshLike
+from ._model import (
+    TERMINAL,
+    Journal,
+    WorkflowCancel,
+    WorkflowQuery,
+    WorkflowReport,
+    WorkflowRetry,
+    WorkflowSignal,
+    WorkflowStart,
+    WorkflowStatus,
+)
+from ._monitor import done_subject
+
+ASK_TIMEOUT = 10.0
+RESULT_RECHECK = 2.0
+"""`result()` waits for the run's end announcement, asking its status again at least this often."""
+ATTEMPT_TIMEOUT = 5.0
+"""Seconds one attempt may take: a request that reached an owner which then died gets no answer,
+and waiting past a shard's failover for it would be wasted (every message here is idempotent)."""
+_RETRIED = (DeliveryTimeout, NotConnected, OutcomeUnknown)
+_REFUSALS: dict[str, type[AccordError]] = {
+    "WorkflowNotFound": WorkflowNotFound, "BadRequest": BadRequest,
+}  # fmt: skip
+
+
+class WorkflowHandle:
+    """A workflow run, by id (`"<type>/<key>"`). `await mesh.workflow(id)` also checks that the
+    run exists (`WorkflowNotFound`)."""
+
+    def __init__(self, mesh: MeshLike, run_id: str) -> None:
+        self._mesh = mesh
+        self.id = str(AgentId.parse(run_id))
+
+    def __repr__(self) -> str:
+        return f"WorkflowHandle({self.id!r})"
+
+    def __await__(self) -> Generator[Any, None, WorkflowHandle]:
+        return self._checked().__await__()
+
+    async def _checked(self) -> WorkflowHandle:
+        await self.status()
+        return self
+
+    async def _ask(self, msg: msgspec.Struct, timeout: float | None = None) -> WorkflowReport:
+        """Ask the run agent; a lost answer is asked again (every message here is idempotent)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + (timeout or ASK_TIMEOUT)
+        while True:
+            left = deadline - loop.time()
+            try:
+                attempt = max(0.1, min(left, ATTEMPT_TIMEOUT))
+                report = await self._mesh.ask(self.id, msg, returns=WorkflowReport, timeout=attempt)
+                return typing.cast(WorkflowReport, report)
+            except _RETRIED:
+                if loop.time() >= deadline:
+                    raise
+                await asyncio.sleep(0.2)
+            except RemoteError as exc:  # the run agent refused: raise it as its own kind
+                if exc.remote_type == "NotConnected" and loop.time() < deadline:
+                    await asyncio.sleep(0.2)  # its turn could not store a timer: again
+                    continue
+                local = _REFUSALS.get(exc.remote_type)
+                if local is None:
+                    raise
+                raise local(exc.remote_message) from None
+
+    async def _report(self, journal: bool = False, timeout: float | None = None) -> WorkflowReport:
+        report = await self._ask(WorkflowQuery(journal), timeout)
+        if not report.started:
+            raise WorkflowNotFound(f"no workflow run {self.id}")
+        return report
+
+    async def status(self) -> WorkflowStatus:
+        """The run's state now. Raises `WorkflowNotFound` for an id that was never started."""
+        return (await self._report()).status
+
+    async def journal(self) -> Journal:
+        """The run's journal: every entry in order, and what they fold into."""
+        report = await self._report(journal=True)
+        assert report.journal is not None
+        return report.journal
+
+    async def result(self, timeout: float | None = None) -> Any:
+        """Wait for the run to end; return what `run` returned (decoded as its return
+        annotation when this process knows the workflow class). Raises `WorkflowFailed` when it
+        failed, was compensated or cancelled; `DeliveryTimeout` if it has not ended within
+        `timeout` seconds (None: wait for ever) — the run goes on either way."""
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        ended = asyncio.Event()
+
+        async def on_end(msg: Any) -> None:
+            ended.set()
+
+        sub = await self._mesh._transport.subscribe(done_subject(self._mesh, self.id), on_end)
+        try:
+            return await self._until_ended(ended, deadline, timeout)
+        finally:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+
+    async def _until_ended(
+        self, ended: asyncio.Event, deadline: float | None, timeout: float | None
+    ) -> Any:
+        loop = asyncio.get_running_loop()
+        pause = RESULT_RECHECK
+        while True:
+            try:
+                ended.clear()
+                report = await self._report()
+            except _RETRIED:  # the run's shard is failing over: ask again until our deadline
+                if deadline is not None and loop.time() > deadline:
+                    raise
+                await asyncio.sleep(0.2)
+                continue
+            st = report.status
+            if st.state in TERMINAL:
+                if st.state == "completed":
+                    return _decode_result(self.id, report.result)
+                raise WorkflowFailed(
+                    f"workflow {self.id} {st.state}: {st.error}",
+                    state=st.state, cause=st.error, compensated=st.state == "compensated",
+                )  # fmt: skip
+            left = None if deadline is None else deadline - loop.time()
+            if left is not None and left <= 0:
+                raise DeliveryTimeout(f"workflow {self.id} still {st.state} after {timeout} s",
+                                      maybe_delivered=True)  # fmt: skip
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(ended.wait(), pause if left is None else min(pause, left))
+
+    async def signal(self, msg: msgspec.Struct) -> None:
+        """Deliver `msg` to the run (kept in its journal until a `wait_signal` of its type takes
+        it). Sent again with the same id until answered: delivered once. A signal to an ended
+        run is ignored; `WorkflowNotFound` for an unknown run."""
+        wire = message_type_name(type(msg))
+        await self._ask(WorkflowSignal(uuid.uuid4().hex, wire, msgspec.msgpack.encode(msg)))
+
+    async def signal_json(self, type_name: str, body: bytes) -> None:
+        """`signal` with a JSON-encoded message named by its wire type (the CLI)."""
+        await self._ask(WorkflowSignal(uuid.uuid4().hex, type_name, body, json=True))
+
+    async def cancel(self) -> WorkflowStatus:
+        """Cancel the run: it ends `cancelled` at once (no compensation runs; a step under way
+        is interrupted). Nothing happens to an ended run. Returns its status."""
+        report = await self._ask(WorkflowCancel())
+        return report.status
+
+    async def retry(self) -> WorkflowStatus:
+        """Go on with a failed or compensated run from its failed step (after its cause was
+        fixed): steps whose compensation ran are done again. `BadRequest` for a run in another
+        state. Returns its status."""
+        report = await self._ask(WorkflowRetry())
+        return report.status
+
+
+def _decode_result(run_id: str, data: bytes) -> Any:
+    spec = known_spec(AgentId.parse(run_id).type)
+    typ: Any = Any
+    if spec is not None:
+        try:
+            typ = typing.get_type_hints(spec.cls.run).get("return", Any)
+        except Exception:
+            typ = Any
+    try:
+        return msgspec.msgpack.decode(data, type=typ)
+    except (msgspec.ValidationError, TypeError):
+        return msgspec.msgpack.decode(data)
+
+
+async def start_workflow(
+    mesh: MeshLike, workflow: type | str, key: str, input: Any, *, timeout: float | None = None
+) -> WorkflowHandle:
+    """Start the run `<type>/<key>` with `input`; return its handle. A run of that id that exists
+    already is returned as it is (nothing is started: idempotent). Raises `BadRequest` if
+    `input` does not decode as the run's input type, `AgentTypeNotFound` if no node hosts the
+    type, `DeliveryTimeout` if the start was not confirmed in time (then starting again is safe).
+    """
+    if isinstance(workflow, str):
+        type_name = validate_agent_type(workflow)
+    else:
+        spec = getattr(workflow, "__accord_spec__", None)
+        if spec is None or not hasattr(workflow, "__accord_workflow_version__"):
+            raise ConfigurationError(f"{workflow!r} is not an accord.Workflow subclass")
+        type_name = spec.type_name
+    handle = WorkflowHandle(mesh, str(AgentId(type_name, key)))
+    await handle._ask(WorkflowStart(msgspec.msgpack.encode(input)), timeout)
+    return handle

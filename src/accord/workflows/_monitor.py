@@ -1,0 +1,118 @@
+"""What operators see of workflow runs: the run index (a KV bucket, one key per run, written at
+start, end, cancel and retry — not per step) that `accord workflows` lists, and the lifecycle
+events appended to the cluster's events stream (subject `<prefix>.events.workflow`).
+
+Both are written by the run's agent during the turn that makes the transition, before that turn
+is committed: an entry or event of a turn that was then fenced may show (and be corrected by the
+next owner's write); the journal is the truth.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import time
+import weakref
+from typing import Any
+
+import msgspec
+
+from .._errors import AccordError
+from ..engine._api import KV, BucketSpec
+from ._mesh_api import MeshLike
+
+log = logging.getLogger("accord.workflows")
+
+
+class RunEntry(msgspec.Struct, kw_only=True):
+    """One run in the index."""
+
+    id: str
+    type: str
+    state: str
+    steps_done: int = 0
+    attempts: int = 0
+    error: str = ""
+    started: float = 0.0
+    updated: float = 0.0
+
+
+class RunEvent(msgspec.Struct, kw_only=True):
+    """One lifecycle transition: `started`, `step_completed`, `step_retried`, `step_failed`,
+    `compensating`, `compensation_failed`, `completed`, `failed`, `compensated`, `cancelled`,
+    `retried`."""
+
+    run: str
+    event: str
+    step: str = ""
+    attempt: int = 0
+    error: str = ""
+    at: float = 0.0
+    node: str = ""
+
+
+_buckets: weakref.WeakKeyDictionary[Any, KV] = weakref.WeakKeyDictionary()
+
+
+async def run_index(mesh: MeshLike) -> KV:
+    kv = _buckets.get(mesh)
+    if kv is None:
+        opened = await mesh._transport.bucket(
+            BucketSpec(name=mesh.names.bucket("workflows"), replicas=max(1, mesh.config.replicas))
+        )
+        _buckets[mesh] = kv = opened
+    return kv
+
+
+def _key(run_id: str) -> str:
+    return base64.urlsafe_b64encode(run_id.encode()).decode().rstrip("=") or "_"
+
+
+async def index(mesh: MeshLike, entry: RunEntry) -> None:
+    """Write the run's index entry; a failure is logged (the index is a view, not the truth)."""
+    try:
+        kv = await run_index(mesh)
+        await kv.put(_key(entry.id), msgspec.json.encode(entry))
+    except AccordError as exc:
+        log.warning("run index of %s not written: %s", entry.id, exc)
+
+
+async def list_runs(mesh: MeshLike) -> list[RunEntry]:
+    """Every indexed run, by id."""
+    kv = await run_index(mesh)
+    runs = []
+    for key in await kv.keys():
+        e = await kv.get(key)
+        if e is not None:
+            try:
+                runs.append(msgspec.json.decode(e.value, type=RunEntry))
+            except msgspec.DecodeError:
+                continue
+    return sorted(runs, key=lambda r: r.id)
+
+
+def done_subject(mesh: MeshLike, run_id: str) -> str:
+    """Where a run's end is announced (a core publish: `result()` waits for it, and still asks
+    the run's status every few seconds in case the announcement was lost)."""
+    return f"{mesh.names.prefix}.wf.done.{_key(run_id)}"
+
+
+async def announce_end(mesh: MeshLike, run_id: str) -> None:
+    try:
+        await mesh._transport.publish(done_subject(mesh, run_id), b"")
+    except AccordError as exc:
+        log.debug("end of %s not announced: %s", run_id, exc)
+
+
+async def event(mesh: MeshLike, run: str, name: str, *, step: str = "", attempt: int = 0,
+                error: str = "") -> None:  # fmt: skip
+    """Append a lifecycle event to the events stream (buffered publish: may be lost with the
+    connection; monitoring, not the journal)."""
+    ev = RunEvent(run=run, event=name, step=step, attempt=attempt, error=error, at=time.time(),
+                  node=mesh.name)  # fmt: skip
+    try:
+        await mesh._transport.publish(
+            mesh.names.events_subject("workflow"), msgspec.json.encode(ev)
+        )
+    except AccordError as exc:
+        log.debug("workflow event not published: %s", exc)
