@@ -141,6 +141,21 @@ def test_lww_merge_takes_the_peer_state_when_its_hlc_is_newer() -> None:
     assert agent.state == Total(2)
 
 
+def test_an_adopted_peer_state_keeps_its_write_time_so_a_later_write_still_wins() -> None:
+    # Two split-brain replicas merge into the owner one after the other: the first was written
+    # earlier than the second. Adopting the first must not stamp it "now" (merge time), or the
+    # second, newer write would then lose to it.
+    clock = HybridClock(Wall(1000.0))
+    ours = clock.now()
+    durable, agent = _owner(Lww, Total(1), ours, clock)
+    first, second = ours + 10, ours + 20
+    assert durable.apply_merge(agent, _incoming(Total(2), first)) == "theirs"
+    assert durable.record.hlc == first
+    clock.observe(ours + 1000)  # merging happens later than both writes
+    assert durable.apply_merge(agent, _incoming(Total(3), second)) == "theirs"
+    assert agent.state == Total(3) and durable.record.hlc == second
+
+
 def test_lww_merge_keeps_ours_when_the_peer_hlc_is_older() -> None:
     clock = HybridClock(Wall(1000.0))
     ours = clock.now()

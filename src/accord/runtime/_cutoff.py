@@ -172,7 +172,8 @@ async def merge_turn(act: Activation, agent: Agent, work: Work) -> None:
     outcome = "ours"
     if act.durable is not None:
         outcome = act.durable.apply_merge(agent, work.msg)
-        await act.durable.commit(agent)
+        # CRDT merges are a new write here; an adopted peer state keeps its own write's time.
+        await act.durable.commit(agent, stamp=outcome != "theirs")
     if work.delivery is not None:
         await work.delivery.ack()
     act.host.merged(act.id, work.msg, outcome)

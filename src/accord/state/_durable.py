@@ -197,14 +197,21 @@ class Durable:
                 return entry
         return None
 
-    async def commit(self, agent: Agent, dedup: DedupEntry | None = None, seq: int = 0) -> None:
-        """Persist the end of a successful turn as the consistency level says."""
+    async def commit(
+        self, agent: Agent, dedup: DedupEntry | None = None, seq: int = 0, *, stamp: bool = True
+    ) -> None:
+        """Persist the end of a successful turn as the consistency level says.
+
+        A changed state is stamped with the hybrid-logical time of this write (what
+        last-writer-wins merges compare), unless `stamp` is False: a merge that adopted a peer's
+        state keeps that write's time (`apply_merge`), or a later write elsewhere would lose.
+        """
         if seq > self.record.applied_seq:
             self.record.applied_seq = seq
         consistency = self.spec.options.consistency
         encoded = self._encode(agent)
         changed = encoded != self._saved
-        if changed:
+        if changed and stamp:
             self.record.hlc = self._hlc.now()
         if self.orphaned:  # cannot reach the state bucket: keep it for the merge after healing
             self.dirty = self.dirty or changed
@@ -310,6 +317,7 @@ class Durable:
             return "merged"
         if incoming.hlc > self.record.hlc:
             agent.state = theirs  # type: ignore[attr-defined]
+            self.record.hlc = incoming.hlc  # the state is that write's, and as old as it
             return "theirs"
         return "ours"
 
