@@ -58,3 +58,32 @@ def shard_of(agent_id: AgentId | str, num_shards: int) -> int:
 def snake_case(name: str) -> str:
     """`OrderBook` → `order_book`: the default agent type name of a class."""
     return re.sub(r"(?<=[a-z0-9])([A-Z])", r"_\1", name).lower()
+
+
+def as_agent_id(target: AgentId | str) -> AgentId:
+    if isinstance(target, AgentId):
+        return target
+    if isinstance(target, str):
+        return AgentId.parse(target)
+    raise ConfigurationError(f"target must be an AgentId or 'type/key', got {target!r}")
+
+
+class Targets:
+    """Target → (agent id, shard), with parsed strings cached: resolving is on the hot path."""
+
+    def __init__(self, num_shards: int, limit: int = 50_000) -> None:
+        self._n = num_shards
+        self._limit = limit
+        self._cache: dict[str, tuple[AgentId, int]] = {}
+
+    def resolve(self, target: AgentId | str) -> tuple[AgentId, int]:
+        if isinstance(target, str):
+            hit = self._cache.get(target)
+            if hit is None:
+                agent_id = as_agent_id(target)
+                if len(self._cache) > self._limit:
+                    self._cache.clear()
+                hit = self._cache[target] = (agent_id, shard_of(agent_id, self._n))
+            return hit
+        agent_id = as_agent_id(target)
+        return agent_id, shard_of(agent_id, self._n)

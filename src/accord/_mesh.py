@@ -13,7 +13,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterator, Iterable
 from types import TracebackType
 from typing import Any, Literal, Protocol
 
@@ -25,13 +25,9 @@ from ._context import current_deadline, current_sender
 from ._directory import Directory
 from ._errors import (
     ConfigurationError,
-    DeliveryTimeout,
-    NotConnected,
-    OutcomeUnknown,
     Overloaded,
-    RemoteError,
 )
-from ._ids import AgentId, shard_of
+from ._ids import AgentId, Targets, as_agent_id
 from ._sender import LocalResult, Sender
 from ._spec import AgentSpec
 from .cluster._config import Buckets, ClusterConfig, Names
@@ -46,14 +42,6 @@ from .workflows import _client as _workflows
 log = logging.getLogger("accord.mesh")
 
 DEFAULT_TIMEOUT = 10.0
-
-
-def as_agent_id(target: AgentId | str) -> AgentId:
-    if isinstance(target, AgentId):
-        return target
-    if isinstance(target, str):
-        return AgentId.parse(target)
-    raise ConfigurationError(f"target must be an AgentId or 'type/key', got {target!r}")
 
 
 class Mesh:
@@ -95,24 +83,11 @@ class Mesh:
         self._sender = Sender(transport, names, self._directory, self._route_local, self._loop)
         self._breakers = CircuitBreakers(breaker) if breaker is not None else None
         self._local_tells = 0
-        self._targets: dict[str, tuple[AgentId, int]] = {}
+        self._resolve = Targets(config.num_shards).resolve  # target -> (agent id, shard)
 
     @property
     def name(self) -> str:
         return self._transport.name
-
-    def _resolve(self, target: AgentId | str) -> tuple[AgentId, int]:
-        """The agent id and its shard; parsed target strings are cached (hot path)."""
-        if isinstance(target, str):
-            hit = self._targets.get(target)
-            if hit is None:
-                agent_id = as_agent_id(target)
-                if len(self._targets) > 50_000:
-                    self._targets.clear()
-                hit = self._targets[target] = (agent_id, shard_of(agent_id, self.config.num_shards))
-            return hit
-        agent_id = as_agent_id(target)
-        return agent_id, shard_of(agent_id, self.config.num_shards)
 
     # -- messaging --------------------------------------------------------------------------
 
@@ -270,20 +245,7 @@ class Mesh:
         await self._directory.register(specs)
 
     def _breaker(self, agent_id: AgentId) -> contextlib.AbstractContextManager[None]:
-        return _NO_BREAKER if self._breakers is None else self._breaking(agent_id)
-
-    @contextlib.contextmanager
-    def _breaking(self, agent_id: AgentId) -> Iterator[None]:
-        breakers = self._breakers
-        assert breakers is not None
-        key = str(agent_id)
-        breakers.before(key)
-        try:
-            yield
-        except (DeliveryTimeout, NotConnected, Overloaded, OutcomeUnknown, RemoteError):
-            breakers.failure(key)
-            raise
-        breakers.success(key)
+        return _NO_BREAKER if self._breakers is None else self._breakers.guard(str(agent_id))
 
     async def publish(self, topic_type: str, source: str, msg: msgspec.Struct) -> int:
         """Tell `msg` to every agent type subscribed to `topic_type`, keyed by `source`.

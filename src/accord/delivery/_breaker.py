@@ -7,13 +7,21 @@ failure opens it again. The clock is injected so tests need not sleep.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import msgspec
 
-from .._errors import CircuitOpen
+from .._errors import (
+    CircuitOpen,
+    DeliveryTimeout,
+    NotConnected,
+    OutcomeUnknown,
+    Overloaded,
+    RemoteError,
+)
 
 
 class BreakerSettings(msgspec.Struct, frozen=True, kw_only=True):
@@ -61,6 +69,18 @@ class CircuitBreakers:
                 f"circuit to {target} is open after {b.failures} consecutive failures"
             )
         b.trial = True  # half-open: exactly one trial call goes through
+
+    @contextlib.contextmanager
+    def guard(self, target: str) -> Iterator[None]:
+        """Around one call to `target`: refuse it while open (`CircuitOpen`); count a failure
+        when it ends with one that says the target is in trouble, a success otherwise."""
+        self.before(target)
+        try:
+            yield
+        except (DeliveryTimeout, NotConnected, Overloaded, OutcomeUnknown, RemoteError):
+            self.failure(target)
+            raise
+        self.success(target)
 
     def success(self, target: str) -> None:
         self._by_target.pop(target, None)
