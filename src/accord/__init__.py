@@ -22,6 +22,7 @@ from ._errors import OutcomeUnknown as OutcomeUnknown
 from ._errors import Overloaded as Overloaded
 from ._errors import RemoteError as RemoteError
 from ._errors import StateError as StateError
+from ._errors import StorageFull as StorageFull
 from ._errors import TurnTimeout as TurnTimeout
 from ._errors import UnknownMessageType as UnknownMessageType
 from ._errors import WorkflowFailed as WorkflowFailed
@@ -77,6 +78,7 @@ __all__ = [
     "RemoteError",
     "Retry",
     "StateError",
+    "StorageFull",
     "TurnTimeout",
     "UnknownMessageType",
     "Verdict",

@@ -152,6 +152,21 @@ class OutcomeUnknown(AccordError):
         self.msg_id = msg_id
 
 
+class StorageFull(AccordError):
+    """The engine's store has no room for this write (a bucket or stream reached its byte limit,
+    or the server its storage limit): the write was not applied.
+
+    For a send (`tell`/`ask` of a durable agent) the message was not stored: nothing happened.
+    When the state write at the end of an exactly-once or at-least-once turn is refused, the
+    caller gets this error and the message stays in the mailbox unacknowledged: it is processed
+    again, from the last stored state, once space is freed (so a retry must reuse its `msg_id`).
+    Not transient: waiting does not help until something frees space (`Mesh.delete_state`,
+    expiring state, a larger disk). Leases and membership do not depend on it.
+    """
+
+    code = "storage_full"
+
+
 class CircuitOpen(NotProcessed):
     """Calls to this target failed repeatedly; the breaker refuses new ones for a while."""
 
@@ -218,5 +233,6 @@ WIRE_ERRORS: dict[str, type[AccordError]] = {
         Overloaded,
         Degraded,
         TurnTimeout,
+        StorageFull,
     )
 }

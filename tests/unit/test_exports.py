@@ -38,6 +38,7 @@ DOCUMENTED = {
     "RemoteError",
     "Retry",
     "StateError",
+    "StorageFull",
     "TurnTimeout",
     "UnknownMessageType",
     "Verdict",
@@ -77,7 +78,7 @@ def test_star_import_exposes_only_the_documented_names() -> None:
 def test_every_exported_exception_derives_from_accord_error() -> None:
     exported = [getattr(accord, n) for n in accord.__all__]
     errors = [o for o in exported if isinstance(o, type) and issubclass(o, BaseException)]
-    assert len(errors) == 25
+    assert len(errors) == 26
     for cls in errors:
         assert issubclass(cls, accord.AccordError), cls
 
@@ -88,7 +89,7 @@ def test_not_processed_groups_the_errors_that_are_safe_to_retry() -> None:
     for cls in safe:
         assert issubclass(cls, accord.NotProcessed), cls
     maybe_applied = {accord.OutcomeUnknown, accord.DeliveryTimeout, accord.RemoteError,
-                     accord.NotConnected, accord.TurnTimeout}  # fmt: skip
+                     accord.NotConnected, accord.TurnTimeout, accord.StorageFull}  # fmt: skip
     for cls in maybe_applied:
         assert not issubclass(cls, accord.NotProcessed), cls
 

@@ -8,7 +8,8 @@ the errors named here — accord's own, plus the internal signals below — cros
 
 Errors every method may raise besides those it names: `NotConnected` (the engine is unreachable or
 did not answer within the timeout; for a write, it may or may not have been applied) and `Refused`
-(the engine answered with an error: not applied). A missing stream or bucket is `NotFound`.
+(the engine answered with an error: not applied). A missing stream or bucket is `NotFound`. A write
+(or a creation) the engine has no room for is `StorageFull` (not applied).
 """
 
 from __future__ import annotations
@@ -212,7 +213,9 @@ Storage = Literal["file", "memory"]
 
 class StreamSpec(msgspec.Struct, frozen=True, kw_only=True):
     """What accord asks of one stream. Limits of 0 mean none; a `duplicate_window` of 0 means the
-    engine's default (2 minutes on NATS), not "no deduplication"."""
+    engine's default (2 minutes on NATS), not "no deduplication". At a limit the oldest messages
+    are dropped, unless `discard_new`: then an append is refused with `StorageFull` (a stream of
+    data that must not be lost). `memory` storage is lost when the (single) server restarts."""
 
     name: str
     subjects: tuple[str, ...]
@@ -224,11 +227,14 @@ class StreamSpec(msgspec.Struct, frozen=True, kw_only=True):
     max_age: float = 0.0
     duplicate_window: float = 0.0
     max_msgs_per_subject: int = 0
+    discard_new: bool = False
 
 
 class BucketSpec(msgspec.Struct, frozen=True, kw_only=True):
     """What accord asks of one KV bucket. `marker_ttl` > 0 enables per-key TTLs, and the server
-    leaves a marker (kept that long) when a key expires."""
+    leaves a marker (kept that long) when a key expires. A write beyond `max_bytes` (0: none) is
+    refused with `StorageFull`. `first_seq` > 0: the first revision a new bucket hands out (a
+    `memory` bucket re-created after a restart must not reuse revisions used as fencing tokens)."""
 
     name: str
     replicas: int = 1
@@ -236,6 +242,7 @@ class BucketSpec(msgspec.Struct, frozen=True, kw_only=True):
     history: int = 1
     max_bytes: int = 0
     marker_ttl: int = 0
+    first_seq: int = 0
 
 
 class StreamState(msgspec.Struct, frozen=True):
@@ -402,6 +409,11 @@ class JetStream(Protocol):
         With `within` > 0, only the stream's latest `within` messages are searched (bounds the
         cost for a rare subject in a long stream). `NotFound` if the stream does not exist.
         """
+
+    async def reservable_bytes(self, *, replicas: int = 1, timeout: float = 10.0) -> int:
+        """How many bytes of file storage a new stream of `replicas` could still reserve as its
+        byte limit (the engine's storage limit less what other streams reserved), within a few
+        percent; 0 when the engine sets no limit or cannot tell."""
 
 
 class Engine(Transport, JetStream, Protocol):

@@ -13,7 +13,7 @@ from typing import Any, Protocol, TypeVar
 
 from .._background import cancel_and_wait
 from .._clock import Clock, TimerHandle
-from .._errors import NotConnected
+from .._errors import NotConnected, StorageFull
 from ._api import (
     ConsumerSpec,
     Dispatch,
@@ -75,6 +75,7 @@ class Stream:
         self.marker_ttl = marker_ttl  # seconds an expiry marker stays, 0: no markers
         self.msgs: dict[int, StoredMessage] = {}
         self.last_seq = 0
+        self.bytes = 0  # data + subject of the messages kept (what max_bytes limits)
         self.ids: dict[str, tuple[int, float]] = {}  # msg id -> (seq, stored at)
         self.stored_at: dict[int, float] = {}
         self.timers: dict[int, TimerHandle] = {}
@@ -111,9 +112,14 @@ class Stream:
         if headers and headers.get("Nats-Rollup") == "sub":
             for seq in [s for s, m in self.msgs.items() if m.subject == subject]:
                 self.remove(seq)
+        size = len(data) + len(subject)
+        full = self.spec.max_bytes and self.bytes + size > self.spec.max_bytes
+        if full and (self.history or self.spec.discard_new):  # buckets discard new, as on NATS
+            raise StorageFull(f"{self.spec.name}: maximum bytes exceeded")
         self.last_seq += 1
         seq = self.last_seq
         self.msgs[seq] = StoredMessage(seq, subject, data, dict(headers) if headers else None)
+        self.bytes += size
         self.stored_at[seq] = now
         if msg_id is not None:
             self.ids[msg_id] = (seq, now)
@@ -130,6 +136,8 @@ class Stream:
             for seq in on_subject[:-per_subject]:
                 self.remove(seq)
         while self.spec.max_msgs and len(self.msgs) > self.spec.max_msgs:
+            self.remove(next(iter(self.msgs)))
+        while self.spec.max_bytes and self.bytes > self.spec.max_bytes and self.msgs:
             self.remove(next(iter(self.msgs)))
         if self.spec.max_age:
             cutoff = self.clock.now() - self.spec.max_age
@@ -157,7 +165,10 @@ class Stream:
         timer = self.timers.pop(seq, None)
         if timer is not None:
             timer.cancel()
-        return self.msgs.pop(seq, None) is not None
+        msg = self.msgs.pop(seq, None)
+        if msg is not None:
+            self.bytes -= len(msg.data) + len(msg.subject)
+        return msg is not None
 
     def notify(self, msg: StoredMessage) -> None:
         for watch in self.watches:

@@ -14,7 +14,7 @@ from typing import Any
 import nats.errors
 import nats.js.errors
 
-from .._errors import AccordError, NotConnected
+from .._errors import AccordError, NotConnected, StorageFull
 from ._api import NoResponders, NotFound, Refused, RequestTimeout, WrongRevision
 
 WRONG_LAST_SEQUENCE = (10071, 10164)
@@ -23,12 +23,19 @@ NO_MESSAGE_FOUND = 10037
 STREAM_NOT_FOUND = 10059
 CONSUMER_NOT_FOUND = 10014
 _NOT_FOUND = (NO_MESSAGE_FOUND, STREAM_NOT_FOUND, CONSUMER_NOT_FOUND)
+#: No room: account resources (10002), server "insufficient resources" (10023: its file or memory
+#: store limit reached), memory/storage reservation refused at creation (10028, 10047), a stream's
+#: own `max_bytes` with discard-new (10077 "maximum bytes exceeded"). nats-server answers all of
+#: them with status 503, like "JetStream unavailable": the err_code tells them apart.
+STORAGE_FULL = (10002, 10023, 10028, 10047, 10077)
 
 _SIGNALS = (AccordError, NoResponders, RequestTimeout, WrongRevision, NotFound, Refused)
 
 
 def api_error(err_code: int | None, code: int | None, description: str, what: str) -> Exception:
     """The accord error for a JetStream API error (`err_code`, or only the status `code`)."""
+    if err_code in STORAGE_FULL:
+        return StorageFull(f"{what}: {description or 'no storage left'} (error {err_code})")
     if err_code in WRONG_LAST_SEQUENCE:
         return WrongRevision(f"{what}: {description}")
     if err_code in _NOT_FOUND or (err_code is None and code == 404):
@@ -55,7 +62,9 @@ def map_errors(what: str, timeout_is: type[Exception] = NotConnected) -> Iterato
         raise
     except nats.js.errors.NotFoundError as exc:  # incl. BucketNotFoundError, KeyNotFoundError
         raise NotFound(f"{what}: {exc.description or 'not found'}") from None
-    except nats.js.errors.ServiceUnavailableError as exc:  # JetStream down or not enabled
+    except nats.js.errors.ServiceUnavailableError as exc:  # JetStream down, or out of space
+        if exc.err_code in STORAGE_FULL:
+            raise api_error(exc.err_code, exc.code, exc.description or "", what) from None
         raise NotConnected(f"{what}: JetStream is unavailable: {exc.description or ''}") from None
     except nats.js.errors.APIError as exc:
         raise api_error(exc.err_code, exc.code, exc.description or "", what) from None

@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import os
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -24,13 +26,14 @@ from nats.js.api import (
     AckPolicy,
     ConsumerConfig,
     DeliverPolicy,
+    DiscardPolicy,
     KeyValueConfig,
     RetentionPolicy,
     StorageType,
     StreamConfig,
 )
 
-from .._errors import NotConnected
+from .._errors import NotConnected, StorageFull
 from ._api import (
     KV,
     BucketSpec,
@@ -47,7 +50,7 @@ from ._api import (
     StreamState,
 )
 from ._nats_consumer import PullConsumer
-from ._nats_errors import error_from_reply, map_errors
+from ._nats_errors import STORAGE_FULL, error_from_reply, map_errors
 from ._nats_kv import NatsKV
 from ._nats_wire import decode_ack, msg_reply, parse_headers
 
@@ -56,6 +59,29 @@ API = "$JS.API."
 
 def _ns(seconds: float) -> int:
     return int(seconds * 1e9)
+
+
+def _kv_stream(spec: BucketSpec) -> StreamConfig:
+    """The stream of a KV bucket as nats-py's `create_key_value` makes it, plus `first_seq`
+    (which nats-py's KV config cannot carry)."""
+    return StreamConfig(
+        name=f"KV_{spec.name}",
+        subjects=[f"$KV.{spec.name}.>"],
+        allow_direct=True,
+        allow_rollup_hdrs=True,
+        allow_msg_ttl=True,
+        deny_delete=True,
+        discard=DiscardPolicy.NEW,
+        duplicate_window=120.0,
+        max_bytes=spec.max_bytes or None,
+        max_consumers=-1,
+        max_msgs=-1,
+        max_msgs_per_subject=spec.history,
+        num_replicas=spec.replicas,
+        storage=StorageType(spec.storage),
+        subject_delete_marker_ttl=spec.marker_ttl or None,
+        first_seq=spec.first_seq,
+    )
 
 
 class NatsJetStream:
@@ -104,8 +130,14 @@ class NatsJetStream:
                     limit_marker_ttl=spec.marker_ttl or None,
                 )
                 try:
-                    kv = await asyncio.wait_for(self.js.create_key_value(cfg), timeout)
-                except nats.js.errors.BadRequestError:  # created concurrently
+                    if spec.first_seq:
+                        await asyncio.wait_for(self.js.add_stream(_kv_stream(spec)), timeout)
+                        kv = await asyncio.wait_for(self.js.key_value(spec.name), timeout)
+                    else:
+                        kv = await asyncio.wait_for(self.js.create_key_value(cfg), timeout)
+                except nats.js.errors.BadRequestError as exc:  # created concurrently
+                    if exc.err_code in STORAGE_FULL:
+                        raise
                     kv = await asyncio.wait_for(self.js.key_value(spec.name), timeout)
         return NatsKV(self, spec.name, direct=bool(kv._direct))
 
@@ -120,6 +152,7 @@ class NatsJetStream:
             max_bytes=spec.max_bytes or None,
             max_age=spec.max_age or None,
             max_msgs_per_subject=spec.max_msgs_per_subject or -1,
+            discard=DiscardPolicy.NEW if spec.discard_new else DiscardPolicy.OLD,
         )
         if spec.duplicate_window:
             cfg.duplicate_window = spec.duplicate_window
@@ -328,3 +361,41 @@ class NatsJetStream:
                 with contextlib.suppress(Exception):
                     await sub.unsubscribe()
         return out[-last:]
+
+    async def reservable_bytes(self, *, replicas: int = 1, timeout: float = 10.0) -> int:
+        # nats-server reports no server limit to clients (account limits say -1), but refuses a
+        # stream whose max_bytes would take its reservations past it (10047): search with a probe
+        # stream, created and deleted at once, from 1 TiB down, then bisect the last step.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        name = f"accord_probe_{os.getpid()}_{int(time.time() * 1000) % 1_000_000}"
+
+        async def fits(size: int) -> bool:
+            cfg = StreamConfig(name=name, subjects=[f"{name}.none"], max_bytes=size,
+                               num_replicas=replicas, storage=StorageType.FILE)  # fmt: skip
+            left = max(0.1, deadline - loop.time())
+            try:
+                with map_errors(f"probe storage ({size} bytes)"):
+                    await asyncio.wait_for(self.js.add_stream(cfg), left)
+            except StorageFull:
+                return False
+            with map_errors(f"delete probe stream {name}"):
+                await asyncio.wait_for(self.js.delete_stream(name), left)
+            return True
+
+        high = 1 << 40
+        if await fits(high):
+            return 0  # a TiB free: the limit, if any, is not worth a share of
+        low = high
+        while low > 1 << 16:
+            low //= 2
+            if await fits(low):
+                break
+        else:
+            return 0
+        step = low
+        for _ in range(5):  # low fits and low + step does not: halve the gap
+            step //= 2
+            if await fits(low + step):
+                low += step
+        return low

@@ -345,8 +345,10 @@ class MemoryEngine:
         if stream is None:
             if not create:
                 raise NotFound(f"bucket {spec.name} not found")
-            s = StreamSpec(name=name, subjects=(f"$KV.{spec.name}.>",), replicas=spec.replicas)
+            s = StreamSpec(name=name, subjects=(f"$KV.{spec.name}.>",), replicas=spec.replicas,
+                           storage=spec.storage, max_bytes=spec.max_bytes)  # fmt: skip
             stream = Stream(s, self.server.clock, spec.history, spec.marker_ttl)
+            stream.last_seq = max(0, spec.first_seq - 1)
             self.server.streams[name] = stream
         return MemoryKV(self, spec.name, stream)
 
@@ -473,6 +475,10 @@ class MemoryEngine:
             msgs = [m for m in msgs if m.seq >= first]
         hits = [m for m in msgs if matches(subject, m.subject)]
         return hits[-last:] if last > 0 else []
+
+    async def reservable_bytes(self, *, replicas: int = 1, timeout: float = 10.0) -> int:
+        self.check("reservable_bytes")
+        return 0  # memory has no storage limit
 
 
 def _current_cancelling() -> int:
