@@ -1,7 +1,14 @@
 """Cluster identity and its JetStream resources (subjects, KV buckets, the events stream).
 
-The shard count and lease TTL are fixed when a cluster is created and stored in its meta bucket;
-every node and client reads them from there, so they can never disagree.
+The shard count, lease TTL and data byte budget are fixed when a cluster is created and stored in
+its meta bucket; every node and client reads them from there, so they can never disagree.
+
+Storage: leases, membership and named leases live on memory storage (`VOLATILE`), so a full disk
+cannot stop their renewals; they are re-created when a server restart loses them
+(`_volatile.VolatileKV`). Data (state, mailbox, event logs, dead letters, observability logs)
+is on file storage with byte limits: shares (`DATA_SHARES`) of a budget that is `DATA_SHARE` of
+what JetStream could reserve when the cluster was created. Existing resources keep the storage
+and limits they were created with.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from ..engine._api import (
     StreamSpec,
     WrongRevision,
 )
+from ._volatile import VolatileKV, fresh_first_seq
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9_\-]{1,32}$")
 DEFAULT_SHARDS = 64
@@ -37,6 +45,24 @@ OPEN_RETRY_FOR = 15.0  # seconds `open_cluster` retries a JetStream that does no
 #: loop that just tries again later catches these.
 ENGINE_FAILURES = (AccordError, Refused, NotFound, RequestTimeout, NoResponders)
 
+#: Buckets on memory storage: they expire anyway, and must not share the data store's fate.
+VOLATILE = ("members", "leases", "locks")
+DATA_SHARE = 0.5
+"""Share of the file storage JetStream can reserve (at cluster creation) that accord's data
+streams and buckets reserve together; the rest stays for the small unlimited buckets (meta,
+subscriptions, coordination, services) and for other users of the server."""
+DATA_SHARES = {
+    "state": 0.35,  # agents' state records (the state bucket)
+    "mailbox": 0.25,  # durable messages not yet processed
+    "es": 0.15,  # event-sourced agents' event logs
+    "dlq": 0.05,  # dead letters
+    "events": 0.08,  # observability events (oldest dropped at the limit)
+    "ledger": 0.06,  # services' promise ledger (oldest dropped)
+    "logs": 0.06,  # services' log lines (oldest dropped)
+}
+"""Each data resource's share of the cluster's `data_bytes`."""
+MIN_DATA_BYTES = 1 << 20  # below this JetStream's limit is not worth sharing: no byte limits
+
 
 class ClusterConfig(msgspec.Struct, frozen=True):
     """Stored under key `config` of the meta bucket."""
@@ -45,6 +71,14 @@ class ClusterConfig(msgspec.Struct, frozen=True):
     num_shards: int = DEFAULT_SHARDS
     lease_ttl: int = DEFAULT_LEASE_TTL
     created_at: float = 0.0
+    data_bytes: int = 0
+    """Byte budget of the data streams and buckets (`DATA_SHARES`); 0: none (an engine without a
+    storage limit, or a cluster created before budgets existed)."""
+
+    def max_bytes(self, what: str) -> int:
+        """The byte limit of data resource `what` (a key of `DATA_SHARES`); 0: none."""
+        return int(self.data_bytes * DATA_SHARES[what])
+
     replicas: int = 0
     """Replicas of every bucket and stream (cluster/_replication.py); 0 in records written
     before the factor was stored, until a node records it."""
@@ -115,6 +149,7 @@ async def open_cluster(
     lease_ttl: int | None = None,
     replicas: int = 1,
     replicas_auto: bool = True,
+    data_bytes: int | None = None,
 ) -> tuple[ClusterConfig, Buckets]:
     """Create the cluster's buckets and stream if missing and return the stored configuration.
 
@@ -123,64 +158,35 @@ async def open_cluster(
     answer (`NotConnected`: a leader election, R3 creations queued on a busy machine) this retries
     for `OPEN_RETRY_FOR` seconds, then raises `NotConnected`; a JetStream that refuses the buckets
     (no JetStream, not enough servers for `replicas`) raises `NotConnected` at once.
+
+    `data_bytes` (used only when the cluster is created): the byte budget of the data streams and
+    buckets; None: `DATA_SHARE` of what JetStream can reserve; 0: no byte limits.
     """
     if num_shards is not None and not 1 <= num_shards <= 4096:
         raise ConfigurationError(f"num_shards must be 1..4096, got {num_shards}")
     if lease_ttl is not None and not 1 <= lease_ttl <= 60:
         raise ConfigurationError(f"lease_ttl must be 1..60 whole seconds, got {lease_ttl}")
+    if data_bytes is not None and data_bytes < 0:
+        raise ConfigurationError(f"data_bytes must be >= 0, got {data_bytes}")
     deadline = time.monotonic() + OPEN_RETRY_FOR
     backoff = Backoff(0.25, 1.0)
+    wanted = ClusterConfig(
+        num_shards=num_shards or DEFAULT_SHARDS,
+        lease_ttl=lease_ttl or DEFAULT_LEASE_TTL,
+        replicas=replicas,
+        replicas_auto=replicas_auto,
+        data_bytes=data_bytes or 0,
+    )
     while True:
         try:
-            return await _open(js, names, num_shards, lease_ttl, replicas, replicas_auto)
+            config, buckets = await _open(js, names, wanted, probe=data_bytes is None)
+            break
         except NotConnected:
             if time.monotonic() > deadline:
                 raise
         except (Refused, NotFound, RequestTimeout, NoResponders) as exc:
             raise NotConnected(f"JetStream is not available: {exc}") from None
         await asyncio.sleep(backoff.next())
-
-
-async def _open(
-    js: JetStream,
-    names: Names,
-    num_shards: int | None,
-    lease_ttl: int | None,
-    replicas: int,
-    replicas_auto: bool = True,
-) -> tuple[ClusterConfig, Buckets]:
-    buckets = Buckets(
-        meta=await _bucket(js, names.bucket("meta"), replicas),
-        members=await _bucket(js, names.bucket("members"), replicas, marker_ttl=1),
-        leases=await _bucket(js, names.bucket("leases"), replicas, marker_ttl=1),
-        subs=await _bucket(js, names.bucket("subs"), replicas),
-        state=await _bucket(js, names.bucket("state"), replicas),
-        locks=await _bucket(js, names.bucket("locks"), replicas, marker_ttl=1),
-        coord=await _bucket(js, names.bucket("coord"), replicas),
-    )
-    await js.ensure_stream(
-        StreamSpec(
-            name=names.events_stream,
-            subjects=(f"{names.prefix}.events.>",),
-            replicas=replicas,
-            max_msgs=100_000,
-            max_age=7 * 24 * 3600.0,
-        )
-    )
-    wanted = ClusterConfig(
-        num_shards=num_shards or DEFAULT_SHARDS,
-        lease_ttl=lease_ttl or DEFAULT_LEASE_TTL,
-        created_at=time.time(),
-        replicas=replicas,
-        replicas_auto=replicas_auto,
-    )
-    with contextlib.suppress(WrongRevision):  # another node created it first: theirs stands
-        await buckets.meta.create("config", msgspec.json.encode(wanted))
-    # From the leader: a replica that has not seen the create yet would answer "absent".
-    entry = await buckets.meta.get("config", leader=True)
-    if entry is None:
-        raise NotConnected(f"cluster {names.cluster!r}: its configuration could not be read back")
-    config = msgspec.json.decode(entry.value, type=ClusterConfig)
     if num_shards is not None and num_shards != config.num_shards:
         raise ConfigurationError(
             f"cluster {names.cluster!r} was created with {config.num_shards} shards, "
@@ -189,10 +195,67 @@ async def _open(
     return config, buckets
 
 
-async def _bucket(js: JetStream, name: str, replicas: int, marker_ttl: float | None = None) -> KV:
-    """Open bucket `name`, creating it (file storage, history 1) if missing; `marker_ttl`
-    enables per-key TTLs (leases, heartbeats)."""
-    spec = BucketSpec(
-        name=name, replicas=replicas, history=1, marker_ttl=int(marker_ttl or 0), storage="file"
+async def _open(
+    js: JetStream, names: Names, wanted: ClusterConfig, *, probe: bool
+) -> tuple[ClusterConfig, Buckets]:
+    replicas = wanted.replicas
+    meta = await js.bucket(BucketSpec(name=names.bucket("meta"), replicas=replicas))
+    # The stored configuration comes first: it carries the byte budget the data buckets and
+    # streams are created with, whichever node or client creates them.
+    entry = await meta.get("config", leader=True)
+    if entry is None:
+        if probe:
+            budget = int(await js.reservable_bytes(replicas=replicas) * DATA_SHARE)
+            wanted = msgspec.structs.replace(
+                wanted, data_bytes=budget if budget >= MIN_DATA_BYTES else 0
+            )
+        wanted = msgspec.structs.replace(wanted, created_at=time.time())
+        with contextlib.suppress(WrongRevision):  # another node created it first: theirs stands
+            await meta.create("config", msgspec.json.encode(wanted))
+        # From the leader: a replica that has not seen the create yet would answer "absent".
+        entry = await meta.get("config", leader=True)
+        if entry is None:
+            raise NotConnected(f"cluster {names.cluster!r}: its configuration could not be read")
+    config = msgspec.json.decode(entry.value, type=ClusterConfig)
+    buckets = Buckets(
+        meta=meta,
+        members=await volatile_bucket(js, names.bucket("members"), replicas),
+        leases=await volatile_bucket(js, names.bucket("leases"), replicas),
+        subs=await js.bucket(BucketSpec(name=names.bucket("subs"), replicas=replicas)),
+        # marker_ttl: per-key TTLs (`state_ttl`), a marker when a record expires
+        state=await js.bucket(
+            BucketSpec(
+                name=names.bucket("state"),
+                replicas=replicas,
+                max_bytes=config.max_bytes("state"),
+                marker_ttl=1,
+            )
+        ),
+        locks=await volatile_bucket(js, names.bucket("locks"), replicas),
+        coord=await js.bucket(BucketSpec(name=names.bucket("coord"), replicas=replicas)),
     )
-    return await js.bucket(spec)
+    await js.ensure_stream(
+        StreamSpec(
+            name=names.events_stream,
+            subjects=(f"{names.prefix}.events.>",),
+            replicas=replicas,
+            max_msgs=100_000,
+            max_bytes=config.max_bytes("events"),
+            max_age=7 * 24 * 3600.0,
+        )
+    )
+    return config, buckets
+
+
+def volatile_spec(name: str, replicas: int) -> BucketSpec:
+    """A lease-like bucket: memory storage, per-key TTLs, revisions starting from the clock."""
+    return BucketSpec(
+        name=name, replicas=replicas, storage="memory", marker_ttl=1, first_seq=fresh_first_seq()
+    )
+
+
+async def volatile_bucket(js: JetStream, name: str, replicas: int) -> VolatileKV:
+    """Open (or create on memory storage) a bucket of `VOLATILE`, re-created when it vanishes.
+    An existing bucket is opened as it is, file storage included (a cluster created before)."""
+    spec = volatile_spec(name, replicas)
+    return VolatileKV(js, await js.bucket(spec), spec)
