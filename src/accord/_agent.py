@@ -104,7 +104,9 @@ class Agent:
       activation is abandoned and replaced by a fresh one;
     - `failover`: `"absolute"` (default: never two owners; a node cut off from the majority stops
       serving), `"split_brain_allowed"` (both sides keep serving; states merge on heal) or
-      `"degraded"` (cut-off side answers `read_only` handlers, refuses writes).
+      `"degraded"` (cut-off side answers `read_only` handlers, refuses writes);
+    - `state_ttl`: whole seconds a state record is kept after its last write (0, the default:
+      forever); an expired record is gone as if `Mesh.delete_state` removed it.
 
     Declare durable state with a class annotation `state: MyState` (a `msgspec.Struct` with
     defaults); it is loaded before the first turn and persisted as its consistency says.
@@ -214,6 +216,14 @@ def _options(name: str, base: AgentOptions, given: dict[str, Any]) -> AgentOptio
         raise ConfigurationError(f"{name}: turn_timeout must be > 0 seconds (or None: no limit)")
     if opts.max_deliver < 1 or opts.snapshot_every < 1 or opts.dedup_window < 1:
         raise ConfigurationError(f"{name}: max_deliver, snapshot_every, dedup_window must be >= 1")
+    ttl = opts.state_ttl
+    if isinstance(ttl, bool) or not isinstance(ttl, int) or ttl < 0:
+        raise ConfigurationError(f"{name}: state_ttl must be whole seconds >= 0, got {ttl!r}")
+    if ttl and opts.consistency == "event_sourced":
+        raise ConfigurationError(
+            f"{name}: state_ttl does not apply to event_sourced agents (their events would "
+            "outlive the expired snapshot)"
+        )
     for ev in opts.events:
         if not (isinstance(ev, type) and issubclass(ev, msgspec.Struct)):
             raise ConfigurationError(f"{name}: events must be msgspec.Struct types, got {ev!r}")

@@ -50,6 +50,7 @@ class AgentOptions(msgspec.Struct, frozen=True, kw_only=True):
     events: tuple[type, ...] = ()
     failover: Failover = "absolute"
     turn_timeout: float | None = None
+    state_ttl: int = 0  # seconds a state record lives after its last write; 0: forever
 
 
 class AgentSpec(msgspec.Struct, frozen=True):

@@ -370,8 +370,8 @@ class JetStream(Protocol):
     async def delete_message(self, stream: str, seq: int, *, timeout: float = 5.0) -> bool:
         """Remove one message; False if there was none at `seq`."""
 
-    async def purge(self, stream: str, *, timeout: float = 5.0) -> int:
-        """Remove every message; return how many were removed."""
+    async def purge(self, stream: str, *, subject: str | None = None, timeout: float = 5.0) -> int:
+        """Remove every message (on `subject`, if given); return how many were removed."""
 
     async def ensure_consumer(
         self, stream: str, spec: ConsumerSpec, *, timeout: float = 5.0

@@ -274,8 +274,9 @@ class NatsJetStream:
             return False
         return True
 
-    async def purge(self, stream: str, *, timeout: float = 5.0) -> int:
-        reply = await self.api_call(f"STREAM.PURGE.{stream}", b"", timeout)
+    async def purge(self, stream: str, *, subject: str | None = None, timeout: float = 5.0) -> int:
+        body = msgspec.json.encode({"filter": subject}) if subject else b""
+        reply = await self.api_call(f"STREAM.PURGE.{stream}", body, timeout)
         return int(reply.get("purged", 0))
 
     # -- consumers -----------------------------------------------------------------------

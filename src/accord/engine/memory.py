@@ -416,10 +416,10 @@ class MemoryEngine:
         self.check("delete_message")
         return self.server.stream(stream).remove(seq)
 
-    async def purge(self, stream: str, *, timeout: float = 5.0) -> int:
+    async def purge(self, stream: str, *, subject: str | None = None, timeout: float = 5.0) -> int:
         self.check("purge")
         s = self.server.stream(stream)
-        seqs = list(s.msgs)
+        seqs = [q for q, m in s.msgs.items() if subject is None or matches(subject, m.subject)]
         for seq in seqs:
             s.remove(seq)
         return len(seqs)
