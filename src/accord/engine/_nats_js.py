@@ -369,7 +369,7 @@ class NatsJetStream:
         # stream, created and deleted at once, from 1 TiB down, then bisect the last step.
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        name = f"accord_probe_{os.getpid()}_{int(time.time() * 1000) % 1_000_000}"
+        name = f"accordprobe_{os.getpid()}_{int(time.time() * 1000) % 1_000_000}"
 
         async def fits(size: int) -> bool:
             cfg = StreamConfig(name=name, subjects=[f"{name}.none"], max_bytes=size,
