@@ -335,9 +335,11 @@ class ShardManager:
                 # a partition may not (yet) do so. A holder stops serving before TTL after its last
                 # renewal was sent; we saw that renewal after it was sent: so once TTL + grace has
                 # passed since we saw it, the desired owner may take the key over by CAS on that
-                # very revision (any renewal in between makes the CAS fail).
+                # very revision (any renewal in between makes the CAS fail). Our own lease that
+                # we no longer hold too: a re-created lease bucket (memory storage lost with a
+                # server restart) left no deletion marker to clear it from the table.
                 stale = now - current.seen_at > self._ttl + 1.0
-                if want and stale and current.node != self._me:
+                if want and stale:
                     self._busy.add(shard)
                     self._bg.spawn(self._acquire(shard, over=current.revision))
                 continue
