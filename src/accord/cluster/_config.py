@@ -52,13 +52,11 @@ DATA_SHARE = 0.5
 streams and buckets reserve together; the rest stays for the small unlimited buckets (meta,
 subscriptions, coordination, services) and for other users of the server."""
 DATA_SHARES = {
-    "state": 0.35,  # agents' state records (the state bucket)
-    "mailbox": 0.25,  # durable messages not yet processed
+    "state": 0.40,  # agents' state records (the state bucket)
+    "mailbox": 0.30,  # durable messages not yet processed
     "es": 0.15,  # event-sourced agents' event logs
     "dlq": 0.05,  # dead letters
-    "events": 0.08,  # observability events (oldest dropped at the limit)
-    "ledger": 0.06,  # services' promise ledger (oldest dropped)
-    "logs": 0.06,  # services' log lines (oldest dropped)
+    "events": 0.10,  # observability events (oldest dropped at the limit)
 }
 """Each data resource's share of the cluster's `data_bytes`."""
 MIN_DATA_BYTES = 1 << 20  # below this JetStream's limit is not worth sharing: no byte limits
