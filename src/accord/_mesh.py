@@ -37,6 +37,7 @@ from .coord._leases import Lease, LeaseKeeper, elect, fenced_read, fenced_write,
 from .coord._quorum import Ballots, Decision, ProposalRecord, VoteRequest, encode_proposal
 from .delivery._breaker import BreakerSettings, CircuitBreakers
 from .engine._api import KV, Engine
+from .state._delete import delete_state as _delete_state
 from .workflows import _client as _workflows
 
 log = logging.getLogger("accord.mesh")
@@ -270,6 +271,25 @@ class Mesh:
     async def subscribe(self, topic_type: str, agent_type: str) -> None:
         """Record that messages published on `topic_type` go to agents of `agent_type`."""
         await self._directory.subscribe(topic_type, agent_type)
+
+    # -- state --------------------------------------------------------------------------------
+
+    async def delete_state(self, agent_id: AgentId | str) -> None:
+        """Delete the stored state of `agent_id`: its record (with the exactly-once dedup
+        memory in it) and, for an event-sourced agent, its events. The space is freed at once.
+
+        On success the agent's next activation starts from its initial state. An activation
+        alive at that moment never writes its state back: its next write finds the record gone,
+        it ends without writing, and the messages it had queued go to a fresh activation
+        (durable ones are delivered again; at-most-once ones, not run, get
+        `DeliveryTimeout(maybe_delivered=False)`). Deleting absent state succeeds. Raises
+        `NotConnected` when the engine did not answer (deleted or not: calling again is safe) and
+        `ConfigurationError` for a mesh without the cluster's buckets.
+        """
+        if self._buckets is None:
+            raise ConfigurationError("this mesh has no state bucket")
+        aid = as_agent_id(agent_id)
+        await _delete_state(self._transport, self.names, self._buckets.state, aid)
 
     # -- coordination -------------------------------------------------------------------------
 

@@ -34,7 +34,9 @@ class DurableSender:
     ) -> bytes | None:
         """Store `req` durably; for an ask, return the raw reply envelope.
 
-        Raises `OutcomeUnknown` if the store is not confirmed by `deadline`, and
+        Raises `StorageFull` at once when the mailbox has no room (not stored: a full store is
+        not transient, so it is not retried), `OutcomeUnknown` if the store is not confirmed by
+        `deadline`, and
         `DeliveryTimeout(maybe_delivered=True)` if it is stored but no reply arrives in time.
         """
         loop = asyncio.get_running_loop()

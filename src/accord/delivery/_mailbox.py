@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable
 
 from .._errors import NotConnected
 from .._retry import Backoff
-from ..cluster._config import OPEN_RETRY_FOR, Names
+from ..cluster._config import OPEN_RETRY_FOR, ClusterConfig, Names
 from ..engine._api import (
     Consumer,
     ConsumerSpec,
@@ -53,8 +53,12 @@ def dlq_subject(names: Names, agent_type: str) -> str:
     return f"{names.prefix}.dlq.{agent_type}"
 
 
-def stream_specs(names: Names, replicas: int) -> list[StreamSpec]:
-    """The mailbox (work queue), dead-letter and event-log streams of a cluster."""
+def stream_specs(
+    names: Names, replicas: int, config: ClusterConfig | None = None
+) -> list[StreamSpec]:
+    """The mailbox (work queue), dead-letter and event-log streams of a cluster; with the
+    cluster's byte limits (`config`), beyond which an append is refused (`StorageFull`)."""
+    limit = config.max_bytes if config is not None else lambda what: 0
     return [
         StreamSpec(
             name=mailbox_stream(names),
@@ -62,29 +66,38 @@ def stream_specs(names: Names, replicas: int) -> list[StreamSpec]:
             replicas=replicas,
             work_queue=True,
             duplicate_window=DUPLICATE_WINDOW,
+            max_bytes=limit("mailbox"),
+            discard_new=True,
         ),
         StreamSpec(
             name=dlq_stream(names),
             subjects=(f"{names.prefix}.dlq.>",),
             replicas=replicas,
             max_age=DLQ_MAX_AGE,
+            max_bytes=limit("dlq"),
+            discard_new=True,
         ),
         StreamSpec(
             name=f"accord_{names.cluster}_es",
             subjects=(f"{names.prefix}.es.>",),
             replicas=replicas,
+            max_bytes=limit("es"),
+            discard_new=True,
         ),
     ]
 
 
-async def ensure_streams(js: JetStream, names: Names, replicas: int) -> None:
-    """Create the mailbox (work queue), dead-letter and event-log streams if missing.
+async def ensure_streams(
+    js: JetStream, names: Names, replicas: int, config: ClusterConfig | None = None
+) -> None:
+    """Create the mailbox (work queue), dead-letter and event-log streams if missing (with the
+    byte limits of `config`; existing streams keep theirs).
 
     Retried for up to `OPEN_RETRY_FOR` seconds while the engine does not answer (a leader
     election, R3 creations queued on a busy machine); then `NotConnected`.
     """
     deadline = time.monotonic() + OPEN_RETRY_FOR
-    for spec in stream_specs(names, replicas):
+    for spec in stream_specs(names, replicas, config):
         while True:
             try:
                 await js.ensure_stream(spec)

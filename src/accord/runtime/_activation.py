@@ -28,16 +28,20 @@ from .._errors import (
     Fenced,
     RemoteError,
     StateError,
+    StorageFull,
     TurnTimeout,
 )
 from .._ids import AgentId
 from .._spec import AgentSpec, HandlerSpec
 from ..delivery._mailbox import DurableDelivery, backoff_delay
 from ..state._durable import Durable
-from ..state._store import DedupEntry, MergeState
+from ..state._store import DedupEntry, MergeState, StateDeleted
 from ._host import Host
 
 log = logging.getLogger("accord.activation")
+
+STORAGE_FULL_RETRY = 2.0
+"""Seconds before a message whose state write found the store full is delivered again."""
 
 ReplyFn = Callable[[Any, BaseException | None], Awaitable[None] | None]
 #: A turn run by the runtime instead of a handler: (activation, agent, work).
@@ -183,8 +187,16 @@ class Activation:
             # Lease lost: stop at once. Queued in-process asks learn they were not run.
             cancelled = True
             self._drop_queued_local()
+        except StateDeleted as exc:
+            # Deleted or expired under this activation: its memory must not be written back;
+            # the queued messages go to a fresh activation (from no state).
+            log.info("%s: %s; activation ended", self.id, exc)
+            await self._fail_queued(None)
         except Fenced as exc:
             log.warning("%s fenced: %s", self.id, exc)  # a newer owner exists: stay silent
+        except StorageFull as exc:
+            log.warning("%s: state not written, the store is full: %s", self.id, exc)
+            await self._fail_queued(exc)
         except Exception as exc:
             log.exception("activation of %s failed", self.id)
             error = (
@@ -336,7 +348,11 @@ class Activation:
         result, error = await self._call(agent, work)
         if self.durable is not None:
             if error is None:
-                await self.durable.commit(agent)  # Fenced propagates: stop, no reply
+                try:
+                    await self.durable.commit(agent)  # Fenced propagates: stop, no reply
+                except StorageFull as exc:
+                    await self._reply(work, None, exc)  # not stored: the activation ends
+                    raise
             else:
                 self.durable.rollback(agent)
         if work.reply is not None:
@@ -369,7 +385,17 @@ class Activation:
             if error is None:
                 entry = _dedup_entry(dd.msg_id, result, None) if exactly_once else None
                 if self.durable is not None:
-                    await self.durable.commit(agent, entry, dd.seq if exactly_once else 0)
+                    try:
+                        await self.durable.commit(agent, entry, dd.seq if exactly_once else 0)
+                    except StorageFull as exc:
+                        # Not stored, so not acknowledged: processed again once space is freed.
+                        # The activation ends, and its memory of this turn with it.
+                        await dd.nak(delay=STORAGE_FULL_RETRY)
+                        await self._reply(work, None, exc)
+                        raise
+                    except StateDeleted:
+                        await dd.nak(delay=0.0)  # for the next activation, from no state
+                        raise
                 await dd.ack()
                 await self._reply(work, result, None)
                 return
@@ -436,13 +462,21 @@ class Activation:
                 work.reply(None, DeliveryTimeout(f"{self.id}: lease lost before its turn",
                                                  maybe_delivered=False))  # fmt: skip
 
-    async def _fail_queued(self, error: BaseException) -> None:
+    async def _fail_queued(self, error: BaseException | None) -> None:
+        """End the queued messages: stored ones are delivered again later, others answered
+        `error` (None: the state was deleted under this activation; stored ones come back at
+        once, to a fresh activation, and the others learn they were not run)."""
         while self.queue:
             work = self.queue.popleft()
             self._bulkhead.add(self.spec.type_name, -1)
             if work.delivery is not None:
-                await work.delivery.nak(delay=5.0)  # not the message's fault: try again later
-            await self._reply(work, None, error)
+                # not the message's fault: try again later
+                await work.delivery.nak(delay=5.0 if error is not None else 0.0)
+                if error is None:
+                    continue
+            await self._reply(work, None, error or DeliveryTimeout(
+                f"{self.id}: its state was deleted before this message's turn; not run",
+                maybe_delivered=False))  # fmt: skip
 
     async def _deactivate(self, agent: Agent, graceful: bool) -> None:
         try:

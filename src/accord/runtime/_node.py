@@ -135,7 +135,9 @@ class Node(Mesh):
                                          lease_ttl=s.lease_ttl,
                                          replicas=await replication.initial(),
                                          replicas_auto=s.replicas is None)  # fmt: skip
-        await ensure_streams(transport, names, config.replicas or await replication.initial())
+        await ensure_streams(
+            transport, names, config.replicas or await replication.initial(), config
+        )
         sends = Background(expected=(AccordError, OSError))  # replies and merges
         stack.push_async_callback(sends.close)
         stack.push_async_callback(sends.drain, 5.0)  # the last turns' replies, before closing

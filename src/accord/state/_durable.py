@@ -30,7 +30,14 @@ from .._retry import Backoff
 from .._spec import AgentSpec
 from ..cluster._hlc import HybridClock
 from ._events import EventLog
-from ._store import DedupEntry, MergeState, StateConflict, StateRecord, StateStore
+from ._store import (
+    DedupEntry,
+    MergeState,
+    StateConflict,
+    StateDeleted,
+    StateRecord,
+    StateStore,
+)
 
 log = logging.getLogger("accord.state")
 
@@ -271,15 +278,17 @@ class Durable:
         if not crdt and not self._still_owner():
             raise Fenced(f"{self.id}: lease of epoch {self.epoch} no longer valid; write refused")
         self.record.epoch = max(self.record.epoch, self.epoch)
+        ttl = self.spec.options.state_ttl
         for _ in range(20):
             try:
                 self.revision = await self._retrying(
-                    lambda: self._store.save(self.id, self.record, self.revision), not crdt
+                    lambda: self._store.save(self.id, self.record, self.revision, ttl=ttl),
+                    not crdt,
                 )
                 self.dirty = False
                 return
-            except Fenced:
-                if not crdt:
+            except Fenced as exc:
+                if not crdt or isinstance(exc, StateDeleted):
                     raise
                 current, revision = await self._retrying(lambda: self._store.load(self.id), False)
                 assert current is not None

@@ -59,6 +59,12 @@ _enc = msgspec.msgpack.Encoder()
 _dec = msgspec.msgpack.Decoder(StateRecord)
 
 
+class StateDeleted(Fenced):
+    """The record was deleted (`Mesh.delete_state`) or expired (`state_ttl`) after this writer
+    read it: its in-memory state must not be written back. The activation ends as when fenced;
+    the next one starts from no state."""
+
+
 class StateConflict(Exception):
     """The record changed since it was read (by a writer of the same or an older epoch)."""
 
@@ -114,24 +120,33 @@ class StateStore:
             )
         return record
 
-    async def save(self, agent_id: AgentId, record: StateRecord, last_revision: int) -> int:
+    async def save(
+        self, agent_id: AgentId, record: StateRecord, last_revision: int, *, ttl: int = 0
+    ) -> int:
         """Write `record` iff the stored revision is still `last_revision`; return the new one.
+        `ttl` > 0: the record expires `ttl` seconds after this write.
 
-        Raises `Fenced` when a newer epoch wrote meanwhile, `StateConflict` when the record changed
-        under a writer of the same or an older epoch (the caller decides: merge, or supersede),
-        `NotConnected` when the engine did not answer (the write may or may not be applied).
+        Raises `Fenced` when a newer epoch wrote meanwhile, `StateDeleted` when the record was
+        deleted or expired since it was read, `StateConflict` when it changed under a writer of
+        the same or an older epoch (the caller decides: merge, or supersede), `StorageFull` when
+        the bucket has no room (not applied), `NotConnected` when the engine did not answer (the
+        write may or may not be applied).
         """
         key = state_key(agent_id)
         data = _enc.encode(record)
         try:
             if last_revision:
-                return await self._kv.update(key, data, last_revision, timeout=self.timeout)
-            return await self._kv.create(key, data, timeout=self.timeout)
+                return await self._kv.update(
+                    key, data, last_revision, timeout=self.timeout, ttl=ttl
+                )
+            return await self._kv.create(key, data, timeout=self.timeout, ttl=ttl)
         except WrongRevision:
             pass
         except (NotConnected, Refused) as exc:
             raise NotConnected(f"cannot save state of {agent_id}: {exc}") from None
         current, revision = await self.load(agent_id)
+        if current is None:
+            raise StateDeleted(f"state of {agent_id} was deleted or expired since it was read")
         if current is not None and current.epoch > record.epoch:
             raise Fenced(
                 f"state of {agent_id} was written at epoch {current.epoch}; "
@@ -140,7 +155,8 @@ class StateStore:
         raise StateConflict(current, revision)
 
     async def delete(self, agent_id: AgentId) -> None:
-        """Remove the agent's record and its history."""
+        """Remove the agent's record and its history (frees its space at once). A writer that
+        read the record before gets `StateDeleted` on its next save, never overwrites this."""
         try:
             await self._kv.purge(state_key(agent_id), timeout=self.timeout)
         except (NotConnected, Refused) as exc:
