@@ -4,6 +4,8 @@ they vanish (revisions above the old ones), and the `state_ttl` keyword."""
 
 from __future__ import annotations
 
+import asyncio
+
 import msgspec
 import nats.js.errors
 import pytest
@@ -14,6 +16,10 @@ from accord.cluster._volatile import VolatileKV, fresh_first_seq
 from accord.engine._api import BucketSpec, StreamSpec
 from accord.engine._nats_errors import api_error, map_errors
 from accord.engine.memory import MemoryEngine
+
+
+class Happened(msgspec.Struct):
+    pass
 
 
 @pytest.mark.parametrize(
@@ -109,9 +115,6 @@ def test_state_ttl_must_be_whole_seconds(bad: object) -> None:
 
 
 def test_state_ttl_is_refused_for_event_sourced_agents() -> None:
-    class Happened(msgspec.Struct):
-        pass
-
     with pytest.raises(accord.ConfigurationError, match="event_sourced"):
 
         class Sourced(accord.Agent, type="es_ttl", consistency="event_sourced",  # type: ignore[call-arg]
@@ -128,3 +131,38 @@ def test_state_ttl_is_an_inherited_option() -> None:
 
     assert Shorter.__accord_spec__.options.state_ttl == 30
     assert ClusterConfig().max_bytes("state") == 0
+
+
+async def test_a_record_deleted_under_its_reader_is_never_written_back() -> None:
+    """`delete_state` while an activation holds the record: the holder's next save gets
+    `StateDeleted` (a `Fenced`), and the record stays deleted."""
+    from accord._ids import AgentId
+    from accord.state._store import StateDeleted, StateRecord, StateStore
+
+    engine = MemoryEngine()
+    store = StateStore(await engine.bucket(BucketSpec(name="state")))
+    agent = AgentId.parse("t/a")
+    rev = await store.save(agent, StateRecord(agent="t/a", epoch=5), 0)
+    await store.delete(agent)
+    with pytest.raises(StateDeleted):
+        await store.save(agent, StateRecord(agent="t/a", epoch=5), rev)
+    assert await store.load(agent) == (None, 0)
+    assert issubclass(StateDeleted, accord.Fenced)
+
+
+async def test_a_full_mailbox_fails_a_durable_send_at_once() -> None:
+    """A full store is not transient: the sender gets `StorageFull`, not a retry until its
+    deadline ends in `OutcomeUnknown`."""
+    from accord import _codec as codec
+    from accord.delivery._client import DurableSender
+
+    engine = MemoryEngine()
+    await engine.ensure_stream(StreamSpec(name="mbox", subjects=("m.>",), max_bytes=10,
+                                          work_queue=True, discard_new=True))  # fmt: skip
+    req = codec.Request(v=codec.PROTOCOL_VERSION, kind="tell", target="t/a", type="T",
+                        body=msgspec.Raw(codec.encode(Happened())), id="id-1")  # fmt: skip
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    with pytest.raises(accord.StorageFull):
+        await DurableSender(engine).send("m.0", req, "msgpack", start + 30, "s.0")
+    assert loop.time() - start < 5, "retried a full store as if it were transient"

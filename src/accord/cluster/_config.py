@@ -257,10 +257,3 @@ async def volatile_bucket(js: JetStream, name: str, replicas: int) -> VolatileKV
     An existing bucket is opened as it is, file storage included (a cluster created before)."""
     spec = volatile_spec(name, replicas)
     return VolatileKV(js, await js.bucket(spec), spec)
-
-
-async def _bucket(js: JetStream, name: str, replicas: int, marker_ttl: float | None = None) -> KV:
-    """Open bucket `name`, creating it (file storage, history 1) if missing (services/_store.py
-    still opens its buckets with this until it moves to the engine seam)."""
-    spec = BucketSpec(name=name, replicas=replicas, marker_ttl=int(marker_ttl or 0))
-    return await js.bucket(spec)
