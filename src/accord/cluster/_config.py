@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import re
 import time
 from dataclasses import dataclass
@@ -35,6 +36,8 @@ from ..engine._api import (
     WrongRevision,
 )
 from ._volatile import VolatileKV, fresh_first_seq
+
+log = logging.getLogger("accord.cluster")
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9_\-]{1,32}$")
 DEFAULT_SHARDS = 64
@@ -203,7 +206,12 @@ async def _open(
     entry = await meta.get("config", leader=True)
     if entry is None:
         if probe:
-            budget = int(await js.reservable_bytes(replicas=replicas) * DATA_SHARE)
+            # One server's room stands for every server's (probed at R1: cheap on a cluster).
+            try:
+                budget = int(await js.reservable_bytes(timeout=5.0) * DATA_SHARE)
+            except (AccordError, Refused) as exc:  # the probe is not worth failing a start
+                log.warning("no data byte limits for cluster %s: %s", names.cluster, exc)
+                budget = 0
             wanted = msgspec.structs.replace(
                 wanted, data_bytes=budget if budget >= MIN_DATA_BYTES else 0
             )

@@ -412,8 +412,9 @@ class JetStream(Protocol):
 
     async def reservable_bytes(self, *, replicas: int = 1, timeout: float = 10.0) -> int:
         """How many bytes of file storage a new stream of `replicas` could still reserve as its
-        byte limit (the engine's storage limit less what other streams reserved), within a few
-        percent; 0 when the engine sets no limit or cannot tell."""
+        byte limit (the engine's storage limit less what other streams reserved), to within an
+        eighth; 0 when the engine sets no limit (or a TiB is free). `NotConnected` when the
+        engine did not answer in `timeout`."""
 
 
 class Engine(Transport, JetStream, Protocol):

@@ -380,8 +380,13 @@ class NatsJetStream:
                     await asyncio.wait_for(self.js.add_stream(cfg), left)
             except StorageFull:
                 return False
-            with map_errors(f"delete probe stream {name}"):
-                await asyncio.wait_for(self.js.delete_stream(name), left)
+            except Refused as exc:  # clustered: "no suitable peers for placement, insufficient
+                if "insufficient storage" in str(exc):  # storage" (10005)
+                    return False
+                raise
+            finally:  # also after a timeout: the creation may have been applied
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(self.js.delete_stream(name), max(left, 1.0))
             return True
 
         high = 1 << 40
@@ -395,7 +400,7 @@ class NatsJetStream:
         else:
             return 0
         step = low
-        for _ in range(5):  # low fits and low + step does not: halve the gap
+        for _ in range(3):  # low fits and low + step does not: halve the gap (to 1/8)
             step //= 2
             if await fits(low + step):
                 low += step
