@@ -74,6 +74,7 @@ CALLS: dict[str, Callable[[accord.Mesh], Awaitable[Any]]] = {
     "counter_add": lambda m: m.counter_add("c", 1),
     "counter": lambda m: m.counter("c"),
     "start_workflow": lambda m: m.start_workflow(Echo, "k", Ping(1), timeout=0.5),
+    "delete_state": lambda m: m.delete_state("svc/a"),
 }
 
 
