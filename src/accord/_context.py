@@ -8,5 +8,20 @@ from __future__ import annotations
 
 from contextvars import ContextVar
 
+from ._errors import ConfigurationError
+
 current_deadline: ContextVar[float | None] = ContextVar("accord_deadline", default=None)
 current_sender: ContextVar[str | None] = ContextVar("accord_sender", default=None)
+
+
+DEFAULT_TIMEOUT = 10.0
+
+
+def deadline_after(now: float, timeout: float | None) -> float:
+    """The deadline of a call made at `now` with `timeout` (None: the default), never later
+    than the deadline of the handler the call is made from."""
+    if timeout is not None and timeout <= 0:
+        raise ConfigurationError(f"timeout must be > 0, got {timeout}")
+    deadline = now + (DEFAULT_TIMEOUT if timeout is None else timeout)
+    inherited = current_deadline.get()
+    return deadline if inherited is None else min(deadline, inherited)

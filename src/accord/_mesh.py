@@ -21,7 +21,7 @@ import msgspec
 
 from . import _codec as codec
 from ._background import Background
-from ._context import current_deadline, current_sender
+from ._context import current_sender, deadline_after
 from ._directory import Directory
 from ._errors import (
     ConfigurationError,
@@ -41,8 +41,6 @@ from .state._delete import delete_state as _delete_state
 from .workflows import _client as _workflows
 
 log = logging.getLogger("accord.mesh")
-
-DEFAULT_TIMEOUT = 10.0
 
 
 class Mesh:
@@ -81,6 +79,8 @@ class Mesh:
             WatchedKV(buckets.subs if buckets else None, self._bg),
             local.spec if local is not None else _no_spec,
         )
+        # Deliver in-process when this process serves the shard (see `LocalRouteLike.route`).
+        self._route_local = local.route if local is not None else _no_route
         self._sender = Sender(transport, names, self._directory, self._route_local, self._loop)
         self._breakers = CircuitBreakers(breaker) if breaker is not None else None
         self._local_tells = 0
@@ -416,18 +416,7 @@ class Mesh:
     # -- internals --------------------------------------------------------------------------
 
     def _deadline(self, timeout: float | None) -> float:
-        if timeout is not None and timeout <= 0:
-            raise ConfigurationError(f"timeout must be > 0, got {timeout}")
-        deadline = self._loop.time() + (DEFAULT_TIMEOUT if timeout is None else timeout)
-        inherited = current_deadline.get()
-        return deadline if inherited is None else min(deadline, inherited)
-
-    def _route_local(
-        self, agent_id: AgentId, shard: int, msg: Any, deadline: float | None, *, ask: bool
-    ) -> asyncio.Future[Any] | None:
-        """Deliver in-process when this process serves `shard` (see `LocalRouteLike.route`)."""
-        local = self._local
-        return None if local is None else local.route(agent_id, shard, msg, deadline, ask=ask)
+        return deadline_after(self._loop.time(), timeout)
 
     # -- workflows (workflows/_client.py) ----------------------------------------------------
 
@@ -468,4 +457,10 @@ _NO_BREAKER = contextlib.nullcontext()
 
 
 def _no_spec(agent_type: str) -> AgentSpec | None:
+    return None
+
+
+def _no_route(
+    agent_id: AgentId, shard: int, msg: Any, deadline: float | None, *, ask: bool
+) -> asyncio.Future[Any] | None:
     return None

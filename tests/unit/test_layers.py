@@ -119,3 +119,17 @@ def test_redis_py_is_imported_only_by_the_redis_backend() -> None:
     _, externals = _graph()
     offenders = sorted(m for m, ext in externals.items() if "redis" in ext and "redis" not in m)
     assert offenders == []
+
+
+def test_no_module_over_600_lines_and_no_class_over_400() -> None:
+    big_modules, big_classes = [], []
+    for name, path in _modules().items():
+        src = path.read_text()
+        if src.count("\n") > 600:
+            big_modules.append(name)
+        for node in ast.walk(ast.parse(src)):
+            if isinstance(node, ast.ClassDef):
+                size = (node.end_lineno or node.lineno) - node.lineno + 1
+                if size > 400:
+                    big_classes.append(f"{name}.{node.name} ({size})")
+    assert big_modules == [] and big_classes == []

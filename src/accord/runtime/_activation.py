@@ -186,7 +186,7 @@ class Activation:
         except asyncio.CancelledError:
             # Lease lost: stop at once. Queued in-process asks learn they were not run.
             cancelled = True
-            self._drop_queued_local()
+            _drop_queued_local(self.queue, self.id)
         except StateDeleted as exc:
             # Deleted or expired under this activation: its memory must not be written back;
             # the queued messages go to a fresh activation (from no state).
@@ -456,12 +456,6 @@ class Activation:
         else:
             await self._reply(work, None, RemoteError(entry.rtype or "Exception", entry.message))
 
-    def _drop_queued_local(self) -> None:
-        for work in self.queue:
-            if work.reply is not None and work.local:
-                work.reply(None, DeliveryTimeout(f"{self.id}: lease lost before its turn",
-                                                 maybe_delivered=False))  # fmt: skip
-
     async def _fail_queued(self, error: BaseException | None) -> None:
         """End the queued messages: stored ones are delivered again later, others answered
         `error` (None: the state was deleted under this activation; stored ones come back at
@@ -510,6 +504,14 @@ class _Recorded:
 
 class _Pending(AccordError):
     code = "pending"
+
+
+def _drop_queued_local(queue: deque[Work], agent_id: AgentId) -> None:
+    """The lease was lost: queued in-process asks learn at once that they were not run."""
+    for work in queue:
+        if work.reply is not None and work.local:
+            work.reply(None, DeliveryTimeout(f"{agent_id}: lease lost before its turn",
+                                             maybe_delivered=False))  # fmt: skip
 
 
 def _dedup_entry(msg_id: str, result: Any, error: AccordError | None) -> DedupEntry:
