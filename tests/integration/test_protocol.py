@@ -167,6 +167,7 @@ async def test_cluster_resources_are_as_documented(nats_url: str) -> None:
                 "created_at",
                 "replicas",
                 "replicas_auto",
+                "data_bytes",
             }
             assert config["v"] == 1
             assert config["num_shards"] == node.config.num_shards == 64

@@ -42,7 +42,7 @@ log = logging.getLogger("accord.cluster")
 _NAME_RE = re.compile(r"^[A-Za-z0-9_\-]{1,32}$")
 DEFAULT_SHARDS = 64
 DEFAULT_LEASE_TTL = 2
-OPEN_RETRY_FOR = 15.0  # seconds `open_cluster` retries a JetStream that does not answer yet
+OPEN_RETRY_FOR = 30.0  # seconds `open_cluster` retries a JetStream that does not answer yet
 
 #: What an engine call may raise besides `WrongRevision` (which callers handle as a result): a
 #: loop that just tries again later catches these.

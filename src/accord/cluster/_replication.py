@@ -158,7 +158,7 @@ class Replication:
     async def _servers(self, at_least: int) -> int:
         return await count_servers(self.admin, at_least)
 
-    async def initial(self, retry_for: float = 15.0) -> int:
+    async def initial(self, retry_for: float = 30.0) -> int:
         """The factor to create missing buckets and streams with: the stored one, else this
         node's decision (another node may store a different one first; `check` reconciles).
         Retried for `retry_for` s while JetStream does not answer, then `NotConnected`."""
