@@ -9,8 +9,8 @@ import asyncio
 import contextlib
 
 from .._background import Background
-from .._errors import NotConnected
-from ..engine._api import KV, Entry
+from .._errors import AccordError, NotConnected
+from ..engine._api import KV, Entry, NoResponders, NotFound, Refused, RequestTimeout
 from ._watch import follow
 
 
@@ -22,6 +22,7 @@ class WatchedKV:
         self._data: dict[str, bytes] = {}
         self._ready = asyncio.Event()
         self._started = False
+        self._confirming = False
 
     async def get_all(self, timeout: float = 5.0) -> dict[str, bytes]:
         """Every value; the first call waits (up to `timeout`) for the initial ones.
@@ -57,9 +58,33 @@ class WatchedKV:
             self.kv,
             self._apply,
             pattern=f"{self._prefix}>" if self._prefix else ">",
-            synced=self._ready.set,
+            synced=self._synced,
             what=self._prefix or self.kv.name,
         )
+
+    def _synced(self) -> None:
+        if self._data or self._ready.is_set() or self._confirming:
+            self._ready.set()
+            return
+        # nats-py's watcher can say "all current values delivered" before the first one arrived
+        # (its pending count races with delivery): an empty registry is confirmed from the
+        # server's key index before anyone is told "no subscriptions" or "no such type".
+        self._confirming = True
+        self._bg.spawn(self._confirm_empty(), name=f"accord-watch-confirm-{self._prefix or 'kv'}")
+
+    async def _confirm_empty(self) -> None:
+        assert self.kv is not None
+        try:
+            for key in await self.kv.keys():
+                if not key.startswith(self._prefix) or key.removeprefix(self._prefix) in self._data:
+                    continue
+                entry = await self.kv.get(key)
+                if entry is not None and not entry.deleted:
+                    self._data.setdefault(key.removeprefix(self._prefix), entry.value)
+        except (AccordError, Refused, NotFound, RequestTimeout, NoResponders):
+            pass  # the watch goes on: whatever it delivers still lands
+        finally:
+            self._ready.set()
 
     def _apply(self, entry: Entry) -> None:
         key = entry.key.removeprefix(self._prefix)

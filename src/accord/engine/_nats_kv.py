@@ -9,7 +9,6 @@ only a value counts as present — nats-py's own `create` does not know the mark
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from typing import Any, Protocol
 
 import msgspec
@@ -18,15 +17,7 @@ from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 
 from .._errors import NotConnected
-from ._api import (
-    Entry,
-    NoResponders,
-    NotFound,
-    Refused,
-    RequestTimeout,
-    StoredMessage,
-    WrongRevision,
-)
+from ._api import Entry, NoResponders, NotFound, RequestTimeout, StoredMessage, WrongRevision
 from ._nats_errors import map_errors
 from ._nats_wire import decode_ack
 
@@ -160,17 +151,9 @@ class NatsKV:
         kv = KeyValue(
             name=self.name, stream=self._stream, pre=self._pre, js=self._engine.js, direct=False
         )
-        # How many current values the watch owes before its "all delivered" marker: nats-py's
-        # watcher can send that marker before the values (its pending count races with
-        # delivery), which reads as an empty or partial bucket. The server's subject index says.
-        expected = 0
-        with contextlib.suppress(NotConnected, NotFound, Refused):
-            body = msgspec.json.encode({"subjects_filter": self._pre + pattern})
-            reply = await self._engine.api_call(f"STREAM.INFO.{self._stream}", body, timeout)
-            expected = len((reply.get("state") or {}).get("subjects") or {})
         with map_errors(f"watch {self.name}/{pattern}"):
             watcher = await asyncio.wait_for(kv.watch(pattern), timeout)
-        return NatsWatch(watcher, self.name, expected)
+        return NatsWatch(watcher, self.name)
 
 
 async def _next_or_fail(watch: NatsWatch, timeout: float) -> Entry | None:
@@ -180,48 +163,24 @@ async def _next_or_fail(watch: NatsWatch, timeout: float) -> Entry | None:
         raise NotConnected(f"listing keys of {watch.bucket}: no answer in time") from None
 
 
-_EARLY_MARKER_GRACE = 1.0  # seconds to wait for values owed after an early marker
-
-
 class NatsWatch:
     """nats-py's KV watcher (an ordered push consumer), entries turned into `Entry`."""
 
-    def __init__(self, watcher: KeyValue.KeyWatcher, bucket: str, expected: int = 0) -> None:
+    def __init__(self, watcher: KeyValue.KeyWatcher, bucket: str) -> None:
         self._watcher = watcher
         self.bucket = bucket
         self._stopped = False
-        self._owed = expected  # current values not yet delivered
-        self._synced = False  # the "all current values delivered" marker was returned
-        self._early = False  # nats-py sent its marker while values were still owed
 
     async def next(self, timeout: float) -> Entry | None:
         if self._stopped:
             raise NotConnected(f"watch of {self.bucket} stopped")
-        while True:
-            if self._early and self._owed <= 0:
-                self._early, self._synced = False, True
-                return None
-            wait = min(timeout, _EARLY_MARKER_GRACE) if self._early else timeout
-            try:
-                with map_errors(f"watch of {self.bucket}", timeout_is=RequestTimeout):
-                    update = await self._watcher.updates(wait)  # type: ignore[no-untyped-call]
-            except RequestTimeout:
-                if not self._early:
-                    raise
-                self._owed = 0  # a value deleted meanwhile is not coming: synced as it is
-                continue
-            if update is None:
-                if self._synced or self._owed <= 0:
-                    self._synced = True
-                    return None
-                self._early = True  # hold the marker back until the owed values arrived
-                continue
-            break
+        with map_errors(f"watch of {self.bucket}", timeout_is=RequestTimeout):
+            update = await self._watcher.updates(timeout)  # type: ignore[no-untyped-call]
+        if update is None:
+            return None
         if not isinstance(update, KeyValue.Entry):  # nats-py's stop sentinel
             self._stopped = True
             raise NotConnected(f"watch of {self.bucket} ended")
-        if not self._synced:
-            self._owed -= 1
         deleted = update.operation in _TOMBSTONES
         return Entry(update.key, b"" if deleted else (update.value or b""), update.revision or 0,
                      deleted)  # fmt: skip
