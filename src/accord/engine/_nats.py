@@ -17,8 +17,7 @@ import contextlib
 import functools
 import itertools
 import logging
-from collections.abc import Awaitable, Callable
-from typing import Any, ParamSpec, TypeVar
+from typing import Any
 
 import nats
 import nats.errors
@@ -27,7 +26,7 @@ from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
-from .._errors import AccordError, NotConnected
+from .._errors import NotConnected
 from ._api import (
     DirectHandler,
     Handler,
@@ -221,22 +220,3 @@ class NatsSubscription:
 def _expire(fut: asyncio.Future[Msg]) -> None:
     if not fut.done():
         fut.set_exception(RequestTimeout())
-
-
-P = ParamSpec("P")
-R = TypeVar("R")
-
-
-def translated(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
-    """Map nats-py failures escaping `fn` to `NotConnected` (the API never leaks them)."""
-
-    @functools.wraps(fn)
-    async def call(*args: P.args, **kwargs: P.kwargs) -> R:
-        try:
-            return await fn(*args, **kwargs)
-        except AccordError:
-            raise
-        except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
-            raise NotConnected(f"JetStream did not answer: {type(exc).__name__}: {exc}") from None
-
-    return call
