@@ -106,7 +106,10 @@ class Agent:
       serving), `"split_brain_allowed"` (both sides keep serving; states merge on heal) or
       `"degraded"` (cut-off side answers `read_only` handlers, refuses writes);
     - `state_ttl`: whole seconds a state record is kept after its last write (0, the default:
-      forever); an expired record is gone as if `Mesh.delete_state` removed it.
+      forever); an expired record is gone as if `Mesh.delete_state` removed it;
+    - `stateless=True` makes the type a worker pool: every node hosting it serves it as a
+      competing consumer (no owner, no per-key order, no `state`), each node running at most
+      `max_concurrency` (64) handlers at once (docs/workflows.md, "Worker pools").
 
     Declare durable state with a class annotation `state: MyState` (a `msgspec.Struct` with
     defaults); it is loaded before the first turn and persisted as its consistency says.
@@ -139,6 +142,12 @@ class Agent:
                 handlers[wire] = spec
         opts = _options(cls.__name__, parent.options if parent else AgentOptions(), options)
         state_type = _state_type(cls)
+        if not isinstance(opts.stateless, bool):
+            raise ConfigurationError(f"{cls.__name__}: stateless must be True or False")
+        if opts.stateless:
+            _check_stateless(cls.__name__, opts, state_type)
+        elif "max_concurrency" in options:
+            raise ConfigurationError(f"{cls.__name__}: max_concurrency needs stateless=True")
         if opts.consistency == "event_sourced" and not opts.events:
             raise ConfigurationError(f"{cls.__name__}: event_sourced agents must declare events=")
         cls.__accord_spec__ = AgentSpec(
@@ -228,6 +237,29 @@ def _options(name: str, base: AgentOptions, given: dict[str, Any]) -> AgentOptio
         if not (isinstance(ev, type) and issubclass(ev, msgspec.Struct)):
             raise ConfigurationError(f"{name}: events must be msgspec.Struct types, got {ev!r}")
     return opts
+
+
+def _check_stateless(name: str, opts: AgentOptions, state_type: type | None) -> None:
+    """A worker pool has no owner and no state: refuse every option that presumes them."""
+    mc = opts.max_concurrency
+    if isinstance(mc, bool) or not isinstance(mc, int) or mc < 1:
+        raise ConfigurationError(f"{name}: max_concurrency must be an int >= 1, got {mc!r}")
+    why = None
+    if state_type is not None:
+        why = "declares `state`"
+    elif opts.consistency != "strong":
+        why = f"declares consistency={opts.consistency!r}"
+    elif opts.delivery == "exactly_once":
+        why = "is exactly_once (dedup lives in an agent's state)"
+    elif opts.failover != "absolute":
+        why = f"declares failover={opts.failover!r} (a pool has no owner to fail over)"
+    elif opts.state_ttl or opts.events:
+        why = "declares state_ttl or events"
+    if why is not None:
+        raise ConfigurationError(
+            f"{name}: a stateless type {why}; stateless types have no state and no per-key "
+            "order (use an ordinary agent for that)"
+        )
 
 
 def _state_type(cls: type) -> type | None:

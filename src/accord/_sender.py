@@ -1,6 +1,7 @@
 """One call on the wire: an ask retried while its shard has no owner (with the standby subject
 for split-brain agents of a vanished owner), a durable send through the mailbox, a tell, and the
-reply turned back into a value or the error it carries."""
+reply turned back into a value or the error it carries. Calls to a worker pool (a `stateless`
+type) go to the pool's subjects and work queue instead (`delivery/_pools.py`)."""
 
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from ._spec import known_spec
 from .cluster._config import Names
 from .delivery._client import DurableSender
 from .delivery._mailbox import mailbox_subject
+from .delivery._pools import pool_ask, pool_job_subject, pool_tell_subject
 from .engine._api import Engine, NoResponders, RequestTimeout
 
 _BACKOFF_START = 0.005
@@ -68,6 +70,9 @@ class Sender:
         target: str | None = None,
     ) -> bytes | LocalResult:
         """Send one ask, retrying while the shard has no owner, until `deadline`."""
+        if await self._pool(agent_id.type, deadline):
+            return await pool_ask(self._transport, self._names, agent_id, type_name, body, enc,
+                                  deadline, self._rng)  # fmt: skip
         subject = self._names.shard_subject(shard)
         target = target or str(agent_id)
         backoff = Backoff(_BACKOFF_START, _BACKOFF_CAP, rng=self._rng)
@@ -130,6 +135,13 @@ class Sender:
         mode: str,
         msg_id: str | None,
     ) -> bytes:
+        """Store a tell or an ask in its shard's mailbox (a tell to a worker pool: in the pool's
+        work queue; an ask to one is an at-most-once ask whatever `mode` says, see
+        `pool_ask`: a stateless handler has no state to apply a message to exactly once)."""
+        pool = await self._pool(agent_id.type, deadline)
+        if pool and kind == "ask":
+            return await pool_ask(self._transport, self._names, agent_id, type_name, body, enc,
+                                  deadline, self._rng)  # fmt: skip
         if self._durable is None:
             self._durable = DurableSender(self._transport)
         req = codec.Request(
@@ -143,7 +155,9 @@ class Sender:
             delivery=mode,
         )
         data = await self._durable.send(
-            mailbox_subject(self._names, shard),
+            pool_job_subject(self._names, agent_id.type)
+            if pool
+            else mailbox_subject(self._names, shard),
             req,
             enc,
             deadline,
@@ -162,7 +176,13 @@ class Sender:
             body=msgspec.Raw(body),
             sender=current_sender.get(),
         )
-        await self._transport.publish(self._names.shard_subject(shard), codec.encode(req, enc))
+        pool = await self._pool(agent_id.type, self._loop.time() + 5.0)
+        subject = (
+            pool_tell_subject(self._names, agent_id.type)
+            if pool
+            else self._names.shard_subject(shard)
+        )
+        await self._transport.publish(subject, codec.encode(req, enc))
 
     async def await_local(
         self, fut: asyncio.Future[Any], deadline: float, agent_id: AgentId, type_name: str
@@ -210,6 +230,18 @@ class Sender:
             return await self._directory.split_brain(agent_id, timeout)
         except NotConnected:
             return False
+
+    async def _pool(self, agent_type: str, deadline: float) -> bool:
+        """Is `agent_type` a worker pool? While the registry cannot tell, only a class defined
+        here can say so (an ordinary agent's ask must not wait on JetStream)."""
+        known = self._directory.known_pool(agent_type)
+        if known is not None:
+            return known
+        try:
+            return await self._directory.pool(agent_type, min(5.0, deadline - self._loop.time()))
+        except NotConnected:
+            spec = known_spec(agent_type)
+            return spec is not None and spec.stateless
 
     def _reply_type(self, agent_type: str, type_name: str) -> Any:
         """The declared return type of the handler of `type_name` (Any if this process lacks

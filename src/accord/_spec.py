@@ -51,6 +51,8 @@ class AgentOptions(msgspec.Struct, frozen=True, kw_only=True):
     failover: Failover = "absolute"
     turn_timeout: float | None = None
     state_ttl: int = 0  # seconds a state record lives after its last write; 0: forever
+    stateless: bool = False  # a worker pool: served by every hosting node (runtime/_pool.py)
+    max_concurrency: int = 64  # stateless types: handlers running at once per node
 
 
 class AgentSpec(msgspec.Struct, frozen=True):
@@ -76,6 +78,11 @@ class AgentSpec(msgspec.Struct, frozen=True):
     def durable(self) -> bool:
         """Has state kept in the state bucket (or an event stream)."""
         return self.state_type is not None or self.options.delivery == "exactly_once"
+
+    @property
+    def stateless(self) -> bool:
+        """A worker pool type: every node hosting it serves it, no owner, no state."""
+        return self.options.stateless
 
     def handler_for_name(self, wire_name: str) -> HandlerSpec | None:
         return self.handlers.get(wire_name)

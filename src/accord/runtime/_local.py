@@ -70,6 +70,8 @@ class LocalRoute:
         if epoch is None:
             return None
         spec = self._specs.get(agent_id.type)
+        if spec is not None and spec.stateless:
+            return None  # a worker pool: the queue group spreads it (runtime/_pool.py)
         h = spec.by_class.get(type(msg)) if spec is not None else None
         try:
             if spec is None:

@@ -49,6 +49,7 @@ from ._inbound import Inbound
 from ._local import LocalRoute
 from ._looplag import LoopMonitor
 from ._ownership import ShardHost
+from ._pool import serve_pools
 from ._settings import NodeSettings, Stats
 from ._table import ActivationTable
 
@@ -204,6 +205,7 @@ class Node(Mesh):
             loop.create_task(TimerService(self).run(), name="accord-timers"),
         ]
         stack.push_async_callback(cancel_and_wait, tasks)
+        self._pools = await serve_pools(self, self.specs.values(), s, stack, transport)
         self._running = local.open = True
         services = loop.create_task(self._start_services(), name="accord-services-start")
         stack.push_async_callback(self._stop_services, services)
