@@ -35,6 +35,7 @@ class Batch(msgspec.Struct):
     first: int
     n: int
     ms: int = 0
+    timeout: float | None = None  # of each ask (None: the default 10 s)
 
 
 def _log(task: int, node: str, event: str) -> None:
@@ -62,7 +63,7 @@ class Fanout(accord.Workflow, type="fanout"):
     async def run(self, ctx: accord.WorkflowContext, batch: Batch) -> dict[str, int]:
         by_node: dict[str, int] = {}
         for n in range(batch.first, batch.first + batch.n):
-            done: Done = await ctx.ask(f"thumbnail/{n}", Task(n, batch.ms))
+            done: Done = await ctx.ask(f"thumbnail/{n}", Task(n, batch.ms), timeout=batch.timeout)
             by_node[done.node] = by_node.get(done.node, 0) + 1
         return by_node
 

@@ -1,9 +1,11 @@
 """Worker pools (`stateless` agent types) on a real nats-server and three real `accord node`
 processes (examples/pool_app.py).
 
-Proves: 1,000 asks made by workflows are each handled exactly once and spread over every node,
-with the registry showing the type as a pool; durable tells survive the SIGKILL of a worker:
-the tasks it had started and not finished are done by the other nodes, and every task is done.
+Proves: 1,000 asks made by workflows are each handled exactly once and spread over every node
+(a plain client, which knows the type from the registry, asks it too); durable tells survive the
+SIGKILL of a worker: the tasks it had started and not finished are done by the other nodes, and
+every task is done; workflow runs asking the pool across that kill complete (an ask in flight at
+the worker's death times out and its step asks again).
 """
 
 from __future__ import annotations
@@ -75,18 +77,29 @@ async def test_sigkilled_workers_unfinished_durable_tasks_are_redone_elsewhere(
 ) -> None:
     log = cluster.tmp / "pool.jsonl"  # type: ignore[attr-defined]
     log.unlink(missing_ok=True)
-    tasks = range(10_000, 10_300)
+    tasks = range(10_000, 10_400)
     async with cluster.connect() as mesh:
         await wait_for_placement(mesh, set(cluster.nodes))
+        batches = [Batch(20_000 + 30 * i, 30, ms=100, timeout=3.0) for i in range(3)]
+        runs = [await mesh.start_workflow("fanout", f"k{i}", b) for i, b in enumerate(batches)]
         await asyncio.gather(*(mesh.tell(f"thumbnail/{n}", Task(n, ms=150)) for n in tasks))
 
-        def victim() -> str | None:  # a node with tasks under way, once every node has some
-            started = Counter(e["node"] for e in _entries(log) if e["event"] == "start")
-            return max(started, key=started.__getitem__) if len(started) == 3 else None
+        def victim() -> str | None:  # a node in the middle of a durable task and of an ask
+            open_: dict[str, dict[int, str]] = {}
+            for e in _entries(log):
+                open_.setdefault(str(e["node"]), {})[int(e["task"])] = str(e["event"])
+            for node, events in open_.items():
+                under_way = [t for t, ev in events.items() if ev == "start"]
+                if len(open_) == 3 and min(under_way, default=0) < 20_000 <= max(
+                    under_way, default=0
+                ):
+                    return node
+            return None
 
-        await _until(lambda: victim() is not None, 30, "every node to start tasks")
-        name = victim()
-        assert name is not None
+        found: list[str] = []
+        await _until(lambda: found.append(victim() or "") or found[-1], 30,
+                     "a node amid a durable task and an ask")  # fmt: skip
+        name = found[-1]
         cluster.nodes[name].kill()
         entries = _entries(log)
         by_victim = {e["task"]: e["event"] for e in entries if e["node"] == name}
@@ -97,5 +110,9 @@ async def test_sigkilled_workers_unfinished_durable_tasks_are_redone_elsewhere(
             return {e["task"] for e in _entries(log) if e["event"] == "done"} >= set(tasks)
 
         await _until(all_done, 60, "every task to be done")
+        results = await asyncio.gather(*(run.result(timeout=60) for run in runs))
+        assert sum(sum(r.values()) for r in results) == 90  # every ask step answered
+        done = {e["task"] for e in _entries(log) if e["event"] == "done"}
+        assert done >= set(range(20_000, 20_090))
         redone = {e["task"] for e in _entries(log) if e["event"] == "done" and e["node"] != name}
-        assert unfinished <= redone  # the victim's unfinished tasks, done by the others
+        assert unfinished <= redone  # the victim's unfinished tasks and asks, done by the others
