@@ -3,6 +3,7 @@ the node side is `Node.status()`."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -48,7 +49,32 @@ async def cluster_status(mesh: Mesh, timeout: float = 2.0) -> dict[str, Any]:
         "shards": shards,
         "history": view["history"],
         "replication": await _replication(mesh),
+        "pools": await _pools(mesh, view, [n["name"] for n in nodes if n["alive"]], timeout),
     }
+
+
+async def _pools(
+    mesh: Mesh, view: dict[str, Any], alive: list[str], timeout: float
+) -> dict[str, dict[str, Any]]:
+    """Worker pools: per type, per node, its `max_concurrency`, in-flight count and counters,
+    asked of every live node (none asked when the reporter hosts no pool: nodes host the same
+    types). A node that does not answer is left out."""
+    if not view.get("pools"):
+        return {}
+
+    async def one(node: str) -> tuple[str, dict[str, Any]]:
+        subject = f"{mesh.names.admin_subject}.{node}"
+        try:
+            data = await mesh._sender.transport_request(subject, b"{}", timeout)
+        except NotConnected:
+            return node, {}
+        return node, msgspec.json.decode(data).get("pools") or {}
+
+    pools: dict[str, dict[str, Any]] = {}
+    for node, per_type in await asyncio.gather(*(one(n) for n in alive)):
+        for agent_type, counts in per_type.items():
+            pools.setdefault(agent_type, {})[node] = counts
+    return pools
 
 
 async def _replication(mesh: Mesh) -> dict[str, Any]:

@@ -50,6 +50,7 @@ def _print_status(st: dict[str, Any]) -> None:
     more = " …" if len(st["shards"]) > 16 else ""
     out.print(f"shards: {owners}{more}  ({unowned} unowned)")
     _print_replication(st.get("replication") or {})
+    _print_pools(st.get("pools") or {})
     if st["history"]:
         hist = Table(title=f"recent failure-detector transitions (seen by {st['reporter']})")
         for col in ("time", "node", "from", "to", "reason"):
@@ -58,6 +59,19 @@ def _print_status(st: dict[str, Any]) -> None:
             hist.add_row(time.strftime("%H:%M:%S", time.localtime(t["at"])), t["node"], t["old"],
                          t["new"], t["reason"])  # fmt: skip
         out.print(hist)
+
+
+def _print_pools(pools: dict[str, dict[str, Any]]) -> None:
+    if not pools:
+        return
+    table = Table(title="worker pools (stateless types)")
+    for col in ("type", "node", "in flight / max", "handled", "failed", "overloaded"):
+        table.add_column(col)
+    for agent_type, per_node in sorted(pools.items()):
+        for node, c in sorted(per_node.items()):
+            table.add_row(agent_type, node, f"{c['inflight']} / {c['max_concurrency']}",
+                          str(c["handled"]), str(c["failed"]), str(c["overloaded"]))  # fmt: skip
+    out.print(table)
 
 
 def _print_replication(rep: dict[str, Any]) -> None:

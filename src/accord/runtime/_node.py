@@ -324,6 +324,7 @@ class Node(Mesh):
             "held": self._shards.held(),
             "activations": self._table.count(),
             "inflight": self._bulkhead.total.n,
+            "pools": self._pools.status(),
             "agent_types": sorted(self.specs),
             "stats": msgspec.structs.asdict(self.stats),
             "members": {

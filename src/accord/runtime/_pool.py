@@ -51,6 +51,7 @@ from ._settings import NodeSettings
 
 log = logging.getLogger("accord.pool")
 
+_DRAIN_SUBSCRIPTION = 5.0  # seconds a stopping node waits for a pool subscription to drain
 _MAX_ACK_PENDING = 4096  # per type, over all nodes (each node holds at most 2·max_concurrency)
 
 
@@ -224,12 +225,13 @@ class TypePool:
 
     async def _run(
         self, agent_id: AgentId, h: HandlerSpec, body: Any, deadline: float | None
-    ) -> tuple[Any, AccordError | None]:
+    ) -> tuple[Any, AccordError | None] | None:
         """One handler call on a fresh instance (on_activate, handler, on_deactivate), within
-        a slot; an exception becomes `RemoteError`, a run past `turn_timeout` `TurnTimeout`."""
+        a slot; an exception becomes `RemoteError`, a run past `turn_timeout` `TurnTimeout`.
+        None: not run, its caller's deadline passed while it waited for a slot."""
         async with self._slots:
             if deadline is not None and self._loop.time() >= deadline:
-                return None, None  # the caller has given up: running it would be unseen
+                return None  # the caller has given up: running it would be unseen
             self.running += 1
             agent = self.spec.cls()
             agent.id = agent_id
@@ -263,11 +265,11 @@ class TypePool:
                          deadline: float | None, reply: str | None,
                          enc: codec.Encoding) -> None:  # fmt: skip
         try:
-            result, error = await self._run(agent_id, h, body, deadline)
+            outcome = await self._run(agent_id, h, body, deadline)
         finally:
             self._release()
-        if reply is not None:
-            await self._publish(reply, self._reply_data(result, error, enc))
+        if reply is not None and outcome is not None:
+            await self._publish(reply, self._reply_data(*outcome, enc))
 
     async def _serve_job(self, d: Delivery) -> None:
         try:
@@ -276,7 +278,9 @@ class TypePool:
             except AccordError as exc:
                 await self._dead_letter(d, exc, 1)  # it can never be handled
                 return
-            result, error = await self._run(agent_id, h, body, None)
+            outcome = await self._run(agent_id, h, body, None)
+            assert outcome is not None  # no deadline: always run
+            result, error = outcome
             if error is not None and d.num_delivered < self.spec.options.max_deliver:
                 # Not acked: delivered again after the delay, to whichever node pulls first.
                 with contextlib.suppress(NotConnected):
@@ -355,8 +359,11 @@ class TypePool:
         self._open = False
         self._freed.set()
         for sub in self._subs:
-            with contextlib.suppress(Exception):
-                await sub.drain()
+            try:  # bounded: a tell waiting for a slot that never frees must not hold the stop
+                await asyncio.wait_for(sub.drain(), _DRAIN_SUBSCRIPTION)
+            except Exception:
+                with contextlib.suppress(Exception):
+                    await sub.unsubscribe()
         consumer, self._consumer = self._consumer, None
         if consumer is not None:
             with contextlib.suppress(Exception):
