@@ -12,11 +12,15 @@ import msgspec
 import pytest
 
 import accord
+from accord._background import Background
 from accord._codec import PROTOCOL_VERSION, Request, decode_reply, encode
+from accord._directory import Directory
 from accord._errors import ConfigurationError, Overloaded
 from accord._mesh import Mesh
 from accord.cluster._config import ClusterConfig, Names
+from accord.cluster._watched import WatchedKV
 from accord.delivery._pools import pool_ask_subject
+from accord.engine._api import BucketSpec
 from accord.engine.memory import MemoryEngine
 from accord.runtime._pool import Pools
 
@@ -161,3 +165,33 @@ async def test_durable_tells_beyond_max_concurrency_wait_and_all_run() -> None:
         Gate.opened.set()
         await _until(lambda: len(Gate.done) == 10, "every tell handled")
         assert sorted(Gate.done) == list(range(10)) and Gate.peak == 2
+
+
+async def test_at_most_once_tells_beyond_max_concurrency_wait_and_all_run() -> None:
+    async with pool_node() as (_, client, pools):
+        for n in range(6):
+            await client.tell(f"gated/{n}", Job(n))
+        await _until(lambda: Gate.running == 2, "two handlers running")
+        assert pools.status()["gated"]["inflight"] == 2  # the others wait in the subscription
+        Gate.opened.set()
+        await _until(lambda: len(Gate.done) == 6, "every tell handled")
+        assert sorted(Gate.done) == list(range(6)) and Gate.peak == 2
+
+
+async def test_the_type_registry_tells_clients_without_the_class_which_types_are_pools() -> None:
+    engine = MemoryEngine()
+    kv = await engine.bucket(BucketSpec(name="meta"))
+    bg = Background()
+    hosting = Directory(WatchedKV(kv, bg, prefix="type."), WatchedKV(None, bg), lambda t: None)
+    await hosting.register([Gated.__accord_spec__])
+    # A type no class of this process declares: only the registry can say it is a pool.
+    await kv.put("type.remote_pool", msgspec.json.encode({"delivery": "at_most_once",
+                                                          "stateless": True}))  # fmt: skip
+    await kv.put("type.remote_plain", msgspec.json.encode({"delivery": "at_most_once"}))
+    client = Directory(WatchedKV(kv, bg, prefix="type."), WatchedKV(None, bg), lambda t: None)
+    assert client.known_pool("remote_pool") is None  # the registry is not loaded yet
+    assert await client.pool("remote_pool") and not await client.pool("remote_plain")
+    assert client.known_pool("gated") is True and client.known_pool("unknown") is False
+    record = msgspec.json.decode((await kv.get("type.gated")).value)  # type: ignore[union-attr]
+    assert record["stateless"] is True and record["max_concurrency"] == 2
+    await bg.close()
