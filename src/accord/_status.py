@@ -16,7 +16,8 @@ if TYPE_CHECKING:
 
 async def cluster_status(mesh: Mesh, timeout: float = 2.0) -> dict[str, Any]:
     """The cluster as one node sees it: nodes (alive, shards held), shard owners and epochs, and
-    recent failure-detector transitions. Shape: {"nodes": [...], "shards": [...], "history": [...]}.
+    recent failure-detector transitions, worker pools per node. Shape: {"nodes": [...],
+    "shards": [...], "history": [...], "replication": {...}, "pools": {type: {node: {...}}}}.
 
     Raises `NotConnected` when no node answers.
     """
