@@ -70,7 +70,7 @@ class Sender:
         target: str | None = None,
     ) -> bytes | LocalResult:
         """Send one ask, retrying while the shard has no owner, until `deadline`."""
-        if await self._pool(agent_id.type, deadline):
+        if await self._pool(agent_id.type):
             return await pool_ask(self._transport, self._names, agent_id, type_name, body, enc,
                                   deadline, self._rng)  # fmt: skip
         subject = self._names.shard_subject(shard)
@@ -138,7 +138,7 @@ class Sender:
         """Store a tell or an ask in its shard's mailbox (a tell to a worker pool: in the pool's
         work queue; an ask to one is an at-most-once ask whatever `mode` says, see
         `pool_ask`: a stateless handler has no state to apply a message to exactly once)."""
-        pool = await self._pool(agent_id.type, deadline)
+        pool = await self._pool(agent_id.type)
         if pool and kind == "ask":
             return await pool_ask(self._transport, self._names, agent_id, type_name, body, enc,
                                   deadline, self._rng)  # fmt: skip
@@ -176,7 +176,7 @@ class Sender:
             body=msgspec.Raw(body),
             sender=current_sender.get(),
         )
-        pool = await self._pool(agent_id.type, self._loop.time() + 5.0)
+        pool = await self._pool(agent_id.type)
         subject = (
             pool_tell_subject(self._names, agent_id.type)
             if pool
@@ -231,14 +231,16 @@ class Sender:
         except NotConnected:
             return False
 
-    async def _pool(self, agent_type: str, deadline: float) -> bool:
-        """Is `agent_type` a worker pool? While the registry cannot tell, only a class defined
-        here can say so (an ordinary agent's ask must not wait on JetStream)."""
+    async def _pool(self, agent_type: str) -> bool:
+        """Is `agent_type` a worker pool? Until the registry has loaded (this starts loading
+        it), only a class defined here can say so: an ask with an explicit `delivery` never
+        waited on JetStream, and must not start to (a cut-off client keeps asking over core
+        NATS)."""
         known = self._directory.known_pool(agent_type)
         if known is not None:
             return known
         try:
-            return await self._directory.pool(agent_type, min(5.0, deadline - self._loop.time()))
+            return await self._directory.pool(agent_type, 0.0)
         except NotConnected:
             spec = known_spec(agent_type)
             return spec is not None and spec.stateless
