@@ -46,7 +46,15 @@ from ..delivery._pools import (
     pool_stream_spec,
     pool_tell_subject,
 )
-from ..engine._api import Consumer, Delivery, Engine, Message, Refused, RequestTimeout
+from ..engine._api import (
+    Consumer,
+    Delivery,
+    Engine,
+    Message,
+    Refused,
+    RequestTimeout,
+    Subscription,
+)
 from ._settings import NodeSettings
 
 log = logging.getLogger("accord.pool")
@@ -119,7 +127,7 @@ class TypePool:
         self.handled = self.failed = self.overloaded = self.redelivered = 0
         self._freed = asyncio.Event()
         self._open = False
-        self._subs: list[Any] = []
+        self._subs: list[Subscription] = []
         self._consumer: Consumer | None = None
         self._held: dict[Delivery, float] = {}  # durable messages taken: when taken
         self._work = Background(expected=(AccordError, OSError))
