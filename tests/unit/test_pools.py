@@ -195,3 +195,23 @@ async def test_the_type_registry_tells_clients_without_the_class_which_types_are
     record = msgspec.json.decode((await kv.get("type.gated")).value)  # type: ignore[union-attr]
     assert record["stateless"] is True and record["max_concurrency"] == 2
     await bg.close()
+
+
+async def test_a_stopping_node_hands_back_unfinished_durable_tells_at_once() -> None:
+    async with pool_node() as (engine, client, first):
+        for n in range(6):
+            await client.tell(f"gated/{n}", Job(n), delivery="at_least_once")
+        await _until(lambda: Gate.running == 2, "two handlers running")
+        first._drain_timeout = 0.05  # the handlers under way do not finish in time
+        await first.stop()
+        assert Gate.done == []
+        Gate.opened.set()
+        other = engine.connect("n2")
+        second = Pools(Mesh(other, Names("t"), ClusterConfig()), [Gated.__accord_spec__], other,
+                       drain_timeout=1.0)  # fmt: skip
+        await second.start()
+        try:  # well within the 6 s ack wait: handed back, not timed out
+            await _until(lambda: len(Gate.done) == 6, "every tell handled by the other node")
+        finally:
+            await second.stop()
+        assert sorted(Gate.done) == list(range(6))
