@@ -1,6 +1,7 @@
 """Worker pools above the engine seam (in-memory engine): the `stateless` option's validation,
-and the per-node bound — at most `max_concurrency` handlers run, an ask beyond it is answered
-`overloaded` and retried by the sender, durable tells beyond it are not pulled."""
+the per-node bound — at most `max_concurrency` handlers run, an ask beyond it is answered
+`overloaded` and retried by the sender, tells beyond it wait — the type registry's `stateless`
+flag, and a stopping node handing back its unfinished durable tells."""
 
 from __future__ import annotations
 
