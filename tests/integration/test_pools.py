@@ -57,10 +57,10 @@ async def test_workflow_asks_spread_over_every_node(cluster: Cluster) -> None:
     log = cluster.tmp / "pool.jsonl"  # type: ignore[attr-defined]
     log.unlink(missing_ok=True)
     async with cluster.connect() as mesh:
-        await wait_for_placement(mesh, set(cluster.nodes))
+        await wait_for_placement(mesh, set(cluster.nodes), timeout=60)
         runs = await asyncio.gather(
-            *(mesh.start_workflow("fanout", f"b{i}", Batch(first=i * 100, n=100)) for i in
-              range(10))
+            *(mesh.start_workflow("fanout", f"b{i}", Batch(first=i * 50, n=50)) for i in
+              range(20))
         )  # fmt: skip
         results = await asyncio.gather(*(run.result(timeout=120) for run in runs))
         by_node: Counter[str] = Counter()
@@ -78,7 +78,7 @@ async def test_client_asks_are_handled_exactly_once_over_every_node(cluster: Clu
     log = cluster.tmp / "pool.jsonl"  # type: ignore[attr-defined]
     log.unlink(missing_ok=True)
     async with cluster.connect() as mesh:  # a plain client: the pool is known from the registry
-        await wait_for_placement(mesh, set(cluster.nodes))
+        await wait_for_placement(mesh, set(cluster.nodes), timeout=60)
         before = (await cluster_status(mesh))["pools"]["thumbnail"]
         slots = asyncio.Semaphore(48)
 
@@ -106,7 +106,7 @@ async def test_sigkilled_workers_unfinished_durable_tasks_are_redone_elsewhere(
     log.unlink(missing_ok=True)
     tasks = range(10_000, 10_400)
     async with cluster.connect() as mesh:
-        await wait_for_placement(mesh, set(cluster.nodes))
+        await wait_for_placement(mesh, set(cluster.nodes), timeout=60)
         batches = [Batch(20_000 + 30 * i, 30, ms=100, timeout=3.0) for i in range(3)]
         runs = [await mesh.start_workflow("fanout", f"k{i}", b) for i, b in enumerate(batches)]
         await asyncio.gather(*(mesh.tell(f"thumbnail/{n}", Task(n, ms=150)) for n in tasks))
