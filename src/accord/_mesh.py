@@ -28,6 +28,7 @@ from ._errors import (
     Overloaded,
 )
 from ._ids import AgentId, Targets, as_agent_id
+from ._observe import Observers
 from ._sender import LocalResult, Sender
 from ._spec import AgentSpec
 from .cluster._config import Buckets, ClusterConfig, Names
@@ -55,6 +56,7 @@ class Mesh:
         breaker: BreakerSettings | None = None,
         local: LocalRouteLike | None = None,
     ) -> None:
+        self._observe = Observers()
         self._bind(transport, names, config, buckets, breaker, local)
 
     def _bind(
@@ -81,8 +83,9 @@ class Mesh:
         )
         # Deliver in-process when this process serves the shard (see `LocalRouteLike.route`).
         self._route_local = local.route if local is not None else _no_route
-        self._sender = Sender(transport, names, self._directory, self._route_local, self._loop)
-        self._breakers = CircuitBreakers(breaker) if breaker is not None else None
+        self._sender = Sender(transport, names, self._directory, self._route_local, self._loop,
+                              self._observe)  # fmt: skip
+        self._breakers = CircuitBreakers(breaker, observe=self._observe) if breaker else None
         self._local_tells = 0
         self._resolve = Targets(config.num_shards).resolve  # target -> (agent id, shard)
 

@@ -24,6 +24,7 @@ from ._errors import (
     RemoteError,
 )
 from ._ids import AgentId
+from ._observe import Kind, Observers, Outcome
 from ._retry import Backoff
 from ._spec import known_spec
 from .cluster._config import Names
@@ -48,7 +49,9 @@ class Sender:
         directory: Directory,
         route_local: RouteLocal,
         loop: asyncio.AbstractEventLoop,
+        observe: Observers | None = None,
     ) -> None:
+        self._observe = observe or Observers()
         self._transport = transport
         self._names = names
         self._directory = directory
@@ -86,6 +89,7 @@ class Sender:
             first = False
             remaining = deadline - self._loop.time()
             if remaining <= 0:
+                self._sent(agent_id.type, "ask", "timeout")
                 raise DeliveryTimeout(
                     f"ask {agent_id} {type_name}: deadline passed with no owner for its shard",
                     maybe_delivered=False,
@@ -118,6 +122,7 @@ class Sender:
             except NoResponders:
                 await asyncio.sleep(min(backoff.next(), remaining))
             except RequestTimeout:
+                self._sent(agent_id.type, "ask", "timeout")
                 raise DeliveryTimeout(
                     f"ask {agent_id} {type_name}: no reply within the deadline",
                     maybe_delivered=True,
@@ -183,6 +188,7 @@ class Sender:
             else self._names.shard_subject(shard)
         )
         await self._transport.publish(subject, codec.encode(req, enc))
+        self._sent(agent_id.type, "tell", "ok")
 
     async def await_local(
         self, fut: asyncio.Future[Any], deadline: float, agent_id: AgentId, type_name: str
@@ -198,12 +204,23 @@ class Sender:
 
         timer = self._loop.call_at(deadline, expire)
         try:
-            return await fut
+            if not self._observe.active:
+                return await fut
+            try:
+                result = await fut
+            except AccordError as exc:
+                self._sent(agent_id.type, "ask", _outcome(exc.code))
+                raise
+            self._sent(agent_id.type, "ask", "ok")
+            return result
         finally:
             timer.cancel()
 
     def unwrap(self, agent_id: AgentId, type_name: str, data: bytes, returns: Any) -> Any:
         reply, enc = codec.decode_reply(data)
+        if self._observe.active:
+            outcome = "ok" if reply.ok else _outcome(reply.error.code if reply.error else "")
+            self._sent(agent_id.type, "ask", outcome)
         if reply.ok:
             if returns is None:
                 returns = self._reply_type(agent_id.type, type_name)
@@ -223,6 +240,10 @@ class Sender:
             return await self._transport.request(subject, data, timeout)
         except (NoResponders, RequestTimeout):
             raise NotConnected(f"no accord node answered on {subject}") from None
+
+    def _sent(self, agent_type: str, kind: Kind, outcome: Outcome) -> None:
+        if self._observe.active:
+            self._observe.message_sent(agent_type, kind, outcome)
 
     async def _split_brain(self, agent_id: AgentId, timeout: float) -> bool:
         """Is the agent's type `split_brain_allowed`? False while the registry cannot tell."""
@@ -257,6 +278,16 @@ class Sender:
             return Any  # not cached: the class may still be defined later
         self._reply_types[(agent_type, type_name)] = h.returns
         return h.returns
+
+
+_REJECTED = frozenset({"overloaded", "agent_type_not_found", "unknown_message_type",
+                       "bad_request", "circuit_open"})  # fmt: skip
+_TIMEOUT = frozenset({"timeout", "turn_timeout"})
+
+
+def _outcome(code: str) -> Outcome:
+    """An error reply's code as a message outcome."""
+    return "rejected" if code in _REJECTED else "timeout" if code in _TIMEOUT else "error"
 
 
 class LocalResult:

@@ -16,6 +16,7 @@ import pytest
 import accord
 from accord._errors import AccordError
 from accord._ids import AgentId
+from accord._observe import Observers
 from accord._spec import AgentSpec
 from accord.cluster._hlc import HybridClock
 from accord.delivery._mailbox import DurableDelivery
@@ -64,6 +65,7 @@ class Host:
         self.stats = Stats()
         self.bulkhead = Bulkhead(NodeSettings(), self.stats, "n1")
         self.deactivate_timeout = 1.0
+        self.observe = Observers()
         self.after_turn: dict[type, Any] = {}
         self.mesh: Any = None
         self.ended_acts: list[Any] = []

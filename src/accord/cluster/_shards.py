@@ -17,6 +17,7 @@ import msgspec
 
 from .._background import Background, cancel_and_wait
 from .._clock import Clock, LoopClock, TimerHandle
+from .._observe import Observers
 from ..engine._api import KV, Entry, WrongRevision
 from ._config import ENGINE_FAILURES, ClusterConfig
 from ._detector import State
@@ -88,7 +89,9 @@ class ShardManager:
         *,
         margin: float | None = None,
         clock: Clock | None = None,
+        observe: Observers | None = None,
     ) -> None:
+        self._observe = observe or Observers()
         self._kv = kv
         self._n = config.num_shards
         self._ttl = config.lease_ttl
@@ -103,6 +106,7 @@ class ShardManager:
         self._busy: set[int] = set()  # shards with an acquire or release under way
         self.table: dict[int, LeaseView] = {}
         self.previous_epoch: dict[int, int] = {}  # last known epoch of a now-free shard
+        self._last_lease: dict[int, LeaseView] = {}  # of a now-free shard (failover seconds)
         self._free_since: dict[int, float] = dict.fromkeys(range(self._n), clock.now())
         self._wake = asyncio.Event()
         self._leaving = False
@@ -358,6 +362,7 @@ class ShardManager:
     async def _acquire(self, shard: int, over: int = 0) -> None:
         try:
             sent = self._clock.now()
+            before = self.table.get(shard) or self._last_lease.get(shard)
             value = _lease_enc.encode(LeaseValue(self._me, 0, self._members.me.incarnation))
             try:
                 if over:
@@ -378,10 +383,20 @@ class ShardManager:
             self.table[shard] = LeaseView(self._me, rev, rev, self._clock.now())
             self._free_since.pop(shard, None)
             log.info("acquired shard %d epoch %d", shard, rev)
+            if self._observe.active:
+                self._observe.shard_acquired(shard, rev, self._failover(before))
             await self._owner.shard_acquired(shard, rev)
             await self._renew(shard)  # records the epoch in the lease value
         finally:
             self._busy.discard(shard)
+
+    def _failover(self, before: LeaseView | None) -> float | None:
+        """Seconds since a dead previous owner was last seen renewing (None: not a failover)."""
+        if before is None or before.node == self._me:
+            return None
+        if self._members.state(before.node) not in (State.DEAD, State.SUSPECT, None):
+            return None
+        return max(0.0, self._clock.now() - before.seen_at)
 
     async def _take_over(self, shard: int, value: bytes, over: int) -> int | None:
         """Take `shard` from a lease seen unrenewed at revision `over`: by CAS on that revision.
@@ -420,6 +435,7 @@ class ShardManager:
         gone = self.table.pop(shard, None)
         if gone is not None:
             self.previous_epoch[shard] = gone.epoch
+            self._last_lease[shard] = gone
         self._free_since[shard] = self._clock.now()
 
     async def _release(self, shard: int) -> None:
@@ -436,6 +452,8 @@ class ShardManager:
             del self._held[shard]
             if h.timer:
                 h.timer.cancel()
+            if self._observe.active:
+                self._observe.shard_released(shard, True)
             # Best effort: if it fails, the key expires by its TTL.
             with contextlib.suppress(WrongRevision, *ENGINE_FAILURES):
                 await self._kv.delete(f"shard.{shard}", last=h.revision, timeout=self._io_timeout)
@@ -450,5 +468,7 @@ class ShardManager:
         if h.timer:
             h.timer.cancel()
         log.warning("lost shard %d epoch %d: %s", shard, h.epoch, why)
+        if self._observe.active:
+            self._observe.shard_released(shard, False)
         await self._owner.shard_released(shard, False, orphan)
         self.wake()

@@ -22,6 +22,7 @@ from .._errors import (
     Overloaded,
     RemoteError,
 )
+from .._observe import Observers
 
 
 class BreakerSettings(msgspec.Struct, frozen=True, kw_only=True):
@@ -44,8 +45,12 @@ class _Breaker:
 
 class CircuitBreakers:
     def __init__(
-        self, settings: BreakerSettings, clock: Callable[[], float] = time.monotonic
+        self,
+        settings: BreakerSettings,
+        clock: Callable[[], float] = time.monotonic,
+        observe: Observers | None = None,
     ) -> None:
+        self._observe = observe or Observers()
         self.settings = settings
         self._clock = clock
         self._by_target: OrderedDict[str, _Breaker] = OrderedDict()
@@ -83,15 +88,26 @@ class CircuitBreakers:
         self.success(target)
 
     def success(self, target: str) -> None:
-        self._by_target.pop(target, None)
+        b = self._by_target.pop(target, None)
+        if b is not None and b.opened_at is not None and self._observe.active:
+            self._observe.breaker_changed(_type_of(target), False)
 
     def failure(self, target: str) -> None:
         b = self._by_target.get(target)
         if b is None:
             b = self._by_target[target] = _Breaker()
             if len(self._by_target) > self.settings.max_targets:
-                self._by_target.popitem(last=False)
+                old, forgotten = self._by_target.popitem(last=False)
+                if forgotten.opened_at is not None and self._observe.active:
+                    self._observe.breaker_changed(_type_of(old), False)
         b.failures += 1
         b.trial = False
         if b.failures >= self.settings.failures:
+            if b.opened_at is None and self._observe.active:
+                self._observe.breaker_changed(_type_of(target), True)
             b.opened_at = self._clock()
+
+
+def _type_of(target: str) -> str:
+    """The agent type of a breaker's target (`type/key`): labels never carry keys."""
+    return target.split("/", 1)[0]

@@ -32,6 +32,7 @@ from .._errors import (
     TurnTimeout,
 )
 from .._ids import AgentId
+from .._observe import Kind, Outcome
 from .._spec import AgentSpec, HandlerSpec
 from ..delivery._mailbox import DurableDelivery, backoff_delay
 from ..state._durable import Durable
@@ -275,6 +276,11 @@ class Activation:
                 return  # the agent object may still be in use by the timed-out handler
 
     async def _call(self, agent: Agent, work: Work) -> tuple[Any, AccordError | None]:
+        if self.host.observe.active:
+            return await _observed(self, agent, work)
+        return await self._invoke(agent, work)
+
+    async def _invoke(self, agent: Agent, work: Work) -> tuple[Any, AccordError | None]:
         assert work.handler is not None
         dl_token = current_deadline.set(work.deadline)
         try:
@@ -479,6 +485,21 @@ class Activation:
             await asyncio.wait_for(agent.on_deactivate(), self.host.deactivate_timeout)
         except Exception:
             log.exception("deactivation of %s failed", self.id)
+
+
+async def _observed(act: Activation, agent: Agent, work: Work) -> tuple[Any, AccordError | None]:
+    """`Activation._invoke`, reported to the node's observers (kind, outcome, duration)."""
+    clock = act.host.loop.time
+    start = clock()
+    result, error = await act._invoke(agent, work)
+    outcome: Outcome = (
+        "ok" if error is None
+        else "timeout" if isinstance(error, TurnTimeout | DeliveryTimeout)
+        else "error"
+    )  # fmt: skip
+    kind: Kind = "tell" if work.reply is None else "ask"
+    act.host.observe.turn_ended(act.spec.type_name, kind, outcome, clock() - start)
+    return result, error
 
 
 class _Expired(Exception):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 
 from .._errors import Overloaded
+from .._observe import Observers
 from ._settings import NodeSettings, Stats
 
 
@@ -28,7 +29,14 @@ class InFlight:
 
 
 class Bulkhead:
-    def __init__(self, settings: NodeSettings, stats: Stats, node_name: str) -> None:
+    def __init__(
+        self,
+        settings: NodeSettings,
+        stats: Stats,
+        node_name: str,
+        observe: Observers | None = None,
+    ) -> None:
+        self._observe = observe or Observers()
         self.max_total = settings.max_inflight
         self.max_per_type = settings.max_inflight_per_type
         self.total = InFlight()  # node-wide
@@ -63,6 +71,8 @@ class Bulkhead:
         if self.total.n < self.max_total and per_type < self.max_per_type:
             return
         self._stats.overloaded += 1
+        if self._observe.active:
+            self._observe.bulkhead_rejected(agent_type)
         if self.total.n >= self.max_total:
             raise Overloaded(f"node {self._node} has {self.total.n} messages in flight")
         raise Overloaded(f"agent type {agent_type!r} has too many messages in flight")

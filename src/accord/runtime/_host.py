@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from .._errors import AccordError
 from .._ids import AgentId
+from .._observe import Observers
 from .._spec import AgentSpec
 from ..delivery._mailbox import DurableDelivery
 from ..state._durable import Durable
@@ -39,6 +40,8 @@ class Host(Protocol):
     stats: Stats
     bulkhead: Bulkhead
     deactivate_timeout: float
+    observe: Observers
+    """The node's observers (`_observe.py`): activations and turns are reported to them."""
 
     @property
     def after_turn(self) -> Mapping[type, AfterTurn]:

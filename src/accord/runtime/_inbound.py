@@ -22,6 +22,7 @@ from .._errors import (
     UnknownMessageType,
 )
 from .._ids import AgentId
+from .._observe import Observers
 from .._spec import DELIVERY_MODES, AgentSpec, HandlerSpec
 from ..cluster._config import Names
 from ..cluster._shards import ShardManager
@@ -62,7 +63,9 @@ class Inbound:
         stats: Stats,
         sends: Background,
         loop_time: Callable[[], float],
+        observe: Observers | None = None,
     ) -> None:
+        self._observe = observe or Observers()
         self._node = node
         self._names = names
         self._num_shards = num_shards
@@ -255,6 +258,7 @@ class Inbound:
                 deliveries=1,
             )
             self._stats.dead_lettered += 1
+            self._dead_lettered(target)
         with contextlib.suppress(Exception):
             await msg.ack()
 
@@ -271,8 +275,14 @@ class Inbound:
         await dead_letter(self._transport, self._names, data, target=target, msg_type=msg_type,
                           msg_id=dd.msg_id, reason=reason, deliveries=dd.attempts)  # fmt: skip
         self._stats.dead_lettered += 1
+        self._dead_lettered(target)
         log.warning("dead-lettered %s %s after %d attempts: %s", target, msg_type, dd.attempts,
                     reason)  # fmt: skip
+
+    def _dead_lettered(self, target: str) -> None:
+        if self._observe.active:
+            agent_type = target.split("/", 1)[0]  # a label: only hosted types, never free text
+            self._observe.dead_lettered(agent_type if agent_type in self._specs else "")
 
     # -- replies ------------------------------------------------------------------------------
 

@@ -17,6 +17,7 @@ import time
 from types import FrameType
 
 from .._agent import Agent
+from .._observe import Observers
 from ._activation import Activation
 from ._settings import Stats
 
@@ -33,7 +34,9 @@ class LoopMonitor:
         stats: Stats,
         threshold: float,
         interval: float = 0.1,
+        observe: Observers | None = None,
     ) -> None:
+        self._observe = observe or Observers()
         self._loop = loop
         self._stats = stats
         self.threshold = threshold
@@ -73,6 +76,8 @@ class LoopMonitor:
                 self._beat = time.monotonic()
                 flagged, self._flagged = self._flagged, False
             stats.loop_lag_last = lag
+            if self._observe.active:
+                self._observe.loop_lag(lag)
             if lag > stats.loop_lag_max:
                 stats.loop_lag_max = lag
             if flagged:

@@ -26,6 +26,7 @@ from .._background import Background, cancel_and_wait
 from .._errors import AccordError, ConfigurationError
 from .._ids import AgentId
 from .._mesh import Mesh
+from .._observe import Observers
 from .._spec import AgentSpec
 from ..cluster._config import Names, open_cluster
 from ..cluster._hlc import HybridClock
@@ -92,6 +93,7 @@ class Node(Mesh):
             )
         self._nats = nats
         self.stats = Stats()
+        self._observe = Observers()  # metrics, status rates (`_observe.py`)
         self._stack: contextlib.AsyncExitStack | None = None
         self._running = False
         self._agent: NodeAgent | None = None  # the node agent (services), once started
@@ -143,12 +145,12 @@ class Node(Mesh):
         stack.push_async_callback(sends.close)
         stack.push_async_callback(sends.drain, 5.0)  # the last turns' replies, before closing
 
-        self._bulkhead = Bulkhead(s, self.stats, self.node_name)
+        self._bulkhead = Bulkhead(s, self.stats, self.node_name, self._observe)
         host = _Hosting(self, loop, self._bulkhead)
         self._table = table = ActivationTable(host, self.stats)
         stack.callback(table.cancel_stuck)
         if s.loop_lag_warning is not None:
-            monitor = LoopMonitor(loop, self.stats, s.loop_lag_warning)
+            monitor = LoopMonitor(loop, self.stats, s.loop_lag_warning, observe=self._observe)
             monitor.start()
             stack.push_async_callback(monitor.stop)
         self._local_route = local = LocalRoute(self.specs, table, self._bulkhead, loop)
@@ -172,14 +174,15 @@ class Node(Mesh):
         owner = ShardHost(names, self.specs.values(), transport, table,
                           self._bulkhead, me, self._needs_mailbox(), s.drain_timeout, sends,
                           self._is_running)  # fmt: skip
-        self._shards = shards = ShardManager(buckets.leases, config, membership, owner)
+        self._shards = shards = ShardManager(buckets.leases, config, membership, owner,
+                                             observe=self._observe)  # fmt: skip
         membership.on_stall = shards.resync
         local.attach(shards.serving)
         self._cutoff = cutoff = CutOff(self.node_name, names, shards, table, transport,
                                        self._send_merge, self.stats, sends)  # fmt: skip
         self._inbound = inbound = Inbound(
             self.node_name, names, config.num_shards, self.specs, self._resolve, shards, cutoff,
-            table, self._bulkhead, transport, self.stats, sends, loop.time,
+            table, self._bulkhead, transport, self.stats, sends, loop.time, self._observe,
         )  # fmt: skip
         owner.attach(shards, inbound, cutoff)
         host.bind(self, shards, cutoff, inbound, table)
@@ -357,6 +360,7 @@ class _Hosting:
         self.stats: Stats = node.stats
         self.bulkhead = bulkhead
         self.deactivate_timeout = node.settings.deactivate_timeout
+        self.observe = node._observe
         self._after_turn: dict[type, AfterTurn] = {}
         self._node = node
         self._hlc = HybridClock()

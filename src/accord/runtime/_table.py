@@ -34,6 +34,8 @@ class ActivationTable:
             return act
         previous = act.task if act is not None else self._deactivating.get(agent_id)
         act = Activation(self._host, agent_id, spec, shard, epoch, previous)
+        if self._host.observe.active and agent_id not in self.live:
+            self._host.observe.activations_changed(spec.type_name, 1)
         if orphan:
             act.make_orphan()
         self.live[agent_id] = act
@@ -44,6 +46,8 @@ class ActivationTable:
         agent_id = ref.id
         if self.live.get(agent_id) is ref:
             del self.live[agent_id]
+            if self._host.observe.active:
+                self._host.observe.activations_changed(agent_id.type, -1)
         by = self._by_shard.get(ref.shard)
         if by is not None and by.get(agent_id) is ref:
             del by[agent_id]

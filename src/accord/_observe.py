@@ -1,0 +1,149 @@
+"""The observation seam: the runtime reports what happens (messages, turns, activations, shards,
+leases, back-pressure, dead letters, loop lag) to `Observer`s registered on one `Observers`
+fan-out per node or client, so metrics, the status rates and placement sampling attach here.
+
+Call sites guard every report with `if observers.active:`, so a process with no observer pays one
+attribute test per event. Observers run on the event loop, inline: they must be quick and must
+not raise (an exception is logged once per observer and that observer is dropped).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Literal
+
+log = logging.getLogger("accord.observe")
+
+Kind = Literal["ask", "tell", "publish"]
+Outcome = Literal["ok", "error", "timeout", "rejected"]
+
+
+class Observer:
+    """What the runtime reports; every method is a no-op here, override the ones you need.
+
+    `agent_type` is always a hosted or addressed agent type name, never a key or message id.
+    """
+
+    def message_sent(self, agent_type: str, kind: Kind, outcome: Outcome) -> None:
+        """This process sent a message (an ask's outcome is known when its reply came back)."""
+
+    def message_rejected(self, agent_type: str) -> None:
+        """A message for a hosted type was refused before its turn (bulkhead full, bad body)."""
+
+    def turn_ended(self, agent_type: str, kind: Kind, outcome: Outcome, seconds: float) -> None:
+        """A handler ran for one message received by this node: `kind` ask or tell, `outcome`
+        ok, error (the handler raised) or timeout (turn_timeout, or the caller's deadline)."""
+
+    def activations_changed(self, agent_type: str, delta: int) -> None:
+        """An activation of `agent_type` started (+1) or ended (-1) on this node."""
+
+    def shard_acquired(self, shard: int, epoch: int, failover: float | None) -> None:
+        """This node took `shard`'s lease; `failover` is the seconds since the previous owner,
+        now dead, was last seen renewing it (None when it was free or handed off)."""
+
+    def shard_released(self, shard: int, graceful: bool) -> None:
+        """This node gave `shard` up: handed off (`graceful`) or lost its lease."""
+
+    def bulkhead_rejected(self, agent_type: str) -> None:
+        """A message was refused `Overloaded` by this node's bulkhead."""
+
+    def breaker_changed(self, target_type: str, open: bool) -> None:
+        """A circuit breaker of this process for an agent of `target_type` opened or closed."""
+
+    def dead_lettered(self, agent_type: str) -> None:
+        """A mailbox message for `agent_type` went to the dead letters."""
+
+    def loop_lag(self, seconds: float) -> None:
+        """The loop monitor's periodic tick fired `seconds` late."""
+
+
+class Observers(Observer):
+    """The fan-out: reports every event to the registered observers, in registration order."""
+
+    __slots__ = ("_all", "active")
+
+    def __init__(self) -> None:
+        self._all: tuple[Observer, ...] = ()
+        self.active = False  # tested by call sites before building a report
+
+    def add(self, observer: Observer) -> None:
+        self._all = (*self._all, observer)
+        self.active = True
+
+    def remove(self, observer: Observer) -> None:
+        self._all = tuple(o for o in self._all if o is not observer)
+        self.active = bool(self._all)
+
+    def _failed(self, observer: Observer) -> None:
+        log.exception("observer %r failed and was removed", observer)
+        self.remove(observer)
+
+    def message_sent(self, agent_type: str, kind: Kind, outcome: Outcome) -> None:
+        for o in self._all:
+            try:
+                o.message_sent(agent_type, kind, outcome)
+            except Exception:
+                self._failed(o)
+
+    def message_rejected(self, agent_type: str) -> None:
+        for o in self._all:
+            try:
+                o.message_rejected(agent_type)
+            except Exception:
+                self._failed(o)
+
+    def turn_ended(self, agent_type: str, kind: Kind, outcome: Outcome, seconds: float) -> None:
+        for o in self._all:
+            try:
+                o.turn_ended(agent_type, kind, outcome, seconds)
+            except Exception:
+                self._failed(o)
+
+    def activations_changed(self, agent_type: str, delta: int) -> None:
+        for o in self._all:
+            try:
+                o.activations_changed(agent_type, delta)
+            except Exception:
+                self._failed(o)
+
+    def shard_acquired(self, shard: int, epoch: int, failover: float | None) -> None:
+        for o in self._all:
+            try:
+                o.shard_acquired(shard, epoch, failover)
+            except Exception:
+                self._failed(o)
+
+    def shard_released(self, shard: int, graceful: bool) -> None:
+        for o in self._all:
+            try:
+                o.shard_released(shard, graceful)
+            except Exception:
+                self._failed(o)
+
+    def bulkhead_rejected(self, agent_type: str) -> None:
+        for o in self._all:
+            try:
+                o.bulkhead_rejected(agent_type)
+            except Exception:
+                self._failed(o)
+
+    def breaker_changed(self, target_type: str, open: bool) -> None:
+        for o in self._all:
+            try:
+                o.breaker_changed(target_type, open)
+            except Exception:
+                self._failed(o)
+
+    def dead_lettered(self, agent_type: str) -> None:
+        for o in self._all:
+            try:
+                o.dead_lettered(agent_type)
+            except Exception:
+                self._failed(o)
+
+    def loop_lag(self, seconds: float) -> None:
+        for o in self._all:
+            try:
+                o.loop_lag(seconds)
+            except Exception:
+                self._failed(o)
