@@ -31,6 +31,8 @@ class Request(msgspec.Struct, omit_defaults=True):
     sender: str | None = None
     reply_to: str | None = None
     delivery: str | None = None
+    headers: dict[str, str] | None = None
+    """Trace context (W3C `traceparent`, `tracestate`) when the sender traces."""
 
 
 class ErrorInfo(msgspec.Struct, omit_defaults=True):

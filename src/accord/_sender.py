@@ -14,6 +14,7 @@ from typing import Any, Literal
 import msgspec
 
 from . import _codec as codec
+from . import _trace
 from ._context import current_sender
 from ._directory import Directory
 from ._errors import (
@@ -52,6 +53,7 @@ class Sender:
         observe: Observers | None = None,
     ) -> None:
         self._observe = observe or Observers()
+        _trace.configure()  # each mesh: on when OTEL_TRACES_EXPORTER says so (`_trace.py`)
         self._transport = transport
         self._names = names
         self._directory = directory
@@ -76,6 +78,26 @@ class Sender:
         if await self._pool(agent_id.type):
             return await pool_ask(self._transport, self._names, agent_id, type_name, body, enc,
                                   deadline, self._rng)  # fmt: skip
+        tracing = _trace.active
+        if tracing is None:
+            return await self._request(agent_id, shard, type_name, body, enc, deadline, msg,
+                                       target, None)  # fmt: skip
+        with tracing.send(agent_id.type, "ask", str(agent_id)) as headers:
+            return await self._request(agent_id, shard, type_name, body, enc, deadline, msg,
+                                       target, headers)  # fmt: skip
+
+    async def _request(
+        self,
+        agent_id: AgentId,
+        shard: int,
+        type_name: str,
+        body: bytes,
+        enc: codec.Encoding,
+        deadline: float,
+        msg: Any,
+        target: str | None,
+        headers: _trace.Headers | None,
+    ) -> bytes | LocalResult:
         subject = self._names.shard_subject(shard)
         target = target or str(agent_id)
         backoff = Backoff(_BACKOFF_START, _BACKOFF_CAP, rng=self._rng)
@@ -102,6 +124,7 @@ class Sender:
                 body=msgspec.Raw(body),
                 timeout_ms=max(1, int(remaining * 1000)),
                 sender=current_sender.get(),
+                headers=headers,
             )
             data = codec.encode(req, enc)
             try:
@@ -158,6 +181,7 @@ class Sender:
             id=msg_id or uuid.uuid4().hex,
             sender=current_sender.get(),
             delivery=mode,
+            headers=_trace.sent(agent_id.type, kind, str(agent_id)),
         )
         data = await self._durable.send(
             pool_job_subject(self._names, agent_id.type)
@@ -180,6 +204,9 @@ class Sender:
             type=type_name,
             body=msgspec.Raw(body),
             sender=current_sender.get(),
+            headers=None
+            if _trace.active is None
+            else _trace.sent(agent_id.type, "tell", str(agent_id)),
         )
         pool = await self._pool(agent_id.type)
         subject = (

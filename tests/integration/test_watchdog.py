@@ -216,7 +216,7 @@ async def test_a_handler_blocking_the_loop_is_reported_while_it_blocks(
     assert "test_watchdog.py" in blocked[0], "the report should point at the blocking line"
     # Once the loop runs again, its monitor records how late it was.
     await eventually(lambda: node.stats.loop_lag_max >= 1.0, "the stall to be measured", 5.0)
-    assert node.status()["stats"]["loop_stalls"] == node.stats.loop_stalls
+    assert node.status()["counters"]["loop_stalls"] == node.stats.loop_stalls
 
 
 async def test_a_blocking_handler_in_a_thread_leaves_the_loop_serving(nats_url: str) -> None:

@@ -12,7 +12,14 @@ from typing import Annotated
 import typer
 
 from .._errors import ConfigurationError
-from ._common import ClusterOpt, NatsOpt, _run, _setup_logging, _until_signalled, app, err, out
+from ._common import ClusterOpt, NatsOpt, _run, _until_signalled, app, err, out
+from ._logs import LogFormatOpt, setup_or_exit
+
+MetricsPortOpt = Annotated[
+    int | None,
+    typer.Option("--metrics-port", min=0, max=65535,
+                 help="Serve /metrics, /healthz, /readyz here (0: any free port)."),
+]  # fmt: skip
 
 
 @app.command()
@@ -42,7 +49,12 @@ def node(
     advertise: Annotated[
         str, typer.Option("--advertise", help="Address peers use to reach replicas run here.")
     ] = "127.0.0.1",
+    metrics_port: MetricsPortOpt = None,
+    metrics_host: Annotated[
+        str, typer.Option("--metrics-host", help="Address the metrics endpoint listens on.")
+    ] = "127.0.0.1",
     log_level: Annotated[str, typer.Option("--log-level")] = "info",
+    log_format: LogFormatOpt = "text",
 ) -> None:
     """Run one node process (agents from --app, plus the node agent for services) until
     SIGTERM/SIGINT."""
@@ -50,7 +62,7 @@ def node(
     from ..runtime._node import Node
     from ..runtime._settings import NodeSettings
 
-    _setup_logging(log_level)
+    formatter = setup_or_exit(log_level, log_format)
 
     async def main() -> None:
         labels = {}
@@ -67,8 +79,13 @@ def node(
             http_port=http_port,
             http_host=http_host,
             advertise=advertise,
+            metrics_port=metrics_port,
+            metrics_host=metrics_host,
         )
-        async with Node(classes, nats=nats, name=name, settings=settings) as n:
+        node = Node(classes, nats=nats, name=name, settings=settings)
+        if formatter is not None:
+            formatter.node = node.node_name
+        async with node as n:
             logging.getLogger("accord").info(
                 "node %s serving %s", n.node_name, ", ".join(sorted(n.specs)) or "no agent types"
             )
@@ -82,9 +99,15 @@ def up(
     nodes: Annotated[int, typer.Option("--nodes", min=0, max=64, help="Node processes.")] = 3,
     app_ref: Annotated[str | None, typer.Option("--app", help="Module with agent classes.")] = None,
     cluster: ClusterOpt = "default",
+    metrics: Annotated[
+        bool, typer.Option("--metrics/--no-metrics", help="Serve each node's /metrics.")
+    ] = True,
     log_level: Annotated[str, typer.Option("--log-level")] = "info",
+    log_format: LogFormatOpt = "text",
 ) -> None:
     """Start an embedded nats-server and N node processes; Ctrl-C stops everything.
+
+    Each node serves /metrics, /healthz and /readyz on a free port (printed; `--no-metrics`: off).
 
     The nats-server is supervised: if it dies it is restarted on the same port and data directory
     (see docs/operations.md); after repeated rapid failures `accord up` stops with exit code 1."""
@@ -96,7 +119,7 @@ def up(
     if nodes and not app_ref:
         err.print("[red]error:[/red] --app is required when --nodes > 0", highlight=False)
         raise typer.Exit(2)
-    _setup_logging(log_level)
+    setup_or_exit(log_level, log_format)
 
     async def main() -> int:
         if app_ref:
@@ -117,11 +140,17 @@ def up(
         try:
             url_file().parent.mkdir(parents=True, exist_ok=True)
             url_file().write_text(url)
+            ports = _free_ports(nodes) if metrics else []
             for i in range(1, nodes + 1):
                 assert app_ref is not None
+                extra = ["--log-format", log_format]
+                if metrics:
+                    extra += ["--metrics-port", str(ports[i - 1])]
                 procs.append(NodeProcess(url, app_ref, f"node-{i}", cluster=cluster,
-                                         log_dir=logs).start())  # fmt: skip
+                                         log_dir=logs, extra_args=extra).start())  # fmt: skip
             out.print(f"accord is up: NATS at [bold]{url}[/bold], {nodes} node(s), logs in {logs}")
+            for i, port in enumerate(ports, 1):
+                out.print(f"  node-{i} metrics: http://127.0.0.1:{port}/metrics")
             out.print(f"  export ACCORD_NATS={url}   # Ctrl-C to stop")
             await _until_signalled_or(gave_up)
         finally:
@@ -143,6 +172,22 @@ def up(
     code = _run(main())
     if code:
         raise typer.Exit(code)
+
+
+def _free_ports(n: int) -> list[int]:
+    """`n` distinct TCP ports free on loopback now (held open together, so never the same)."""
+    import socket
+
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 async def _until_signalled_or(event: asyncio.Event) -> None:

@@ -38,6 +38,7 @@ class MemberInfo(msgspec.Struct):
     shards: int = 0
     labels: dict[str, str] = msgspec.field(default_factory=dict)
     ts: float = 0.0
+    metrics_url: str = ""  # the node's /metrics ("" when off); /healthz, /readyz beside it
 
 
 _info_dec = msgspec.json.Decoder(MemberInfo)
@@ -77,6 +78,8 @@ class Membership:
         self._synced = asyncio.Event()
         self.on_stall: Callable[[], None] = lambda: None
         self._bg = Background()
+        self._clock = clock
+        self.last_beat = clock()  # when a heartbeat was last confirmed (health checks)
 
     async def start(self) -> None:
         await self.beat()
@@ -100,6 +103,7 @@ class Membership:
         await self._kv.put(
             f"node.{self.me.name}", msgspec.json.encode(self.me), ttl=MEMBER_TTL, timeout=2.0
         )
+        self.last_beat = self._clock()
 
     async def leave(self) -> None:
         """Announce a clean departure: peers stop placing shards here."""
@@ -115,14 +119,18 @@ class Membership:
             await self._kv.delete(f"node.{self.me.name}")
 
     async def _beat_loop(self) -> None:
+        failing = False  # one WARNING per outage, not one per heartbeat
         while True:
             await asyncio.sleep(self._interval)
             try:
                 await self.beat()
-            except (
-                ENGINE_FAILURES
-            ) as exc:  # NATS away: the detector on the other side will judge us
-                log.warning("heartbeat failed: %s", exc)
+            except ENGINE_FAILURES as exc:  # NATS away: the detector on the other side judges us
+                (log.debug if failing else log.warning)("heartbeat failed: %s", exc)
+                failing = True
+                continue
+            if failing:
+                log.info("heartbeats confirmed again")
+                failing = False
 
     async def _tick_loop(self) -> None:
         while True:

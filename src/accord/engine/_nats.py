@@ -61,6 +61,12 @@ class NatsTransport(NatsJetStream):
         async def on_error(exc: Exception) -> None:
             log.debug("nats connection error: %s", exc)
 
+        async def on_disconnect() -> None:  # expected in operation: one line, no traceback
+            log.warning("NATS connection lost; reconnecting")
+
+        async def on_reconnect() -> None:
+            log.info("NATS connection re-established")
+
         try:
             # nats-py retries the first connection as often as reconnections (forever here):
             # bound it, so a wrong URL is an error and not a hang.
@@ -75,6 +81,8 @@ class NatsTransport(NatsJetStream):
                     ping_interval=5,
                     max_outstanding_pings=3,
                     error_cb=on_error,
+                    disconnected_cb=on_disconnect,
+                    reconnected_cb=on_reconnect,
                 ),
                 timeout + 1,
             )

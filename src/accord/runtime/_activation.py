@@ -19,6 +19,7 @@ from typing import Any
 
 import msgspec
 
+from .. import _trace
 from .._agent import Agent
 from .._context import current_deadline, current_sender
 from .._errors import (
@@ -60,6 +61,7 @@ class Work:
 
     __slots__ = (
         "data", "deadline", "delivery", "handler", "local", "lookup", "msg", "reply", "system",
+        "trace",
     )  # fmt: skip
 
     def __init__(
@@ -73,7 +75,9 @@ class Work:
         lookup: str | None = None,
         local: bool = False,
         system: SystemTurn | None = None,
+        trace: dict[str, str] | None = None,
     ) -> None:
+        self.trace = trace  # the sender's trace context (envelope headers), if it traces
         self.system = system
         self.local = local
         self.handler = handler
@@ -276,7 +280,7 @@ class Activation:
                 return  # the agent object may still be in use by the timed-out handler
 
     async def _call(self, agent: Agent, work: Work) -> tuple[Any, AccordError | None]:
-        if self.host.observe.active:
+        if self.host.observe.active or _trace.active is not None:
             return await _observed(self, agent, work)
         return await self._invoke(agent, work)
 
@@ -488,16 +492,26 @@ class Activation:
 
 
 async def _observed(act: Activation, agent: Agent, work: Work) -> tuple[Any, AccordError | None]:
-    """`Activation._invoke`, reported to the node's observers (kind, outcome, duration)."""
+    """`Activation._invoke` in a `process` span when tracing, reported to the node's observers
+    (kind, outcome, duration)."""
     clock = act.host.loop.time
     start = clock()
-    result, error = await act._invoke(agent, work)
+    kind: Kind = "tell" if work.reply is None else "ask"
+    tracing = _trace.active
+    if tracing is None:
+        result, error = await act._invoke(agent, work)
+    else:
+        with tracing.process(act.spec.type_name, kind, act._name, work.trace) as failed:
+            result, error = await act._invoke(agent, work)
+            if error is not None:
+                failed(error)
+    if not act.host.observe.active:
+        return result, error
     outcome: Outcome = (
         "ok" if error is None
         else "timeout" if isinstance(error, TurnTimeout | DeliveryTimeout)
         else "error"
     )  # fmt: skip
-    kind: Kind = "tell" if work.reply is None else "ask"
     act.host.observe.turn_ended(act.spec.type_name, kind, outcome, clock() - start)
     return result, error
 

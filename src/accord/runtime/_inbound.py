@@ -154,7 +154,7 @@ class Inbound:
         if req.kind == "result":
             act.put(Work(None, None, t.deadline, reply, lookup=req.id))
         else:
-            act.put(Work(t.handler, t.body, t.deadline, reply))
+            act.put(Work(t.handler, t.body, t.deadline, reply, trace=req.headers))
 
     def _serve_cut_off(self, t: _Target, reply_to: str | None, enc: codec.Encoding) -> bool:
         """While cut off: absolute types stay silent, degraded ones refuse writes."""
@@ -206,7 +206,7 @@ class Inbound:
         epoch = self._cutoff.standby_epoch(shard)
         reply = self._remote_replier(reply_to, enc, epoch) if reply_to is not None else None
         act = self._table.get_or_create(t.agent_id, t.spec, shard, epoch, orphan=True)
-        act.put(Work(t.handler, t.body, t.deadline, reply))
+        act.put(Work(t.handler, t.body, t.deadline, reply, trace=req.headers))
 
     # -- the durable mailbox --------------------------------------------------------------------
 
@@ -234,7 +234,7 @@ class Inbound:
             reply = self._remote_replier(req.reply_to, enc, epoch)
         system = merge_turn if req.type == MERGE_TYPE else None
         work = Work(t.handler, t.body, None, reply, delivery=delivery, data=msg.data,
-                    system=system)  # fmt: skip
+                    system=system, trace=req.headers)  # fmt: skip
         self._table.get_or_create(t.agent_id, t.spec, shard, epoch).put(work)
         return True
 

@@ -8,6 +8,7 @@ import asyncio
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from .. import _trace
 from .._errors import AccordError, AgentTypeNotFound, UnknownMessageType
 from .._ids import AgentId
 from .._spec import AgentSpec
@@ -94,7 +95,9 @@ class LocalRoute:
             act.put(Work(h, msg, deadline, None))
             return self._delivered
         fut: asyncio.Future[Any] = self._loop.create_future()
-        work = Work(h, msg, deadline, _future_replier(fut), local=True)
+        tracing = _trace.active  # the turn's span is a child of the caller's
+        work = Work(h, msg, deadline, _future_replier(fut), local=True,
+                    trace=None if tracing is None else tracing.headers())  # fmt: skip
         self._table.get_or_create(agent_id, spec, shard, epoch).put(work)
         return fut
 

@@ -53,6 +53,7 @@ from ._ownership import ShardHost
 from ._pool import serve_pools
 from ._settings import NodeSettings, Stats
 from ._table import ActivationTable
+from ._telemetry import Telemetry
 
 if TYPE_CHECKING:
     from ..services._agent import NodeAgent
@@ -146,6 +147,10 @@ class Node(Mesh):
         stack.push_async_callback(sends.drain, 5.0)  # the last turns' replies, before closing
 
         self._bulkhead = Bulkhead(s, self.stats, self.node_name, self._observe)
+        self._telemetry = telemetry = Telemetry(self.node_name, s, sorted(self.specs),
+                                                config.num_shards, self._bulkhead, self.stats,
+                                                self._observe)  # fmt: skip
+        metrics_url = await telemetry.start(stack)
         host = _Hosting(self, loop, self._bulkhead)
         self._table = table = ActivationTable(host, self.stats)
         stack.callback(table.cancel_stuck)
@@ -165,7 +170,7 @@ class Node(Mesh):
 
         me = MemberInfo(name=self.node_name, incarnation=uuid.uuid4().hex, pid=os.getpid(),
                         host=socket.gethostname(), started_at=time.time(),
-                        labels=dict(s.labels))  # fmt: skip
+                        labels=dict(s.labels), metrics_url=metrics_url)  # fmt: skip
         self._membership = membership = Membership(
             transport, buckets.members, names, me,
             heartbeat_interval=s.heartbeat_interval, suspect_after=s.suspect_after,
@@ -185,6 +190,7 @@ class Node(Mesh):
             table, self._bulkhead, transport, self.stats, sends, loop.time, self._observe,
         )  # fmt: skip
         owner.attach(shards, inbound, cutoff)
+        telemetry.bind(membership, shards, self._is_running, lambda: self._agent)
         host.bind(self, shards, cutoff, inbound, table)
 
         status_sub = await transport.subscribe(names.admin_subject, self._on_admin, queue="admin")
@@ -206,6 +212,7 @@ class Node(Mesh):
             loop.create_task(cutoff.watch(), name="accord-heal"),
             loop.create_task(replication.run(), name="accord-replication"),
             loop.create_task(TimerService(self).run(), name="accord-timers"),
+            loop.create_task(telemetry.rates.run(), name="accord-rates"),
         ]
         stack.push_async_callback(cancel_and_wait, tasks)
         self._pools = await serve_pools(self, self.specs.values(), s, stack, transport)
@@ -329,7 +336,9 @@ class Node(Mesh):
             "inflight": self._bulkhead.total.n,
             "pools": self._pools.status(),
             "agent_types": sorted(self.specs),
-            "stats": msgspec.structs.asdict(self.stats),
+            "stats": self._telemetry.stats(),
+            "counters": msgspec.structs.asdict(self.stats),
+            "metrics_url": self._telemetry.url or None,
             "members": {
                 name: {
                     "state": state.value,

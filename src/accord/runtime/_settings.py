@@ -51,6 +51,11 @@ class NodeSettings(msgspec.Struct, kw_only=True):
     """Address the load balancer listens on."""
     advertise: str = "127.0.0.1"
     """Address other nodes (and their load balancers) use to reach replicas running here."""
+    metrics_port: int | None = None
+    """Serve Prometheus metrics, /healthz and /readyz on this port (None: off; 0: any free port,
+    the URL is logged, in `status()["metrics_url"]` and in the membership record)."""
+    metrics_host: str = "127.0.0.1"
+    """Address the metrics endpoint listens on."""
     loop_lag_warning: float | None = 0.25
     """Seconds the event loop may stall (a handler blocking it) before a WARNING names the
     stall and the turn running; reported by a watchdog thread while the loop is still blocked.
