@@ -4,7 +4,7 @@ Baseline, same run, same nats-server: a bare nats-py responder process (bench/_r
 answered with raw `nc.request`. Accord and raw blocks are interleaved in rounds so machine noise
 hits both alike.
 
-    python bench/ask_remote.py [--uvloop] [--json]
+    python bench/ask_remote.py [--uvloop] [--json] [--metrics]
 
 Reports sequential p50/p99 latency to one agent and throughput with 64 asks in flight over many
 agents, and the ratios accord/raw (targets: throughput >= 0.7, p50 <= 1.3). Diagnostics: the
@@ -12,11 +12,16 @@ raw responder spread over 64 subjects (one subscription each, like a node's 64 s
 subscriptions), and CPU microseconds per op of every process during the throughput blocks; on a
 machine where all processes share the cores, throughput_ratio tends to cpu_bound_ratio
 (total raw CPU per op / total accord CPU per op).
+
+With `--metrics`, a second cluster on the same nats-server has its node serve Prometheus metrics
+(`--metrics-port 0`); its blocks are interleaved with the others and `metrics_tput_ratio` /
+`metrics_p50_ratio` compare it with the node without metrics (target: throughput >= 0.95).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import subprocess
 import sys
@@ -77,11 +82,24 @@ async def bench(args: Any) -> dict[str, Any]:
     inc = app.Increment(1)
     n_agents = args.agents
     agents = [f"counter/a{k}" for k in range(n_agents)]
-    with Cluster(app=str(COUNTER_APP), nodes=1) as cluster:
+    with contextlib.ExitStack() as clusters:
+        cluster = clusters.enter_context(Cluster(app=str(COUNTER_APP), nodes=1))
+        metered = None
+        if args.metrics:
+            metered = clusters.enter_context(Cluster(
+                app=str(COUNTER_APP), nodes=1, url=cluster.url, cluster="metered",
+                node_args={"node-1": ["--metrics-port", "0"]},
+            ))  # fmt: skip
         responder = start_responder(cluster.url)
         try:
-            async with cluster.connect() as mesh:
+            async with contextlib.AsyncExitStack() as meshes:
+                mesh = await meshes.enter_async_context(cluster.connect())
                 await wait_for_placement(mesh, {"node-1"}, timeout=30)
+                mmesh = mesh
+                if metered is not None:
+                    mmesh = await meshes.enter_async_context(metered.connect())
+                    await wait_for_placement(mmesh, {"node-1"}, timeout=30)
+                    await asyncio.gather(*(mmesh.ask(a, inc) for a in agents))
                 nc = await nats.connect(cluster.url, name="bench-raw-client")
                 try:
 
@@ -93,6 +111,12 @@ async def bench(args: Any) -> dict[str, Any]:
 
                     async def accord_many(i: int) -> Any:
                         return await mesh.ask(agents[i % n_agents], inc)
+
+                    async def metered_one() -> Any:
+                        return await mmesh.ask("counter/x", inc)
+
+                    async def metered_many(i: int) -> Any:
+                        return await mmesh.ask(agents[i % n_agents], inc)
 
                     async def raw_many(i: int) -> Any:
                         return await nc.request(RAW_SUBJECT, REQUEST_PAYLOAD, timeout=10)
@@ -119,19 +143,29 @@ async def bench(args: Any) -> dict[str, Any]:
                         "node": cluster.nodes["node-1"].pid,
                         "responder": responder.pid,
                     }
-                    kinds = ("accord", "raw", "raw_fanout")
+                    kinds: tuple[str, ...] = ("accord", "raw", "raw_fanout")
                     lat: dict[str, list[float]] = {"accord": [], "raw": []}
+                    if metered is not None:
+                        kinds += ("metrics",)
+                        lat["metrics"] = []
+                        pids["metered_node"] = metered.nodes["node-1"].pid
+                        await sequential(metered_one, 300)
+                        await throughput(metered_many, 0.5, args.inflight)
                     tput: dict[str, list[float]] = {k: [] for k in kinds}
                     cpu = {k: dict.fromkeys(pids, 0.0) for k in kinds}
                     ops = dict.fromkeys(kinds, 0)
-                    blocks = (
+                    blocks = [
                         ("accord", accord_many),
                         ("raw", raw_many),
                         ("raw_fanout", raw_fanout),
-                    )
+                    ]
+                    if metered is not None:
+                        blocks.insert(1, ("metrics", metered_many))
                     for _ in range(args.rounds):
                         lat["raw"] += await sequential(raw_one, args.n)
                         lat["accord"] += await sequential(accord_one, args.n)
+                        if metered is not None:
+                            lat["metrics"] += await sequential(metered_one, args.n)
                         for name, fn in blocks:
                             before = {k: cpu_seconds(p) for k, p in pids.items() if p}
                             done, elapsed = await throughput(fn, args.duration, args.inflight)
@@ -146,7 +180,7 @@ async def bench(args: Any) -> dict[str, Any]:
             stop_process(responder)
 
     res: dict[str, Any] = {"benchmark": "ask_remote"}
-    for name in ("accord", "raw", "raw_fanout"):
+    for name in kinds:
         res[name] = (
             {}
             if name not in lat
@@ -173,6 +207,11 @@ async def bench(args: Any) -> dict[str, Any]:
         r_cpu["client"] + r_cpu["server"] + r_cpu["responder"],
         a_cpu["client"] + a_cpu["server"] + a_cpu["node"],
     )
+    if "metrics" in res:
+        m = res["metrics"]
+        res["metrics_tput_ratio"] = ratio(m["tput_ops_s"], a["tput_ops_s"])
+        res["metrics_p50_ratio"] = ratio(m["seq_p50_us"], a["seq_p50_us"])
+        res["metrics_target_met"] = res["metrics_tput_ratio"] >= 0.95
     res["throughput_target_met"] = res["throughput_ratio"] >= 0.7
     res["p50_target_met"] = res["p50_ratio"] <= 1.3
     res["params"] = {
@@ -192,6 +231,8 @@ def main() -> None:
     p.add_argument("--duration", type=float, default=1.5, help="seconds per throughput block")
     p.add_argument("--inflight", type=int, default=64)
     p.add_argument("--agents", type=int, default=1000, help="agents for the throughput phase")
+    p.add_argument("--metrics", action="store_true",
+                   help="also measure a node serving Prometheus metrics (interleaved)")  # fmt: skip
     args = p.parse_args()
     res, loop_name = run(lambda: bench(args), args.uvloop)
     res["env"] = environment(loop_name)
@@ -220,6 +261,14 @@ def main() -> None:
             **res["raw_fanout"]["cpu_us_per_op"]
         ),
     ]
+    if "metrics" in res:
+        m = res["metrics"]
+        lines.append(
+            f"  with metrics on: throughput {m['tput_ops_s']:8.0f} ops/s, p50 "
+            f"{m['seq_p50_us']:7.0f} us; metrics_tput_ratio on/off = "
+            f"{res['metrics_tput_ratio']:.3f} {verdict(res['metrics_tput_ratio'], 0.95, True)}"
+            f", p50 on/off = {res['metrics_p50_ratio']:.3f}"
+        )
     emit(res, args.json, lines)
 
 

@@ -34,6 +34,7 @@ async def cluster_status(mesh: Mesh, timeout: float = 2.0) -> dict[str, Any]:
             "shards": owners.get(name, 0),
             "pid": m["pid"],
             "labels": m["labels"],
+            "metrics_url": m.get("metrics_url"),
         }
         for name, m in sorted(view["members"].items())
     ]

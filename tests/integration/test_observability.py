@@ -127,6 +127,8 @@ async def test_status_reports_the_stats_block(cluster: Cluster, mesh: accord.Mes
     assert set(stats["per_type"]["counter"]) == {"activations", "msgs_per_s", "mailbox_pending"}
     assert st["metrics_url"] == (await _urls(mesh, ("node-1",)))["node-1"]
     assert "turns" in st["counters"]
+    nodes = (await cluster_status(mesh))["nodes"]  # what `accord status --json` shows
+    assert {n["name"]: n["metrics_url"] for n in nodes} == await _urls(mesh)
 
 
 async def test_after_a_sigkill_survivors_take_shards_and_are_ready_again(

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -96,6 +97,10 @@ def test_up_runs_a_cluster_that_status_and_ask_find_and_a_signal_stops_it(
         st = _until(two_alive, 60, "accord status to show 2 alive nodes owning every shard")
         assert sorted(n["name"] for n in st["nodes"]) == ["node-1", "node-2"]
         node_pids = {int(n["pid"]) for n in st["nodes"]}
+        metrics = [n["metrics_url"] for n in st["nodes"]]  # each node got a free port
+        for m in metrics:
+            with urllib.request.urlopen(m, timeout=5) as page:
+                assert page.status == 200 and b"accord_shards_owned" in page.read()
 
         asked = _cli(env, "ask", "counter/up1", "Increment", '{"by": 3}', "--timeout", "30")
         assert asked.returncode == 0, asked.stderr
@@ -119,6 +124,7 @@ def test_up_runs_a_cluster_that_status_and_ask_find_and_a_signal_stops_it(
         stdout, stderr = out.read(), err.read()
         assert code == 0, (stdout, stderr)
         assert "stopped." in stdout
+        assert all(m in stdout for m in metrics), stdout  # `accord up` printed them
         assert "Traceback" not in stderr
         left = [pid for pid in started if _running(pid)]
         assert not left, {pid: started[pid] for pid in left}

@@ -61,8 +61,11 @@ class NatsTransport(NatsJetStream):
         async def on_error(exc: Exception) -> None:
             log.debug("nats connection error: %s", exc)
 
+        held: list[NatsClient] = []
+
         async def on_disconnect() -> None:  # expected in operation: one line, no traceback
-            log.warning("NATS connection lost; reconnecting")
+            if held and not (held[0].is_closed or held[0].is_draining):  # not our own close
+                log.warning("NATS connection lost; reconnecting")
 
         async def on_reconnect() -> None:
             log.info("NATS connection re-established")
@@ -89,6 +92,7 @@ class NatsTransport(NatsJetStream):
         except (OSError, nats.errors.Error, TimeoutError) as exc:
             why = str(exc) or f"no server answered within {timeout + 1:.0f}s"
             raise NotConnected(f"cannot connect to NATS at {','.join(servers)}: {why}") from None
+        held.append(nc)
         return cls(nc, name)
 
     async def request(self, subject: str, data: bytes, timeout: float) -> bytes:

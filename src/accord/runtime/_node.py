@@ -345,6 +345,7 @@ class Node(Mesh):
                     "shards": infos[name].shards if name in infos else 0,
                     "pid": infos[name].pid if name in infos else None,
                     "labels": infos[name].labels if name in infos else {},
+                    "metrics_url": infos[name].metrics_url or None if name in infos else None,
                 }
                 for name, state in members.items()
             },
