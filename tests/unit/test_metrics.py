@@ -11,15 +11,19 @@ import logging
 import re
 from pathlib import Path
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from typer.testing import CliRunner
 
+from accord import _trace
 from accord._cli import app
 from accord._cli._logs import JsonFormatter
 from accord._context import current_sender
+from accord.engine._api import Entry
 from accord.runtime._bulkhead import Bulkhead
 from accord.runtime._metrics import NodeMetrics
 from accord.runtime._rates import Rates
+from accord.runtime._runs import RunCounts
 from accord.runtime._settings import NodeSettings, Stats
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -35,6 +39,7 @@ def _exercised() -> NodeMetrics:
         "accord_shards_owned": ("shards", (), lambda: {(): 3.0}),
         "accord_mailbox_pending": ("pending", ("agent_type",), lambda: {("counter",): 2.0}),
         "accord_promise_kept_ratio": ("kept", ("promise",), lambda: {("node/n1",): 1.0}),
+        "accord_workflows": ("runs", ("type", "state"), lambda: {("order", "running"): 1.0}),
         "accord_service_replicas": (
             "replicas",
             ("service", "health"),
@@ -69,7 +74,7 @@ def test_every_documented_metric_is_exported_with_type_labels_only() -> None:
     for name in documented:
         assert name in samples or f"{name}_count" in samples, f"{name} is documented, not exported"
     allowed = {"agent_type", "kind", "outcome", "target_type", "promise", "service", "health",
-               "le"}  # fmt: skip
+               "type", "state", "le"}  # fmt: skip
     for name, label_sets in samples.items():
         for labels in label_sets:
             assert set(labels) <= allowed, f"{name} has labels {labels}"
@@ -109,7 +114,14 @@ def test_rates_average_turns_over_the_window_and_take_p99() -> None:
     assert rates.snapshot()["msgs_per_s"] == 0.0
 
 
-def test_json_log_lines_carry_node_logger_and_agent() -> None:
+class _Traced:
+    """Stands in for `_trace.active` inside a span."""
+
+    def trace_id(self) -> str:
+        return "4bf92f3577b34da6a3ce929d0e0e4736"
+
+
+def test_json_log_lines_carry_node_logger_agent_and_trace(monkeypatch: pytest.MonkeyPatch) -> None:
     stream = io.StringIO()
     handler = logging.StreamHandler(stream)
     handler.setFormatter(JsonFormatter("node-7"))
@@ -119,6 +131,7 @@ def test_json_log_lines_carry_node_logger_and_agent() -> None:
     token = current_sender.set("counter/a1")
     try:
         logger.warning("lost shard %d", 3)
+        monkeypatch.setattr(_trace, "active", _Traced())
         try:
             raise ValueError("boom")
         except ValueError:
@@ -130,7 +143,9 @@ def test_json_log_lines_carry_node_logger_and_agent() -> None:
     assert first["level"] == "WARNING" and first["node"] == "node-7"
     assert first["logger"] == "accord.test-json" and first["message"] == "lost shard 3"
     assert first["agent"] == "counter/a1" and first["time"].endswith("Z")
+    assert "trace_id" not in first  # outside any span
     assert "ValueError: boom" in second["exc"]  # the traceback stays inside one JSON line
+    assert second["trace_id"] == "4bf92f3577b34da6a3ce929d0e0e4736"
 
 
 def test_a_bad_log_format_is_one_error_line_and_exit_2() -> None:
@@ -138,3 +153,14 @@ def test_a_bad_log_format_is_one_error_line_and_exit_2() -> None:
     assert result.exit_code == 2
     assert "--log-format must be text or json" in result.output
     assert "Traceback" not in result.output
+
+
+def test_workflow_runs_are_counted_by_type_and_state_from_the_index() -> None:
+    runs = RunCounts()
+    entry = {"id": "order/1", "type": "order", "state": "running"}
+    runs._apply(Entry("a", json.dumps(entry).encode(), 1))
+    runs._apply(Entry("b", json.dumps({**entry, "id": "order/2"}).encode(), 2))
+    runs._apply(Entry("a", json.dumps({**entry, "state": "completed"}).encode(), 3))
+    assert runs.counts() == {("order", "running"): 1.0, ("order", "completed"): 1.0}
+    runs._apply(Entry("b", b"", 4, deleted=True))
+    assert runs.counts() == {("order", "completed"): 1.0}

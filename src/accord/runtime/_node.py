@@ -190,7 +190,7 @@ class Node(Mesh):
             table, self._bulkhead, transport, self.stats, sends, loop.time, self._observe,
         )  # fmt: skip
         owner.attach(shards, inbound, cutoff)
-        telemetry.bind(membership, shards, self._is_running, lambda: self._agent)
+        telemetry.bind(membership, shards, self._is_running, lambda: self._agent, self)
         host.bind(self, shards, cutoff, inbound, table)
 
         status_sub = await transport.subscribe(names.admin_subject, self._on_admin, queue="admin")

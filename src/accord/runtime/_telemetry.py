@@ -12,12 +12,15 @@ from collections import Counter
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from .._background import Background
 from .._observe import Observers
 from ..cluster._membership import Membership
 from ..cluster._placement import assign
 from ..cluster._shards import ShardManager
+from ..workflows._mesh_api import MeshLike
 from ._bulkhead import Bulkhead
 from ._rates import Rates
+from ._runs import RunCounts
 from ._settings import NodeSettings, Stats
 
 log = logging.getLogger("accord.telemetry")
@@ -54,6 +57,8 @@ class Telemetry:
         observe.add(self.rates)
         self._observe = observe
         self.url = ""  # the metrics base URL once served
+        self._runs = RunCounts()
+        self._bg = Background()
 
     async def start(self, stack: contextlib.AsyncExitStack) -> str:
         """Start serving metrics if configured; return the /metrics URL ("" when off).
@@ -73,6 +78,7 @@ class Telemetry:
         stack.push_async_callback(server.stop)
         self._observe.add(metrics)
         stack.callback(self._observe.remove, metrics)
+        stack.push_async_callback(self._bg.close)
         self.url = f"{base}/metrics"
         log.info("metrics on %s (health: %s/healthz, readiness: %s/readyz)", self.url, base, base)
         return self.url
@@ -83,12 +89,15 @@ class Telemetry:
         shards: ShardManager,
         running: Callable[[], bool],
         services: Callable[[], Any],
+        mesh: MeshLike,
     ) -> None:
         """The node's parts, once they exist; `services()` is the node agent or None."""
         self._membership = membership
         self._shards = shards
         self._running = running
         self._services = services
+        if self.url:
+            self._bg.spawn(self._runs.run(mesh), name="accord-workflow-runs")
 
     def stats(self) -> dict[str, Any]:
         return self.rates.snapshot()
@@ -139,6 +148,11 @@ class Telemetry:
                 "Kept share of a promiser's recent assessments (services' promise ledger)",
                 ("promise",),
                 lambda: _kept(self._services()),
+            ),
+            "accord_workflows": (
+                "Workflow runs by type and state, cluster-wide as this node sees them",
+                ("type", "state"),
+                self._runs.counts,
             ),
             "accord_service_replicas": (
                 "Service replicas by health, cluster-wide as this node sees them",
