@@ -33,6 +33,7 @@ from .._errors import (
 )
 from .._ids import AgentId, as_agent_id
 from .._mesh import Mesh
+from .._observe import Kind, Outcome
 from .._spec import AgentSpec, HandlerSpec
 from ..cluster._config import OPEN_RETRY_FOR, replicas_for
 from ..delivery._dlq import dead_letter
@@ -118,6 +119,7 @@ class TypePool:
         self.spec = spec
         self.max = spec.options.max_concurrency
         self._mesh = mesh
+        self._observe = mesh._observe
         self._engine = engine
         self._node = mesh.name
         self._loop = asyncio.get_running_loop()
@@ -232,7 +234,12 @@ class TypePool:
     # -- running ----------------------------------------------------------------------------
 
     async def _run(
-        self, agent_id: AgentId, h: HandlerSpec, body: Any, deadline: float | None
+        self,
+        agent_id: AgentId,
+        h: HandlerSpec,
+        body: Any,
+        deadline: float | None,
+        kind: Kind = "ask",
     ) -> tuple[Any, AccordError | None] | None:
         """One handler call on a fresh instance (on_activate, handler, on_deactivate), within
         a slot; an exception becomes `RemoteError`, a run past `turn_timeout` `TurnTimeout`.
@@ -241,6 +248,8 @@ class TypePool:
             if deadline is not None and self._loop.time() >= deadline:
                 return None  # the caller has given up: running it would be unseen
             self.running += 1
+            started = self._loop.time()
+            outcome: Outcome = "error"  # what the node's observers are told
             agent = self.spec.cls()
             agent.id = agent_id
             agent.mesh = self._mesh
@@ -252,9 +261,11 @@ class TypePool:
                 async with asyncio.timeout(self.spec.options.turn_timeout):
                     result = await h.fn(agent, body)
                 self.handled += 1
+                outcome = "ok"
                 return result, None
             except TimeoutError:
                 self.failed += 1
+                outcome = "timeout"
                 return None, TurnTimeout(f"{agent_id}: handler {h.name} ran past turn_timeout "
                                          f"({self.spec.options.turn_timeout}s)")  # fmt: skip
             except Exception as exc:
@@ -264,6 +275,9 @@ class TypePool:
                 return None, err or RemoteError(type(exc).__name__, str(exc))
             finally:
                 self.running -= 1
+                if self._observe.active:
+                    self._observe.turn_ended(self.spec.type_name, kind, outcome,
+                                             self._loop.time() - started)  # fmt: skip
                 try:
                     await agent.on_deactivate()
                 except Exception:
@@ -273,7 +287,8 @@ class TypePool:
                          deadline: float | None, reply: str | None,
                          enc: codec.Encoding) -> None:  # fmt: skip
         try:
-            outcome = await self._run(agent_id, h, body, deadline)
+            outcome = await self._run(agent_id, h, body, deadline,
+                                      "ask" if reply is not None else "tell")  # fmt: skip
         finally:
             self._release()
         if reply is not None and outcome is not None:
@@ -286,7 +301,9 @@ class TypePool:
             except AccordError as exc:
                 await self._dead_letter(d, exc, 1)  # it can never be handled
                 return
-            outcome = await self._run(agent_id, h, body, None)
+            outcome = await self._run(
+                agent_id, h, body, None, "tell" if req.kind == "tell" else "ask"
+            )
             assert outcome is not None  # no deadline: always run
             result, error = outcome
             if error is not None and d.num_delivered < self.spec.options.max_deliver:
