@@ -7,10 +7,19 @@ import sys
 
 import msgspec
 
-from . import _agents, _inspect, _processes, _services, _workflows
+from . import _agents, _inspect, _observe, _processes, _services, _workflows
 from ._common import app, err
 
-__all__ = ["_agents", "_inspect", "_processes", "_services", "_workflows", "app", "main"]
+__all__ = [
+    "_agents",
+    "_inspect",
+    "_observe",
+    "_processes",
+    "_services",
+    "_workflows",
+    "app",
+    "main",
+]
 
 
 def main() -> None:
