@@ -8,9 +8,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import sys
 import shutil
 import signal
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
