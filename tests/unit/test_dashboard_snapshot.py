@@ -1,0 +1,62 @@
+"""The dashboard's pure parts: msgs/s from two samples (none across a node restart), agent types
+summed over nodes and ordered hottest first, and one shared snapshot for concurrent viewers."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from accord._errors import NotConnected
+from accord.dashboard._poller import Poller
+from accord.dashboard._snapshot import _agent_types, _Rates
+
+
+def test_rates_need_two_samples_and_restart_on_a_counter_reset() -> None:
+    rates = _Rates()
+    assert rates.rate("n1", 10.0, 100) is None
+    assert rates.rate("n1", 12.0, 160) == 30.0
+    assert rates.rate("n1", 13.0, 5) is None  # the node restarted: its counters began again
+    assert rates.rate("n1", 14.0, 25) == 20.0
+
+
+def test_agent_types_are_summed_over_nodes_hottest_first() -> None:
+    nodes = [
+        {"agent_types": ["a", "b"], "per_type": {"a": {"activations": 2, "msgs_per_s": 1.0},
+                                                 "b": {"activations": 1, "msgs_per_s": 9.0}}},
+        {"agent_types": ["a", "b", "c"], "per_type": {"a": {"activations": 3, "msgs_per_s": 2.0}}},
+    ]  # fmt: skip
+    rows = _agent_types(nodes)
+    assert [r["type"] for r in rows] == ["b", "a", "c"]
+    a = rows[1]
+    assert (a["nodes"], a["activations"], a["msgs_per_s"]) == (2, 5, 3.0)
+    assert rows[2]["activations"] is None  # no node reported it: unknown, not zero
+
+
+class _Counting:
+    def __init__(self) -> None:
+        self.calls = 0
+        self.fail = False
+
+    async def snapshot(self) -> dict[str, Any]:
+        self.calls += 1
+        await asyncio.sleep(0)
+        if self.fail:
+            raise NotConnected("no node answers")
+        return {"n": self.calls}
+
+    def forget(self, section: str) -> None:
+        pass
+
+
+async def test_concurrent_viewers_share_one_snapshot_and_errors_propagate() -> None:
+    obs = _Counting()
+    poller = Poller(obs, fresh=60.0)  # type: ignore[arg-type]
+    snaps = await asyncio.gather(*(poller.latest() for _ in range(5)))
+    assert obs.calls == 1 and all(s == {"n": 1} for s in snaps)
+    poller.invalidate("dlq")
+    obs.fail = True
+    with pytest.raises(NotConnected):
+        await poller.latest()
+    assert obs.calls == 2
