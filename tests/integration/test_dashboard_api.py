@@ -7,6 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import pty
+import select
+import signal
 import socket
 import subprocess
 import sys
@@ -137,6 +141,31 @@ def test_top_once_json_lists_the_nodes(dash: tuple[Cluster, str]) -> None:
     assert snap["mailbox"]["dead_letters"] is not None
     plain = accord_cli("top", "--once", "--interval", "0.2", "--nats", c.url, "--cluster", CLUSTER)
     assert plain.returncode == 0 and "node-1" in plain.stdout and "accord top" in plain.stdout
+
+
+def test_top_redraws_live_until_interrupted(dash: tuple[Cluster, str]) -> None:
+    c, _ = dash
+    master, slave = pty.openpty()  # rich draws live only on a terminal
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "accord", "top", "--interval", "0.2", "--nats", c.url,
+         "--cluster", CLUSTER], stdin=slave, stdout=slave, stderr=slave, cwd=ROOT,
+    )  # fmt: skip
+    os.close(slave)
+    seen = b""
+    try:
+        deadline = time.monotonic() + 30
+        while seen.count(b"accord top") < 3 and time.monotonic() < deadline:
+            if select.select([master], [], [], 0.2)[0]:
+                seen += os.read(master, 65536)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(15) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        os.close(master)
+    assert seen.count(b"accord top") >= 3, seen[-2000:]  # the first screen and two redraws
+    assert b"node-1" in seen and b"Traceback" not in seen
 
 
 def test_a_dashboard_port_in_use_is_a_clear_error(dash: tuple[Cluster, str]) -> None:

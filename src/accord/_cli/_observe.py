@@ -80,7 +80,7 @@ async def _live(
     async def refresh(live: Live) -> None:
         while True:
             await asyncio.sleep(interval)
-            live.update(render(await observer.snapshot()))
+            live.update(render(await observer.snapshot()), refresh=True)
 
     with Live(first, console=out, screen=False, auto_refresh=False) as live:
         task = asyncio.ensure_future(refresh(live))
