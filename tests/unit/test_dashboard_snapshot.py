@@ -37,6 +37,7 @@ def test_agent_types_are_summed_over_nodes_hottest_first() -> None:
 class _Counting:
     def __init__(self) -> None:
         self.calls = 0
+        self.paused = 0
         self.fail = False
 
     async def snapshot(self) -> dict[str, Any]:
@@ -49,6 +50,9 @@ class _Counting:
     def forget(self, section: str) -> None:
         pass
 
+    def pause(self) -> None:
+        self.paused += 1
+
 
 async def test_concurrent_viewers_share_one_snapshot_and_errors_propagate() -> None:
     obs = _Counting()
@@ -60,3 +64,15 @@ async def test_concurrent_viewers_share_one_snapshot_and_errors_propagate() -> N
     with pytest.raises(NotConnected):
         await poller.latest()
     assert obs.calls == 2
+
+
+async def test_the_observer_pauses_once_nobody_asked_for_a_while() -> None:
+    obs = _Counting()
+    poller = Poller(obs, fresh=0.0, idle=0.05)  # type: ignore[arg-type]
+    await poller.latest()
+    await poller.latest()  # re-arms: one pause after the last request, not one per request
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 5
+    while obs.paused == 0 and loop.time() < deadline:
+        await asyncio.sleep(0.01)
+    assert obs.paused == 1

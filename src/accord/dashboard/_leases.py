@@ -33,6 +33,13 @@ class LeaseClock:
                 name="accord-dashboard-leases",
             )
 
+    def pause(self) -> None:
+        """Stop following without waiting (from a timer); `start` follows again."""
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
+            self._seen.clear()
+
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()

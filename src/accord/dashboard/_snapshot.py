@@ -56,6 +56,11 @@ class Observer:
         if self._leases is not None:
             await self._leases.stop()
 
+    def pause(self) -> None:
+        """Stop following the leases (nobody looks); the next `snapshot()` starts again."""
+        if self._leases is not None:
+            self._leases.pause()
+
     def forget(self, section: str) -> None:
         """Read `section` afresh next time (after an action changed it, e.g. a DLQ replay)."""
         self._slow.pop(section, None)
