@@ -10,7 +10,7 @@ import pytest
 
 from accord._errors import NotConnected
 from accord.dashboard._poller import Poller
-from accord.dashboard._snapshot import _agent_types, _Rates
+from accord.dashboard._snapshot import _agent_types, _node, _Rates
 
 
 def test_rates_need_two_samples_and_restart_on_a_counter_reset() -> None:
@@ -76,3 +76,21 @@ async def test_the_observer_pauses_once_nobody_asked_for_a_while() -> None:
     while obs.paused == 0 and loop.time() < deadline:
         await asyncio.sleep(0.01)
     assert obs.paused == 1
+
+
+def test_a_node_row_prefers_the_metrics_block_and_falls_back_to_counters() -> None:
+    seen = {"name": "n1", "state": "alive", "shards": 3}
+    with_metrics = {"activations": 4, "agent_types": ["counter"], "metrics_url": "http://m",
+                    "stats": {"msgs_per_s": 12.5, "p99_turn_ms": 1.8, "loop_lag_ms": 0.4,
+                              "per_type": {"counter": {"activations": 4}}},
+                    "counters": {"turns": 100}}  # fmt: skip
+    row = _node(seen, with_metrics, 1.0, _Rates())
+    assert (row["msgs_per_s"], row["p99_turn_ms"], row["loop_lag_ms"]) == (12.5, 1.8, 0.4)
+    assert row["per_type"] == {"counter": {"activations": 4}} and row["metrics_url"] == "http://m"
+    rates = _Rates()
+    older = {"activations": 1, "stats": {"turns": 10, "loop_lag_last": 0.002}}
+    assert _node(seen, older, 1.0, rates)["msgs_per_s"] is None
+    row = _node(seen, {**older, "stats": {"turns": 30, "loop_lag_last": 0.002}}, 3.0, rates)
+    assert (row["msgs_per_s"], row["p99_turn_ms"], row["loop_lag_ms"]) == (10.0, None, 2.0)
+    gone = _node(seen, None, 4.0, rates)
+    assert not gone["reachable"] and gone["activations"] is None

@@ -73,7 +73,9 @@ class Observer:
         now = time.time()
         errors: dict[str, str] = {}
         reports = await asyncio.gather(*(self._node_status(n["name"]) for n in st["nodes"]))
-        nodes = [self._node(n, rep, now) for n, rep in zip(st["nodes"], reports, strict=True)]
+        nodes = [
+            _node(n, rep, now, self._rates) for n, rep in zip(st["nodes"], reports, strict=True)
+        ]
         sections = ("dlq", "services", "promises", "workflows")
         slow = await asyncio.gather(*(self._section(s, errors) for s in sections))
         dlq, services, promises, workflows = slow
@@ -108,28 +110,6 @@ class Observer:
             return report
         except (NoResponders, RequestTimeout, AccordError, msgspec.DecodeError):
             return None
-
-    def _node(self, n: dict[str, Any], rep: dict[str, Any] | None, now: float) -> dict[str, Any]:
-        node: dict[str, Any] = {**n, "reachable": rep is not None, "activations": None,
-                                "inflight": None, "msgs_per_s": None, "p99_turn_ms": None,
-                                "loop_lag_ms": None, "agent_types": [], "per_type": {},
-                                "stats": {}}  # fmt: skip
-        if rep is None:
-            return node
-        stats = rep.get("stats") or {}
-        turns = int(stats.get("turns", 0))
-        node.update(activations=rep.get("activations"), inflight=rep.get("inflight"),
-                    agent_types=rep.get("agent_types", []), stats=stats)  # fmt: skip
-        # The metrics block (when the node has one) is measured where it happens; otherwise the
-        # rate of turns between two of our snapshots stands for msgs/s.
-        node["msgs_per_s"] = stats.get("msgs_per_s", self._rates.rate(n["name"], now, turns))
-        node["p99_turn_ms"] = stats.get("p99_turn_ms")
-        lag = stats.get("loop_lag_ms")
-        if lag is None and stats.get("loop_lag_last") is not None:
-            lag = round(float(stats["loop_lag_last"]) * 1000, 1)  # the node's loop-lag probe
-        node["loop_lag_ms"] = lag
-        node["per_type"] = stats.get("per_type") or {}
-        return node
 
     async def _section(self, name: str, errors: dict[str, str]) -> Any:
         cached = self._slow.get(name)
@@ -179,6 +159,34 @@ class Observer:
                 errors[f"mailbox.{key}"] = str(exc) or type(exc).__name__
                 out[key] = None
         return out
+
+
+def _node(
+    n: dict[str, Any], rep: dict[str, Any] | None, now: float, rates: _Rates
+) -> dict[str, Any]:
+    """One node's row: the cluster view's entry `n` joined with the node's own report `rep`."""
+    node: dict[str, Any] = {**n, "reachable": rep is not None, "activations": None,
+                            "inflight": None, "msgs_per_s": None, "p99_turn_ms": None,
+                            "loop_lag_ms": None, "agent_types": [], "per_type": {},
+                            "counters": {}, "metrics_url": None}  # fmt: skip
+    if rep is None:
+        return node
+    # A node with metrics reports `stats` (rates measured where they happen) next to its
+    # `counters`; an older node has only the counters, under `stats`.
+    stats = rep.get("stats") or {}
+    counters = rep.get("counters") or ({} if "msgs_per_s" in stats else stats)
+    node.update(activations=rep.get("activations"), inflight=rep.get("inflight"),
+                agent_types=rep.get("agent_types", []), counters=counters,
+                metrics_url=rep.get("metrics_url"))  # fmt: skip
+    turns_rate = rates.rate(n["name"], now, int(counters.get("turns", 0)))
+    node["msgs_per_s"] = stats.get("msgs_per_s", turns_rate)
+    node["p99_turn_ms"] = stats.get("p99_turn_ms")
+    lag = stats.get("loop_lag_ms")
+    if lag is None and counters.get("loop_lag_last") is not None:
+        lag = round(float(counters["loop_lag_last"]) * 1000, 1)  # the node's loop-lag probe
+    node["loop_lag_ms"] = lag
+    node["per_type"] = stats.get("per_type") or {}
+    return node
 
 
 def _agent_types(nodes: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -36,9 +36,16 @@ function badge(state) {
   return td;
 }
 
+function nodeName(n) {
+  const td = el("td", n.metrics_url ? null : n.name);
+  if (n.metrics_url) td.appendChild(el("a", n.name, {href: n.metrics_url, title: "metrics"}));
+  if (!n.reachable && n.state !== "dead" && n.state !== "left")
+    td.appendChild(el("small", " (not answering)"));
+  return td;
+}
 function renderNodes(s) {
   rows("nodes", s.nodes, (n) => tr([
-    n.name, badge(n.state), n.shards, n.activations, n.msgs_per_s,
+    nodeName(n), badge(n.state), n.shards, n.activations, n.msgs_per_s,
     fmt(n.p99_turn_ms, "ms"), fmt(n.loop_lag_ms, "ms"), n.pid,
     Object.entries(n.labels || {}).map(([k, v]) => k + "=" + v).join(" ") || "",
   ], {"data-node": n.name, "data-state": n.state, "data-reachable": String(n.reachable)}));
