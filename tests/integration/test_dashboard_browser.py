@@ -1,5 +1,6 @@
 """The web dashboard in a real headless Chromium against a live 3-node cluster: it shows the three
-nodes alive, and a node that is SIGKILLed turns dead on the page within 3 s, without a reload.
+nodes alive, replays a dead letter from its button, and a node that is SIGKILLed turns dead on the
+page within 3 s, without a reload.
 A screenshot is kept ($ACCORD_ARTIFACTS or the test's tmp_path); browser and driver are stopped
 by PID and none of their processes may outlive the test."""
 
@@ -12,8 +13,9 @@ import shutil
 import signal
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -57,8 +59,7 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
-def _wait(cond: object, timeout: float, what: str) -> None:
-    assert callable(cond)
+def _wait(cond: Callable[[], bool], timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not cond():
         if time.monotonic() > deadline:
@@ -67,7 +68,7 @@ def _wait(cond: object, timeout: float, what: str) -> None:
 
 
 @contextlib.contextmanager
-def chromium(profile: Path) -> Iterator[object]:
+def chromium(profile: Path) -> Iterator[Any]:
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
@@ -93,44 +94,72 @@ def chromium(profile: Path) -> Iterator[object]:
         assert not stray, f"browser processes outlived driver.quit(): {stray}"
 
 
-def _states(driver: object) -> dict[str, str]:
+def _states(driver: Any) -> dict[str, str]:
     """Node -> state as the page shows it, read in one script (the rows are redrawn live)."""
     script = """return Object.fromEntries([...document.querySelectorAll('#nodes tr[data-node]')]
         .map((r) => [r.dataset.node, r.dataset.state]));"""
-    states: dict[str, str] = driver.execute_script(script)  # type: ignore[attr-defined]
+    states: dict[str, str] = driver.execute_script(script)
     return states
 
 
 async def _traffic(c: Cluster, agents: int) -> None:
-    """Some asks, so the page has activations to show (and the screenshot something to see)."""
+    """Asks, so the page has activations to show, and one dead letter (flaky/x fails every
+    delivery: its fix file never exists) for the replay button."""
     sys.path.insert(0, str(ROOT / "examples"))
-    from counter_app import Increment
+    from durable_app import Add
+
+    import accord
 
     async with c.connect() as mesh:
         await wait_for_placement(mesh, set(c.nodes))
-        await asyncio.gather(*(mesh.ask(f"counter/c{i}", Increment(1), timeout=20)
+        await asyncio.gather(*(mesh.ask(f"tally/t{i}", Add(1), timeout=20)
                                for i in range(agents)))  # fmt: skip
+        with pytest.raises(accord.RemoteError):
+            await mesh.ask("flaky/x", Add(1), timeout=30)
+
+
+def _replay_from_the_page(driver: Any) -> None:
+    """Click the dead letter's replay button and accept the confirmation, as an operator would:
+    the page's own POST passes the guard and the letter goes back to its mailbox."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    def button() -> Any:
+        found = driver.find_elements(By.CSS_SELECTOR, "#dlq button[data-seq]")
+        return found[0] if found else False
+
+    WebDriverWait(driver, 30).until(lambda _d: button())
+    # Found and clicked in one script: a table redrawn in between would leave a stale element.
+    driver.execute_script("document.querySelector('#dlq button[data-seq]').click()")
+    WebDriverWait(driver, 10).until(lambda d: d.switch_to.alert).accept()
+    result = WebDriverWait(driver, 30).until(
+        lambda d: d.find_element(By.ID, "dlq-result").text or False
+    )
+    assert result.startswith("replayed "), result
 
 
 def test_dashboard_shows_three_nodes_alive_then_a_killed_one_dead(tmp_path: Path) -> None:
     artifacts = Path(os.environ.get("ACCORD_ARTIFACTS") or tmp_path)
     artifacts.mkdir(parents=True, exist_ok=True)
+    env = {"ACCORD_FIXED": str(tmp_path / "never")}
     with (
-        Cluster("examples/counter_app.py", 3, cluster=CLUSTER, log_dir=tmp_path / "logs") as c,
+        Cluster("examples/durable_app.py", 3, cluster=CLUSTER, env=env,
+                log_dir=tmp_path / "logs") as c,
         dashboard_process(c.url, CLUSTER) as url,
         chromium(tmp_path / "profile") as driver,
-    ):
+    ):  # fmt: skip
         asyncio.run(_traffic(c, 30))
-        driver.get(url)  # type: ignore[attr-defined]
+        driver.get(url)
         _wait(lambda: list(_states(driver).values()) == ["alive"] * 3, 60, "three nodes alive")
-        assert driver.title == "accord dashboard"  # type: ignore[attr-defined]
-        driver.get_screenshot_as_file(str(artifacts / "dashboard-alive.png"))  # type: ignore[attr-defined]
+        assert driver.title == "accord dashboard"
+        _replay_from_the_page(driver)
+        driver.get_screenshot_as_file(str(artifacts / "dashboard-alive.png"))
 
         c.nodes["node-3"].signal(signal.SIGKILL)
         _wait(lambda: _states(driver).get("node-3") == "dead", 3.0, "node-3 shown dead")
         assert _states(driver)["node-1"] == "alive"
         shot = artifacts / "dashboard.png"
-        driver.get_screenshot_as_file(str(shot))  # type: ignore[attr-defined]
+        driver.get_screenshot_as_file(str(shot))
         assert shot.stat().st_size > 10_000
         if os.environ.get("ACCORD_UPDATE_SCREENSHOT"):
             shutil.copy(shot, ROOT / "docs" / "img" / "dashboard.png")

@@ -17,7 +17,12 @@ function color(node) {
   if (!(node in colors)) colors[node] = PALETTE[Object.keys(colors).length % PALETTE.length];
   return colors[node];
 }
+const drawn = {};
 function rows(tbodyOf, items, make) {
+  // Redraw a table only when its data changed: a button being clicked stays the same element.
+  const key = JSON.stringify(items);
+  if (drawn[tbodyOf] === key) return;
+  drawn[tbodyOf] = key;
   const body = $(tbodyOf).querySelector("tbody");
   body.replaceChildren(...items.map(make));
   if (!items.length) {
