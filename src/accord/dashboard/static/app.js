@@ -105,14 +105,21 @@ async function replay(seq, button) {
 function renderServices(s) {
   const inst = [];
   for (const svc of s.services || []) {
-    if (!svc.instances.length) inst.push([svc.name, "–", "–", "–", "not running", "–"]);
+    const name = `${svc.name} (${svc.healthy}/${svc.replicas} healthy)`;
+    if (!svc.instances.length) inst.push([name, "–", "–", "–", "not running", "–"]);
     for (const i of svc.instances)
-      inst.push([svc.name, i.index, i.role, i.node, i.node_alive ? i.status : i.status + " (node gone)",
+      inst.push([name, i.index, i.role, i.node, i.node_alive ? i.status : i.status + " (node gone)",
                  i.restarts]);
   }
   rows("services", inst, (c) => tr(c));
   const p = (s.promises && s.promises.promises) || [];
-  rows("promises", p, (x) => tr([x.name, x.promiser, x.outcome, el("td", x.evidence, {class: "reason"})]));
+  const rep = (s.promises && s.promises.reputation) || {};
+  const kept = (who) => (who in rep ? rep[who].ratio.toFixed(2) : "–");
+  rows("promises", p, (x) => tr([x.name, x.promiser, x.outcome, kept(x.promiser),
+    el("td", x.evidence, {class: "reason"})]));
+  const ledger = ((s.promises && s.promises.ledger) || []).slice(-15).reverse();
+  rows("ledger", ledger, (a) => tr([clock(a.at), a.promise, a.outcome, a.assessor,
+    el("td", a.evidence, {class: "reason"})]));
 }
 function renderWorkflows(s) {
   const runs = s.workflows || [];
