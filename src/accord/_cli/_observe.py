@@ -54,17 +54,20 @@ def top(
     async def main() -> None:
         async with _existing_cluster(nats, cluster) as mesh:
             observer = Observer(mesh)
-            if once:
+            try:
+                if not once:
+                    await _live(observer, render, interval)
+                    return
                 # Rates are differences between two samples, so one snapshot takes two.
                 await observer.snapshot()
                 await asyncio.sleep(min(interval, 1.0))
                 snap = await observer.snapshot()
-                if as_json:
-                    sys.stdout.write(json.dumps(snap) + "\n")
-                else:
-                    out.print(render(snap))
-                return
-            await _live(observer, render, interval)
+            finally:
+                await observer.close()
+        if as_json:
+            sys.stdout.write(json.dumps(snap) + "\n")
+        else:
+            out.print(render(snap))
 
     _run(main())
 

@@ -5,12 +5,14 @@ each node for its own status. Nodes push nothing extra: all the cost is paid whe
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import msgspec
 
+from .._background import cancel_and_wait
 from .._errors import AccordError
 from .._status import cluster_status
 from ..delivery._dlq import DeadLetters
@@ -48,11 +50,15 @@ class Observer:
     def __init__(self, mesh: Mesh, *, watch_leases: bool = False) -> None:
         self.mesh = mesh
         self._rates = _Rates()
-        self._slow: dict[str, tuple[float, Any]] = {}
+        # section -> (read at, value, error of the last read or None); refreshed behind the
+        # snapshot, so a slow ledger never delays the nodes' states on the page.
+        self._slow: dict[str, tuple[float, Any, str | None]] = {}
+        self._refreshing: dict[str, asyncio.Task[None]] = {}
         self._leases = LeaseClock(mesh) if watch_leases else None
         self.dlq = DeadLetters(mesh._transport, mesh.names, mesh.config.num_shards)
 
     async def close(self) -> None:
+        await cancel_and_wait(list(self._refreshing.values()))
         if self._leases is not None:
             await self._leases.stop()
 
@@ -64,6 +70,9 @@ class Observer:
     def forget(self, section: str) -> None:
         """Read `section` afresh next time (after an action changed it, e.g. a DLQ replay)."""
         self._slow.pop(section, None)
+        task = self._refreshing.pop(section, None)
+        if task is not None:
+            task.cancel()  # it may have read the section before the change
 
     async def snapshot(self) -> dict[str, Any]:
         """The cluster now: see docs/operations.md "Dashboard and accord top" for the shape."""
@@ -112,9 +121,24 @@ class Observer:
             return None
 
     async def _section(self, name: str, errors: dict[str, str]) -> Any:
-        cached = self._slow.get(name)
-        if cached is not None and time.monotonic() - cached[0] < SLOW_EVERY:
-            return cached[1]
+        """The section's last read: awaited the first time, then refreshed in the background
+        once older than SLOW_EVERY (the snapshot shows the previous value meanwhile)."""
+        if name not in self._slow:
+            await self._refresh(name)
+        at, value, error = self._slow[name]
+        if time.monotonic() - at >= SLOW_EVERY and name not in self._refreshing:
+            task = asyncio.get_running_loop().create_task(self._refresh(name))
+            self._refreshing[name] = task
+            task.add_done_callback(functools.partial(self._refreshed, name))
+        if error is not None:
+            errors[name] = error
+        return value
+
+    def _refreshed(self, name: str, task: asyncio.Task[None]) -> None:
+        if self._refreshing.get(name) is task:
+            del self._refreshing[name]
+
+    async def _refresh(self, name: str) -> None:
         read: dict[str, Callable[[], Awaitable[Any]]] = {
             "dlq": self._dead_letters,
             "services": self._services,
@@ -122,12 +146,11 @@ class Observer:
             "workflows": self._workflows,
         }
         try:
-            value = await read[name]()
+            self._slow[name] = (time.monotonic(), await read[name](), None)
         except (AccordError, NotFound, RequestTimeout, NoResponders) as exc:
-            errors[name] = str(exc) or type(exc).__name__
-            return cached[1] if cached is not None else None
-        self._slow[name] = (time.monotonic(), value)
-        return value
+            previous = self._slow.get(name)
+            why = str(exc) or type(exc).__name__
+            self._slow[name] = (time.monotonic(), previous[1] if previous else None, why)
 
     async def _dead_letters(self) -> list[dict[str, Any]]:
         return [msgspec.to_builtins(e) for e in await self.dlq.list(limit=500)]
