@@ -1,16 +1,20 @@
 """The dashboard's pure parts: msgs/s from two samples (none across a node restart), agent types
-summed over nodes and ordered hottest first, and one shared snapshot for concurrent viewers."""
+summed over nodes and ordered hottest first, node rows from either status shape, one shared
+snapshot for concurrent viewers, and slow sections refreshed behind the snapshot."""
 
 from __future__ import annotations
 
 import asyncio
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
 from accord._errors import NotConnected
+from accord.cluster._config import Names
+from accord.dashboard import _snapshot as snapshot_module
 from accord.dashboard._poller import Poller
-from accord.dashboard._snapshot import _agent_types, _node, _Rates
+from accord.dashboard._snapshot import Observer, _agent_types, _node, _Rates
 
 
 def test_rates_need_two_samples_and_restart_on_a_counter_reset() -> None:
@@ -94,3 +98,40 @@ def test_a_node_row_prefers_the_metrics_block_and_falls_back_to_counters() -> No
     assert (row["msgs_per_s"], row["p99_turn_ms"], row["loop_lag_ms"]) == (10.0, None, 2.0)
     gone = _node(seen, None, 4.0, rates)
     assert not gone["reachable"] and gone["activations"] is None
+
+
+class _SlowLedger(Observer):
+    """An observer whose `promises` section takes as long as the test lets it."""
+
+    def __init__(self) -> None:
+        mesh = SimpleNamespace(_transport=None, names=Names("u"),
+                               config=SimpleNamespace(num_shards=4))  # fmt: skip
+        super().__init__(mesh)  # type: ignore[arg-type]
+        self.release = asyncio.Event()
+        self.reads = 0
+
+    async def _promises(self) -> dict[str, Any]:
+        self.reads += 1
+        if self.reads > 1:
+            await self.release.wait()
+        return {"read": self.reads}
+
+
+async def test_a_slow_section_is_refreshed_behind_the_snapshot(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(snapshot_module, "SLOW_EVERY", 0.0)
+    obs = _SlowLedger()
+    errors: dict[str, str] = {}
+    assert await obs._section("promises", errors) == {"read": 1}  # the first read is awaited
+    # Stale now: the old value comes back at once while the second read hangs behind it.
+    assert await asyncio.wait_for(obs._section("promises", errors), 1.0) == {"read": 1}
+    assert await asyncio.wait_for(obs._section("promises", errors), 1.0) == {"read": 1}
+    obs.release.set()
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 5
+    while obs._slow["promises"][1] != {"read": 2} and loop.time() < deadline:
+        await asyncio.sleep(0.01)
+    assert obs.reads == 2  # one refresh in flight at a time, however many snapshots asked
+    assert await obs._section("promises", errors) == {"read": 2} and errors == {}
+    await obs.close()
