@@ -188,6 +188,7 @@ def test_a_dashboard_port_in_use_is_a_clear_error(dash: tuple[Cluster, str]) -> 
         (["dashboard", "--port", "70000"], "--port"),
         (["dashboard", "--interval", "5"], "--interval"),
         (["dashboard", "--host", " "], "--host must not be empty"),
+        (["dashboard", "--log-format", "xml"], "--log-format must be text or json"),
     ],
 )
 def test_bad_flags_are_one_clear_line(args: list[str], message: str) -> None:

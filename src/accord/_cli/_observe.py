@@ -18,12 +18,12 @@ from ._common import (
     NatsOpt,
     _existing_cluster,
     _run,
-    _setup_logging,
     _until_signalled,
     app,
     err,
     out,
 )
+from ._logs import LogFormatOpt, setup_or_exit
 
 if TYPE_CHECKING:
     from rich.console import RenderableType
@@ -112,6 +112,7 @@ def dashboard(
     nats: NatsOpt = None,
     cluster: ClusterOpt = "default",
     log_level: Annotated[str, typer.Option("--log-level")] = "info",
+    log_format: LogFormatOpt = "text",
 ) -> None:
     """Serve the web dashboard (panels and a JSON API under /api/) of a running cluster."""
     from ..dashboard import Observer, Poller
@@ -120,7 +121,7 @@ def dashboard(
     if not host.strip():
         err.print("[red]error:[/red] --host must not be empty", highlight=False)
         raise typer.Exit(2)
-    _setup_logging(log_level)
+    setup_or_exit(log_level, log_format)
 
     async def main() -> None:
         async with _existing_cluster(nats, cluster) as mesh:
