@@ -98,7 +98,7 @@ async def api_events(request: web.Request) -> web.StreamResponse:
                                        "Cache-Control": "no-cache"})  # fmt: skip
     await resp.prepare(request)
     loop = asyncio.get_running_loop()
-    with contextlib.suppress(ConnectionResetError, asyncio.CancelledError):
+    with contextlib.suppress(ConnectionResetError):  # the viewer went away
         while True:
             started = loop.time()
             try:
