@@ -14,10 +14,14 @@ if TYPE_CHECKING:
     from ._mesh import Mesh
 
 
-async def cluster_status(mesh: Mesh, timeout: float = 2.0) -> dict[str, Any]:
+async def cluster_status(
+    mesh: Mesh, timeout: float = 2.0, *, replication: bool = True
+) -> dict[str, Any]:
     """The cluster as one node sees it: nodes (alive, shards held), shard owners and epochs, and
     recent failure-detector transitions, worker pools per node. Shape: {"nodes": [...],
     "shards": [...], "history": [...], "replication": {...}, "pools": {type: {node: {...}}}}.
+    `replication=False` leaves out the replicas of every bucket and stream (many JetStream
+    requests; "replication" is then None), for a caller that polls often.
 
     Raises `NotConnected` when no node answers.
     """
@@ -50,7 +54,7 @@ async def cluster_status(mesh: Mesh, timeout: float = 2.0) -> dict[str, Any]:
         "nodes": nodes,
         "shards": shards,
         "history": view["history"],
-        "replication": await _replication(mesh),
+        "replication": await _replication(mesh) if replication else None,
         "pools": await _pools(mesh, view, [n["name"] for n in nodes if n["alive"]], timeout),
     }
 

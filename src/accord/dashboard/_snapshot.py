@@ -78,16 +78,16 @@ class Observer:
         """The cluster now: see docs/operations.md "Dashboard and accord top" for the shape."""
         if self._leases is not None:
             self._leases.start()
-        st = await cluster_status(self.mesh)
+        st = await cluster_status(self.mesh, replication=False)  # that one is a slow section
         now = time.time()
         errors: dict[str, str] = {}
         reports = await asyncio.gather(*(self._node_status(n["name"]) for n in st["nodes"]))
         nodes = [
             _node(n, rep, now, self._rates) for n, rep in zip(st["nodes"], reports, strict=True)
         ]
-        sections = ("dlq", "services", "promises", "workflows")
+        sections = ("dlq", "services", "promises", "workflows", "replication")
         slow = await asyncio.gather(*(self._section(s, errors) for s in sections))
-        dlq, services, promises, workflows = slow
+        dlq, services, promises, workflows, replication = slow
         expiry = self._leases.expiries(now) if self._leases is not None else {}
         shards = [{**s, "expires_in": expiry.get(s["shard"])} for s in st["shards"]]
         return {
@@ -106,7 +106,7 @@ class Observer:
             "promises": promises,
             "workflows": workflows,
             "topology": _topology(nodes, services),
-            "replication": st.get("replication") or {},
+            "replication": replication or {},
             "errors": errors,
         }
 
@@ -144,6 +144,7 @@ class Observer:
             "services": self._services,
             "promises": self._promises,
             "workflows": self._workflows,
+            "replication": self._replication,
         }
         try:
             self._slow[name] = (time.monotonic(), await read[name](), None)
@@ -169,6 +170,10 @@ class Observer:
         from ..workflows._monitor import list_runs
 
         return [msgspec.to_builtins(r) for r in await list_runs(self.mesh)]
+
+    async def _replication(self) -> dict[str, Any]:
+        replication: dict[str, Any] = (await cluster_status(self.mesh))["replication"]
+        return replication
 
     async def _depths(self, errors: dict[str, str]) -> dict[str, int | None]:
         """Messages waiting in the mailbox work queue and kept in the dead letters (None when the
