@@ -29,7 +29,7 @@ def dashboard_process(nats_url: str, cluster: str, *args: str) -> Iterator[str]:
     )  # fmt: skip
     try:
         assert proc.stdout is not None
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 90  # generous: a loaded 2-core CI machine starts slowly
         line = ""
         while time.monotonic() < deadline and proc.poll() is None:
             ready, _, _ = select.select([proc.stdout], [], [], 0.2)
