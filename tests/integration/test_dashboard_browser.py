@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import shutil
 import signal
@@ -59,11 +60,13 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
-def _wait(cond: Callable[[], bool], timeout: float, what: str) -> None:
+def _wait(
+    cond: Callable[[], bool], timeout: float, what: str, seen: Callable[[], object] = str
+) -> None:
     deadline = time.monotonic() + timeout
     while not cond():
         if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout}s: {what}")
+            raise AssertionError(f"not within {timeout}s: {what}; page shows {seen()}")
         time.sleep(0.05)
 
 
@@ -150,13 +153,14 @@ def test_dashboard_shows_three_nodes_alive_then_a_killed_one_dead(tmp_path: Path
     ):  # fmt: skip
         asyncio.run(_traffic(c, 30))
         driver.get(url)
-        _wait(lambda: list(_states(driver).values()) == ["alive"] * 3, 60, "three nodes alive")
+        shown = functools.partial(_states, driver)
+        _wait(lambda: list(shown().values()) == ["alive"] * 3, 60, "three nodes alive", shown)
         assert driver.title == "accord dashboard"
         _replay_from_the_page(driver)
         driver.get_screenshot_as_file(str(artifacts / "dashboard-alive.png"))
 
         c.nodes["node-3"].signal(signal.SIGKILL)
-        _wait(lambda: _states(driver).get("node-3") == "dead", 3.0, "node-3 shown dead")
+        _wait(lambda: shown().get("node-3") == "dead", 3.0, "node-3 shown dead", shown)
         assert _states(driver)["node-1"] == "alive"
         shot = artifacts / "dashboard.png"
         driver.get_screenshot_as_file(str(shot))
