@@ -125,6 +125,7 @@ def _replay_from_the_page(driver: Any) -> None:
     """Click the dead letter's replay button and accept the confirmation, as an operator would:
     the page's own POST passes the guard and the letter goes back to its mailbox."""
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions
     from selenium.webdriver.support.ui import WebDriverWait
 
     def button() -> Any:
@@ -134,7 +135,7 @@ def _replay_from_the_page(driver: Any) -> None:
     WebDriverWait(driver, 30).until(lambda _d: button())
     # Found and clicked in one script: a table redrawn in between would leave a stale element.
     driver.execute_script("document.querySelector('#dlq button[data-seq]').click()")
-    WebDriverWait(driver, 10).until(lambda d: d.switch_to.alert).accept()
+    WebDriverWait(driver, 30).until(expected_conditions.alert_is_present()).accept()
     result = WebDriverWait(driver, 30).until(
         lambda d: d.find_element(By.ID, "dlq-result").text or False
     )

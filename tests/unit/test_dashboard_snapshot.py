@@ -27,14 +27,14 @@ def test_rates_need_two_samples_and_restart_on_a_counter_reset() -> None:
 
 def test_agent_types_are_summed_over_nodes_hottest_first() -> None:
     nodes = [
-        {"agent_types": ["a", "b"], "per_type": {"a": {"activations": 2, "msgs_per_s": 1.0},
+        {"agent_types": ["a", "b"], "per_type": {"a": {"activations": 2, "msgs_per_s": 0.1},
                                                  "b": {"activations": 1, "msgs_per_s": 9.0}}},
-        {"agent_types": ["a", "b", "c"], "per_type": {"a": {"activations": 3, "msgs_per_s": 2.0}}},
+        {"agent_types": ["a", "b", "c"], "per_type": {"a": {"activations": 3, "msgs_per_s": 0.2}}},
     ]  # fmt: skip
     rows = _agent_types(nodes)
     assert [r["type"] for r in rows] == ["b", "a", "c"]
     a = rows[1]
-    assert (a["nodes"], a["activations"], a["msgs_per_s"]) == (2, 5, 3.0)
+    assert (a["nodes"], a["activations"], a["msgs_per_s"]) == (2, 5, 0.3)  # not 0.30000000000000004
     assert rows[2]["activations"] is None  # no node reported it: unknown, not zero
 
 

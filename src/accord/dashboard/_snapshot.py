@@ -227,7 +227,7 @@ def _agent_types(nodes: list[dict[str, Any]]) -> list[dict[str, Any]]:
             row["nodes"] += 1
             for field, value in (n["per_type"].get(t) or {}).items():
                 if field in ("activations", "msgs_per_s", "mailbox_pending"):
-                    row[field] = (row[field] or 0) + value
+                    row[field] = round((row[field] or 0) + value, 2)
     return sorted(types.values(), key=lambda r: (-(r["msgs_per_s"] or 0),
                                                  -(r["activations"] or 0), r["type"]))  # fmt: skip
 

@@ -90,8 +90,8 @@ function renderDlq(s) {
   rows("dlq", s.dlq || [], (d) => {
     const act = el("td"); const b = el("button", "replay", {"data-seq": d.seq});
     b.addEventListener("click", () => replay(d.seq, b)); act.appendChild(b);
-    return tr([d.seq, d.target, d.type, d.deliveries, clock(d.failed_at),
-      el("td", d.reason, {class: "reason"}), act], {"data-seq": d.seq});
+    return tr([act, d.seq, d.target, d.type, d.deliveries, clock(d.failed_at),
+      el("td", d.reason, {class: "reason"})], {"data-seq": d.seq});
   });
 }
 async function replay(seq, button) {
