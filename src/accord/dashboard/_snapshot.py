@@ -107,6 +107,7 @@ class Observer:
             "workflows": workflows,
             "topology": _topology(nodes, services),
             "replication": replication or {},
+            "pools": st.get("pools") or {},
             "errors": errors,
         }
 
