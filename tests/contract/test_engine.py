@@ -448,3 +448,38 @@ async def test_reply_inbox_resolves_on_the_first_message_to_its_subject(h: Harne
     await eng.publish(again, b"on time")
     await h.until(fut3.done, "a new waiter after one was given up on")
     assert fut3.result().data == b"on time"
+
+
+async def test_consumer_progress_and_start_sequence(h: Harness) -> None:
+    """`consumer_info` reports the ack floor, undelivered and unacknowledged counts (None for a
+    missing consumer); a consumer created with `start_seq` delivers from that sequence on."""
+    eng = h.engine
+    stream, subj = await _stream(h)
+    seqs = [(await eng.append(subj, b"%d" % i)).seq for i in range(4)]
+    assert await eng.consumer_info(stream, "nope") is None
+    await eng.ensure_consumer(stream, ConsumerSpec(name="p", filter_subject=subj))
+    fresh = await eng.consumer_info(stream, "p")
+    assert fresh is not None and (fresh.ack_floor, fresh.pending, fresh.ack_pending) == (0, 4, 0)
+    rec = Recorder(lambda d: d.ack() if d.data == b"0" else None)
+    c = await eng.consume(stream, "p", rec, has_capacity=_ready, still_going=_true)
+
+    async def progressed() -> bool:
+        st = await eng.consumer_info(stream, "p")
+        return st is not None and st.ack_floor == seqs[0] and st.ack_pending == 3
+
+    try:
+        await h.until(progressed, "first acknowledged, three delivered and open")
+    finally:
+        await c.stop()
+    st = await eng.consumer_info(stream, "p")
+    assert st is not None and st.pending == 0
+    await eng.ensure_consumer(
+        stream, ConsumerSpec(name="q", filter_subject=subj, start_seq=st.ack_floor + 1)
+    )
+    later = Recorder(lambda d: d.ack())
+    c2 = await eng.consume(stream, "q", later, has_capacity=_ready, still_going=_true)
+    try:
+        await h.until(lambda: len(later.got) == 3, "the new consumer got the unacknowledged")
+    finally:
+        await c2.stop()
+    assert [d.data for d in later.got] == [b"1", b"2", b"3"]

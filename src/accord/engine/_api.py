@@ -301,6 +301,19 @@ class ConsumerSpec(msgspec.Struct, frozen=True, kw_only=True):
     ack_wait: float = 30.0
     max_ack_pending: int = 4096
     inactive_threshold: float = 3600.0
+    start_seq: int = 0  # > 0: deliver from this stream sequence on, not from the first stored
+
+
+class ConsumerState(msgspec.Struct, frozen=True):
+    """A durable consumer's progress: every message at or below `ack_floor` (a stream sequence)
+    is acknowledged; `pending`: matching messages not yet delivered; `ack_pending`: delivered
+    and not yet acknowledged; `redelivered`: of those, how many were delivered more than once."""
+
+    name: str
+    ack_floor: int
+    pending: int
+    ack_pending: int
+    redelivered: int
 
 
 class Consumer(Protocol):
@@ -415,6 +428,11 @@ class JetStream(Protocol):
         byte limit (the engine's storage limit less what other streams reserved), to within an
         eighth; 0 when the engine sets no limit (or a TiB is free). `NotConnected` when the
         engine did not answer in `timeout`."""
+
+    async def consumer_info(
+        self, stream: str, name: str, *, timeout: float = 5.0
+    ) -> ConsumerState | None:
+        """The durable consumer's progress, None if it (or its stream) does not exist."""
 
 
 class Engine(Transport, JetStream, Protocol):

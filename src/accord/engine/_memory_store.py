@@ -16,6 +16,7 @@ from .._clock import Clock, TimerHandle
 from .._errors import NotConnected, StorageFull
 from ._api import (
     ConsumerSpec,
+    ConsumerState,
     Dispatch,
     Entry,
     PubAck,
@@ -305,7 +306,7 @@ class Consumer:
     def __init__(self, stream: Stream, spec: ConsumerSpec) -> None:
         self.stream = stream
         self.spec = spec
-        self.next_seq = 1
+        self.next_seq = spec.start_seq or 1
         self.pending: dict[int, int] = {}  # seq -> times delivered
         self.due: dict[int, TimerHandle | None] = {}  # seq -> its redelivery timer (None: now)
         self._waiter: asyncio.Future[None] | None = None
@@ -362,6 +363,16 @@ class Consumer:
             timer.cancel()
         if self.stream.spec.work_queue:
             self.stream.remove(seq)
+
+    def state(self) -> ConsumerState:
+        floor = (min(self.pending) if self.pending else self.next_seq) - 1
+        ahead = sum(
+            1
+            for seq, msg in self.stream.msgs.items()
+            if seq >= self.next_seq and matches(self.spec.filter_subject, msg.subject)
+        )
+        again = sum(1 for n in self.pending.values() if n > 1)
+        return ConsumerState(self.spec.name, floor, ahead, len(self.pending), again)
 
     def retry(self, seq: int, delay: float) -> None:
         if seq in self.pending:

@@ -39,6 +39,7 @@ from ._api import (
     BucketSpec,
     Consumer,
     ConsumerSpec,
+    ConsumerState,
     Dispatch,
     NoResponders,
     NotFound,
@@ -287,7 +288,8 @@ class NatsJetStream:
         config = ConsumerConfig(
             durable_name=spec.name,
             filter_subject=spec.filter_subject,
-            deliver_policy=DeliverPolicy.ALL,
+            deliver_policy=DeliverPolicy.BY_START_SEQUENCE if spec.start_seq else DeliverPolicy.ALL,
+            opt_start_seq=spec.start_seq or None,
             ack_policy=AckPolicy.EXPLICIT,
             ack_wait=spec.ack_wait,
             max_ack_pending=spec.max_ack_pending,
@@ -326,6 +328,21 @@ class NatsJetStream:
         with map_errors(f"consume {stream}/{consumer}"):
             await pull.start()
         return pull
+
+    async def consumer_info(
+        self, stream: str, name: str, *, timeout: float = 5.0
+    ) -> ConsumerState | None:
+        try:
+            info = await self.api_call(f"CONSUMER.INFO.{stream}.{name}", b"", timeout)
+        except NotFound:
+            return None
+        return ConsumerState(
+            name=name,
+            ack_floor=int((info.get("ack_floor") or {}).get("stream_seq", 0)),
+            pending=int(info.get("num_pending", 0)),
+            ack_pending=int(info.get("num_ack_pending", 0)),
+            redelivered=int(info.get("num_redelivered", 0)),
+        )
 
     async def tail(
         self, stream: str, subject: str, last: int, *, within: int = 0, timeout: float = 5.0

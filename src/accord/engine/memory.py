@@ -24,6 +24,7 @@ from ._api import (
     KV,
     BucketSpec,
     ConsumerSpec,
+    ConsumerState,
     DirectHandler,
     Dispatch,
     Handler,
@@ -464,6 +465,16 @@ class MemoryEngine:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return MemoryConsumer(task, c)
+
+    async def consumer_info(
+        self, stream: str, name: str, *, timeout: float = 5.0
+    ) -> ConsumerState | None:
+        self.check("consumer_info")
+        try:
+            c = self.server.stream(stream).consumers.get(name)
+        except NotFound:
+            return None
+        return None if c is None else c.state()
 
     async def tail(
         self, stream: str, subject: str, last: int, *, within: int = 0, timeout: float = 5.0
