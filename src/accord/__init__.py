@@ -1,5 +1,6 @@
 """accord: a distributed runtime for agents on NATS JetStream."""
 
+from . import bus as bus
 from ._agent import Agent as Agent
 from ._agent import handler as handler
 from ._connect import connect as connect
@@ -89,6 +90,7 @@ __all__ = [
     "WorkflowHandle",
     "WorkflowNotFound",
     "WorkflowStatus",
+    "bus",
     "connect",
     "handler",
     "promise",

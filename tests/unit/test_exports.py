@@ -49,6 +49,7 @@ DOCUMENTED = {
     "WorkflowHandle",
     "WorkflowNotFound",
     "WorkflowStatus",
+    "bus",
     "connect",
     "handler",
     "promise",

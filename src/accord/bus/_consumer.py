@@ -1,0 +1,328 @@
+"""One consumer of a group, the same on every backend: partition leases, per-key order, retries.
+
+A topic's events are spread over partitions by key. Within a group each partition is read by
+the holder of its lease only (rendezvous placement over the group's live members, bounded load),
+so a key's events are first handled in publish order even across crashes: a new holder reads
+what the previous one left unacknowledged before anything new. Within a partition, events of
+one key run one at a time, different keys concurrently (bounded by `max_concurrency`); a failed
+handling is retried in place with backoff, and after `max_deliver` attempts dead-lettered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import math
+import os
+import socket
+import time
+import uuid
+from collections import deque
+from collections.abc import Awaitable, Callable
+
+import msgspec
+
+from .._background import cancel_and_wait
+from .._retry import Backoff
+from ._api import AccordError, Backend, BusDeadLetter, Delivery, Event, Fetched, PartitionReader
+
+log = logging.getLogger("accord.bus")
+
+Handle = Callable[[Event, Delivery], Awaitable[None]]
+
+
+class Poison(Exception):
+    """Raised by a handle for an event no attempt can handle (its body does not decode): it goes
+    to the dead letters at once."""
+
+
+class ConsumerSettings(msgspec.Struct, frozen=True, kw_only=True):
+    max_deliver: int = 5
+    """Handlings of one event before it goes to the dead letters."""
+    max_concurrency: int = 64
+    """Handlers running at once in this consumer (different keys)."""
+    min_idle: float = 5.0
+    """Seconds after which a silent consumer's partitions (and pending events) are taken over."""
+    window: int = 512
+    """Events fetched and not yet acknowledged, per partition (memory bound)."""
+    retry_start: float = 0.1
+    retry_cap: float = 5.0
+    """Backoff between attempts: start, doubling, capped."""
+
+
+def assign(partitions: int, members: list[str]) -> dict[int, str]:
+    """Rendezvous placement with bounded load (at most ceil(partitions / members) each): every
+    consumer computes the same answer from the same member list."""
+    if not members:
+        return {}
+    cap = math.ceil(partitions / len(members))
+    load = dict.fromkeys(members, 0)
+    out: dict[int, str] = {}
+    for p in range(partitions):
+        ranked = sorted(members, key=lambda m: hashlib.blake2b(f"{p}:{m}".encode()).digest())
+        owner = next(m for m in ranked if load[m] < cap)
+        load[owner] += 1
+        out[p] = owner
+    return out
+
+
+class GroupConsumer:
+    """Consumes `topic` as one member of `group` until `stop`."""
+
+    def __init__(
+        self,
+        backend: Backend,
+        topic: str,
+        group: str,
+        partitions: int,
+        handle: Handle,
+        settings: ConsumerSettings,
+    ) -> None:
+        self.backend = backend
+        self.topic = topic
+        self.group = group
+        self.partitions = partitions
+        self.handle = handle
+        self.settings = settings
+        self.name = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        gran = backend.lease_granularity
+        self.ttl = max(gran, math.ceil(settings.min_idle / gran) * gran)
+        self.margin = max(0.25, 0.15 * self.ttl)
+        self.slots = asyncio.Semaphore(settings.max_concurrency)
+        self.held: dict[int, _Partition] = {}
+        self.handled = 0
+        self.dead_lettered = 0
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+
+    def lease_name(self, p: int) -> str:
+        return f"{self.topic}.{self.group}.{p}"
+
+    async def start(self) -> None:
+        await self._round()  # the first assignment before returning: consumption has begun
+        self._task = asyncio.create_task(self._loop(), name=f"accord-bus-{self.topic}-{self.group}")
+
+    async def _loop(self) -> None:
+        while not self._stopping:
+            await asyncio.sleep(self.ttl / 4)
+            try:
+                await self._round()
+            except asyncio.CancelledError:
+                raise
+            except AccordError as exc:
+                log.warning("bus %s/%s: %s", self.topic, self.group, exc)
+                await self._expire_lapsed()
+            except Exception:
+                log.exception("bus %s/%s: assignment round failed", self.topic, self.group)
+
+    async def _expire_lapsed(self) -> None:
+        now = asyncio.get_running_loop().time()
+        for p, part in list(self.held.items()):
+            if part.valid_until <= now:
+                del self.held[p]
+                await part.abort()
+
+    async def _round(self) -> None:
+        """Heartbeat, renew what we hold, then take and hand off partitions as placement says."""
+        loop = asyncio.get_running_loop()
+        await self.backend.heartbeat(self.topic, self.group, self.name, self.ttl)
+        for p, part in list(self.held.items()):
+            sent = loop.time()
+            renewed = await self.backend.renew(self.lease_name(p), self.name, part.token, self.ttl)
+            if renewed:
+                part.token = renewed
+                part.valid_until = sent + self.ttl - self.margin
+            else:
+                log.info("bus %s/%s: lost partition %d", self.topic, self.group, p)
+                del self.held[p]
+                await part.abort()
+        members = await self.backend.members(self.topic, self.group)
+        if self.name not in members:
+            members = sorted([*members, self.name])
+        desired = assign(self.partitions, members)
+        for p, owner in desired.items():
+            if owner == self.name and p not in self.held and not self._stopping:
+                sent = loop.time()
+                token = await self.backend.acquire(self.lease_name(p), self.name, self.ttl)
+                if token:
+                    reader = await self.backend.reader(self.topic, self.group, p, self.name, token)
+                    part = _Partition(self, p, token, sent + self.ttl - self.margin, reader)
+                    self.held[p] = part
+                    part.start()
+        for p, part in list(self.held.items()):
+            if desired.get(p) != self.name:  # its desired owner is alive: hand it over
+                del self.held[p]
+                await part.finish()
+                await self.backend.release(self.lease_name(p), self.name, part.token)
+
+    async def stop(self) -> None:
+        """Finish the handlings under way (acknowledged), give the partitions back; events
+        fetched but not started stay pending and go to the next holder."""
+        self._stopping = True
+        if self._task is not None:
+            await cancel_and_wait([self._task])
+        for p, part in list(self.held.items()):
+            del self.held[p]
+            await part.finish()
+            with contextlib.suppress(AccordError):
+                await self.backend.release(self.lease_name(p), self.name, part.token)
+
+
+class _Partition:
+    """One held partition: a fetch loop feeding per-key queues, each drained by its own task."""
+
+    def __init__(
+        self, owner: GroupConsumer, p: int, token: int, valid_until: float, reader: PartitionReader
+    ) -> None:
+        self.owner = owner
+        self.p = p
+        self.token = token
+        self.valid_until = valid_until
+        self.reader = reader
+        self.queues: dict[str, deque[Fetched]] = {}
+        self.inflight: dict[int, Fetched] = {}
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.room = asyncio.Event()
+        self.stopping = False
+        self._loops: list[asyncio.Task[None]] = []
+        self._loop = asyncio.get_running_loop()
+
+    def valid(self) -> bool:
+        return not self.stopping and self._loop.time() < self.valid_until
+
+    def start(self) -> None:
+        self._loops = [asyncio.create_task(self._fetch()), asyncio.create_task(self._touch())]
+
+    async def _fetch(self) -> None:
+        backoff = Backoff(0.1, 2.0)
+        window = self.owner.settings.window
+        while not self.stopping:
+            room = window - len(self.inflight)
+            if room <= 0:
+                self.room.clear()
+                await self.room.wait()
+                continue
+            try:
+                got = await self.reader.fetch(min(room, 256), block=0.5)
+            except AccordError as exc:
+                log.debug("bus partition %d: fetch failed: %s", self.p, exc)
+                await asyncio.sleep(backoff.next())
+                continue
+            backoff.reset()
+            for f in got:
+                self.inflight[id(f)] = f
+                q = self.queues.get(f.event.key)
+                if q is not None:
+                    q.append(f)  # its key's task is running: it takes it in turn
+                    continue
+                self.queues[f.event.key] = deque([f])
+                task = asyncio.create_task(self._drain(f.event.key))
+                self.tasks.add(task)
+                task.add_done_callback(self.tasks.discard)
+
+    async def _touch(self) -> None:
+        while True:
+            await asyncio.sleep(self.owner.ttl / 3)
+            if self.inflight:
+                with contextlib.suppress(AccordError):
+                    await self.reader.touch(list(self.inflight.values()))
+
+    async def _drain(self, key: str) -> None:
+        q = self.queues[key]
+        try:
+            while q and self.valid():
+                f = q[0]
+                if not await self._run(f):
+                    return  # the lease lapsed: the next holder gets the rest
+                q.popleft()
+                self.inflight.pop(id(f), None)
+                self.room.set()
+        finally:
+            if self.queues.get(key) is q:
+                del self.queues[key]
+                for f in q:  # not handled: stays pending in the store for the next holder
+                    self.inflight.pop(id(f), None)
+
+    async def _run(self, f: Fetched) -> bool:
+        """Handle one event until it succeeds or is dead-lettered, then acknowledge it."""
+        owner, ev = self.owner, f.event
+        s = owner.settings
+        if ev.only and ev.only != owner.group:  # a replay for another group
+            await self._ack(f)
+            return True
+        attempt = max(1, f.attempt)
+        backoff = Backoff(s.retry_start, s.retry_cap)
+        while True:
+            if not self.valid():
+                return False
+            d = Delivery(owner.topic, owner.group, ev.key, ev.id, attempt, ev.published_at)
+            try:
+                async with owner.slots:
+                    await owner.handle(ev, d)
+                break
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                error = f"{type(exc).__name__}: {exc}"
+                if isinstance(exc, Poison) or attempt >= s.max_deliver:
+                    if not await self._dead_letter(f, attempt, error):
+                        return False
+                    break
+                log.debug("bus %s: %s attempt %d failed: %s", owner.topic, ev.id, attempt, error)
+                await asyncio.sleep(backoff.delay_for(attempt))
+                attempt += 1
+        if not self.valid():
+            return False
+        await self._ack(f)
+        owner.handled += 1
+        return True
+
+    async def _dead_letter(self, f: Fetched, attempts: int, error: str) -> bool:
+        owner, ev = self.owner, f.event
+        letter = BusDeadLetter(
+            id="", topic=owner.topic, group=owner.group, key=ev.key, event_id=ev.id,
+            type=ev.type, attempts=attempts, error=error[:1000], failed_at=time.time(),
+            body=ev.body,
+        )  # fmt: skip
+        backoff = Backoff(0.1, 2.0)
+        while self.valid():
+            try:
+                await owner.backend.dead_letter(letter)
+                owner.dead_lettered += 1
+                return True
+            except AccordError as exc:
+                log.warning("bus %s: cannot store dead letter %s: %s", owner.topic, ev.id, exc)
+                await asyncio.sleep(backoff.next())
+        return False
+
+    async def _ack(self, f: Fetched) -> None:
+        backoff = Backoff(0.05, 1.0)
+        while self.valid():
+            try:
+                await self.reader.ack(f)
+                return
+            except AccordError:
+                await asyncio.sleep(backoff.next())
+
+    async def finish(self) -> None:
+        """Graceful handoff: no new fetches, handlings under way complete and are acknowledged."""
+        self.stopping_fetch()
+        if self.tasks:
+            await asyncio.wait(set(self.tasks), timeout=self.owner.ttl)
+        await self.abort()
+
+    def stopping_fetch(self) -> None:
+        for q in self.queues.values():
+            while len(q) > 1:  # only the event in hand is finished
+                f = q.pop()
+                self.inflight.pop(id(f), None)
+        if self._loops:
+            self._loops[0].cancel()
+
+    async def abort(self) -> None:
+        self.stopping = True
+        await cancel_and_wait([*self._loops, *self.tasks])
+        with contextlib.suppress(AccordError):
+            await self.reader.close()

@@ -1,0 +1,254 @@
+"""The event bus contract (`accord.bus`), run against both backends: JetStream on a real
+nats-server and Redis Streams on a real redis-server (append-only file, `appendfsync always`).
+
+Each test uses topics of its own on one server per backend for the module; leases are short
+(`min_idle` 1 s) so takeovers happen within the test's deadlines.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+
+import msgspec
+import pytest
+
+import accord
+from accord import ConfigurationError
+from accord.testing.redis import RedisServer
+
+_serials = itertools.count(1)
+
+
+class OrderPlaced(msgspec.Struct):
+    order: str
+    amount: int
+
+
+def _topic(what: str) -> str:
+    return f"t{what}{next(_serials)}"
+
+
+async def until(cond: Callable[[], object], what: str, within: float = 15.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    while True:
+        got = cond()
+        if asyncio.iscoroutine(got):
+            got = await got
+        if got:
+            return
+        if loop.time() > deadline:
+            raise AssertionError(f"not within {within}s: {what}")
+        await asyncio.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def redis_url() -> Iterator[str]:
+    server = RedisServer()
+    url = server.start()
+    try:
+        yield url
+    finally:
+        server.cleanup()
+
+
+@pytest.fixture(params=["jetstream", "redis"])
+async def bus(request: pytest.FixtureRequest) -> AsyncIterator[accord.bus.Bus]:
+    fixture = "nats_url" if request.param == "jetstream" else "redis_url"
+    url = request.getfixturevalue(fixture)
+    async with accord.bus.connect(url, partitions=4) as b:
+        yield b
+
+
+async def test_publish_is_durable_and_the_handler_gets_the_decoded_event(
+    bus: accord.bus.Bus,
+) -> None:
+    """A publish is acknowledged as stored on disk; the handler receives the event decoded to
+    its annotation, with its key, the publisher's id and attempt 1."""
+    topic = _topic("basic")
+    ack = await bus.publish(topic, OrderPlaced("o-1", 30), key="customer-42")
+    assert ack.durable and ack.loss_window == 0.0 and ack.topic == topic
+    got: list[tuple[OrderPlaced, accord.bus.Delivery]] = []
+
+    async def on_order(msg: OrderPlaced, d: accord.bus.Delivery) -> None:
+        got.append((msg, d))
+
+    sub = await bus.subscribe(topic, group="billing", handler=on_order, min_idle=1)
+    try:
+        await until(lambda: len(got) == 1, "the event was handled")
+    finally:
+        await sub.stop()
+    msg, d = got[0]
+    assert msg == OrderPlaced("o-1", 30)
+    assert (d.key, d.id, d.attempt, d.group, d.topic) == (
+        "customer-42",
+        ack.id,
+        1,
+        "billing",
+        topic,
+    )
+
+
+async def test_groups_fan_out_and_consumers_of_a_group_compete(bus: accord.bus.Bus) -> None:
+    """Every group gets every event; two consumers of one group share them, each event once."""
+    topic = _topic("fan")
+    seen: dict[str, list[str]] = {"a1": [], "a2": [], "b": []}
+
+    def recorder(name: str) -> Callable[[OrderPlaced, accord.bus.Delivery], Awaitable[None]]:
+        async def h(msg: OrderPlaced, d: accord.bus.Delivery) -> None:
+            seen[name].append(msg.order)
+
+        return h
+
+    subs = [
+        await bus.subscribe(topic, group="a", handler=recorder("a1"), min_idle=1),
+        await bus.subscribe(topic, group="a", handler=recorder("a2"), min_idle=1),
+        await bus.subscribe(topic, group="b", handler=recorder("b"), min_idle=1),
+    ]
+    try:
+        # the two members of "a" have seen each other and split the partitions
+        await until(lambda: subs[0].partitions and subs[1].partitions, "group a split")
+        await until(lambda: len(subs[0].partitions) + len(subs[1].partitions) == 4, "all held")
+        orders = [f"o{i}" for i in range(60)]
+        for i, o in enumerate(orders):
+            await bus.publish(topic, OrderPlaced(o, i), key=f"k{i % 12}")
+        await until(lambda: len(seen["a1"]) + len(seen["a2"]) == 60 and len(seen["b"]) == 60,
+                    "both groups handled everything")  # fmt: skip
+    finally:
+        for s in subs:
+            await s.stop()
+    assert sorted(seen["a1"] + seen["a2"]) == sorted(orders)
+    assert seen["a1"] and seen["a2"]
+    assert sorted(seen["b"]) == sorted(orders)
+
+
+async def test_same_key_in_publish_order_and_different_keys_concurrently(
+    bus: accord.bus.Bus,
+) -> None:
+    """Events of one key are handled one at a time in publish order, while handlers of
+    different keys overlap (bounded by max_concurrency)."""
+    topic = _topic("order")
+    per_key: dict[str, list[int]] = {}
+    running: set[str] = set()
+    overlap = 0
+
+    async def h(msg: OrderPlaced, d: accord.bus.Delivery) -> None:
+        nonlocal overlap
+        assert d.key not in running, "two handlings of one key at once"
+        running.add(d.key)
+        overlap = max(overlap, len(running))
+        await asyncio.sleep(0.002 * (msg.amount % 3))
+        per_key.setdefault(d.key, []).append(msg.amount)
+        running.discard(d.key)
+
+    for i in range(200):
+        await bus.publish(topic, OrderPlaced("x", i), key=f"k{i % 8}")
+    sub = await bus.subscribe(topic, group="g", handler=h, max_concurrency=4, min_idle=1)
+    try:
+        await until(lambda: sum(map(len, per_key.values())) == 200, "all handled")
+    finally:
+        await sub.stop()
+    for key, amounts in per_key.items():
+        assert amounts == sorted(amounts), key
+    assert 1 < overlap <= 4
+
+
+async def test_failures_are_retried_then_dead_lettered_and_replayed(bus: accord.bus.Bus) -> None:
+    """A raising handler is retried (attempt grows); after max_deliver attempts the event is a
+    dead letter with topic, group, attempts and the last error, and the key's next event is
+    handled after it; a replay is delivered to that group only; an undecodable body is
+    dead-lettered at once."""
+    topic = _topic("poison")
+    attempts: list[int] = []
+    handled: list[str] = []
+    other: list[str] = []
+
+    async def h(msg: OrderPlaced, d: accord.bus.Delivery) -> None:
+        if msg.order == "poison" and not handled.count("healed"):
+            attempts.append(d.attempt)
+            raise ValueError("cannot bill a poison order")
+        handled.append(msg.order)
+
+    async def h_other(msg: OrderPlaced) -> None:
+        other.append(msg.order)
+
+    await bus.publish(topic, OrderPlaced("poison", 1), key="k")
+    await bus.publish(topic, OrderPlaced("next", 2), key="k")
+    await bus.publish_json(topic, "OrderPlaced", b'{"order": 5}', key="j")
+    sub = await bus.subscribe(topic, group="g", handler=h, max_deliver=3, min_idle=1)
+    sub2 = await bus.subscribe(topic, group="other", handler=h_other, min_idle=1)
+    try:
+        await until(lambda: handled == ["next"], "the key's next event after the poison one")
+
+        async def two_letters() -> bool:
+            mine = [x for x in await bus.dead_letters() if x.topic == topic and x.group == "g"]
+            return len(mine) == 2
+
+        await until(two_letters, "two dead letters")
+        assert attempts == [1, 2, 3]
+        letters = {x.key: x for x in await bus.dead_letters() if (x.topic, x.group) == (topic, "g")}
+        poison, bad = letters["k"], letters["j"]
+        assert (poison.group, poison.attempts, poison.type) == ("g", 3, "OrderPlaced")
+        assert "ValueError: cannot bill a poison order" in poison.error
+        assert bad.attempts == 1 and "decode" in bad.error
+        stats = {s.group: s for s in await bus.stats() if s.topic == topic}
+        assert stats["g"].dead_letters == 2 and stats["g"].published == 3
+        await until(lambda: len(other) == 2, "the other group handled the decodable ones")
+        handled.append("healed")
+        new_id = await bus.replay(poison.id)
+        await until(lambda: handled[-1:] == ["poison"], "the replayed event was handled")
+        assert new_id != poison.event_id
+        assert not [x for x in await bus.dead_letters() if x.id == poison.id]
+
+        async def other_done() -> bool:
+            rows = [s for s in await bus.stats() if (s.topic, s.group) == (topic, "other")]
+            return bool(rows) and rows[0].pending == 0 and rows[0].published == 4
+
+        await until(other_done, "the other group acknowledged the replay too")
+    finally:
+        await sub.stop()
+        await sub2.stop()
+    assert sorted(other) == ["next", "poison"]  # the replay was for group g only
+
+
+async def test_a_stopped_consumers_partitions_go_to_the_other(bus: accord.bus.Bus) -> None:
+    """When one consumer of a group stops, the other takes its partitions and handles every
+    remaining event (what the first left unacknowledged included)."""
+    topic = _topic("handoff")
+    seen: list[int] = []
+
+    async def h(msg: OrderPlaced) -> None:
+        seen.append(msg.amount)
+
+    first = await bus.subscribe(topic, group="g", handler=h, min_idle=1)
+    second = await bus.subscribe(topic, group="g", handler=h, min_idle=1)
+    try:
+        await until(lambda: first.partitions and second.partitions, "split")
+        await first.stop()
+        await until(lambda: len(second.partitions) == 4, "the second holds all")
+        for i in range(40):
+            await bus.publish(topic, OrderPlaced("x", i), key=f"k{i % 10}")
+        await until(lambda: sorted(set(seen)) == list(range(40)), "all handled")
+    finally:
+        await second.stop()
+
+
+async def test_bad_names_and_unreachable_backends_are_clear_errors(
+    bus: accord.bus.Bus,
+) -> None:
+    """A topic or group that is not a plain token is a ConfigurationError; a server nobody
+    listens on is BusUnavailable (a NotConnected), not a library exception."""
+    with pytest.raises(ConfigurationError):
+        await bus.publish("a.b", OrderPlaced("o", 1))
+    with pytest.raises(ConfigurationError):
+        await bus.subscribe("ok", group="x y", handler=_noop)
+    url = "nats://127.0.0.1:1" if bus.kind == "jetstream" else "redis://127.0.0.1:1"
+    with pytest.raises(accord.bus.BusUnavailable):
+        async with accord.bus.connect(url):
+            pass
+
+
+async def _noop(msg: OrderPlaced) -> None:
+    return None
