@@ -43,8 +43,11 @@ async def main(mode: str, url: str, topic: str, group: str, log: str) -> None:
                 break
             except accord.AccordError:
                 await asyncio.sleep(0.5)
-        with open(log + ".ready", "a") as f:
-            f.write(f"{pid}\n")
+        os.write(
+            fd_ready := os.open(log + ".ready", os.O_WRONLY | os.O_APPEND | os.O_CREAT),
+            f"{pid}\n".encode(),
+        )
+        os.close(fd_ready)
         await stop.wait()
         await sub.stop()
 

@@ -52,8 +52,11 @@ class Worker:
         ready = Path(f"{self.log}.ready")
         pid = str(self.proc.pid if self.proc else "")
 
+        def pids() -> list[str]:
+            return ready.read_text().split() if ready.exists() else []
+
         async def probe() -> bool | None:
-            return True if ready.exists() and pid in ready.read_text().split() else None
+            return True if pid in await asyncio.to_thread(pids) else None
 
         await eventually(probe, 30, f"worker {pid} consuming")
 
@@ -226,7 +229,6 @@ async def test_route_to_an_exactly_once_agent_counts_each_event_once(tmp_path: P
                     return out if all(v >= per_key for v in out.values()) else None
 
                 final = await eventually(totals, 60, "every ledger's total", interval=0.5)
-                await asyncio.sleep(0)
         finally:
             worker.stop()
     assert final == dict.fromkeys(keys, per_key)

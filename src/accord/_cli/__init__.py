@@ -7,11 +7,12 @@ import sys
 
 import msgspec
 
-from . import _agents, _inspect, _observe, _processes, _services, _workflows
+from . import _agents, _bus, _inspect, _observe, _processes, _services, _workflows
 from ._common import app, err
 
 __all__ = [
     "_agents",
+    "_bus",
     "_inspect",
     "_observe",
     "_processes",

@@ -131,18 +131,43 @@ async def _dead_letters(nats: str | None, cluster: str) -> AsyncIterator[Any]:
         yield DeadLetters(mesh._transport, mesh.names, mesh.config.num_shards)
 
 
+BusDlqOpt = Annotated[
+    str | None,
+    typer.Option("--bus", help="Also (list) or instead (replay, purge) the event bus's dead "
+                 "letters, on this bus: redis://… or nats://… (`-` : the cluster's NATS)."),
+]  # fmt: skip
+
+
+async def _bus_letters(url: str) -> list[Any]:
+    from ..bus import connect
+
+    async with connect(None if url == "-" else url) as bus:
+        return await bus.dead_letters()
+
+
 @dlq_app.command("list")
 def dlq_list(
-    nats: NatsOpt = None, cluster: ClusterOpt = "default", as_json: JsonOpt = False
+    nats: NatsOpt = None,
+    cluster: ClusterOpt = "default",
+    as_json: JsonOpt = False,
+    bus: BusDlqOpt = None,
 ) -> None:
-    """List dead letters (sequence, target, type, deliveries, reason)."""
+    """List dead letters (sequence, target, type, deliveries, reason); with --bus, the bus's
+    dead letters too (id, topic, group, attempts, last error)."""
 
     async def main() -> None:
-        async with _dead_letters(nats, cluster) as dlq:
-            entries = await dlq.list()
+        if bus is not None and nats is None and not _cluster_known():
+            entries = []  # only a bus (e.g. Redis) was named: no agents' dead letters to list
+        else:
+            async with _dead_letters(nats, cluster) as dlq:
+                entries = await dlq.list()
+        letters = await _bus_letters(bus) if bus is not None else None
         if as_json:
-            sys.stdout.write(msgspec.json.encode(entries).decode() + "\n")
+            doc: Any = entries if letters is None else {"agents": entries, "bus": letters}
+            sys.stdout.write(msgspec.json.encode(doc).decode() + "\n")
             return
+        if letters is not None:
+            _print_bus_letters(letters)
         table = Table(title=f"{len(entries)} dead letter(s)")
         for col in ("seq", "target", "type", "deliveries", "failed at", "reason"):
             table.add_column(col)
@@ -152,6 +177,22 @@ def dlq_list(
         out.print(table)
 
     _run(main())
+
+
+def _cluster_known() -> bool:
+    from ..engine._resolve import running_url
+
+    return running_url() is not None
+
+
+def _print_bus_letters(letters: list[Any]) -> None:
+    table = Table(title=f"{len(letters)} bus dead letter(s)")
+    for col in ("id", "topic", "group", "key", "type", "attempts", "failed at", "last error"):
+        table.add_column(col)
+    for x in letters:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(x.failed_at))
+        table.add_row(x.id, x.topic, x.group, x.key, x.type, str(x.attempts), when, x.error)
+    out.print(table)
 
 
 @dlq_app.command("show")
@@ -178,10 +219,20 @@ def dlq_replay(
     replay_all: Annotated[bool, typer.Option("--all", help="Replay every dead letter.")] = False,
     nats: NatsOpt = None,
     cluster: ClusterOpt = "default",
+    bus: BusDlqOpt = None,
+    ids: Annotated[
+        list[str] | None, typer.Option("--id", help="A bus dead letter's id (with --bus).")
+    ] = None,
 ) -> None:
-    """Deliver dead letters again (into their mailbox, under a new message id)."""
+    """Deliver dead letters again (into their mailbox, under a new message id); with --bus,
+    the bus's (published again for their group only)."""
 
     async def main() -> None:
+        if bus is not None:
+            await _replay_bus(bus, ids or [], replay_all)
+            return
+        if ids:
+            raise ConfigurationError("--id names a bus dead letter: give --bus too")
         if not seq and not replay_all:
             raise ConfigurationError("give sequence numbers or --all")
         async with _dead_letters(nats, cluster) as dlq:
@@ -191,6 +242,18 @@ def dlq_replay(
                 out.print(f"replayed {s} as message {new_id}")
 
     _run(main())
+
+
+async def _replay_bus(url: str, ids: list[str], replay_all: bool) -> None:
+    from ..bus import connect
+
+    if not ids and not replay_all:
+        raise ConfigurationError("give --id ID (repeatable) or --all")
+    async with connect(None if url == "-" else url) as b:
+        targets = ids or [x.id for x in await b.dead_letters()]
+        for letter_id in targets:
+            new_id = await b.replay(letter_id)
+            out.print(f"replayed bus dead letter {letter_id} as event {new_id}")
 
 
 @dlq_app.command("purge")
