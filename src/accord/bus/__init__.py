@@ -9,6 +9,7 @@ from ._api import PublishUnconfirmed as PublishUnconfirmed
 from ._bus import Bus as Bus
 from ._bus import Subscription as Subscription
 from ._bus import connect as connect
+from ._workflows import workflow_events as workflow_events
 
 __all__ = [
     "Bus",
@@ -20,4 +21,5 @@ __all__ = [
     "PublishUnconfirmed",
     "Subscription",
     "connect",
+    "workflow_events",
 ]

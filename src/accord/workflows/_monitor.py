@@ -13,6 +13,7 @@ import base64
 import logging
 import time
 import weakref
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import msgspec
@@ -116,3 +117,25 @@ async def event(mesh: MeshLike, run: str, name: str, *, step: str = "", attempt:
         )
     except AccordError as exc:
         log.debug("workflow event not published: %s", exc)
+    for publish in _lifecycle_publishers.get(mesh, ()):
+        try:
+            await publish(ev)
+        except Exception as exc:  # a monitoring sink must never fail the run's turn
+            log.warning("workflow event not handed to %r: %s", publish, exc)
+
+
+# -- the hook for other sinks of lifecycle events (the event bus: accord.bus.workflow_events) --
+
+#: Awaited with each lifecycle event after the events-stream publish, inside the run's turn.
+LifecyclePublisher = Callable[[RunEvent], Awaitable[None]]
+_lifecycle_publishers: weakref.WeakKeyDictionary[Any, list[LifecyclePublisher]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def add_lifecycle_publisher(mesh: Any, publish: LifecyclePublisher) -> Callable[[], None]:
+    """Also hand the lifecycle events of runs hosted through `mesh` (a node's) to `publish`;
+    returns the function that removes it again."""
+    publishers = _lifecycle_publishers.setdefault(mesh, [])
+    publishers.append(publish)
+    return lambda: publishers.remove(publish) if publish in publishers else None
