@@ -2,7 +2,7 @@
 nats-server and Redis Streams on a real redis-server (append-only file, `appendfsync always`).
 
 Each test uses topics of its own on one server per backend for the module; leases are short
-(`min_idle` 1 s) so takeovers happen within the test's deadlines.
+(`min_idle` 2 s) so takeovers happen within the test's deadlines.
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ async def test_publish_is_durable_and_the_handler_gets_the_decoded_event(
     async def on_order(msg: OrderPlaced, d: accord.bus.Delivery) -> None:
         got.append((msg, d))
 
-    sub = await bus.subscribe(topic, group="billing", handler=on_order, min_idle=1)
+    sub = await bus.subscribe(topic, group="billing", handler=on_order, min_idle=2)
     try:
         await until(lambda: len(got) == 1, "the event was handled")
     finally:
@@ -103,9 +103,9 @@ async def test_groups_fan_out_and_consumers_of_a_group_compete(bus: accord.bus.B
         return h
 
     subs = [
-        await bus.subscribe(topic, group="a", handler=recorder("a1"), min_idle=1),
-        await bus.subscribe(topic, group="a", handler=recorder("a2"), min_idle=1),
-        await bus.subscribe(topic, group="b", handler=recorder("b"), min_idle=1),
+        await bus.subscribe(topic, group="a", handler=recorder("a1"), min_idle=2),
+        await bus.subscribe(topic, group="a", handler=recorder("a2"), min_idle=2),
+        await bus.subscribe(topic, group="b", handler=recorder("b"), min_idle=2),
     ]
     try:
         # the two members of "a" have seen each other and split the partitions
@@ -145,7 +145,7 @@ async def test_same_key_in_publish_order_and_different_keys_concurrently(
 
     for i in range(200):
         await bus.publish(topic, OrderPlaced("x", i), key=f"k{i % 8}")
-    sub = await bus.subscribe(topic, group="g", handler=h, max_concurrency=4, min_idle=1)
+    sub = await bus.subscribe(topic, group="g", handler=h, max_concurrency=4, min_idle=2)
     try:
         await until(lambda: sum(map(len, per_key.values())) == 200, "all handled")
     finally:
@@ -177,8 +177,8 @@ async def test_failures_are_retried_then_dead_lettered_and_replayed(bus: accord.
     await bus.publish(topic, OrderPlaced("poison", 1), key="k")
     await bus.publish(topic, OrderPlaced("next", 2), key="k")
     await bus.publish_json(topic, "OrderPlaced", b'{"order": 5}', key="j")
-    sub = await bus.subscribe(topic, group="g", handler=h, max_deliver=3, min_idle=1)
-    sub2 = await bus.subscribe(topic, group="other", handler=h_other, min_idle=1)
+    sub = await bus.subscribe(topic, group="g", handler=h, max_deliver=3, min_idle=2)
+    sub2 = await bus.subscribe(topic, group="other", handler=h_other, min_idle=2)
     try:
         await until(lambda: handled == ["next"], "the key's next event after the poison one")
 
@@ -222,8 +222,8 @@ async def test_a_stopped_consumers_partitions_go_to_the_other(bus: accord.bus.Bu
     async def h(msg: OrderPlaced) -> None:
         seen.append(msg.amount)
 
-    first = await bus.subscribe(topic, group="g", handler=h, min_idle=1)
-    second = await bus.subscribe(topic, group="g", handler=h, min_idle=1)
+    first = await bus.subscribe(topic, group="g", handler=h, min_idle=2)
+    second = await bus.subscribe(topic, group="g", handler=h, min_idle=2)
     try:
         await until(lambda: first.partitions and second.partitions, "split")
         await first.stop()

@@ -139,10 +139,11 @@ class Backend(Protocol):
         """Store the event; `PublishUnconfirmed` when the store did not confirm it."""
 
     async def reader(
-        self, topic: str, group: str, partition: int, consumer: str, epoch: int
+        self, topic: str, group: str, partition: int, consumer: str, epoch: int, min_idle: float
     ) -> PartitionReader:
         """Open the partition for the lease holder at `epoch` (creating the group, which then
-        sees every event still stored, if new)."""
+        sees every event still stored, if new). Events delivered to nobody who works on them
+        (not touched for `min_idle`, e.g. a read cut short by a lost lease) come again."""
 
     async def heartbeat(self, topic: str, group: str, consumer: str, ttl: float) -> None:
         """Say `consumer` is alive in the group for `ttl` seconds."""

@@ -127,10 +127,23 @@ class GroupConsumer:
     async def _round(self) -> None:
         """Heartbeat, renew what we hold, then take and hand off partitions as placement says."""
         loop = asyncio.get_running_loop()
-        await self.backend.heartbeat(self.topic, self.group, self.name, self.ttl)
-        for p, part in list(self.held.items()):
-            sent = loop.time()
-            renewed = await self.backend.renew(self.lease_name(p), self.name, part.token, self.ttl)
+        sent = loop.time()
+        held = list(self.held.items())
+        # all at once: one slow reply must not hold up the other renewals until they lapse
+        results = await asyncio.gather(
+            self.backend.heartbeat(self.topic, self.group, self.name, self.ttl),
+            *(self.backend.renew(self.lease_name(p), self.name, part.token, self.ttl)
+              for p, part in held),
+            return_exceptions=True,
+        )  # fmt: skip
+        for r in results:
+            if isinstance(r, BaseException) and not isinstance(r, AccordError):
+                raise r
+        if isinstance(results[0], AccordError):
+            raise results[0]
+        for (p, part), renewed in zip(held, results[1:], strict=True):
+            if isinstance(renewed, BaseException):
+                continue  # unknown: keep serving while the validity lasts
             if renewed:
                 part.token = renewed
                 part.valid_until = sent + self.ttl - self.margin
@@ -138,6 +151,7 @@ class GroupConsumer:
                 log.info("bus %s/%s: lost partition %d", self.topic, self.group, p)
                 del self.held[p]
                 await part.abort()
+        await self._expire_lapsed()
         members = await self.backend.members(self.topic, self.group)
         if self.name not in members:
             members = sorted([*members, self.name])
@@ -147,7 +161,9 @@ class GroupConsumer:
                 sent = loop.time()
                 token = await self.backend.acquire(self.lease_name(p), self.name, self.ttl)
                 if token:
-                    reader = await self.backend.reader(self.topic, self.group, p, self.name, token)
+                    reader = await self.backend.reader(
+                        self.topic, self.group, p, self.name, token, self.ttl
+                    )
                     part = _Partition(self, p, token, sent + self.ttl - self.margin, reader)
                     self.held[p] = part
                     part.start()
@@ -186,6 +202,7 @@ class _Partition:
         self.tasks: set[asyncio.Task[None]] = set()
         self.room = asyncio.Event()
         self.stopping = False
+        self.fetching = True
         self._loops: list[asyncio.Task[None]] = []
         self._loop = asyncio.get_running_loop()
 
@@ -198,7 +215,7 @@ class _Partition:
     async def _fetch(self) -> None:
         backoff = Backoff(0.1, 2.0)
         window = self.owner.settings.window
-        while not self.stopping:
+        while not self.stopping and self.fetching:
             room = window - len(self.inflight)
             if room <= 0:
                 self.room.clear()
@@ -211,6 +228,8 @@ class _Partition:
                 await asyncio.sleep(backoff.next())
                 continue
             backoff.reset()
+            if self.stopping or not self.fetching:
+                return  # what was read stays pending: the next holder reads it first
             for f in got:
                 self.inflight[id(f)] = f
                 q = self.queues.get(f.event.key)
@@ -318,11 +337,16 @@ class _Partition:
             while len(q) > 1:  # only the event in hand is finished
                 f = q.pop()
                 self.inflight.pop(id(f), None)
-        if self._loops:
-            self._loops[0].cancel()
+        self.fetching = False
 
     async def abort(self) -> None:
         self.stopping = True
-        await cancel_and_wait([*self._loops, *self.tasks])
+        self.room.set()
+        await cancel_and_wait([*self._loops[1:], *self.tasks])
+        if self._loops:
+            # a read under way is let finish (within its block time): cancelled, its events
+            # would be delivered to nobody and, on Redis, come again only after 2·min_idle
+            await asyncio.wait([self._loops[0]], timeout=2.0)
+            await cancel_and_wait(self._loops[:1])
         with contextlib.suppress(AccordError):
             await self.reader.close()

@@ -150,7 +150,7 @@ class JetStreamBackend:
         raise AssertionError("unreachable")
 
     async def reader(
-        self, topic: str, group: str, partition: int, consumer: str, epoch: int
+        self, topic: str, group: str, partition: int, consumer: str, epoch: int, min_idle: float
     ) -> JetStreamReader:
         stream, prefix = stream_of(topic), f"g-{group}-p{partition}-e"
         name = f"{prefix}{epoch}"
@@ -165,7 +165,7 @@ class JetStreamBackend:
             # created before the old ones go: the new consumer starts where the group stands
             start = min(floors) + 1 if floors else 0
             spec = ConsumerSpec(name=name, filter_subject=subject_of(topic, partition),
-                                ack_wait=30.0, max_ack_pending=4096,
+                                ack_wait=max(30.0, 3 * min_idle), max_ack_pending=4096,
                                 inactive_threshold=30 * 86400.0, start_seq=start)  # fmt: skip
             await self.engine.ensure_consumer(stream, spec)
             for old in olds:

@@ -148,7 +148,7 @@ class RedisBackend:
                           loss_window=loss)  # fmt: skip
 
     async def reader(
-        self, topic: str, group: str, partition: int, consumer: str, epoch: int
+        self, topic: str, group: str, partition: int, consumer: str, epoch: int, min_idle: float
     ) -> RedisReader:
         key = stream_key(topic, partition)
         with _mapped(f"open {topic}/{group} partition {partition}"):
@@ -157,7 +157,7 @@ class RedisBackend:
             except rex.ResponseError as exc:
                 if "BUSYGROUP" not in str(exc):
                     raise
-        return RedisReader(self, key, group, consumer)
+        return RedisReader(self, key, group, consumer, min_idle)
 
     async def heartbeat(self, topic: str, group: str, consumer: str, ttl: float) -> None:
         with _mapped("heartbeat"):
@@ -257,8 +257,12 @@ class RedisReader:
     """A partition's entries for its lease holder: the group's pending ones first (claimed),
     then new ones; trims the stream now and then."""
 
-    def __init__(self, backend: RedisBackend, key: str, group: str, consumer: str) -> None:
+    def __init__(
+        self, backend: RedisBackend, key: str, group: str, consumer: str, min_idle: float
+    ) -> None:
         self.b = backend
+        self.min_idle = min_idle
+        self._reclaimed_at = time.monotonic()
         self.r = backend.r
         self.key = key
         self.group = group
@@ -274,6 +278,10 @@ class RedisReader:
                     return got
             if time.monotonic() - self._trimmed_at > TRIM_EVERY:
                 await self._trim()
+            if time.monotonic() - self._reclaimed_at > self.min_idle:
+                got = await self._reclaim(limit)
+                if got:
+                    return got
             reply: Any = await self.r.xreadgroup(
                 self.group, self.consumer, {self.key: ">"}, count=limit, block=int(block * 1000)
             )
@@ -297,6 +305,17 @@ class RedisReader:
                   await self.r.xpending_range(self.key, self.group, entries[0][0], entries[-1][0],
                                               len(entries) + 16, self.consumer)}  # fmt: skip
         return [_fetched(eid, raw, counts.get(_s(eid), 2)) for eid, raw in entries]
+
+    async def _reclaim(self, limit: int) -> list[Fetched]:
+        """Entries pending and untouched for twice `min_idle`: delivered to a read that was cut
+        short (a lost lease, a dead connection), or to a consumer that died after we claimed
+        its entries. In-flight entries are touched every third of `min_idle`, so never match."""
+        self._reclaimed_at = time.monotonic()
+        idle = int(self.min_idle * 2000)
+        _c, entries, _deleted = await self.r.xautoclaim(
+            self.key, self.group, self.consumer, idle, "0-0", count=limit
+        )
+        return [_fetched(eid, raw, 2) for eid, raw in entries if raw]
 
     async def _trim(self) -> None:
         self._trimmed_at = time.monotonic()
