@@ -31,6 +31,7 @@ from ._api import AccordError, Backend, BusDeadLetter, Delivery, Event, Fetched,
 log = logging.getLogger("accord.bus")
 
 Handle = Callable[[Event, Delivery], Awaitable[None]]
+_READ_BLOCK = 0.5  # seconds a fetch waits for events
 
 
 class Poison(Exception):
@@ -216,13 +217,18 @@ class _Partition:
         backoff = Backoff(0.1, 2.0)
         window = self.owner.settings.window
         while not self.stopping and self.fetching:
+            if self._loop.time() + _READ_BLOCK + 0.1 >= self.valid_until:
+                # a read must end before the lease can lapse: one that delivered after a new
+                # holder took over would leave events pending with us, behind newer ones
+                await asyncio.sleep(0.05)
+                continue
             room = window - len(self.inflight)
             if room <= 0:
                 self.room.clear()
                 await self.room.wait()
                 continue
             try:
-                got = await self.reader.fetch(min(room, 256), block=0.5)
+                got = await self.reader.fetch(min(room, 256), block=_READ_BLOCK)
             except AccordError as exc:
                 log.debug("bus partition %d: fetch failed: %s", self.p, exc)
                 await asyncio.sleep(backoff.next())

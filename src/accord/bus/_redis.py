@@ -268,9 +268,21 @@ class RedisReader:
         self.group = group
         self.consumer = consumer
         self._cursor: str | None = "0-0"  # None once every pending entry was claimed
+        self._out: set[str] = set()  # handed out, not acknowledged
         self._trimmed_at = 0.0
 
     async def fetch(self, limit: int, block: float) -> list[Fetched]:
+        try:
+            got = await self._fetch(limit, block)
+        except BusUnavailable:
+            # A read whose reply was lost (a dropped connection, a server restart) left its
+            # entries pending with us: claim them first, before anything newer.
+            self._cursor = "0-0"
+            raise
+        self._out.update(_s(f.token) for f in got)
+        return got
+
+    async def _fetch(self, limit: int, block: float) -> list[Fetched]:
         with _mapped(f"read {self.key}"):
             if self._cursor is not None:
                 got = await self._claim(limit)
@@ -298,7 +310,7 @@ class RedisReader:
             self.key, self.group, self.consumer, 0, self._cursor, count=limit
         )
         self._cursor = None if _s(cursor) == "0-0" else _s(cursor)
-        entries = [(eid, raw) for eid, raw in entries if raw]
+        entries = [(eid, raw) for eid, raw in entries if raw and _s(eid) not in self._out]
         if not entries:
             return []
         counts = {_s(e["message_id"]): int(e["times_delivered"]) for e in
@@ -315,7 +327,7 @@ class RedisReader:
         _c, entries, _deleted = await self.r.xautoclaim(
             self.key, self.group, self.consumer, idle, "0-0", count=limit
         )
-        return [_fetched(eid, raw, 2) for eid, raw in entries if raw]
+        return [_fetched(eid, raw, 2) for eid, raw in entries if raw and _s(eid) not in self._out]
 
     async def _trim(self) -> None:
         self._trimmed_at = time.monotonic()
@@ -334,6 +346,7 @@ class RedisReader:
     async def ack(self, f: Fetched) -> None:
         with _mapped(f"ack on {self.key}"):
             await self.r.xack(self.key, self.group, f.token)
+        self._out.discard(_s(f.token))
 
     async def touch(self, fs: list[Fetched]) -> None:
         with _mapped(f"touch on {self.key}"):  # resets their idle time, not their count
