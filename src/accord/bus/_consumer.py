@@ -210,6 +210,15 @@ class _Partition:
     def valid(self) -> bool:
         return not self.stopping and self._loop.time() < self.valid_until
 
+    async def wait_valid(self) -> bool:
+        """True once the lease is valid; False when the partition stops. A late renewal makes
+        a lapsed lease valid again (it was still ours); a failed one aborts the partition."""
+        while not self.valid():
+            if self.stopping:
+                return False
+            await asyncio.sleep(0.05)
+        return True
+
     def start(self) -> None:
         self._loops = [asyncio.create_task(self._fetch()), asyncio.create_task(self._touch())]
 
@@ -257,7 +266,7 @@ class _Partition:
     async def _drain(self, key: str) -> None:
         q = self.queues[key]
         try:
-            while q and self.valid():
+            while q and not self.stopping:
                 f = q[0]
                 if not await self._run(f):
                     return  # the lease lapsed: the next holder gets the rest
@@ -280,7 +289,7 @@ class _Partition:
         attempt = max(1, f.attempt)
         backoff = Backoff(s.retry_start, s.retry_cap)
         while True:
-            if not self.valid():
+            if not await self.wait_valid():
                 return False
             d = Delivery(owner.topic, owner.group, ev.key, ev.id, attempt, ev.published_at)
             try:
@@ -298,7 +307,7 @@ class _Partition:
                 log.debug("bus %s: %s attempt %d failed: %s", owner.topic, ev.id, attempt, error)
                 await asyncio.sleep(backoff.delay_for(attempt))
                 attempt += 1
-        if not self.valid():
+        if not await self.wait_valid():
             return False
         await self._ack(f)
         owner.handled += 1
@@ -312,7 +321,7 @@ class _Partition:
             body=ev.body,
         )  # fmt: skip
         backoff = Backoff(0.1, 2.0)
-        while self.valid():
+        while await self.wait_valid():
             try:
                 await owner.backend.dead_letter(letter)
                 owner.dead_lettered += 1
@@ -324,7 +333,7 @@ class _Partition:
 
     async def _ack(self, f: Fetched) -> None:
         backoff = Backoff(0.05, 1.0)
-        while self.valid():
+        while await self.wait_valid():
             try:
                 await self.reader.ack(f)
                 return

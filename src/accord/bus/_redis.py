@@ -38,6 +38,7 @@ TOPICS = f"{PRE}:topics"
 #: at most a second here and the socket waits far longer than that.
 SOCKET_TIMEOUT = 30.0
 TRIM_EVERY = 30.0
+MAX_CONNECTIONS = 64
 _LOSS = {"always": 0.0, "everysec": 1.0}
 
 _ACQUIRE = """
@@ -103,9 +104,13 @@ class RedisBackend:
     @classmethod
     async def connect(cls, url: str) -> RedisBackend:
         try:
-            client = aioredis.Redis.from_url(
-                url, socket_timeout=SOCKET_TIMEOUT, socket_connect_timeout=5.0
-            )
+            # a blocking pool: past its size a command waits for a connection instead of
+            # failing with "Too many connections" (every partition's blocking read holds one)
+            pool = aioredis.BlockingConnectionPool.from_url(
+                url, max_connections=MAX_CONNECTIONS, timeout=SOCKET_TIMEOUT,
+                socket_timeout=SOCKET_TIMEOUT, socket_connect_timeout=5.0,
+            )  # fmt: skip
+            client = aioredis.Redis(connection_pool=pool)
         except ValueError as exc:
             raise ConfigurationError(f"bad Redis URL {url!r}: {exc}") from None
         try:
@@ -251,6 +256,7 @@ class RedisBackend:
 
     async def close(self) -> None:
         await self.r.aclose()
+        await self.r.connection_pool.disconnect()
 
 
 class RedisReader:
