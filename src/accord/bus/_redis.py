@@ -11,6 +11,7 @@ one after its last delivered), so trimming never drops an entry a group has not 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 from collections.abc import Iterator
@@ -275,6 +276,8 @@ class RedisReader:
         self.consumer = consumer
         self._cursor: str | None = "0-0"  # None once every pending entry was claimed
         self._out: set[str] = set()  # handed out, not acknowledged
+        self._batch: tuple[list[Any], asyncio.Future[None]] | None = None
+        self._flushes: set[asyncio.Task[None]] = set()
         self._trimmed_at = 0.0
 
     async def fetch(self, limit: int, block: float) -> list[Fetched]:
@@ -350,9 +353,29 @@ class RedisReader:
             await self.r.xtrim(self.key, minid=floor, approximate=False)
 
     async def ack(self, f: Fetched) -> None:
-        with _mapped(f"ack on {self.key}"):
-            await self.r.xack(self.key, self.group, f.token)
+        # The acks of one loop iteration go in one XACK: with `appendfsync always` every write
+        # command costs an fsync, and one per event capped a consumer at a few hundred a second.
+        if self._batch is None:
+            self._batch = ([], asyncio.get_running_loop().create_future())
+            task = asyncio.create_task(self._flush())
+            self._flushes.add(task)
+            task.add_done_callback(self._flushes.discard)
+        ids, done = self._batch
+        ids.append(f.token)
+        await asyncio.shield(done)
         self._out.discard(_s(f.token))
+
+    async def _flush(self) -> None:
+        await asyncio.sleep(0)
+        assert self._batch is not None
+        ids, done = self._batch
+        self._batch = None
+        try:
+            with _mapped(f"ack on {self.key}"):
+                await self.r.xack(self.key, self.group, *ids)
+            done.set_result(None)
+        except BusUnavailable as exc:
+            done.set_exception(exc)
 
     async def touch(self, fs: list[Fetched]) -> None:
         with _mapped(f"touch on {self.key}"):  # resets their idle time, not their count
