@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import typing
 import uuid
-from collections.abc import Generator
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator
 from typing import Any
 
 import msgspec
@@ -50,6 +50,10 @@ ATTEMPT_TIMEOUT = 5.0
 """Seconds one attempt may take: a request that reached an owner which then died gets no answer,
 and waiting past a shard's failover for it would be wasted (every message here is idempotent)."""
 _RETRIED = (DeliveryTimeout, NotConnected, OutcomeUnknown)
+_report_dec = msgspec.msgpack.Decoder(WorkflowReport)
+_Until = Callable[
+    [WorkflowReport | None, float | None], Awaitable[tuple[WorkflowStatus, WorkflowReport]]
+]
 _REFUSALS: dict[str, type[AccordError]] = {
     "WorkflowNotFound": WorkflowNotFound, "BadRequest": BadRequest,
 }  # fmt: skip
@@ -117,48 +121,68 @@ class WorkflowHandle:
         annotation when this process knows the workflow class). Raises `WorkflowFailed` when it
         failed, was compensated or cancelled; `DeliveryTimeout` if it has not ended within
         `timeout` seconds (None: wait for ever) — the run goes on either way."""
+        async with self._ended() as until_ended:
+            st, report = await until_ended(None, timeout)
+        if st.state not in TERMINAL:
+            raise DeliveryTimeout(f"workflow {self.id} still {st.state} after {timeout} s",
+                                  maybe_delivered=True)  # fmt: skip
+        if st.state == "completed":
+            return _decode_result(self.id, report.result)
+        raise WorkflowFailed(
+            f"workflow {self.id} {st.state}: {st.error}",
+            state=st.state, cause=st.error, compensated=st.state == "compensated",
+        )  # fmt: skip
+
+    @contextlib.asynccontextmanager
+    async def _ended(self) -> AsyncIterator[_Until]:
+        """Listen for the run's end announcement; yield `until_ended(first, timeout)`, which
+        returns (status, report) once the run ended or `timeout` passed (`first`: a report in
+        hand already, else the run is asked)."""
         loop = asyncio.get_running_loop()
-        deadline = None if timeout is None else loop.time() + timeout
         ended = asyncio.Event()
+        announced: list[bytes] = []
 
         async def on_end(msg: Any) -> None:
+            announced.append(msg.data)
             ended.set()
+
+        async def until_ended(
+            first: WorkflowReport | None, timeout: float | None
+        ) -> tuple[WorkflowStatus, WorkflowReport]:
+            deadline = None if timeout is None else loop.time() + timeout
+            report = first
+            while True:
+                if report is None:
+                    try:
+                        ended.clear()
+                        report = await self._report()
+                    except _RETRIED:  # the run's shard is failing over: ask until our deadline
+                        if deadline is not None and loop.time() > deadline:
+                            raise
+                        await asyncio.sleep(0.2)
+                        continue
+                st = report.status
+                left = None if deadline is None else deadline - loop.time()
+                if st.state in TERMINAL or (left is not None and left <= 0):
+                    return st, report
+                report = None
+                with contextlib.suppress(TimeoutError):
+                    pause = RESULT_RECHECK if left is None else min(RESULT_RECHECK, left)
+                    await asyncio.wait_for(ended.wait(), pause)
+                # The announcement of a journaled end carries the run's report: no need to ask.
+                for data in announced:
+                    with contextlib.suppress(msgspec.DecodeError, msgspec.ValidationError):
+                        got = _report_dec.decode(data) if data else None
+                        if got is not None and got.status.state in TERMINAL:
+                            report = got
+                announced.clear()
 
         sub = await self._mesh._transport.subscribe(done_subject(self._mesh, self.id), on_end)
         try:
-            return await self._until_ended(ended, deadline, timeout)
+            yield until_ended
         finally:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
-
-    async def _until_ended(
-        self, ended: asyncio.Event, deadline: float | None, timeout: float | None
-    ) -> Any:
-        loop = asyncio.get_running_loop()
-        pause = RESULT_RECHECK
-        while True:
-            try:
-                ended.clear()
-                report = await self._report()
-            except _RETRIED:  # the run's shard is failing over: ask again until our deadline
-                if deadline is not None and loop.time() > deadline:
-                    raise
-                await asyncio.sleep(0.2)
-                continue
-            st = report.status
-            if st.state in TERMINAL:
-                if st.state == "completed":
-                    return _decode_result(self.id, report.result)
-                raise WorkflowFailed(
-                    f"workflow {self.id} {st.state}: {st.error}",
-                    state=st.state, cause=st.error, compensated=st.state == "compensated",
-                )  # fmt: skip
-            left = None if deadline is None else deadline - loop.time()
-            if left is not None and left <= 0:
-                raise DeliveryTimeout(f"workflow {self.id} still {st.state} after {timeout} s",
-                                      maybe_delivered=True)  # fmt: skip
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(ended.wait(), pause if left is None else min(pause, left))
 
     async def signal(self, msg: msgspec.Struct) -> None:
         """Deliver `msg` to the run (kept in its journal until a `wait_signal` of its type takes
@@ -171,11 +195,16 @@ class WorkflowHandle:
         """`signal` with a JSON-encoded message named by its wire type (the CLI)."""
         await self._ask(WorkflowSignal(uuid.uuid4().hex, type_name, body, json=True))
 
-    async def cancel(self) -> WorkflowStatus:
-        """Cancel the run: it ends `cancelled` at once (no compensation runs; a step under way
-        is interrupted). Nothing happens to an ended run. Returns its status."""
-        report = await self._ask(WorkflowCancel())
-        return report.status
+    async def cancel(self, timeout: float | None = 60.0) -> WorkflowStatus:
+        """Cancel the run: a step under way is interrupted, the compensations of its completed
+        steps run newest first (journaled, each retried per its step's policy), then it ends
+        `cancelled` (at once when no completed step has a compensation). Nothing happens to an
+        ended run. Waits up to `timeout` seconds (None: for ever) for the end; returns the
+        status then (`running` if the compensations are still under way)."""
+        async with self._ended() as until_ended:
+            report = await self._ask(WorkflowCancel())
+            st, _ = await until_ended(report, timeout)
+        return st
 
     async def retry(self) -> WorkflowStatus:
         """Go on with a failed or compensated run from its failed step (after its cause was

@@ -3,7 +3,9 @@
 On replay (a re-activated run) every call finds its number in the journal: a completed step
 returns its recorded result without running, a step of another name raises `NonDeterminism`.
 Writes go to the run's own agent (`WorkflowRecord`), which appends them in one turn before
-answering, so the run never gets ahead of its journal.
+answering, so the run never gets ahead of its journal — except the results of `ctx.ask` steps,
+which wait (at most `MAX_PENDING`) to be journaled in one append with the next entry: the agent
+asked records its reply under the step's message id, so asking again after a crash returns it.
 """
 
 from __future__ import annotations
@@ -47,6 +49,14 @@ T = TypeVar("T")
 M = TypeVar("M", bound=msgspec.Struct)
 _enc = msgspec.msgpack.Encoder()
 ASK_RETRY_CAP = 5.0
+MAX_PENDING = 16
+"""At most this many completed `ctx.ask` steps wait to be journaled together: bounds how many
+message ids an agent's dedup window must still hold when a run is replayed after a crash."""
+
+
+class CancelRun(BaseException):
+    """Raised into `run` at its first call that would do new work once a cancel is under way
+    (a BaseException: `run`'s own `except Exception` must not swallow it)."""
 
 
 class StepFailed(AccordError):
@@ -68,6 +78,8 @@ class WorkflowContext:
         self._wf = wf
         self._n = 0
         self._rng = random.Random()
+        #: Completed ask steps not journaled yet (they go with the next record, in one append).
+        self.pending: list[Entry] = []
         #: Completed steps with a compensation, in order: (n, name, fn, args, retry).
         self.undo: list[tuple[int, str, Callable[..., Awaitable[Any]], tuple[Any, ...], Retry]] = []
 
@@ -110,6 +122,8 @@ class WorkflowContext:
             raise StepFailed(f"step {n} ({step_name}) failed: {failed.error}",
                              step=f"{n}:{step_name}", error=failed.error)  # fmt: skip
         attempt = failed.attempt if failed is not None else 0
+        self._go_on()
+        await self.flush()  # a local step's effect may not be repeatable: journal what came before
         while True:
             attempt += 1
             try:
@@ -124,7 +138,8 @@ class WorkflowContext:
                     raise StepFailed(msg, step=f"{n}:{step_name}", error=error) from None
                 await asyncio.sleep(policy.delay(attempt, self._rng))
                 continue
-            await self._record(WfStep(n, step_name, "step", _enc.encode(result), time.time()))
+            undo = compensate is not None
+            await self._record(WfStep(n, step_name, "step", _enc.encode(result), time.time(), undo))
             if compensate is not None:
                 self.undo.append((n, step_name, compensate, args, policy))
             return result
@@ -136,7 +151,9 @@ class WorkflowContext:
         mid-step and the step is asked again (the agent then returns its recorded reply). Sends
         that did not get an answer are retried with the same id; the handler raising
         (`RemoteError`) or an unknown type or message fails the step (no retry: the outcome is
-        recorded). Returns the handler's reply."""
+        recorded). Returns the handler's reply. The step's result is journaled with the run's
+        next entry (in one append), not on its own: a replay after a crash asks again under the
+        same id and gets the recorded reply, as long as the agent's dedup window holds it."""
         target = str(agent_id)
         wire = message_type_name(type(msg))
         step_name = f"ask {target} {wire}"
@@ -145,6 +162,7 @@ class WorkflowContext:
             return _decode(done.result, _reply_type(target, wire))
         retries = self._j.retries  # a retried run asks again under new ids: undone asks redo
         msg_id = f"{self.run_id}#{n}" + (f".{retries}" if retries else "")
+        self._go_on()
         attempt = 0
         while True:
             attempt += 1
@@ -158,14 +176,18 @@ class WorkflowContext:
                 raise StepFailed(f"step {n} ({step_name}) failed: {error}",
                                  step=f"{n}:{step_name}", error=error) from None  # fmt: skip
             except AccordError:  # not answered (timeout, no owner yet, outcome unknown): again
+                await self.flush()  # the asks before this one must not age in the dedup window
                 await asyncio.sleep(min(ASK_RETRY_CAP, 0.2 * 2 ** min(attempt, 5)))
-        await self._record(WfStep(n, step_name, "ask", _enc.encode(result), time.time()))
+        self.pending.append(WfStep(n, step_name, "ask", _enc.encode(result), time.time()))
+        if len(self.pending) >= MAX_PENDING:
+            await self.flush()
         return result
 
     async def _value(self, kind: str, make: Callable[[], T]) -> T:
         n, done = self._replayed(kind, kind)
         if done is not None:
             return typing.cast(T, msgspec.msgpack.decode(done.result))
+        self._go_on()
         value = make()
         await self._record(WfStep(n, kind, kind, _enc.encode(value), time.time()))
         return value
@@ -194,6 +216,7 @@ class WorkflowContext:
             self._diverged(n, timer.name, "sleep")
         if n in self._j.fired:
             return
+        self._go_on()
         fut = self._wf._waiter(n)
         if timer is None:
             timer = WfTimerSet(n, "sleep", time.time() + max(0.0, seconds))
@@ -214,6 +237,7 @@ class WorkflowContext:
         if timer is not None and timer.name != name:
             self._diverged(n, timer.name, name)
         if n not in self._j.taken:
+            self._go_on()
             fut = self._wf._waiter(n)
             due = 0.0 if timeout is None else time.time() + max(0.0, timeout)
             await self._record(None, WaitSignal(n, wire, due))
@@ -287,8 +311,22 @@ class WorkflowContext:
             step=f"{n}:{asked}",
         )
 
-    async def _record(self, entry: Entry | None, wait: WaitSignal | None = None) -> None:
-        await self._wf._record(WorkflowRecord(self._wf._token, entry, wait))
+    def _go_on(self) -> None:
+        if self._j.cancelling:
+            raise CancelRun()
+
+    async def flush(self) -> None:
+        """Journal the completed ask steps that wait for the next record."""
+        if self.pending:
+            await self._record(None)
+
+    async def _record(
+        self, entry: Entry | None, wait: WaitSignal | None = None, park: int = 0
+    ) -> None:
+        """Journal `entry` (after the ask steps pending, in one append) and/or the wait/park."""
+        entries = [*self.pending, entry] if entry is not None else list(self.pending)
+        await self._wf._record(WorkflowRecord(self._wf._token, entries, wait, park))
+        self.pending.clear()
 
     async def _parked(self, n: int, fut: asyncio.Future[None]) -> None:
         """Wait for step `n`'s timer or signal (its timer is stored already). Meanwhile the
@@ -296,13 +334,13 @@ class WorkflowContext:
         activation idle out. Both switches happen in turns of the run agent (`park` here, the
         waking turn after), so they cannot cross, and a crash between them leaves a timer or a
         signal sender that will deliver again."""
-        await self._wf._record(WorkflowRecord(self._wf._token, park=n))
+        await self._record(None, park=n)
         await fut
         await self._sync()
 
     async def _sync(self) -> None:
         """Wait until the turn that woke this run has committed its journal entries."""
-        await self._wf._record(WorkflowRecord(self._wf._token))
+        await self._record(None)
 
 
 def _describe(exc: BaseException) -> str:

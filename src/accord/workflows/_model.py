@@ -70,6 +70,8 @@ class WfStep(msgspec.Struct, tag=True, tag_field="entry"):
     kind: str
     result: bytes
     at: float = 0.0
+    undo: bool = False
+    """The step registered a compensation (a cancel then has something to undo)."""
 
 
 class WfStepFailed(msgspec.Struct, tag=True, tag_field="entry"):
@@ -119,6 +121,13 @@ class WfEnded(msgspec.Struct, tag=True, tag_field="entry"):
     error: str = ""
 
 
+class WfCancelling(msgspec.Struct, tag=True, tag_field="entry"):
+    """`handle.cancel()` of a run with completed compensable steps: their compensations run
+    (newest first, journaled, retried), then the run ends `cancelled`."""
+
+    at: float
+
+
 class WfRetried(msgspec.Struct, tag=True, tag_field="entry"):
     """`accord workflows retry`: the run goes on from its failed step; steps whose compensation
     ran are done again (their asks under new message ids)."""
@@ -126,13 +135,23 @@ class WfRetried(msgspec.Struct, tag=True, tag_field="entry"):
     at: float
 
 
-JOURNAL_TYPES: tuple[type, ...] = (
-    WfStarted, WfStep, WfStepFailed, WfTimerSet, WfTimerFired, WfSignal, WfSignalTaken,
-    WfCompensation, WfEnded, WfRetried,
-)  # fmt: skip
 Entry = (
     WfStarted | WfStep | WfStepFailed | WfTimerSet | WfTimerFired | WfSignal | WfSignalTaken
-    | WfCompensation | WfEnded | WfRetried
+    | WfCompensation | WfEnded | WfRetried | WfCancelling
+)  # fmt: skip
+
+
+class WfBatch(msgspec.Struct, tag=True, tag_field="entry"):
+    """Several entries journaled in one append (one stream message): the ask steps a run
+    completed since its last append, with the entry that made it append (a local step, a wait,
+    the end). Folds exactly as its entries one after the other."""
+
+    entries: list[Entry]
+
+
+JOURNAL_TYPES: tuple[type, ...] = (
+    WfStarted, WfStep, WfStepFailed, WfTimerSet, WfTimerFired, WfSignal, WfSignalTaken,
+    WfCompensation, WfEnded, WfRetried, WfCancelling, WfBatch,
 )  # fmt: skip
 
 
@@ -153,9 +172,15 @@ class Journal(msgspec.Struct):
     compensations: dict[int, WfCompensation] = msgspec.field(default_factory=dict)
     ended: WfEnded | None = None
     retries: int = 0
+    cancelling: bool = False
+    """A cancel is under way: compensations run, then the run ends `cancelled`."""
     entries: list[Entry] = msgspec.field(default_factory=list)
 
-    def apply(self, ev: Entry) -> None:
+    def apply(self, ev: Entry | WfBatch) -> None:
+        if isinstance(ev, WfBatch):
+            for inner in ev.entries:
+                self.apply(inner)
+            return
         self.entries.append(ev)
         if isinstance(ev, WfStarted):
             self.started, self.input, self.version = True, ev.input, ev.version
@@ -178,6 +203,8 @@ class Journal(msgspec.Struct):
                 self.compensations[ev.n] = ev
         elif isinstance(ev, WfEnded):
             self.ended = ev
+        elif isinstance(ev, WfCancelling):
+            self.cancelling = True
         elif isinstance(ev, WfRetried):
             self.ended = None
             self.retries += 1
@@ -244,7 +271,8 @@ class WorkflowRecord(msgspec.Struct):
     reply). `token` names the activation; another activation's record is refused."""
 
     token: str
-    entry: Entry | None = None
+    entries: list[Entry] = msgspec.field(default_factory=list)
+    """Journaled in this turn, in order (several: one `WfBatch` append)."""
     wait: WaitSignal | None = None
     park: int = 0
     """> 0: the run now waits for its step `park` (its timer is stored): the watchdog goes off

@@ -98,9 +98,11 @@ def done_subject(mesh: MeshLike, run_id: str) -> str:
     return f"{mesh.names.prefix}.wf.done.{_key(run_id)}"
 
 
-async def announce_end(mesh: MeshLike, run_id: str) -> None:
+async def announce_end(mesh: MeshLike, run_id: str, report: bytes = b"") -> None:
+    """Announce the run's end; `report` (its msgpack `WorkflowReport`, once the end is
+    journaled) lets a waiting `result()` return without asking the run again."""
     try:
-        await mesh._transport.publish(done_subject(mesh, run_id), b"")
+        await mesh._transport.publish(done_subject(mesh, run_id), report)
     except AccordError as exc:
         log.debug("end of %s not announced: %s", run_id, exc)
 

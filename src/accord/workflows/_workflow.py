@@ -24,12 +24,14 @@ import msgspec
 from .._agent import Agent, handler
 from .._background import cancel_and_wait
 from .._errors import AccordError, BadRequest, NonDeterminism, WorkflowNotFound
-from ._context import WorkflowContext, _describe
+from ._context import CancelRun, WorkflowContext, _describe
 from ._model import (
     JOURNAL_TYPES,
     TERMINAL,
     Journal,
     WaitSignal,
+    WfBatch,
+    WfCancelling,
     WfCompensation,
     WfEnded,
     WfRetried,
@@ -122,11 +124,13 @@ class Workflow(
         if task is not None:
             await cancel_and_wait([task])
 
-    def _spawn(self) -> None:
-        if self._task is None or self._task.done():
+    def _spawn(self, after: asyncio.Task[None] | None = None) -> None:
+        """Start the run's coroutine (unless it runs); with `after`, a new one once that
+        (cancelled) one has stopped."""
+        if after is not None or self._task is None or self._task.done():
             loop = asyncio.get_running_loop()
             # A fresh context: the run must not inherit the deadline of the turn that started it.
-            self._task = loop.create_task(self._drive(), name=f"accord-wf-{self.id}",
+            self._task = loop.create_task(self._drive(after), name=f"accord-wf-{self.id}",
                                           context=contextvars.Context())  # fmt: skip
 
     def _waiter(self, n: int) -> asyncio.Future[None]:
@@ -172,8 +176,12 @@ class Workflow(
 
     # -- the run ----------------------------------------------------------------------------
 
-    async def _drive(self) -> None:
+    async def _drive(self, after: asyncio.Task[None] | None = None) -> None:
         try:
+            if after is not None:
+                await asyncio.wait([after])
+                # The stopped coroutine's last record may still be queued: let it land first.
+                await self._record(WorkflowRecord(self._token))
             await self._drive_run()
         except _Stale as exc:
             log.info("%s: run stops here (%s); the owner of the run resumes it", self.id, exc)
@@ -191,6 +199,10 @@ class Workflow(
                 result = await self.run(ctx, self._input(self.state.input))
             except NonDeterminism:
                 raise
+            except CancelRun:
+                ok, undo_error = await ctx.compensate()
+                error = "cancelled" if ok else f"cancelled; {undo_error}"
+                await ctx._record(WfEnded("cancelled", error=error))
             except Exception as exc:
                 error = str(exc) if isinstance(exc, AccordError) else _describe(exc)
                 if ctx.undo:
@@ -199,13 +211,17 @@ class Workflow(
                     error = error if ok else f"{error}; {undo_error}"
                 else:
                     state = "failed"
-                await self._record(WorkflowRecord(self._token, WfEnded(state, error=error)))
+                if self.state.cancelling:
+                    state = "cancelled"
+                await ctx._record(WfEnded(state, error=error))
             else:
-                ended = WfEnded("completed", msgspec.msgpack.encode(result))
-                await self._record(WorkflowRecord(self._token, ended))
+                await ctx._record(WfEnded("completed", msgspec.msgpack.encode(result)))
         except NonDeterminism as exc:
             log.error("%s", exc)
-            await self._record(WorkflowRecord(self._token, WfEnded("failed", error=str(exc))))
+            await ctx._record(WfEnded("failed", error=str(exc)))
+        # Announced once the end is journaled (the record's turn committed): the waiting
+        # `result()` takes the report from the announcement and need not ask again.
+        await announce_end(self.mesh, str(self.id), msgspec.msgpack.encode(self._report()))
         try:
             await cancel(self.mesh, self.id, WAKE)
         except AccordError as exc:  # the wake finds the run ended and forgets itself then
@@ -248,9 +264,12 @@ class Workflow(
     async def _on_record(self, msg: WorkflowRecord) -> int:
         if msg.token != getattr(self, "_token", None) or self.state.ended is not None:
             raise _Refused(f"{self.id}: record of another activation (or of an ended run)")
-        if msg.entry is not None:
-            self.emit(msg.entry)
-            await self._observe_entry(msg.entry)
+        if len(msg.entries) == 1:
+            self.emit(msg.entries[0])
+        elif msg.entries:
+            self.emit(WfBatch(msg.entries))
+        for entry in msg.entries:
+            await self._observe_entry(entry)
         if msg.wait is not None:
             self._wait(msg.wait)
         if msg.park:
@@ -336,14 +355,25 @@ class Workflow(
         j = self.state
         if not j.started:
             raise WorkflowNotFound(f"no workflow run {self.id}")
-        if j.ended is None:
-            self.emit(WfEnded("cancelled", error="cancelled"))
-            task, self._task = self._task, None
+        if j.ended is None and not j.cancelling:
+            undo = any(s.undo and n not in j.compensations for n, s in j.steps.items())
+            task = self._task
             if task is not None:
-                task.cancel()
-            await cancel(self.mesh, self.id, WAKE)
-            await self._observe("cancelled", error="cancelled")
-            await announce_end(self.mesh, str(self.id))
+                task.cancel()  # a step under way is interrupted
+            if undo:
+                # The compensations are known only to the run's code: a new coroutine replays
+                # it; its first call that would do new work raises `CancelRun` (journaled here,
+                # so a crash meanwhile goes on compensating), then it ends `cancelled`.
+                self.emit(WfCancelling(time.time()))
+                self._spawn(after=task)
+                await self._unpark()
+                await self._observe("cancelling", index_it=False)
+            else:
+                self._task = None
+                self.emit(WfEnded("cancelled", error="cancelled"))
+                await cancel(self.mesh, self.id, WAKE)
+                await self._observe("cancelled", error="cancelled")
+                await announce_end(self.mesh, str(self.id))
         return self._report()
 
     @handler
@@ -373,7 +403,6 @@ class Workflow(
                                 error=entry.error, index_it=False)  # fmt: skip
         elif isinstance(entry, WfEnded):
             await self._observe(entry.state, error=entry.error)
-            await announce_end(self.mesh, str(self.id))
 
     async def _observe(self, name: str, *, step: str = "", attempt: int = 0, error: str = "",
                        index_it: bool = True) -> None:  # fmt: skip
