@@ -277,3 +277,5 @@ class WorkflowRecord(msgspec.Struct):
     park: int = 0
     """> 0: the run now waits for its step `park` (its timer is stored): the watchdog goes off
     in this turn, unless the wait already ended; the turn that wakes the run turns it on."""
+    arm: bool = False
+    """Turn the watchdog on (a run resuming on a new activation)."""

@@ -1,10 +1,13 @@
 """What operators see of workflow runs: the run index (a KV bucket, one key per run, written at
-start, end, cancel and retry — not per step) that `accord workflows` lists, and the lifecycle
-events appended to the cluster's events stream (subject `<prefix>.events.workflow`).
+start, end, cancel, retry and when a run parks or wakes — not per step) that `accord workflows`
+lists, and the lifecycle events appended to the cluster's events stream
+(`<prefix>.events.workflow`).
 
-Both are written by the run's agent during the turn that makes the transition, before that turn
-is committed: an entry or event of a turn that was then fenced may show (and be corrected by the
-next owner's write); the journal is the truth.
+An index entry with `watch > 0` is also the run's watchdog: the timer service wakes the run every
+`watch` seconds until an entry without it replaces it (one key per run for both, so starting and
+ending a run cost one write each). Both are written by the run's agent during the turn that makes
+the transition, before that turn is committed: an entry or event of a turn that was then fenced
+may show (and be corrected by the next owner's write); the journal is the truth.
 """
 
 from __future__ import annotations
@@ -36,6 +39,9 @@ class RunEntry(msgspec.Struct, kw_only=True):
     error: str = ""
     started: float = 0.0
     updated: float = 0.0
+    watch: float = 0.0
+    """> 0: the run's watchdog is on — the timer service delivers `WorkflowWake` to it every
+    `watch` seconds from `updated` (it is running; 0 once it ended or parked in a wait)."""
 
 
 class RunEvent(msgspec.Struct, kw_only=True):
@@ -65,17 +71,29 @@ async def run_index(mesh: MeshLike) -> KV:
     return kv
 
 
-def _key(run_id: str) -> str:
+def index_key(run_id: str) -> str:
     return base64.urlsafe_b64encode(run_id.encode()).decode().rstrip("=") or "_"
 
 
-async def index(mesh: MeshLike, entry: RunEntry) -> None:
-    """Write the run's index entry; a failure is logged (the index is a view, not the truth)."""
+async def index(mesh: MeshLike, entry: RunEntry, *, required: bool = False) -> None:
+    """Write the run's index entry. A failure is logged (the index is a view, not the truth),
+    or raised (`NotConnected`) when `required`: an entry that arms the watchdog must be stored."""
     try:
         kv = await run_index(mesh)
-        await kv.put(_key(entry.id), msgspec.json.encode(entry))
+        await kv.put(index_key(entry.id), msgspec.json.encode(entry))
     except AccordError as exc:
+        if required:
+            raise
         log.warning("run index of %s not written: %s", entry.id, exc)
+
+
+async def unindex(mesh: MeshLike, run_id: str) -> None:
+    """Remove the index entry of a run that never started (a start whose turn then failed)."""
+    try:
+        kv = await run_index(mesh)
+        await kv.delete(index_key(run_id))
+    except (AccordError, LookupError) as exc:
+        log.info("run index of %s not removed: %s", run_id, exc)
 
 
 async def list_runs(mesh: MeshLike) -> list[RunEntry]:
@@ -95,7 +113,7 @@ async def list_runs(mesh: MeshLike) -> list[RunEntry]:
 def done_subject(mesh: MeshLike, run_id: str) -> str:
     """Where a run's end is announced (a core publish: `result()` waits for it, and still asks
     the run's status every few seconds in case the announcement was lost)."""
-    return f"{mesh.names.prefix}.wf.done.{_key(run_id)}"
+    return f"{mesh.names.prefix}.wf.done.{index_key(run_id)}"
 
 
 async def announce_end(mesh: MeshLike, run_id: str, report: bytes = b"") -> None:

@@ -1,8 +1,9 @@
 """Durable timers — workflow sleeps, signal timeouts, the run watchdog and agent reminders — as
-keys of one KV bucket (`accord_<cluster>_timers`), one key per (agent, timer name).
+keys of one KV bucket (`accord_<cluster>_timers`), one key per (agent, timer name); a run's
+watchdog is its run index entry (`watch > 0`, see `_monitor.py`).
 
-One node at a time (elected with a lease, `accord-timers`) serves them: a watch of the bucket
-feeds a heap, a single loop sleeps until the earliest due time and delivers the timer as an ask
+One node at a time (elected with a lease, `accord-timers`) serves them: watches of both buckets
+feed a heap, a single loop sleeps until the earliest due time and delivers the timer as an ask
 to its agent. Delivery is at-least-once: a one-shot key is deleted only after the agent's turn
 answered, a failed delivery is retried with backoff, a new leader re-reads every key. Nothing
 polls per timer or per run; a restart of the whole cluster loses nothing (the keys are in the
@@ -25,8 +26,10 @@ import msgspec
 from .._codec import message_type_name
 from .._errors import AccordError, RemoteError
 from .._ids import AgentId
-from ..engine._api import KV, BucketSpec, NotFound, RequestTimeout, WrongRevision
+from ..engine._api import KV, BucketSpec, Entry, NotFound, RequestTimeout, WrongRevision
 from ._mesh_api import MeshLike
+from ._model import WorkflowWake
+from ._monitor import RunEntry, run_index
 
 log = logging.getLogger("accord.timers")
 
@@ -37,6 +40,10 @@ RETRYABLE = frozenset({"NotConnected"})
 """Handler errors that mean "could not be done now" (a workflow's watchdog not stored): the
 turn failed and was rolled back, so the timer is delivered again."""
 RETRY_CAP = 10.0
+WAKE = "accord-wf-wake"
+"""The name of a run's watchdog timer (an index entry with `watch > 0`, or, for runs started
+by an older version, a key of the timer bucket)."""
+_WAKE_TYPE = message_type_name(WorkflowWake)
 
 
 class TimerRecord(msgspec.Struct):
@@ -110,10 +117,11 @@ class TimerService:
         while True:
             try:
                 kv = await timer_bucket(self._mesh)
+                runs = await run_index(self._mesh)
                 ttl = max(1, int(self._mesh.config.lease_ttl))
                 async for term in self._mesh.election("accord-timers", ttl=ttl):
                     log.info("%s serves the timers", self._mesh.name)
-                    await _Term(self, kv, term).serve()
+                    await _Term(self, kv, runs, term).serve()
             except asyncio.CancelledError:
                 raise
             except (AccordError, OSError) as exc:
@@ -124,10 +132,11 @@ class TimerService:
 class _Term:
     """One leadership term: the heap, the watch feeding it, the deliveries."""
 
-    def __init__(self, service: TimerService, kv: KV, term: Any) -> None:
+    def __init__(self, service: TimerService, kv: KV, runs: KV, term: Any) -> None:
         self._service = service
         self._mesh = service._mesh
         self._kv = kv
+        self._runs = runs
         self._term = term
         self._timers: dict[str, _Timer] = {}
         self._heap: list[tuple[float, str]] = []
@@ -136,7 +145,10 @@ class _Term:
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def serve(self) -> None:
-        feeder = asyncio.create_task(self._feed(), name="accord-timers-watch")
+        feeders = [
+            asyncio.create_task(self._feed(self._kv, "", _timer_record), name="accord-timers"),
+            asyncio.create_task(self._feed(self._runs, "run:", _watchdog), name="accord-wf-watch"),
+        ]
         lost = asyncio.create_task(self._term.wait_lost(), name="accord-timers-lease")
         try:
             while not lost.done():
@@ -144,19 +156,22 @@ class _Term:
                 delay = self._heap[0][0] - time.time() if self._heap else 60.0
                 self._changed.clear()
                 waiter = asyncio.create_task(self._changed.wait())
-                await asyncio.wait([waiter, lost, feeder], timeout=max(0.0, min(delay, 60.0)),
+                await asyncio.wait([waiter, lost, *feeders], timeout=max(0.0, min(delay, 60.0)),
                                    return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
                 waiter.cancel()
-                if feeder.done():
-                    feeder.result()  # the watch failed: end the term (re-elected, re-read)
-                    return
+                for feeder in feeders:
+                    if feeder.done():
+                        feeder.result()  # a watch failed: end the term (re-elected, re-read)
+                        return
         finally:
-            for t in (feeder, lost, *self._tasks):
+            for t in (*feeders, lost, *self._tasks):
                 t.cancel()
-            await asyncio.gather(feeder, lost, *self._tasks, return_exceptions=True)
+            await asyncio.gather(*feeders, lost, *self._tasks, return_exceptions=True)
 
-    async def _feed(self) -> None:
-        watch = await self._kv.watch(">")
+    async def _feed(self, kv: KV, prefix: str, decode: Any) -> None:
+        """Follow `kv`: each entry that `decode` makes a `TimerRecord` of is a timer (keyed
+        `prefix + key`); one it makes None of (or a deletion) removes that timer."""
+        watch = await kv.watch(">")
         try:
             while True:
                 try:
@@ -165,22 +180,19 @@ class _Term:
                     continue
                 if e is None:
                     continue
-                if e.deleted:
-                    self._timers.pop(e.key, None)
-                    continue
-                try:
-                    rec = msgspec.msgpack.decode(e.value, type=TimerRecord)
-                except msgspec.DecodeError:
-                    log.warning("timer %s does not decode: skipped", e.key)
+                key = prefix + e.key
+                rec = None if e.deleted else decode(e)
+                if rec is None:
+                    self._timers.pop(key, None)
                     continue
                 due = rec.due
                 if rec.every > 0 and due < time.time():  # periodic: the next due time from now
                     missed = int((time.time() - due) // rec.every)
                     due += missed * rec.every
-                old = self._timers.get(e.key)
-                t = self._timers[e.key] = _Timer(rec, e.revision, due)
+                old = self._timers.get(key)
+                t = self._timers[key] = _Timer(rec, e.revision, due)
                 t.inflight = old.inflight if old is not None else False
-                heapq.heappush(self._heap, (due, e.key))
+                heapq.heappush(self._heap, (due, key))
                 self._changed.set()
         finally:
             await watch.stop()
@@ -242,3 +254,22 @@ class _Term:
             log.warning("timer %s delivered but not deleted (%s): may fire again", key, exc)
         if self._timers.get(key) is t:
             del self._timers[key]
+
+
+def _timer_record(e: Entry) -> TimerRecord | None:
+    try:
+        return msgspec.msgpack.decode(e.value, type=TimerRecord)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        log.warning("timer %s does not decode: skipped", e.key)
+        return None
+
+
+def _watchdog(e: Entry) -> TimerRecord | None:
+    """A run index entry with its watchdog on: a periodic `WorkflowWake` to the run."""
+    try:
+        run = msgspec.json.decode(e.value, type=RunEntry)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return None
+    if run.watch <= 0:
+        return None
+    return TimerRecord(run.id, WAKE, run.updated + run.watch, run.watch, _WAKE_TYPE, b"{}")

@@ -4,13 +4,15 @@ The runtime hosts, places, fences and fails it over like any agent and needs not
 the run's coroutine (`run`) is a task owned by the activation, outside the turn loop; what it
 journals it sends to its own agent (`WorkflowRecord`), and signals, timer firings, cancel and
 status queries are messages — so every change of the journal is one turn, in arrival order.
-A run whose node died is re-activated by its watchdog reminder (every `wake_every` seconds
-while the run is not finished), and its activation replays the journal and resumes the run.
+A run whose node died is re-activated by its watchdog (its run index entry, served by the timer
+service every `wake_every` seconds while the run is not finished), and its activation replays
+the journal and resumes the run.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import inspect
 import logging
@@ -23,7 +25,7 @@ import msgspec
 
 from .._agent import Agent, handler
 from .._background import cancel_and_wait
-from .._errors import AccordError, BadRequest, NonDeterminism, WorkflowNotFound
+from .._errors import AccordError, BadRequest, NonDeterminism, RemoteError, WorkflowNotFound
 from ._context import CancelRun, WorkflowContext, _describe
 from ._model import (
     JOURNAL_TYPES,
@@ -53,12 +55,11 @@ from ._model import (
     WorkflowTimerFired,
     WorkflowWake,
 )
-from ._monitor import RunEntry, announce_end, event, index
-from ._timers import cancel, schedule
+from ._monitor import RunEntry, announce_end, event, index, unindex
+from ._timers import WAKE, cancel, schedule
 
 log = logging.getLogger("accord.workflows")
 
-WAKE = "accord-wf-wake"
 RECORD_TIMEOUT = 30.0
 _UNSET: Any = object()
 TIMER_RETRY_FOR = 30.0
@@ -95,6 +96,7 @@ class Workflow(
     _signal_waits: dict[int, str]
     _signal_types: dict[str, type]
     _parked: int
+    _armed: bool
 
     def __init_subclass__(cls, *, version: int = 1, **options: Any) -> None:
         cls.__accord_workflow_version__ = version
@@ -116,6 +118,7 @@ class Workflow(
         self._signal_waits = {}
         self._signal_types = {}  # wire name -> type, of the signals this run's code waits for
         self._parked = 0
+        self._armed = False  # is the run index entry's watchdog on (as this activation wrote)?
         if self.state.started and self.state.ended is None:
             self._spawn()
 
@@ -152,10 +155,29 @@ class Workflow(
         return typing.cast(int, result)
 
     async def _watchdog(self) -> None:
-        """Arm the reminder that re-activates this run after a crash (when the run starts or
-        resumes on an activation)."""
-        every = self.wake_every
-        await self._schedule(WAKE, WorkflowWake(), time.time() + every, every)
+        """Arm the watchdog that re-activates this run after a crash (when the run resumes on
+        an activation; a start arms it in its turn), in a turn of the run agent (so it cannot
+        cross a park), retrying while the run index does not answer; after `TIMER_RETRY_FOR`
+        seconds the run's coroutine stops (`_Stale`) — never fails the run."""
+        deadline = time.monotonic() + TIMER_RETRY_FOR
+        delay = 0.1
+        while not self._armed:
+            try:
+                await self.mesh.ask(self.id, WorkflowRecord(self._token, arm=True),
+                                    timeout=RECORD_TIMEOUT)  # fmt: skip
+                return
+            except AccordError as exc:
+                unstored = isinstance(exc, RemoteError) and exc.remote_type == "NotConnected"
+                if not unstored or time.monotonic() + delay > deadline:
+                    raise _Stale(f"watchdog not stored: {exc}") from None
+                await asyncio.sleep(delay)
+                delay = min(2.0, delay * 2)
+
+    async def _arm(self) -> None:
+        """In a turn: store the run index entry with the watchdog on. Raises `NotConnected`
+        (the turn fails; its sender asks again) if it cannot be stored."""
+        await self._index(watch=self.wake_every)
+        self._parked, self._armed = 0, True
 
     async def _schedule(
         self, name: str, msg: msgspec.Struct, due: float, every: float = 0.0
@@ -222,10 +244,6 @@ class Workflow(
         # Announced once the end is journaled (the record's turn committed): the waiting
         # `result()` takes the report from the announcement and need not ask again.
         await announce_end(self.mesh, str(self.id), msgspec.msgpack.encode(self._report()))
-        try:
-            await cancel(self.mesh, self.id, WAKE)
-        except AccordError as exc:  # the wake finds the run ended and forgets itself then
-            log.info("%s: watchdog not removed yet: %s", self.id, exc)
 
     def _input(self, data: bytes) -> Any:
         cls = type(self)
@@ -252,8 +270,8 @@ class Workflow(
             self._input(msg.input)  # refuse an input of the wrong type: nothing is started
             version = type(self).__accord_workflow_version__
             self.emit(WfStarted(msg.input, version, time.time()))
+            await self._observe("started")  # the index entry is the watchdog: armed, or raises
             self._spawn()
-            await self._observe("started")
         return self._report()
 
     @handler(read_only=True)
@@ -272,11 +290,13 @@ class Workflow(
             await self._observe_entry(entry)
         if msg.wait is not None:
             self._wait(msg.wait)
+        if msg.arm and not self._armed:
+            await self._arm()
         if msg.park:
             j = self.state
             if msg.park not in j.fired and msg.park not in j.taken:
-                self._parked = msg.park
-                await cancel(self.mesh, self.id, WAKE)
+                self._parked, self._armed = msg.park, False
+                await self._index(watch=0.0)  # the watchdog off (best effort: it only wakes)
         return 0
 
     async def _unpark(self) -> None:
@@ -284,9 +304,7 @@ class Workflow(
         (so a crash before that makes the timer or the signal be delivered again). Raises
         `NotConnected` (the turn fails; it is delivered again) if it cannot be stored."""
         if self._parked:
-            every = self.wake_every
-            await schedule(self.mesh, self.id, WAKE, WorkflowWake(), time.time() + every, every)
-            self._parked = 0
+            await self._arm()
 
     def _wait(self, w: WaitSignal) -> None:
         j = self.state
@@ -347,8 +365,13 @@ class Workflow(
     async def _on_wake(self, msg: WorkflowWake) -> None:
         if self.state.started and self.state.ended is None:
             self._spawn()
-        else:
+            return
+        with contextlib.suppress(AccordError):  # a watchdog key of an older version's run
             await cancel(self.mesh, self.id, WAKE)
+        if self.state.started:  # ended, but the index entry that says so was not written
+            await self._index(watch=0.0)
+        else:  # a start whose turn failed after arming: no run
+            await unindex(self.mesh, str(self.id))
 
     @handler
     async def _on_cancel(self, msg: WorkflowCancel) -> WorkflowReport:
@@ -365,13 +388,12 @@ class Workflow(
                 # it; its first call that would do new work raises `CancelRun` (journaled here,
                 # so a crash meanwhile goes on compensating), then it ends `cancelled`.
                 self.emit(WfCancelling(time.time()))
+                await self._arm()  # compensating is running: a crash meanwhile resumes it
                 self._spawn(after=task)
-                await self._unpark()
                 await self._observe("cancelling", index_it=False)
             else:
                 self._task = None
                 self.emit(WfEnded("cancelled", error="cancelled"))
-                await cancel(self.mesh, self.id, WAKE)
                 await self._observe("cancelled", error="cancelled")
                 await announce_end(self.mesh, str(self.id))
         return self._report()
@@ -386,8 +408,8 @@ class Workflow(
             state = "running" if j.ended is None else j.ended.state
             raise BadRequest(f"{self.id} is {state}: only a failed or compensated run is retried")
         self.emit(WfRetried(time.time()))
+        await self._observe("retried")  # the watchdog on again, or raises
         self._spawn()
-        await self._observe("retried")
         return self._report()
 
     async def _observe_entry(self, entry: object) -> None:
@@ -409,12 +431,20 @@ class Workflow(
         """Tell the operators: a lifecycle event, and (for a change of state) the run index."""
         await event(self.mesh, str(self.id), name, step=step, attempt=attempt, error=error)
         if index_it:
-            st = self._report().status
-            await index(self.mesh, RunEntry(
-                id=st.id, type=st.type, state=st.state, steps_done=st.steps_done,
-                attempts=st.attempts, error=st.error, started=self.state.started_at,
-                updated=time.time(),
-            ))  # fmt: skip
+            j = self.state
+            running = j.started and j.ended is None and not self._parked
+            await self._index(watch=self.wake_every if running else 0.0)
+            self._armed = running
+
+    async def _index(self, watch: float) -> None:
+        """Write the run index entry; with `watch` > 0 (the watchdog on) it must be stored
+        (`NotConnected` otherwise), else a failure is only logged."""
+        st = self._report().status
+        await index(self.mesh, RunEntry(
+            id=st.id, type=st.type, state=st.state, steps_done=st.steps_done,
+            attempts=st.attempts, error=st.error, started=self.state.started_at,
+            updated=time.time(), watch=watch,
+        ), required=watch > 0)  # fmt: skip
 
     def _report(self, journal: bool = False) -> WorkflowReport:
         j = self.state
