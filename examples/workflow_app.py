@@ -5,6 +5,7 @@
   {"run", "step", "pid"} to $ACCORD_STEP_LOG when set, so a test can see steps run again.
 - `saga`: reserve, charge (compensations: release, refund), then a step that fails unless the file
   $ACCORD_FIXED exists; compensations append to $ACCORD_STEP_LOG.
+- `booking`: reserve, charge (compensable), then waits for an `Approve`; cancelling it compensates.
 - `sleeper`: sleeps `Job.n` seconds durably, then returns the journaled time.
 - `approval`: sleeps `Job.pause` s, then waits for an `Approve` signal (or `Job.n` seconds).
 - `changing`: its first step's name comes from $ACCORD_STEP_NAME (to provoke a NonDeterminism).
@@ -133,6 +134,17 @@ class Saga(accord.Workflow, type="saga"):
         return await ctx.step(ship, ctx.run_id, retry=FAST)
 
 
+class Booking(accord.Workflow, type="booking"):
+    """reserve and charge (compensable), then waits `Job.n` s for an `Approve` before shipping:
+    cancelling it while it waits runs refund, then release, and it ends `cancelled`."""
+
+    async def run(self, ctx: accord.WorkflowContext, job: Job) -> str:
+        await ctx.step(reserve, ctx.run_id, compensate=release, retry=FAST)
+        await ctx.step(charge, ctx.run_id, compensate=refund, retry=FAST)
+        await ctx.wait_signal(Approve, timeout=float(job.n))
+        return await ctx.step(ship, ctx.run_id, retry=FAST)
+
+
 async def woke(run: str) -> None:
     _log({"run": run, "step": "woke"})
 
@@ -249,4 +261,4 @@ class Alarm(accord.Agent, type="alarm"):
         return self.state
 
 
-AGENTS = [WfCounter, Chain, Saga, Sleeper, Approval, Changing, Noop5, Pinger, Alarm]
+AGENTS = [WfCounter, Chain, Saga, Booking, Sleeper, Approval, Changing, Noop5, Pinger, Alarm]

@@ -2,7 +2,8 @@
 
 Proves: runs complete with the right result and each journaled step once, `ctx.ask` is applied
 exactly once per step; a failing step compensates the completed steps in reverse order and ends
-`compensated`; start is idempotent; cancel ends a waiting run; a signal sent before the run waits
+`compensated`; start is idempotent; cancel ends a waiting run, after compensating its completed
+steps in reverse order when they have compensations; a signal sent before the run waits
 for it is kept; an agent's reminder re-activates it after it was deactivated.
 """
 
@@ -123,6 +124,27 @@ async def test_cancel_ends_a_waiting_run(cluster: Cluster) -> None:
         assert failed.value.state == "cancelled"
         await h.signal(Approve("late"))  # ignored by an ended run
         assert (await h.status()).state == "cancelled"
+
+
+async def test_cancel_compensates_completed_steps_in_reverse(cluster: Cluster) -> None:
+    log = cluster.tmp / "steps.jsonl"  # type: ignore[attr-defined]
+    async with cluster.connect() as mesh:
+        h = await mesh.start_workflow("booking", "to-cancel", Job(3600))
+        await _eventually_value(
+            lambda: _state_is(h, "waiting"), 30, "the run to wait for its approval"
+        )
+        st = await h.cancel(timeout=30)  # waits for the compensations, then the end
+        assert st.state == "cancelled", st
+        with pytest.raises(accord.WorkflowFailed) as failed:
+            await h.result(timeout=10)
+        assert failed.value.state == "cancelled" and not failed.value.compensated
+        mine = [e["step"] for e in _steps(log) if e["run"] == "booking/to-cancel"]
+        assert mine == ["reserve", "charge", "refund", "release"]  # ship never ran
+        journal = await h.journal()
+        undone = [(e.n, e.ok) for e in journal.entries if type(e).__name__ == "WfCompensation"]
+        assert undone == [(2, True), (1, True)]  # journaled, newest first
+        assert (await h.cancel()).state == "cancelled"  # again: nothing happens
+        assert [e["step"] for e in _steps(log) if e["run"] == "booking/to-cancel"] == mine
 
 
 async def _state_is(h: accord.WorkflowHandle, state: str) -> bool | None:

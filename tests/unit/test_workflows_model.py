@@ -1,5 +1,6 @@
 """Workflow journal semantics without a server: retry pacing, replay of completed steps (not run
-again), NonDeterminism naming the step, saga order, and what a retry of a failed run redoes."""
+again), NonDeterminism naming the step, saga order, what a retry of a failed run redoes, ask steps
+journaled together in one append (folding as if one by one), and a cancel that compensates."""
 
 from __future__ import annotations
 
@@ -12,9 +13,11 @@ import pytest
 
 import accord
 from accord._ids import AgentId
-from accord.workflows._context import StepFailed
+from accord.workflows._context import MAX_PENDING, CancelRun, StepFailed
 from accord.workflows._model import (
     Journal,
+    WfBatch,
+    WfCancelling,
     WfCompensation,
     WfEnded,
     WfRetried,
@@ -25,6 +28,17 @@ from accord.workflows._model import (
 )
 
 
+class FakeMesh:
+    """Answers every ask with the number of asks so far (an exactly-once agent's reply)."""
+
+    def __init__(self) -> None:
+        self.ids: list[str] = []
+
+    async def ask(self, target: str, msg: Any, **kw: Any) -> int:
+        self.ids.append(kw["msg_id"])
+        return len(self.ids)
+
+
 class FakeRun:
     """The run agent as a `WorkflowContext` sees it: its journal and its `_record`."""
 
@@ -32,12 +46,16 @@ class FakeRun:
         self.id = AgentId("w", "k")
         self.state = journal or Journal()
         self._token = "t"
+        self.mesh = FakeMesh()
         self.records: list[Any] = []
+        self.appends: list[int] = []  # entries per record turn (one append each)
 
     async def _record(self, rec: WorkflowRecord) -> int:
-        if rec.entry is not None:
-            self.records.append(rec.entry)
-            self.state.apply(rec.entry)
+        if rec.entries:
+            self.appends.append(len(rec.entries))
+        for entry in rec.entries:
+            self.records.append(entry)
+            self.state.apply(entry)
         return 0
 
 
@@ -142,3 +160,96 @@ def test_retry_of_a_compensated_run_redoes_the_undone_steps_only() -> None:
     assert sorted(j.steps) == [2]  # step 1 was undone: done again; step 2 had no undo
     assert not j.failures[3].final and j.failures[3].attempt == 0
     assert j.compensations == {}
+
+
+class Ping(msgspec.Struct):
+    pass
+
+
+def test_consecutive_asks_are_journaled_in_one_append_with_the_next_entry() -> None:
+    run = FakeRun()
+    ctx = accord.WorkflowContext(run)  # type: ignore[arg-type]
+
+    async def noop() -> None:
+        return None
+
+    async def main() -> list[int]:
+        got = [await ctx.ask("c/1", Ping()) for _ in range(3)]
+        assert run.appends == []  # not journaled yet: the agent holds the replies
+        await ctx.step(noop)  # a local step: what came before is journaled first
+        got.append(await ctx.ask("c/1", Ping()))
+        await ctx._record(WfEnded("completed"))
+        return got
+
+    assert asyncio.run(main()) == [1, 2, 3, 4]
+    assert run.appends == [3, 1, 2]  # asks 1-3; step 4; ask 5 with the end
+    assert run.mesh.ids == ["w/k#1", "w/k#2", "w/k#3", "w/k#5"]  # exactly-once ids by step
+    assert sorted(run.state.steps) == [1, 2, 3, 4, 5]
+
+
+def test_pending_asks_are_bounded_by_max_pending() -> None:
+    run = FakeRun()
+    ctx = accord.WorkflowContext(run)  # type: ignore[arg-type]
+
+    async def main() -> None:
+        for _ in range(2 * MAX_PENDING + 1):
+            await ctx.ask("c/1", Ping())
+
+    asyncio.run(main())
+    assert run.appends == [MAX_PENDING, MAX_PENDING] and len(ctx.pending) == 1
+
+
+def test_a_batch_folds_like_its_entries_one_by_one() -> None:
+    entries: list[Any] = [
+        WfStarted(b"", 1, 0.0),
+        WfStep(1, "ask a", "ask", b"\x01"),
+        WfStep(2, "ask b", "ask", b"\x02"),
+        WfEnded("completed", b"\x02"),
+    ]
+    flat, batched = Journal(), Journal()
+    for e in entries:
+        flat.apply(e)
+    batched.apply(entries[0])
+    wire = msgspec.msgpack.encode(WfBatch(entries[1:]))  # as stored: one stream message
+    batched.apply(msgspec.msgpack.decode(wire, type=WfBatch))
+    assert batched == flat
+    assert [type(e) for e in batched.entries] == [WfStarted, WfStep, WfStep, WfEnded]
+
+
+def test_a_cancel_replays_the_completed_steps_then_stops_at_the_first_new_call() -> None:
+    j = Journal()
+    for ev in [
+        WfStarted(b"", 1, 0.0),
+        WfStep(1, "do", "step", msgspec.msgpack.encode("a"), undo=True),
+        WfStep(2, "do", "step", msgspec.msgpack.encode("b"), undo=True),
+        WfCancelling(1.0),
+    ]:
+        j.apply(ev)
+    run = FakeRun(j)
+    ctx = accord.WorkflowContext(run)  # type: ignore[arg-type]
+    ran: list[str] = []
+    undone: list[str] = []
+
+    async def do(name: str) -> str:
+        ran.append(name)
+        return name
+
+    async def undo(name: str) -> None:
+        undone.append(name)
+
+    async def workflow() -> None:
+        await ctx.step(do, "a", name="do", compensate=undo)
+        await ctx.step(do, "b", name="do", compensate=undo)
+        await ctx.step(do, "c", name="do", compensate=undo)  # not run: cancelled
+
+    async def main() -> tuple[bool, str]:
+        with pytest.raises(CancelRun):
+            await workflow()
+        return await ctx.compensate()
+
+    assert asyncio.run(main()) == (True, "")
+    assert ran == [] and undone == ["b", "a"]
+    assert [(e.n, e.ok) for e in run.records if isinstance(e, WfCompensation)] == [
+        (2, True),
+        (1, True),
+    ]
