@@ -8,7 +8,9 @@ One `accord node` process on an embedded nats-server. Each side runs N chains wi
 end-to-end latency of a workflow is `start_workflow` to `result()` (which polls the run's status,
 20 ms first, then backing off), of the baseline the five asks. Reports p50/p99, chains/s and
 journaled steps/s (5 per run). Targets (issue 12): workflow throughput >= 0.5x the hand-written
-chain; >= 2,000 journaled steps/s on a 2-core VM.
+chain; >= 2,000 journaled steps/s on a 2-core VM. Also measured: `local5`, five local no-op
+`ctx.step`s (each journaled before the next begins), the journal's own rate without the cost of
+the exactly-once agent (which alone bounds `noop5` below the hand-written chain's asks/s).
 
 Part 2, timers: `--timers N` reminders (default 2,000; the issue's figure is 10,000) set by 100
 `alarm` agents, falling due evenly over `--spread S` seconds (default 20; the issue's 60), each
@@ -126,10 +128,16 @@ async def main(runs: int, concurrency: int, timers: int, spread: float) -> dict[
                     await mesh.ask(f"wf_counter/b{i % 50}", Add(1), delivery="exactly_once",
                                    msg_id=f"{tag}-{i}#{step}")  # fmt: skip
 
+            async def local(i: int) -> None:
+                h = await mesh.start_workflow("local5", f"{tag}-{i}", Job(i))
+                await h.result(timeout=120)
+
             await _timed(20, 4, workflow)  # warm up both paths
             await _timed(20, 4, chain)
+            await _timed(20, 4, local)
             base_lat, base_s = await _timed(runs, concurrency, chain)
             wf_lat, wf_s = await _timed(runs, concurrency, workflow)
+            local_lat, local_s = await _timed(runs, concurrency, local)
             timer_result = await _timers(mesh, timers, spread) if timers else {}
     with tempfile.TemporaryDirectory() as tmp:
         resume = await _resumes(RESUMES, Path(tmp)) if RESUMES else {}
@@ -143,6 +151,12 @@ async def main(runs: int, concurrency: int, timers: int, spread: float) -> dict[
             "p99_ms": percentile(wf_lat, 99) * 1e3,
             "runs_per_s": runs / wf_s,
             "journaled_steps_per_s": 5 * runs / wf_s,
+        },
+        "local_steps": {
+            "p50_ms": percentile(local_lat, 50) * 1e3,
+            "p99_ms": percentile(local_lat, 99) * 1e3,
+            "runs_per_s": runs / local_s,
+            "journaled_steps_per_s": 5 * runs / local_s,
         },
         "hand_written": {
             "p50_ms": percentile(base_lat, 50) * 1e3,
@@ -166,7 +180,7 @@ if __name__ == "__main__":
         lambda: main(args.runs, args.concurrency, args.timers, args.spread), args.uvloop
     )
     result["env"] = environment(loop_name)
-    wf, hw = result["workflow"], result["hand_written"]
+    wf, hw, lo = result["workflow"], result["hand_written"], result["local_steps"]
     lines = [
         f"5-step workflow  : p50 {wf['p50_ms']:.1f} ms  p99 {wf['p99_ms']:.1f} ms  "
         f"{wf['runs_per_s']:.0f} runs/s  {wf['journaled_steps_per_s']:.0f} journaled steps/s",
@@ -175,6 +189,9 @@ if __name__ == "__main__":
         f"throughput ratio : {result['throughput_ratio']:.2f} "
         f"{verdict(result['throughput_ratio'], 0.5, True)}",
         f"journaled steps/s: {verdict(wf['journaled_steps_per_s'], 2000, True)}",
+        f"5 local steps    : p50 {lo['p50_ms']:.1f} ms  p99 {lo['p99_ms']:.1f} ms  "
+        f"{lo['runs_per_s']:.0f} runs/s  {lo['journaled_steps_per_s']:.0f} journaled steps/s "
+        f"{verdict(lo['journaled_steps_per_s'], 2000, True)}",
     ]
     t = result["timers"]
     if t:

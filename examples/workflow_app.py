@@ -9,7 +9,7 @@
 - `sleeper`: sleeps `Job.n` seconds durably, then returns the journaled time.
 - `approval`: sleeps `Job.pause` s, then waits for an `Approve` signal (or `Job.n` seconds).
 - `changing`: its first step's name comes from $ACCORD_STEP_NAME (to provoke a NonDeterminism).
-- `noop5`: five exactly-once asks (the benchmark's workflow).
+- `noop5`: five exactly-once asks (the benchmark's workflow); `local5`: five local no-op steps.
 - `alarm`: many reminders, each recording how late it rang (the timer benchmark).
 - `pinger`: an ordinary agent with a reminder (`StartPing` → `Ping` after `delay`).
 """
@@ -194,6 +194,16 @@ class Noop5(accord.Workflow, type="noop5"):
         return total
 
 
+class Local5(accord.Workflow, type="local5"):
+    """Five journaled local no-op steps (bench/workflows.py: the journal's own rate)."""
+
+    async def run(self, ctx: accord.WorkflowContext, job: Job) -> int:
+        total = job.n
+        for _ in range(5):
+            total = await ctx.step(noop, total)
+        return total
+
+
 class StartPing(msgspec.Struct):
     delay: float
 
@@ -261,4 +271,6 @@ class Alarm(accord.Agent, type="alarm"):
         return self.state
 
 
-AGENTS = [WfCounter, Chain, Saga, Booking, Sleeper, Approval, Changing, Noop5, Pinger, Alarm]
+AGENTS = [
+    WfCounter, Chain, Saga, Booking, Sleeper, Approval, Changing, Noop5, Local5, Pinger, Alarm,
+]  # fmt: skip

@@ -324,9 +324,10 @@ class WorkflowContext:
         self, entry: Entry | None, wait: WaitSignal | None = None, park: int = 0
     ) -> None:
         """Journal `entry` (after the ask steps pending, in one append) and/or the wait/park."""
-        entries = [*self.pending, entry] if entry is not None else list(self.pending)
+        entries, self.pending = self.pending, []  # handed over now: a cancel takes only the rest
+        if entry is not None:
+            entries.append(entry)
         await self._wf._record(WorkflowRecord(self._wf._token, entries, wait, park))
-        self.pending.clear()
 
     async def _parked(self, n: int, fut: asyncio.Future[None]) -> None:
         """Wait for step `n`'s timer or signal (its timer is stored already). Meanwhile the

@@ -97,6 +97,7 @@ class Workflow(
     _signal_types: dict[str, type]
     _parked: int
     _armed: bool
+    _ctx: WorkflowContext | None
 
     def __init_subclass__(cls, *, version: int = 1, **options: Any) -> None:
         cls.__accord_workflow_version__ = version
@@ -119,6 +120,7 @@ class Workflow(
         self._signal_types = {}  # wire name -> type, of the signals this run's code waits for
         self._parked = 0
         self._armed = False  # is the run index entry's watchdog on (as this activation wrote)?
+        self._ctx = None  # the context of the run's latest coroutine
         if self.state.started and self.state.ended is None:
             self._spawn()
 
@@ -209,7 +211,7 @@ class Workflow(
             log.info("%s: run stops here (%s); the owner of the run resumes it", self.id, exc)
 
     async def _drive_run(self) -> None:
-        ctx = WorkflowContext(self)
+        ctx = self._ctx = WorkflowContext(self)
         try:
             await self._watchdog()
             version = type(self).__accord_workflow_version__
@@ -383,6 +385,9 @@ class Workflow(
             task = self._task
             if task is not None:
                 task.cancel()  # a step under way is interrupted
+            if self._ctx is not None and self._ctx.pending:  # asks it completed: journal them
+                done, self._ctx.pending = self._ctx.pending, []
+                self.emit(done[0] if len(done) == 1 else WfBatch(done))
             if undo:
                 # The compensations are known only to the run's code: a new coroutine replays
                 # it; its first call that would do new work raises `CancelRun` (journaled here,
