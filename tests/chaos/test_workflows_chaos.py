@@ -2,7 +2,9 @@
 
 - 200 runs of the 4-step `chain` on 3 nodes, two nodes SIGKILLed one after the other mid-run:
   every run completes with the right result, each run's journal holds each step once, and the
-  exactly-once counter applied exactly the number of `ctx.ask` steps;
+  exactly-once counter applied exactly the number of `ctx.ask` steps; 100 runs of `noop5` (five
+  asks in a row, journaled together with the run's end) started just before the second kill
+  complete too, each step journaled once, each ask applied once;
 - a durable sleep fires after the node that ran the sleeping run was SIGKILLed.
 """
 
@@ -28,6 +30,7 @@ from workflow_app import Job, Read, Total
 pytestmark = pytest.mark.chaos
 APP = str(ROOT / "examples" / "workflow_app.py")
 RUNS = 200
+NOOP = 100
 
 
 async def test_runs_complete_exactly_once_through_two_sigkills(tmp_path: Path) -> None:
@@ -58,6 +61,9 @@ async def test_runs_complete_exactly_once_through_two_sigkills(tmp_path: Path) -
             cluster.nodes["node-2"].kill()  # mid step 1 of most runs
             await wait_for_placement(mesh, {"node-1", "node-3"})
             assert len(done) < RUNS, "the first kill came after every run ended"
+            noops = await asyncio.gather(
+                *(mesh.start_workflow("noop5", f"n{i}", Job(i)) for i in range(NOOP))
+            )
             cluster.nodes["node-3"].kill()
             await wait_for_placement(mesh, {"node-1"})
             results = await results_task
@@ -72,6 +78,16 @@ async def test_runs_complete_exactly_once_through_two_sigkills(tmp_path: Path) -
                 total = await mesh.ask(f"wf_counter/{k}", Read(), returns=Total)
                 applied += total.applied
             assert applied == 2 * RUNS
+            await asyncio.gather(*(h.result(timeout=80) for h in noops))
+            for h in noops:
+                journal = await h.journal()
+                steps = Counter(e.n for e in journal.entries if isinstance(e, WfStep))
+                assert steps == {1: 1, 2: 1, 3: 1, 4: 1, 5: 1}, (h.id, journal.entries)
+            applied = 0
+            for k in range(50):
+                total = await mesh.ask(f"wf_counter/b{k}", Read(), returns=Total)
+                applied += total.applied
+            assert applied == 5 * NOOP
             # The kills landed mid-step: some local steps ran again (at-least-once) — yet the
             # journals above hold each step once and the asks were applied once.
             ran = len((tmp_path / "steps.jsonl").read_text().splitlines())
