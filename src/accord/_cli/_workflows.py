@@ -191,7 +191,7 @@ def cancel(
     nats: NatsOpt = None,
     cluster: ClusterOpt = "default",
 ) -> None:
-    """Cancel a run (it ends `cancelled`; no compensation runs)."""
+    """Cancel a run (its completed steps' compensations run, then it ends `cancelled`)."""
 
     async def main() -> None:
         rid = _run_id(run_id)

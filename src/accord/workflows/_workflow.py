@@ -296,7 +296,9 @@ class Workflow(
             await self._arm()
         if msg.park:
             j = self.state
-            if msg.park not in j.fired and msg.park not in j.taken:
+            # (a park sent by a coroutine that a cancel then stopped must not turn the watchdog
+            # off while the compensations run)
+            if msg.park not in j.fired and msg.park not in j.taken and not j.cancelling:
                 self._parked, self._armed = msg.park, False
                 await self._index(watch=0.0)  # the watchdog off (best effort: it only wakes)
         return 0
