@@ -84,6 +84,8 @@ def test_a_completed_step_returns_its_journaled_result_without_running() -> None
     async def main() -> tuple[int, int]:
         first = await ctx.step(double, 21, name="double")  # replayed
         second = await ctx.step(double, 5, name="double")  # new: runs and is journaled
+        assert run.records == []  # with the run's next call (no compensation to undo)
+        await ctx.flush()
         return first, second
 
     assert asyncio.run(main()) == (42, 10)

@@ -5,7 +5,8 @@ returns its recorded result without running, a step of another name raises `NonD
 Writes go to the run's own agent (`WorkflowRecord`), which appends them in one turn before
 answering, so the run never gets ahead of its journal — except the results of `ctx.ask` steps,
 which wait (at most `MAX_PENDING`) to be journaled in one append with the next entry: the agent
-asked records its reply under the step's message id, so asking again after a crash returns it.
+asked records its reply under the step's message id, so asking again after a crash returns it;
+and a local step without compensation, journaled with the next call before that call acts.
 """
 
 from __future__ import annotations
@@ -138,10 +139,17 @@ class WorkflowContext:
                     raise StepFailed(msg, step=f"{n}:{step_name}", error=error) from None
                 await asyncio.sleep(policy.delay(attempt, self._rng))
                 continue
-            undo = compensate is not None
-            await self._record(WfStep(n, step_name, "step", _enc.encode(result), time.time(), undo))
+            done = WfStep(
+                n, step_name, "step", _enc.encode(result), time.time(), compensate is not None
+            )
             if compensate is not None:
+                await self._record(done)  # a cancel must see it to undo it
                 self.undo.append((n, step_name, compensate, args, policy))
+            else:
+                # Journaled with the run's next call, before that call does anything (or with
+                # the end): until then the run only computes, so a crash re-runs the step just
+                # as a crash before its own append would.
+                self.pending.append(done)
             return result
 
     async def ask(self, agent_id: AgentId | str, msg: msgspec.Struct,
@@ -163,6 +171,8 @@ class WorkflowContext:
         retries = self._j.retries  # a retried run asks again under new ids: undone asks redo
         msg_id = f"{self.run_id}#{n}" + (f".{retries}" if retries else "")
         self._go_on()
+        if any(e.kind != "ask" for e in self.pending if isinstance(e, WfStep)):
+            await self.flush()  # a local step's result is journaled before the next effect
         attempt = 0
         while True:
             attempt += 1
