@@ -7,7 +7,9 @@ client — the chain a user would otherwise hand-write.
 One `accord node` process on an embedded nats-server. Each side runs N chains with C in flight;
 end-to-end latency of a workflow is `start_workflow` to `result()` (which polls the run's status,
 20 ms first, then backing off), of the baseline the five asks. Reports p50/p99, chains/s and
-journaled steps/s (5 per run). Targets (issue 12): workflow throughput >= 0.5x the hand-written
+journaled steps/s (5 per run), and the CPU each costs per run in the client, nats-server and
+node processes (from /proc: on a machine shared with other work, the cost ratio is steadier
+than the throughput ratio). Targets (issue 12): workflow throughput >= 0.5x the hand-written
 chain; >= 2,000 journaled steps/s on a 2-core VM. Also measured: `local5`, five local no-op
 `ctx.step`s (each journaled before the next begins), the journal's own rate without the cost of
 the exactly-once agent (which alone bounds `noop5` below the hand-written chain's asks/s).
@@ -26,13 +28,14 @@ TTL + 1 s.
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from _common import ROOT, emit, environment, parser, percentile, ratio, run, verdict
+from _common import ROOT, cpu_seconds, emit, environment, parser, percentile, ratio, run, verdict
 
 import accord
 from accord.testing import Cluster, wait_for_placement
@@ -43,8 +46,12 @@ sys.path.insert(0, str(ROOT / "examples"))
 
 from workflow_app import Add, Arm, Job, Lateness, Read  # noqa: E402
 
+PIDS: dict[str, int] = {}
+"""client / server / node pids of the throughput cluster, for CPU per run."""
+CPU: dict[str, dict[str, float]] = {}
 
-async def _timed(n: int, concurrency: int, one: Any) -> tuple[list[float], float]:
+
+async def _timed(n: int, concurrency: int, one: Any, name: str = "") -> tuple[list[float], float]:
     latencies: list[float] = []
     queue = list(range(n))
 
@@ -55,9 +62,14 @@ async def _timed(n: int, concurrency: int, one: Any) -> tuple[list[float], float
             await one(i)
             latencies.append(time.perf_counter() - t0)
 
+    before = {k: cpu_seconds(p) for k, p in PIDS.items()}
     began = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return latencies, time.perf_counter() - began
+    took = time.perf_counter() - began
+    if name:  # CPU ms per run by process: the cost, less sensitive to the machine's load
+        CPU[name] = {k: (cpu_seconds(p) - before[k]) * 1e3 / n for k, p in PIDS.items()}
+        CPU[name]["total"] = sum(CPU[name].values())
+    return latencies, took
 
 
 async def _timers(mesh: accord.Mesh, n: int, spread: float) -> dict[str, float]:
@@ -118,6 +130,9 @@ async def main(runs: int, concurrency: int, timers: int, spread: float) -> dict[
         async with cluster.connect() as mesh:
             await wait_for_placement(mesh, set(cluster.nodes))
             tag = f"{time.time_ns()}"
+            assert cluster.server is not None and cluster.server.pid is not None
+            PIDS.update(client=os.getpid(), server=cluster.server.pid,
+                        node=next(iter(cluster.nodes.values())).pid)  # fmt: skip
 
             async def workflow(i: int) -> None:
                 h = await mesh.start_workflow("noop5", f"{tag}-{i}", Job(i))
@@ -135,9 +150,10 @@ async def main(runs: int, concurrency: int, timers: int, spread: float) -> dict[
             await _timed(20, 4, workflow)  # warm up both paths
             await _timed(20, 4, chain)
             await _timed(20, 4, local)
-            base_lat, base_s = await _timed(runs, concurrency, chain)
-            wf_lat, wf_s = await _timed(runs, concurrency, workflow)
-            local_lat, local_s = await _timed(runs, concurrency, local)
+            base_lat, base_s = await _timed(runs, concurrency, chain, "hand_written")
+            wf_lat, wf_s = await _timed(runs, concurrency, workflow, "workflow")
+            local_lat, local_s = await _timed(runs, concurrency, local, "local_steps")
+            PIDS.clear()
             timer_result = await _timers(mesh, timers, spread) if timers else {}
     with tempfile.TemporaryDirectory() as tmp:
         resume = await _resumes(RESUMES, Path(tmp)) if RESUMES else {}
@@ -164,6 +180,8 @@ async def main(runs: int, concurrency: int, timers: int, spread: float) -> dict[
             "chains_per_s": runs / base_s,
         },
         "throughput_ratio": ratio(runs / wf_s, runs / base_s),
+        "cpu_ms_per_run": CPU,
+        "cpu_ratio": ratio(CPU["hand_written"]["total"], CPU["workflow"]["total"]),
     }
 
 
@@ -193,6 +211,15 @@ if __name__ == "__main__":
         f"{lo['runs_per_s']:.0f} runs/s  {lo['journaled_steps_per_s']:.0f} journaled steps/s "
         f"{verdict(lo['journaled_steps_per_s'], 2000, True)}",
     ]
+    for name, c in result["cpu_ms_per_run"].items():
+        lines.append(
+            f"CPU ms per run   : {name:<12} client {c['client']:.2f}  server {c['server']:.2f}  "
+            f"node {c['node']:.2f}  total {c['total']:.2f}"
+        )
+    lines.append(
+        f"CPU ratio        : {result['cpu_ratio']:.2f} (total CPU per hand-written chain / per "
+        "workflow run, client + server + node: the cost ratio, less sensitive to load)"
+    )
     t = result["timers"]
     if t:
         lines.append(
