@@ -168,6 +168,22 @@ class Ping(msgspec.Struct):
     pass
 
 
+class Recorder(accord.Agent, type="wfm_recorder", delivery="exactly_once"):
+    """A type that records its replies under exactly-once ids (asks to it can wait)."""
+
+    @accord.handler
+    async def ping(self, msg: Ping) -> int:
+        return 0
+
+
+class Worker(accord.Agent, type="wfm_pool", stateless=True):
+    """A worker pool: asked again, it runs again (asks to it are journaled at once)."""
+
+    @accord.handler
+    async def ping(self, msg: Ping) -> int:
+        return 0
+
+
 def test_consecutive_asks_are_journaled_in_one_append_with_the_next_entry() -> None:
     run = FakeRun()
     ctx = accord.WorkflowContext(run)  # type: ignore[arg-type]
@@ -176,10 +192,10 @@ def test_consecutive_asks_are_journaled_in_one_append_with_the_next_entry() -> N
         return None
 
     async def main() -> list[int]:
-        got = [await ctx.ask("c/1", Ping()) for _ in range(3)]
+        got = [await ctx.ask("wfm_recorder/1", Ping()) for _ in range(3)]
         assert run.appends == []  # not journaled yet: the agent holds the replies
         await ctx.step(noop)  # a local step: what came before is journaled first
-        got.append(await ctx.ask("c/1", Ping()))
+        got.append(await ctx.ask("wfm_recorder/1", Ping()))
         await ctx._record(WfEnded("completed"))
         return got
 
@@ -195,10 +211,23 @@ def test_pending_asks_are_bounded_by_max_pending() -> None:
 
     async def main() -> None:
         for _ in range(2 * MAX_PENDING + 1):
-            await ctx.ask("c/1", Ping())
+            await ctx.ask("wfm_recorder/1", Ping())
 
     asyncio.run(main())
     assert run.appends == [MAX_PENDING, MAX_PENDING] and len(ctx.pending) == 1
+
+
+def test_asks_to_a_pool_or_an_unknown_type_are_journaled_at_once() -> None:
+    run = FakeRun()
+    ctx = accord.WorkflowContext(run)  # type: ignore[arg-type]
+
+    async def main() -> None:
+        await ctx.ask("wfm_recorder/1", Ping())  # waits
+        await ctx.ask("wfm_pool/any", Ping())  # journaled now, with the one before
+        await ctx.ask("unknown_type/1", Ping())
+
+    asyncio.run(main())
+    assert run.appends == [2, 1] and ctx.pending == []
 
 
 def test_a_batch_folds_like_its_entries_one_by_one() -> None:

@@ -159,9 +159,10 @@ class WorkflowContext:
         mid-step and the step is asked again (the agent then returns its recorded reply). Sends
         that did not get an answer are retried with the same id; the handler raising
         (`RemoteError`) or an unknown type or message fails the step (no retry: the outcome is
-        recorded). Returns the handler's reply. The step's result is journaled with the run's
-        next entry (in one append), not on its own: a replay after a crash asks again under the
-        same id and gets the recorded reply, as long as the agent's dedup window holds it."""
+        recorded). Returns the handler's reply. When the target's type is known here to record
+        replies (durable, not a pool), the step's result is journaled with the run's next entry
+        (in one append), not on its own: a replay after a crash asks again under the same id and
+        gets the recorded reply, as long as the agent's dedup window holds it."""
         target = str(agent_id)
         wire = message_type_name(type(msg))
         step_name = f"ask {target} {wire}"
@@ -188,9 +189,13 @@ class WorkflowContext:
             except AccordError:  # not answered (timeout, no owner yet, outcome unknown): again
                 await self.flush()  # the asks before this one must not age in the dedup window
                 await asyncio.sleep(min(ASK_RETRY_CAP, 0.2 * 2 ** min(attempt, 5)))
-        self.pending.append(WfStep(n, step_name, "ask", _enc.encode(result), time.time()))
-        if len(self.pending) >= MAX_PENDING:
-            await self.flush()
+        done = WfStep(n, step_name, "ask", _enc.encode(result), time.time())
+        if _dedups(target):
+            self.pending.append(done)
+            if len(self.pending) >= MAX_PENDING:
+                await self.flush()
+        else:  # a pool, or a type not known here: asking again would run it again
+            await self._record(done)
         return result
 
     async def _value(self, kind: str, make: Callable[[], T]) -> T:
@@ -378,6 +383,14 @@ def _returns(fn: Callable[..., Any]) -> Any:
     with contextlib.suppress(TypeError):  # an unhashable callable: not cached
         _hints[fn] = typ
     return typ
+
+
+def _dedups(target: str) -> bool:
+    """Does `target` record its reply under an exactly-once message id (so that asking it again
+    after a crash returns the same reply)? Only a type known in this process, with durable
+    state and not a worker pool, is known to."""
+    spec = known_spec(AgentId.parse(target).type)
+    return spec is not None and spec.durable and not spec.stateless
 
 
 def _reply_type(target: str, wire: str) -> Any:
