@@ -20,6 +20,7 @@ from typing import Any, Literal, Protocol
 import msgspec
 
 from . import _codec as codec
+from . import _migration
 from ._background import Background
 from ._context import current_sender, deadline_after
 from ._directory import Directory
@@ -88,6 +89,8 @@ class Mesh:
         self._breakers = CircuitBreakers(breaker, observe=self._observe) if breaker else None
         self._local_tells = 0
         self._resolve = Targets(config.num_shards).resolve  # target -> (agent id, shard)
+
+    migrate = _migration.migrate  # `await mesh.migrate(agent_id, node)`: contract there
 
     @property
     def name(self) -> str:

@@ -62,6 +62,9 @@ class Sender:
         self._durable: DurableSender | None = None
         self._rng = random.Random()
         self._reply_types: dict[tuple[str, str], Any] = {}
+        # The subject of the node an agent is placed on by override, if known (a node's
+        # placement table, runtime/_placement.py); else the shard's subject.
+        self.place: Callable[[AgentId, int], str | None] = _unplaced
 
     async def request(
         self,
@@ -98,10 +101,11 @@ class Sender:
         target: str | None,
         headers: _trace.Headers | None,
     ) -> bytes | LocalResult:
-        subject = self._names.shard_subject(shard)
+        shard_subject = self._names.shard_subject(shard)
         target = target or str(agent_id)
         backoff = Backoff(_BACKOFF_START, _BACKOFF_CAP, rng=self._rng)
         first = True
+        placed = True  # try the node of an override first; its shard's owner after a miss
         unowned_since: float | None = None
         while True:
             if msg is not None and not first:  # the shard may have moved here meanwhile
@@ -127,10 +131,14 @@ class Sender:
                 headers=headers,
             )
             data = codec.encode(req, enc)
+            subject = (self.place(agent_id, shard) if placed else None) or shard_subject
             try:
                 try:
                     return await self._transport.request(subject, data, remaining)
                 except NoResponders:
+                    if subject is not shard_subject:  # its node just went: its owner knows
+                        placed = False
+                        raise
                     now = self._loop.time()
                     unowned_since = now if unowned_since is None else unowned_since
                     if now - unowned_since < STANDBY_AFTER or not await self._split_brain(
@@ -212,7 +220,7 @@ class Sender:
         subject = (
             pool_tell_subject(self._names, agent_id.type)
             if pool
-            else self._names.shard_subject(shard)
+            else self.place(agent_id, shard) or self._names.shard_subject(shard)
         )
         await self._transport.publish(subject, codec.encode(req, enc))
         self._sent(agent_id.type, "tell", "ok")
@@ -315,6 +323,10 @@ _TIMEOUT = frozenset({"timeout", "turn_timeout"})
 def _outcome(code: str) -> Outcome:
     """An error reply's code as a message outcome."""
     return "rejected" if code in _REJECTED else "timeout" if code in _TIMEOUT else "error"
+
+
+def _unplaced(agent_id: AgentId, shard: int) -> str | None:
+    return None
 
 
 class LocalResult:

@@ -39,6 +39,7 @@ class MemberInfo(msgspec.Struct):
     labels: dict[str, str] = msgspec.field(default_factory=dict)
     ts: float = 0.0
     metrics_url: str = ""  # the node's /metrics ("" when off); /healthz, /readyz beside it
+    types: list[str] = msgspec.field(default_factory=list)  # the agent types hosted there
 
 
 _info_dec = msgspec.json.Decoder(MemberInfo)
@@ -77,6 +78,7 @@ class Membership:
         self._tasks: list[asyncio.Task[None]] = []
         self._synced = asyncio.Event()
         self.on_stall: Callable[[], None] = lambda: None
+        self.confirmed = 0.0  # monotonic send time of the last heartbeat the engine confirmed
         self._bg = Background()
         self._clock = clock
         self.last_beat = clock()  # when a heartbeat was last confirmed (health checks)
@@ -100,10 +102,12 @@ class Membership:
     async def beat(self) -> None:
         """Write this node's entry now (raises `NotConnected` if it was not confirmed)."""
         self.me.ts = time.time()
+        sent = time.monotonic()
         await self._kv.put(
             f"node.{self.me.name}", msgspec.json.encode(self.me), ttl=MEMBER_TTL, timeout=2.0
         )
         self.last_beat = self._clock()
+        self.confirmed = sent
 
     async def leave(self) -> None:
         """Announce a clean departure: peers stop placing shards here."""

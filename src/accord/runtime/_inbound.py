@@ -33,6 +33,7 @@ from ..state._store import MERGE_TYPE, MergeState
 from ._activation import ReplyFn, Work, _Recorded
 from ._bulkhead import Bulkhead
 from ._cutoff import CutOff, merge_turn
+from ._placement import DURABLE, HANDLED, NodePlacement, RelayedDelivery
 from ._settings import Stats
 from ._table import ActivationTable
 
@@ -79,6 +80,7 @@ class Inbound:
         self._stats = stats
         self._sends = sends
         self._time = loop_time
+        self.placement: NodePlacement | None = None  # per-agent overrides (attached by the node)
 
     # -- parsing ------------------------------------------------------------------------------
 
@@ -116,12 +118,16 @@ class Inbound:
 
     # -- the shard subject ----------------------------------------------------------------------
 
-    def on_request(self, shard: int, msg: Message) -> None:
+    def on_request(self, shard: int, msg: Message, placed: bool = False) -> None:
         # A message that reached this subscription is ours while the lease is valid, also while
         # the shard is being handed off: the subscription drains before the lease is released.
+        # `placed`: it came on this node's placement subject (an agent placed here by override).
         epoch = self._shards.held_epoch(shard)
         orphan = False
-        if epoch is None:
+        if placed and msg.headers and DURABLE in msg.headers and self.placement is not None:
+            self.on_mailbox(shard, 0, RelayedDelivery(self._transport, msg), placed=True)
+            return
+        if epoch is None and not placed:
             epoch = self._cutoff.cut_off_epoch(shard)
             if epoch is None:
                 # A stale subscription, or a cut-off one whose shard another node now serves
@@ -139,11 +145,23 @@ class Inbound:
             if req.type == MERGE_TYPE:
                 raise BadRequest("state merges go through the mailbox")
             self._bulkhead.check(t.spec.type_name)
+        except AgentTypeNotFound as exc:
+            if self.placement is None or not self.placement.foreign(shard, msg, None, 0):
+                self._reject(exc, reply_to, enc)
+            return
         except AccordError as exc:
             self._reject(exc, reply_to, enc)
             return
         except Exception as exc:  # anything a hostile envelope provokes must not kill the node
             self._reject(BadRequest(f"rejected: {exc}"), reply_to, enc)
+            return
+        if self.placement is not None:
+            routed = self.placement.route(shard, t.agent_id, msg, placed)
+            if routed == HANDLED:
+                return
+            if routed:
+                epoch, orphan = routed, False
+        if epoch is None:
             return
         if orphan and not self._serve_cut_off(t, reply_to, enc):
             return
@@ -210,9 +228,10 @@ class Inbound:
 
     # -- the durable mailbox --------------------------------------------------------------------
 
-    def on_mailbox(self, shard: int, epoch: int, msg: Delivery) -> bool:
-        """Dispatch one mailbox message; False once this node no longer owns `shard` at `epoch`."""
-        if self._shards.held_epoch(shard) != epoch:
+    def on_mailbox(self, shard: int, epoch: int, msg: Delivery, placed: bool = False) -> bool:
+        """Dispatch one mailbox message; False once this node no longer owns `shard` at `epoch`.
+        `placed`: relayed by the shard's owner for an agent placed here by override."""
+        if not placed and self._shards.held_epoch(shard) != epoch:
             return False
         enc: codec.Encoding = codec.sniff(msg.data)
         fallback_id = f"js:{msg.seq}"
@@ -220,11 +239,28 @@ class Inbound:
             req, enc, t = self._parse(shard, msg.data)
             if req.kind == "result":
                 raise BadRequest("result requests do not go through the mailbox")
+        except AgentTypeNotFound as exc:
+            if self.placement is None or not self.placement.foreign(shard, None, msg, epoch):
+                self._stats.rejected += 1
+                self._sends.spawn(self._reject_durable(msg, exc, fallback_id))
+            return True
         except Exception as exc:
             error = exc if isinstance(exc, AccordError) else BadRequest(f"rejected: {exc}")
             self._stats.rejected += 1
             self._sends.spawn(self._reject_durable(msg, error, fallback_id))
             return True
+        if self.placement is not None:
+            routed = (
+                self.placement.placed_here(t.agent_id) or HANDLED
+                if placed
+                else self.placement.route_durable(shard, t.agent_id, msg, epoch)
+            )
+            if routed == HANDLED:
+                if placed:  # not placed here (any more): back to the owner, delivered again
+                    self._sends.spawn(msg.nak())
+                return True
+            if routed:
+                epoch = routed
         mode = req.delivery or t.spec.options.delivery
         if mode == "at_most_once":
             mode = "at_least_once"  # it is in the mailbox: at least once is the floor

@@ -30,6 +30,8 @@ class LocalRoute:
         self._table = table
         self._bulkhead = bulkhead
         self._serving: Callable[[int], int | None] = _nothing  # set by `attach`
+        # The epoch to deliver an agent under here (its override's, or its shard's), or None.
+        self._epoch_for: Callable[[AgentId, int], int | None] = self._by_shard
         self.open = False  # the node takes new messages (False before start, from stop on)
         self._loop = loop
         self._delivered: asyncio.Future[Any] = loop.create_future()  # "handed over" (tells)
@@ -38,6 +40,13 @@ class LocalRoute:
     def attach(self, serving: Callable[[int], int | None]) -> None:
         """`serving(shard)`: the epoch under which this node takes new messages for a shard."""
         self._serving = serving
+
+    def attach_placement(self, epoch_for: Callable[[AgentId, int], int | None]) -> None:
+        """Agents placed by override: `epoch_for(agent, shard)` replaces `serving(shard)`."""
+        self._epoch_for = epoch_for
+
+    def _by_shard(self, agent_id: AgentId, shard: int) -> int | None:
+        return self._serving(shard)
 
     def spec(self, agent_type: str) -> AgentSpec | None:
         """The spec of an agent type hosted here."""
@@ -53,7 +62,7 @@ class LocalRoute:
         if act is None or act.closing or not act.tells_direct:
             return False
         h = act.spec.by_class.get(type(msg))
-        if h is None or self._serving(shard) != act.epoch or not self.open:
+        if h is None or self._epoch_for(agent_id, shard) != act.epoch or not self.open:
             return False
         bulkhead = self._bulkhead
         if bulkhead.total.n >= bulkhead.max_total or act.load.n >= bulkhead.max_per_type:
@@ -67,12 +76,14 @@ class LocalRoute:
         """Deliver in-process if this node serves `shard`: a future of the reply (an ask) or of
         the hand-over (a tell); None when the shard is not served here. A tell that cannot be
         accepted raises (`Overloaded`, ...); an ask gets the error in its future."""
-        epoch = self._serving(shard) if self.open else None
+        epoch = self._epoch_for(agent_id, shard) if self.open else None
         if epoch is None:
             return None
         spec = self._specs.get(agent_id.type)
         if spec is not None and spec.stateless:
             return None  # a worker pool: the queue group spreads it (runtime/_pool.py)
+        if spec is None and self._epoch_for is not self._by_shard:
+            return None  # maybe hosted by another node: the shard's owner places it or refuses
         h = spec.by_class.get(type(msg)) if spec is not None else None
         try:
             if spec is None:

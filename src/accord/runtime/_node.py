@@ -49,7 +49,9 @@ from ._host import ActivationRef, AfterTurn
 from ._inbound import Inbound
 from ._local import LocalRoute
 from ._looplag import LoopMonitor
+from ._migrate import start_placement
 from ._ownership import ShardHost
+from ._placement import NodePlacement
 from ._pool import serve_pools
 from ._settings import NodeSettings, Stats
 from ._table import ActivationTable
@@ -170,7 +172,8 @@ class Node(Mesh):
 
         me = MemberInfo(name=self.node_name, incarnation=uuid.uuid4().hex, pid=os.getpid(),
                         host=socket.gethostname(), started_at=time.time(),
-                        labels=dict(s.labels), metrics_url=metrics_url)  # fmt: skip
+                        labels=dict(s.labels), metrics_url=metrics_url,
+                        types=sorted(self.specs))  # fmt: skip
         self._membership = membership = Membership(
             transport, buckets.members, names, me,
             heartbeat_interval=s.heartbeat_interval, suspect_after=s.suspect_after,
@@ -191,7 +194,14 @@ class Node(Mesh):
         )  # fmt: skip
         owner.attach(shards, inbound, cutoff)
         telemetry.bind(membership, shards, self._is_running, lambda: self._agent, self)
-        host.bind(self, shards, cutoff, inbound, table)
+        placement, self._migrator, place_subs = await start_placement(
+            names, transport, buckets.leases, membership, shards, table, self.specs,
+            self._resolve, inbound, config.lease_ttl, s.drain_timeout, sends, self._bg)  # fmt: skip
+        for sub in place_subs:
+            stack.push_async_callback(_unsubscribe, sub)
+        local.attach_placement(placement.local_epoch)
+        self._sender.place = placement.subject_for
+        host.bind(self, shards, cutoff, inbound, table, placement)
 
         status_sub = await transport.subscribe(names.admin_subject, self._on_admin, queue="admin")
         stack.push_async_callback(_unsubscribe, status_sub)
@@ -346,6 +356,7 @@ class Node(Mesh):
                     "pid": infos[name].pid if name in infos else None,
                     "labels": infos[name].labels if name in infos else {},
                     "metrics_url": infos[name].metrics_url or None if name in infos else None,
+                    "types": infos[name].types if name in infos else [],
                 }
                 for name, state in members.items()
             },
@@ -384,8 +395,9 @@ class _Hosting:
         self.abandon: Callable[[Any, asyncio.Task[Any] | None, bool], None] = _unbound
 
     def bind(self, node: Node, shards: ShardManager, cutoff: CutOff, inbound: Inbound,
-             table: ActivationTable) -> None:  # fmt: skip
-        self.valid = shards.valid
+             table: ActivationTable, placement: NodePlacement) -> None:  # fmt: skip
+        shard_valid, placed_valid = shards.valid, placement.valid
+        self.valid = lambda s, e: shard_valid(s, e) or placed_valid(e)  # shard or agent fence
         self.orphan_epoch = cutoff.orphan_epoch
         self.merged = cutoff.record
         self.dead_letter = inbound.dead_letter
@@ -407,9 +419,9 @@ class _Hosting:
     def durable_for(self, agent_id: AgentId, spec: AgentSpec, shard: int, epoch: int) -> Durable:
         node = self._node
         events = node._events if spec.options.consistency == "event_sourced" else None
-        shards = self._shards
+        shards, valid = self._shards, self.valid
         durable = Durable(spec, agent_id, epoch, node._store, events,
-                          lambda: shards.valid(shard, epoch), self._hlc)  # fmt: skip
+                          lambda: valid(shard, epoch), self._hlc)  # fmt: skip
         # Activated while cut off (split brain): the state bucket is out of reach.
         cut_off = shards.held_epoch(shard) != epoch and self._cutoff.orphan_epoch(shard) == epoch
         durable.orphaned = cut_off
