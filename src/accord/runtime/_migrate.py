@@ -138,7 +138,8 @@ class Migrator:
             raise Contention(f"node {node} did not answer a placement request") from None
         answer = msgspec.json.decode(data)
         if not answer.get("ok"):
-            raise Contention(f"{node}: {answer.get('error')}")
+            cls = AgentTypeNotFound if answer.get("code") == AgentTypeNotFound.code else Contention
+            raise cls(f"{node}: {answer.get('error')}")
         return dict(answer)
 
     # -- moves ----------------------------------------------------------------------------------
