@@ -9,8 +9,9 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import accord  # noqa: E402
-from placement_app import Echo, Ledger, Logged, Pinger, Ponger, Where  # noqa: E402
+from placement_app import Echo, Ledger, Logged, Pinger, Ponger, Where
+
+import accord
 
 
 class Gpu(Logged, accord.Agent, type="gpu"):

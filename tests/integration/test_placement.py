@@ -59,9 +59,13 @@ def overlapping(log: Path, killed: dict[int, float] | None = None) -> list[str]:
     bad = []
     for agent, ss in spans.items():
         ss.sort()
-        for (s1, e1, p1), (s2, _e2, p2) in zip(ss, ss[1:], strict=False):
-            if p1 != p2 and s2 < e1:
+        end, owner = float("-inf"), -1
+        for start, stop, pid in ss:
+            if start < end and pid != owner:
                 bad.append(agent)
+                break
+            if stop > end:
+                end, owner = stop, pid
     return bad
 
 
