@@ -5,19 +5,22 @@ the accord error it names."""
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import msgspec
 
 from ._errors import WIRE_ERRORS, AccordError, AgentTypeNotFound, Contention, NotConnected
 from ._ids import AgentId, as_agent_id
-from .engine._api import NoResponders, RequestTimeout
-
-if TYPE_CHECKING:
-    from ._mesh import Mesh
+from .cluster._config import Names
+from .engine._api import NoResponders, RequestTimeout, Transport
 
 
-async def migrate(mesh: Mesh, agent_id: AgentId | str, node: str, *, timeout: float = 30.0) -> int:
+class _Client(Protocol):
+    names: Names
+    _transport: Transport
+
+
+async def migrate(mesh: _Client, agent_id: AgentId | str, node: str, *, timeout: float = 30.0) -> int:
     """Move `agent_id` with its state to `node`; return its new fencing epoch once it is
     active there.
 

@@ -99,7 +99,7 @@ MESH_SURFACE = {
     "ask", "ask_json", "tell", "tell_json", "publish", "publish_json", "subscribe",
     "register_types", "lease", "election", "fenced_write", "fenced_read", "propose", "decision",
     "barrier", "counter_add", "counter", "close", "name", "start_workflow", "workflow",
-    "delete_state",
+    "delete_state", "migrate",
 }  # fmt: skip
 NODE_SURFACE = MESH_SURFACE | {"start", "stop", "status", "activation_count", "held_shards"}
 #: Plain data attributes set by the constructors (not methods).
