@@ -20,7 +20,9 @@ class _Client(Protocol):
     _transport: Transport
 
 
-async def migrate(mesh: _Client, agent_id: AgentId | str, node: str, *, timeout: float = 30.0) -> int:
+async def migrate(
+    mesh: _Client, agent_id: AgentId | str, node: str, *, timeout: float = 30.0
+) -> int:
     """Move `agent_id` with its state to `node`; return its new fencing epoch once it is
     active there.
 

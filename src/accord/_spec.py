@@ -53,6 +53,7 @@ class AgentOptions(msgspec.Struct, frozen=True, kw_only=True):
     state_ttl: int = 0  # seconds a state record lives after its last write; 0: forever
     stateless: bool = False  # a worker pool: served by every hosting node (runtime/_pool.py)
     max_concurrency: int = 64  # stateless types: handlers running at once per node
+    movable: bool = True  # adaptive placement may move its agents (co-location, rebalancing)
 
 
 class AgentSpec(msgspec.Struct, frozen=True):

@@ -53,6 +53,13 @@ def node(
     metrics_host: Annotated[
         str, typer.Option("--metrics-host", help="Address the metrics endpoint listens on.")
     ] = "127.0.0.1",
+    adaptive: Annotated[
+        bool, typer.Option("--adaptive", help="Co-locate chatty agents, rebalance agent counts.")
+    ] = False,
+    placement_round: Annotated[
+        float,
+        typer.Option("--placement-round", min=0.5, help="Seconds between placement rounds."),
+    ] = 20.0,
     log_level: Annotated[str, typer.Option("--log-level")] = "info",
     log_format: LogFormatOpt = "text",
 ) -> None:
@@ -60,7 +67,7 @@ def node(
     SIGTERM/SIGINT."""
     from .._app import agent_classes, load_module
     from ..runtime._node import Node
-    from ..runtime._settings import NodeSettings
+    from ..runtime._settings import NodeSettings, PlacementSettings
 
     formatter = setup_or_exit(log_level, log_format)
 
@@ -81,6 +88,8 @@ def node(
             advertise=advertise,
             metrics_port=metrics_port,
             metrics_host=metrics_host,
+            adaptive=adaptive,
+            placement=PlacementSettings(round_interval=placement_round),
         )
         node = Node(classes, nats=nats, name=name, settings=settings)
         if formatter is not None:

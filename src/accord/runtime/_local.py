@@ -32,6 +32,8 @@ class LocalRoute:
         self._serving: Callable[[int], int | None] = _nothing  # set by `attach`
         # The epoch to deliver an agent under here (its override's, or its shard's), or None.
         self._epoch_for: Callable[[AgentId, int], int | None] = self._by_shard
+        # Sees every at-most-once message this process routes (the communication graph).
+        self.observe: Callable[[AgentId, bool], None] | None = None
         self.open = False  # the node takes new messages (False before start, from stop on)
         self._loop = loop
         self._delivered: asyncio.Future[Any] = loop.create_future()  # "handed over" (tells)
@@ -68,6 +70,8 @@ class LocalRoute:
         if bulkhead.total.n >= bulkhead.max_total or act.load.n >= bulkhead.max_per_type:
             return False
         act.put(Work(h, msg, None, None))
+        if self.observe is not None:
+            self.observe(agent_id, True)
         return True
 
     def route(
@@ -77,13 +81,17 @@ class LocalRoute:
         the hand-over (a tell); None when the shard is not served here. A tell that cannot be
         accepted raises (`Overloaded`, ...); an ask gets the error in its future."""
         epoch = self._epoch_for(agent_id, shard) if self.open else None
-        if epoch is None:
-            return None
         spec = self._specs.get(agent_id.type)
         if spec is not None and spec.stateless:
             return None  # a worker pool: the queue group spreads it (runtime/_pool.py)
-        if spec is None and self._epoch_for is not self._by_shard:
-            return None  # maybe hosted by another node: the shard's owner places it or refuses
+        if epoch is None or (spec is None and self._epoch_for is not self._by_shard):
+            # Not served here (another node's shard, an agent placed elsewhere, or a type
+            # another node may host: the shard's owner places it or refuses).
+            if self.observe is not None:
+                self.observe(agent_id, False)
+            return None
+        if self.observe is not None:
+            self.observe(agent_id, True)
         h = spec.by_class.get(type(msg)) if spec is not None else None
         try:
             if spec is None:

@@ -47,8 +47,8 @@ class Move(msgspec.Struct, frozen=True):
 
 
 class Ctl(msgspec.Struct, frozen=True, omit_defaults=True):
-    op: str  # "migrate" | "release" | "adopt"
-    agent: str
+    op: str  # "migrate" | "release" | "adopt" | "graph"
+    agent: str = ""
     node: str = ""
     rev: int = 0
     reason: str = ""
@@ -90,6 +90,8 @@ class Migrator:
         self._drain = drain_timeout
         self._sends = sends
         self.moves: deque[Move] = deque(maxlen=200)
+        # What `graph` answers (the communication graph and this node's agents, _colocate.py).
+        self.report: Callable[[], dict[str, Any]] = lambda: {"edges": [], "agents": []}
         placement.foreign = self.foreign
         placement.host_gone = self._host_gone
         placement.on_moved_away = self._moved_away
@@ -110,6 +112,8 @@ class Migrator:
                 await self._transport.publish(msg.reply, msgspec.json.encode(answer))
 
     async def _handle(self, ctl: Ctl) -> dict[str, Any]:
+        if ctl.op == "graph":
+            return self.report()
         aid, shard = self._resolve(ctl.agent)
         if ctl.op == "migrate":
             if self._p.shards.held_epoch(shard) is None:
@@ -123,7 +127,8 @@ class Migrator:
         if ctl.op == "release":
             await self.release_here(aid, ctl.rev)
             return {}
-        if ctl.op == "adopt":
+        if ctl.op == "adopt":  # also: a move that released it here failed, serve it again
+            self._p.released.discard(ctl.rev)
             self._p.overrides.set_local(str(aid), Placed(self.me, ctl.rev))
             self._activate(aid, shard, ctl.rev)
             return {}
@@ -184,8 +189,12 @@ class Migrator:
                     await self._release_remote(agent, current)
             try:
                 rev = await p.overrides.write(agent, target, last, reason, timeout=5.0)
-            except WrongRevision:
-                raise Contention(f"the placement of {aid} changed meanwhile; retry") from None
+            except (WrongRevision, AccordError) as exc:
+                if current is not None:  # released for nothing: its node serves it again
+                    await self._readopt(agent, current)
+                if isinstance(exc, WrongRevision):
+                    raise Contention(f"the placement of {aid} changed meanwhile") from None
+                raise
             shard = self._resolve(agent)[1]
             if target == self.me:
                 self._activate(aid, shard, rev)
@@ -200,13 +209,23 @@ class Migrator:
 
     async def _release_remote(self, agent: str, current: Placed) -> None:
         """Have the node serving `agent` release it; one that does not answer and is not live
-        any more stops on its own within a lease TTL of its last confirmed heartbeat."""
+        any more stops on its own within a lease TTL of its last confirmed heartbeat. A live
+        one that did not answer may have released it: it is told to serve it again."""
         try:
-            await self.ctl(current.node, Ctl("release", agent, rev=current.revision), timeout=5.0)
+            await self.ctl(current.node, Ctl("release", agent, rev=current.revision),
+                           timeout=self._drain + 5.0)  # fmt: skip
         except Contention:
             if current.node in self._members.live():
+                await self._readopt(agent, current)
                 raise
             await asyncio.sleep(self._p.ttl)
+
+    async def _readopt(self, agent: str, current: Placed) -> None:
+        if current.node == self.me:
+            self._p.released.discard(current.revision)
+            return
+        with contextlib.suppress(Contention):
+            await self.ctl(current.node, Ctl("adopt", agent, rev=current.revision), timeout=5.0)
 
     async def release_here(self, aid: AgentId, rev: int) -> None:
         """Stop serving `aid` under `rev` here (its owner moves it): drain, deactivate."""

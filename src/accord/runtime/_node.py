@@ -44,6 +44,7 @@ from ..state._events import EventLog
 from ..state._store import MergeState, StateStore
 from ..workflows._timers import TimerService
 from ._bulkhead import Bulkhead
+from ._colocate import Colocation
 from ._cutoff import CutOff
 from ._host import ActivationRef, AfterTurn
 from ._inbound import Inbound
@@ -201,6 +202,10 @@ class Node(Mesh):
             stack.push_async_callback(_unsubscribe, sub)
         local.attach_placement(placement.local_epoch)
         self._sender.place = placement.subject_for
+        self._colocation = colocation = Colocation(
+            self, self._migrator, placement, membership, table, self.specs, config.num_shards,
+            s.placement, s.adaptive, self._bg)  # fmt: skip
+        local.observe = colocation.observe
         host.bind(self, shards, cutoff, inbound, table, placement)
 
         status_sub = await transport.subscribe(names.admin_subject, self._on_admin, queue="admin")
@@ -227,6 +232,7 @@ class Node(Mesh):
         stack.push_async_callback(cancel_and_wait, tasks)
         self._pools = await serve_pools(self, self.specs.values(), s, stack, transport)
         self._running = local.open = True
+        colocation.start()
         services = loop.create_task(self._start_services(), name="accord-services-start")
         stack.push_async_callback(self._stop_services, services)
 

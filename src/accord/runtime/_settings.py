@@ -4,7 +4,26 @@ from __future__ import annotations
 
 import msgspec
 
+from ..cluster._graph import GraphSettings
 from ..delivery._breaker import BreakerSettings
+
+
+class PlacementSettings(msgspec.Struct, frozen=True, kw_only=True):
+    """Co-location rounds (`NodeSettings.adaptive`) and the communication graph they read."""
+
+    round_interval: float = 20.0
+    """Seconds between two decision rounds of the elected decider."""
+    min_gain: float = 0.5
+    """Messages/s an agent must gain (to its partners on the target, less those it leaves on its
+    node) before it is moved: below it, a move costs more than it saves."""
+    tolerance: float = 0.10
+    """No node above the mean agent count plus max(tolerance x mean, slack)."""
+    slack: int = 50
+    max_move_fraction: float = 0.15
+    """At most this fraction of the known agents moves in one round (at least one agent)."""
+    hold_rounds: int = 3
+    """Hysteresis: an agent moved is not moved again for this many rounds."""
+    graph: GraphSettings = GraphSettings()
 
 
 class NodeSettings(msgspec.Struct, kw_only=True):
@@ -56,6 +75,11 @@ class NodeSettings(msgspec.Struct, kw_only=True):
     the URL is logged, in `status()["metrics_url"]` and in the membership record)."""
     metrics_host: str = "127.0.0.1"
     """Address the metrics endpoint listens on."""
+    adaptive: bool = False
+    """Co-locate agents that talk a lot and rebalance agent counts (`placement`)."""
+    placement: PlacementSettings = PlacementSettings()
+    """Co-location and communication-graph parameters (used with `adaptive`; the graph is
+    always sampled, for `accord topology`)."""
     loop_lag_warning: float | None = 0.25
     """Seconds the event loop may stall (a handler blocking it) before a WARNING names the
     stall and the turn running; reported by a watchdog thread while the loop is still blocked.
