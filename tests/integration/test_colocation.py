@@ -44,7 +44,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
 
 class Traffic:
     """Every `pinger/i` asks `ponger/partner(i)` twice per client ask, in a loop paced to
-    ~4 client asks/s per pair (what 2 shared cores carry without the nodes losing leases)."""
+    ~2 client asks/s per pair (what 2 shared cores carry without the nodes losing leases)."""
 
     def __init__(self, mesh: accord.Mesh, partner: dict[int, int]) -> None:
         self.mesh, self.partner = mesh, partner
@@ -66,7 +66,7 @@ class Traffic:
                 self.ok += 1
             except Exception as exc:
                 self.failed.append(f"pinger/{i}: {exc!r}")
-            await asyncio.sleep(0.25)  # pacing, not synchronisation
+            await asyncio.sleep(0.4)  # pacing, not synchronisation
 
     async def stop(self) -> None:
         self._stop.set()
@@ -75,10 +75,13 @@ class Traffic:
 
 async def _where(mesh: accord.Mesh, partner: dict[int, int]) -> tuple[float, Counter[int]]:
     """The fraction of pairs sharing a process, and agents per process."""
-    pings = await asyncio.gather(*(mesh.ask(f"pinger/{i}", Where(), timeout=20)
-                                   for i in range(PAIRS)))  # fmt: skip
-    pongs = await asyncio.gather(*(mesh.ask(f"ponger/{i}", Where(), timeout=20)
-                                   for i in range(PAIRS)))  # fmt: skip
+    pings: list[int] = []
+    pongs: list[int] = []
+    for lo in range(0, PAIRS, 50):  # in batches: the nodes are busy with the traffic already
+        pings += await asyncio.gather(*(mesh.ask(f"pinger/{i}", Where(), timeout=20)
+                                        for i in range(lo, lo + 50)))  # fmt: skip
+        pongs += await asyncio.gather(*(mesh.ask(f"ponger/{i}", Where(), timeout=20)
+                                        for i in range(lo, lo + 50)))  # fmt: skip
     together = sum(pings[i] == pongs[partner[i]] for i in range(PAIRS))
     return together / PAIRS, Counter(pings) + Counter(pongs)
 
@@ -96,15 +99,16 @@ async def _moves(mesh: accord.Mesh, nodes: list[str], since: float) -> list[dict
 
 async def _converge(mesh: accord.Mesh, partner: dict[int, int], rounds: int) -> float:
     deadline = time.monotonic() + (rounds + 1) * ROUND + 15.0  # + a round's moves and noise
-    frac = 0.0
+    frac, counts = 0.0, Counter[int]()
     while time.monotonic() < deadline:
         await asyncio.sleep(ROUND)
         frac, counts = await _where(mesh, partner)
         mean = 2 * PAIRS / 3
-        assert max(counts.values()) <= mean + max(0.1 * mean, 50), counts
-        if frac >= 0.9:
+        # Hash placement itself may start above the bound (shards hold unequal agent counts):
+        # the rounds bring every node within it, together with co-location.
+        if frac >= 0.9 and max(counts.values()) <= mean + max(0.1 * mean, 50):
             return frac
-    raise AssertionError(f"only {frac:.0%} of pairs share a node after {rounds} rounds")
+    raise AssertionError(f"{frac:.0%} of pairs share a node after {rounds} rounds; {counts}")
 
 
 async def test_pairs_colocate(cluster: Cluster) -> None:
