@@ -25,8 +25,8 @@ from accord.testing import Cluster, wait_for_placement
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
 
-from placement_app import Ping, Pong, Where  # noqa: E402
-from test_placement import APP, overlapping  # noqa: E402
+from placement_app import Ping, Pong, Where
+from test_placement import APP, overlapping
 
 PAIRS = 300
 ROUND = 3.0

@@ -33,7 +33,7 @@ def test_edges_reinforce_decay_and_prune() -> None:
         clock.t += 5.0
         g.tick()
     assert ("a/2", "b/2") not in g.edges and ("a/1", "b/1") in g.edges
-    [src, dst, weight, rate, messages, local] = g.export()[0]
+    [src, dst, weight, _rate, messages, local] = g.export()[0]
     assert (src, dst, messages, local) == ("a/1", "b/1", 11, True) and weight > 0.5
 
 
