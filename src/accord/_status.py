@@ -39,6 +39,7 @@ async def cluster_status(
             "pid": m["pid"],
             "labels": m["labels"],
             "metrics_url": m.get("metrics_url"),
+            "types": m.get("types", []),
         }
         for name, m in sorted(view["members"].items())
     ]

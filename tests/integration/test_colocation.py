@@ -10,6 +10,8 @@ the placement converges again, and once traffic is stable under 1 % of the agent
 from __future__ import annotations
 
 import asyncio
+import json
+import subprocess
 import sys
 import time
 from collections import Counter
@@ -86,6 +88,15 @@ async def _where(mesh: accord.Mesh, partner: dict[int, int]) -> tuple[float, Cou
     return together / PAIRS, Counter(pings) + Counter(pongs)
 
 
+async def _cli(cluster: Cluster, *args: str) -> str:
+    proc = await asyncio.to_thread(
+        subprocess.run, [sys.executable, "-m", "accord", *args, "--nats", cluster.url],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
 async def _moves(mesh: accord.Mesh, nodes: list[str], since: float) -> list[dict[str, object]]:
     """The moves made since wall-clock time `since` (each shard owner keeps its last 200)."""
     out: list[dict[str, object]] = []
@@ -118,10 +129,18 @@ async def test_pairs_colocate(cluster: Cluster) -> None:
         traffic = Traffic(mesh, partner).start()
         try:
             await _converge(mesh, partner, rounds=3)
+            topo = json.loads(await _cli(cluster, "topology", "--json"))
+            dot = await _cli(cluster, "topology", "--dot")
         finally:
             await traffic.stop()
         assert traffic.failed == []
         assert traffic.ok > 0
+        # `accord topology`: the pairs' edges, mostly local now, and moves with their reasons.
+        assert any(e["source"].startswith("pinger/") for e in topo["edges"])
+        assert topo["cross_node_fraction"] < 0.5
+        assert topo["moves"] and all("msg/s" in m["reason"] or "rebalance" in m["reason"]
+                                     for m in topo["moves"])  # fmt: skip
+        assert dot.startswith("digraph accord {")
     assert overlapping(cluster.tmp / "act.jsonl") == []  # type: ignore[attr-defined]
 
 

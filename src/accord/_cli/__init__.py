@@ -7,7 +7,7 @@ import sys
 
 import msgspec
 
-from . import _agents, _bus, _inspect, _observe, _processes, _services, _workflows
+from . import _agents, _bus, _inspect, _observe, _processes, _services, _topology, _workflows
 from ._common import app, err
 
 __all__ = [
@@ -17,6 +17,7 @@ __all__ = [
     "_observe",
     "_processes",
     "_services",
+    "_topology",
     "_workflows",
     "app",
     "main",

@@ -37,13 +37,12 @@ def _print_status(st: dict[str, Any]) -> None:
     nodes = Table(
         title=f"cluster {st['cluster']} — {st['num_shards']} shards, lease TTL {st['lease_ttl']}s"
     )
-    for col in ("node", "state", "shards", "pid"):
+    for col in ("node", "state", "shards", "pid", "agent types"):
         nodes.add_column(col)
     for n in st["nodes"]:
         color = "green" if n["state"] == "alive" else "yellow" if n["alive"] else "red"
-        nodes.add_row(
-            n["name"], f"[{color}]{n['state']}[/{color}]", str(n["shards"]), str(n["pid"])
-        )
+        nodes.add_row(n["name"], f"[{color}]{n['state']}[/{color}]", str(n["shards"]),
+                      str(n["pid"]), ", ".join(n.get("types", [])))  # fmt: skip
     out.print(nodes)
     unowned = st["num_shards"] - len(st["shards"])
     owners = ", ".join(f"{s['shard']}→{s['owner']}@{s['epoch']}" for s in st["shards"][:16])

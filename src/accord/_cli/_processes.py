@@ -60,6 +60,10 @@ def node(
         float,
         typer.Option("--placement-round", min=0.5, help="Seconds between placement rounds."),
     ] = 20.0,
+    sampling: Annotated[
+        bool,
+        typer.Option("--sampling/--no-sampling", help="Sample agent->agent messages (graph)."),
+    ] = True,
     log_level: Annotated[str, typer.Option("--log-level")] = "info",
     log_format: LogFormatOpt = "text",
 ) -> None:
@@ -89,7 +93,7 @@ def node(
             metrics_port=metrics_port,
             metrics_host=metrics_host,
             adaptive=adaptive,
-            placement=PlacementSettings(round_interval=placement_round),
+            placement=PlacementSettings(round_interval=placement_round, sample=sampling),
         )
         node = Node(classes, nats=nats, name=name, settings=settings)
         if formatter is not None:

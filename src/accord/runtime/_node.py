@@ -205,7 +205,7 @@ class Node(Mesh):
         self._colocation = colocation = Colocation(
             self, self._migrator, placement, membership, table, self.specs, config.num_shards,
             s.placement, s.adaptive, self._bg)  # fmt: skip
-        local.observe = colocation.observe
+        local.observe = colocation.observe if s.placement.sample else None
         host.bind(self, shards, cutoff, inbound, table, placement)
 
         status_sub = await transport.subscribe(names.admin_subject, self._on_admin, queue="admin")

@@ -24,6 +24,8 @@ class PlacementSettings(msgspec.Struct, frozen=True, kw_only=True):
     hold_rounds: int = 3
     """Hysteresis: an agent moved is not moved again for this many rounds."""
     graph: GraphSettings = GraphSettings()
+    sample: bool = True
+    """Sample agent->agent messages into the graph (off: no graph, no co-location)."""
 
 
 class NodeSettings(msgspec.Struct, kw_only=True):
