@@ -180,7 +180,7 @@ class Colocation:
     def report(self) -> dict[str, Any]:
         agents = [
             str(a) for a, act in self._table.live.items()
-            if act.spec.options.movable and not act.orphan
+            if act.spec.options.movable and not act.spec.stateless and not act.orphan
         ]  # fmt: skip
         moves = [msgspec.structs.asdict(m) for m in self._migrator.moves]
         return {"node": self._p.me, "edges": self.graph.export(), "agents": agents[:20_000],
@@ -264,8 +264,8 @@ class Colocation:
     def _movable(self, agent: str, node: str) -> bool:
         agent_type = agent.split("/", 1)[0]
         spec = self._specs.get(agent_type)
-        if spec is not None and not spec.options.movable:
-            return False
+        if spec is not None and (not spec.options.movable or spec.stateless):
+            return False  # opted out, or a worker pool (served by every hosting node)
         hosts = self._hosts.get(agent_type)
         if hosts is None:
             hosts = self._hosts[agent_type] = self._migrator.hosts(agent_type)

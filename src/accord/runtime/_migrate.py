@@ -168,6 +168,9 @@ class Migrator:
         lost or run twice."""
         if target not in self.hosts(aid.type):
             raise AgentTypeNotFound(f"node {target} is not a live host of {aid.type!r}")
+        spec = self._specs.get(aid.type)
+        if spec is not None and spec.stateless:
+            raise ConfigurationError(f"{aid.type!r} is a worker pool: every hosting node serves it")
         p = self._p
         if aid in p.moving and not held:
             raise Contention(f"{aid} is being moved already")
