@@ -75,6 +75,7 @@ CALLS: dict[str, Callable[[accord.Mesh], Awaitable[Any]]] = {
     "counter": lambda m: m.counter("c"),
     "start_workflow": lambda m: m.start_workflow(Echo, "k", Ping(1), timeout=0.5),
     "delete_state": lambda m: m.delete_state("svc/a"),
+    "migrate": lambda m: m.migrate("svc/a", "n2", timeout=0.5),
 }
 
 

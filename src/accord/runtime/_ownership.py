@@ -136,7 +136,10 @@ class ShardHost:
                     await sub.drain()
                 else:
                     await sub.unsubscribe()
-        acts = self._table.in_shard(shard, lambda a: not a.orphan)
+        # Agents of this shard placed here by override are not the shard's: they stay.
+        acts = self._table.in_shard(
+            shard, lambda a: not a.orphan and (epoch is None or a.epoch == epoch)
+        )
         if not graceful:
             # A CRDT turn in flight may still finish and persist: its write merges, it never
             # overwrites, and it will not reply. Everything else stops at once.
