@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from ._mesh import Mesh
+from ._placed import route_placed
 from .cluster._config import Names, open_cluster
 from .cluster._replication import WAIT_FOR_CLUSTER, wait_for_cluster
 from .delivery._breaker import BreakerSettings
@@ -47,6 +48,7 @@ async def connect(
             await transport.close()
             raise
         mesh = Mesh(transport, names, config, buckets, breaker)
+        route_placed(mesh)  # asks for agents placed by override go straight to their node
         try:
             yield mesh
         finally:

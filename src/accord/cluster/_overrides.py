@@ -20,6 +20,11 @@ log = logging.getLogger("accord.placement")
 PREFIX = "agent."
 
 
+def place_subject(prefix: str, node: str, shard: int | str) -> str:
+    """Where a node takes messages for the agents placed on it (`<prefix>.place.<node>.<shard>`)."""
+    return f"{prefix}.place.{node}.{shard}"
+
+
 class Override(msgspec.Struct, frozen=True):
     node: str
     reason: str = ""  # why it was placed there (co-location gain, type hosted, migrate)

@@ -18,6 +18,7 @@ from .._ids import AgentId
 from ..cluster._config import Names
 from ..cluster._membership import Membership
 from ..cluster._overrides import Overrides, Placed
+from ..cluster._overrides import place_subject as _place_subject
 from ..cluster._shards import ShardManager
 from ..engine._api import Delivery, Engine, Message, NoResponders, RequestTimeout
 
@@ -31,7 +32,7 @@ MAX_HOPS = 4  # two nodes' tables disagreeing for a moment; beyond, the message 
 
 
 def place_subject(names: Names, node: str, shard: int | str) -> str:
-    return f"{names.prefix}.place.{node}.{shard}"
+    return _place_subject(names.prefix, node, shard)
 
 
 class NodePlacement:
