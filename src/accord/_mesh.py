@@ -20,7 +20,6 @@ from typing import Any, Literal, Protocol
 import msgspec
 
 from . import _codec as codec
-from . import _migration
 from ._background import Background
 from ._context import current_sender, deadline_after
 from ._directory import Directory
@@ -29,6 +28,7 @@ from ._errors import (
     Overloaded,
 )
 from ._ids import AgentId, Targets, as_agent_id
+from ._migration import Migrating
 from ._observe import Observers
 from ._sender import LocalResult, Sender
 from ._spec import AgentSpec
@@ -45,7 +45,7 @@ from .workflows import _client as _workflows
 log = logging.getLogger("accord.mesh")
 
 
-class Mesh:
+class Mesh(Migrating):
     """A client of the mesh. Create with `accord.connect()`; a `Node` is also a `Mesh`."""
 
     def __init__(
@@ -89,8 +89,6 @@ class Mesh:
         self._breakers = CircuitBreakers(breaker, observe=self._observe) if breaker else None
         self._local_tells = 0
         self._resolve = Targets(config.num_shards).resolve  # target -> (agent id, shard)
-
-    migrate = _migration.migrate  # `await mesh.migrate(agent_id, node)`: contract there
 
     @property
     def name(self) -> str:

@@ -5,7 +5,7 @@ the accord error it names."""
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import msgspec
 
@@ -23,18 +23,7 @@ class _Client(Protocol):
 async def migrate(
     mesh: _Client, agent_id: AgentId | str, node: str, *, timeout: float = 30.0
 ) -> int:
-    """Move `agent_id` with its state to `node`; return its new fencing epoch once it is
-    active there.
-
-    Its turns under way and queued finish where it was, its state is persisted, then it is
-    activated on `node` under a per-agent fence (an epoch above every earlier owner's); messages
-    sent meanwhile wait and then go to `node` (asks in flight retry, durable messages are
-    neither lost nor applied twice). Raises `AgentTypeNotFound` when `node` is not a live node
-    hosting its type, `Contention` when a move of it is under way, its shard has no owner right
-    now or a node did not answer (retry), and `NotConnected` when no node answered at all
-    within `timeout` (moved or not: calling again is safe, a move to where it is returns at
-    once). On cancellation the move may still complete.
-    """
+    """`Mesh.migrate` (its contract is there)."""
     aid = as_agent_id(agent_id)
     deadline = asyncio.get_running_loop().time() + timeout
     req = msgspec.json.encode({"op": "migrate", "agent": str(aid), "node": node})
@@ -59,3 +48,22 @@ async def migrate(
             continue
         known = {Contention.code: Contention, AgentTypeNotFound.code: AgentTypeNotFound}
         raise known.get(code, WIRE_ERRORS.get(code, AccordError))(f"migrate {aid}: {error}")
+
+
+class Migrating:
+    """What `Mesh` gets from here (a base class: `Mesh` itself is at its size limit)."""
+
+    async def migrate(self, agent_id: AgentId | str, node: str, *, timeout: float = 30.0) -> int:
+        """Move `agent_id` with its state to `node`; return its new fencing epoch once it is
+        active there.
+
+        Its turns under way and queued finish where it was, its state is persisted, then it is
+        activated on `node` under a per-agent fence (an epoch above every earlier owner's); messages
+        sent meanwhile wait and then go to `node` (asks in flight retry, durable messages are
+        neither lost nor applied twice). Raises `AgentTypeNotFound` when `node` is not a live node
+        hosting its type, `Contention` when a move of it is under way, its shard has no owner right
+        now or a node did not answer (retry), and `NotConnected` when no node answered at all
+        within `timeout` (moved or not: calling again is safe, a move to where it is returns at
+        once). On cancellation the move may still complete.
+        """
+        return await migrate(cast(_Client, self), agent_id, node, timeout=timeout)
