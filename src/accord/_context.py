@@ -12,6 +12,8 @@ from ._errors import ConfigurationError
 
 current_deadline: ContextVar[float | None] = ContextVar("accord_deadline", default=None)
 current_sender: ContextVar[str | None] = ContextVar("accord_sender", default=None)
+publishing: ContextVar[bool] = ContextVar("accord_publishing", default=False)
+"""Set while `Mesh.publish` sends its tells: they carry the `publish` kind (`_observe.py`)."""
 
 
 DEFAULT_TIMEOUT = 10.0

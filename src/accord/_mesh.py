@@ -21,7 +21,7 @@ import msgspec
 
 from . import _codec as codec
 from ._background import Background
-from ._context import current_sender, deadline_after
+from ._context import current_sender, deadline_after, publishing
 from ._directory import Directory
 from ._errors import (
     ConfigurationError,
@@ -261,15 +261,23 @@ class Mesh(Migrating):
         the first ones (use durable agents with `exactly_once` where that matters).
         """
         agent_types = await self._directory.subscribers(topic_type)
-        for agent_type in agent_types:
-            await self.tell(AgentId(agent_type, source), msg)
+        token = publishing.set(True)  # the tells carry kind `publish` (metrics, traces)
+        try:
+            for agent_type in agent_types:
+                await self.tell(AgentId(agent_type, source), msg)
+        finally:
+            publishing.reset(token)
         return len(agent_types)
 
     async def publish_json(self, topic_type: str, source: str, type_name: str, body: bytes) -> int:
         """`publish` with a JSON-encoded message named by its wire type."""
         agent_types = await self._directory.subscribers(topic_type)
-        for agent_type in agent_types:
-            await self.tell_json(AgentId(agent_type, source), type_name, body)
+        token = publishing.set(True)
+        try:
+            for agent_type in agent_types:
+                await self.tell_json(AgentId(agent_type, source), type_name, body)
+        finally:
+            publishing.reset(token)
         return len(agent_types)
 
     async def subscribe(self, topic_type: str, agent_type: str) -> None:

@@ -17,6 +17,20 @@ log = logging.getLogger("accord.observe")
 Kind = Literal["ask", "tell", "publish"]
 Outcome = Literal["ok", "error", "timeout", "rejected"]
 
+KIND_HEADER = "accord-kind"
+"""Envelope header naming a tell sent by `Mesh.publish` (value `publish`, docs/protocol.md), so
+the node handling it counts it as kind `publish`; any other tell carries no such header."""
+PUBLISHED: dict[str, str] = {KIND_HEADER: "publish"}  # the headers of an untraced publish
+
+
+def kind_of(asked: bool, headers: dict[str, str] | None) -> Kind:
+    """The kind of a received message: an ask, a tell, or a tell sent by `Mesh.publish`."""
+    if asked:
+        return "ask"
+    if headers is not None and headers.get(KIND_HEADER) == "publish":
+        return "publish"
+    return "tell"
+
 
 class Observer:
     """What the runtime reports; every method is a no-op here, override the ones you need.
@@ -27,8 +41,9 @@ class Observer:
     def message_sent(self, agent_type: str, kind: Kind, outcome: Outcome) -> None:
         """This process sent a message (an ask's outcome is known when its reply came back)."""
 
-    def message_rejected(self, agent_type: str) -> None:
-        """A message for a hosted type was refused before its turn (bulkhead full, bad body)."""
+    def message_rejected(self, agent_type: str, kind: Kind) -> None:
+        """A message for a hosted type arriving from the wire was refused `Overloaded` before
+        its turn (the node's bulkhead full, a worker pool at `max_concurrency`, stopping)."""
 
     def turn_ended(self, agent_type: str, kind: Kind, outcome: Outcome, seconds: float) -> None:
         """A handler ran for one message received by this node: `kind` ask or tell, `outcome`
@@ -85,10 +100,10 @@ class Observers(Observer):
             except Exception:
                 self._failed(o)
 
-    def message_rejected(self, agent_type: str) -> None:
+    def message_rejected(self, agent_type: str, kind: Kind) -> None:
         for o in self._all:
             try:
-                o.message_rejected(agent_type)
+                o.message_rejected(agent_type, kind)
             except Exception:
                 self._failed(o)
 

@@ -15,7 +15,7 @@ import msgspec
 
 from . import _codec as codec
 from . import _trace
-from ._context import current_sender
+from ._context import current_sender, publishing
 from ._directory import Directory
 from ._errors import (
     WIRE_ERRORS,
@@ -25,7 +25,7 @@ from ._errors import (
     RemoteError,
 )
 from ._ids import AgentId
-from ._observe import Kind, Observers, Outcome
+from ._observe import KIND_HEADER, PUBLISHED, Kind, Observers, Outcome
 from ._retry import Backoff
 from ._spec import known_spec
 from .cluster._config import Names
@@ -78,10 +78,14 @@ class Sender:
         target: str | None = None,
     ) -> bytes | LocalResult:
         """Send one ask, retrying while the shard has no owner, until `deadline`."""
-        if await self._pool(agent_id.type):
-            return await pool_ask(self._transport, self._names, agent_id, type_name, body, enc,
-                                  deadline, self._rng)  # fmt: skip
         tracing = _trace.active
+        if await self._pool(agent_id.type):
+            if tracing is None:
+                return await pool_ask(self._transport, self._names, agent_id, type_name, body,
+                                      enc, deadline, self._rng)  # fmt: skip
+            with tracing.send(agent_id.type, "ask", str(agent_id)) as headers:
+                return await pool_ask(self._transport, self._names, agent_id, type_name, body,
+                                      enc, deadline, self._rng, headers)  # fmt: skip
         if tracing is None:
             return await self._request(agent_id, shard, type_name, body, enc, deadline, msg,
                                        target, None)  # fmt: skip
@@ -177,7 +181,7 @@ class Sender:
         pool = await self._pool(agent_id.type)
         if pool and kind == "ask":
             return await pool_ask(self._transport, self._names, agent_id, type_name, body, enc,
-                                  deadline, self._rng)  # fmt: skip
+                                  deadline, self._rng, _tell_headers(agent_id, "ask"))  # fmt: skip
         if self._durable is None:
             self._durable = DurableSender(self._transport)
         req = codec.Request(
@@ -189,7 +193,7 @@ class Sender:
             id=msg_id or uuid.uuid4().hex,
             sender=current_sender.get(),
             delivery=mode,
-            headers=_trace.sent(agent_id.type, kind, str(agent_id)),
+            headers=_tell_headers(agent_id, kind),
         )
         data = await self._durable.send(
             pool_job_subject(self._names, agent_id.type)
@@ -212,9 +216,7 @@ class Sender:
             type=type_name,
             body=msgspec.Raw(body),
             sender=current_sender.get(),
-            headers=None
-            if _trace.active is None
-            else _trace.sent(agent_id.type, "tell", str(agent_id)),
+            headers=_tell_headers(agent_id, "tell"),
         )
         pool = await self._pool(agent_id.type)
         subject = (
@@ -223,7 +225,8 @@ class Sender:
             else self.place(agent_id, shard) or self._names.shard_subject(shard)
         )
         await self._transport.publish(subject, codec.encode(req, enc))
-        self._sent(agent_id.type, "tell", "ok")
+        published = req.headers is not None and KIND_HEADER in req.headers
+        self._sent(agent_id.type, "publish" if published else "tell", "ok")
 
     async def await_local(
         self, fut: asyncio.Future[Any], deadline: float, agent_id: AgentId, type_name: str
@@ -313,6 +316,15 @@ class Sender:
             return Any  # not cached: the class may still be defined later
         self._reply_types[(agent_type, type_name)] = h.returns
         return h.returns
+
+
+def _tell_headers(agent_id: AgentId, kind: Kind) -> _trace.Headers | None:
+    """A message's envelope headers when it waits for nothing: its trace context, and the
+    `publish` kind for a tell sent by `Mesh.publish` (docs/protocol.md)."""
+    if kind == "tell" and publishing.get():
+        headers = _trace.sent(agent_id.type, "publish", str(agent_id))
+        return PUBLISHED if headers is None else {**headers, **PUBLISHED}
+    return None if _trace.active is None else _trace.sent(agent_id.type, kind, str(agent_id))
 
 
 _REJECTED = frozenset({"overloaded", "agent_type_not_found", "unknown_message_type",

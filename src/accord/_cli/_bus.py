@@ -17,6 +17,7 @@ from rich.table import Table
 from .._errors import ConfigurationError
 from ..bus import Delivery, connect
 from ._common import JsonOpt, _json_arg, _run, _until_signalled, app, out
+from ._logs import LogFormatOpt, setup_or_exit
 
 bus_app = typer.Typer(
     help="The event bus: durable topics with consumer groups (JetStream or Redis Streams).",
@@ -72,8 +73,12 @@ def tail(
         int, typer.Option("--count", help="Exit after this many events (0: until Ctrl-C).", min=0)
     ] = 0,
     bus: BusOpt = None,
+    log_level: Annotated[str, typer.Option("--log-level")] = "warning",
+    log_format: LogFormatOpt = "text",
 ) -> None:
-    """Print events as they are handled, one JSON line each (key, id, attempt, body)."""
+    """Print events as they are handled, one JSON line each (key, id, attempt, body); its own
+    log lines go to stderr."""
+    setup_or_exit(log_level, log_format)
 
     async def main() -> None:
         seen = 0

@@ -40,6 +40,8 @@ def top(
     ] = 1.0,
     nats: NatsOpt = None,
     cluster: ClusterOpt = "default",
+    log_level: Annotated[str, typer.Option("--log-level")] = "warning",
+    log_format: LogFormatOpt = "text",
 ) -> None:
     """Live view: nodes (state, shards, activations, msgs/s, p99 turn, loop lag), hottest agent
     types, mailbox depth and dead letters, recent failure-detector transitions."""
@@ -50,6 +52,7 @@ def top(
         err.print("[red]error:[/red] --json prints one snapshot: use it with --once",
                   highlight=False)  # fmt: skip
         raise typer.Exit(2)
+    setup_or_exit(log_level, log_format)  # on stderr: the view is drawn on stdout
 
     async def main() -> None:
         async with _existing_cluster(nats, cluster) as mesh:

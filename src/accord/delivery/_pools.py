@@ -81,6 +81,7 @@ async def pool_ask(
     enc: codec.Encoding,
     deadline: float,
     rng: random.Random,
+    headers: dict[str, str] | None = None,
 ) -> bytes:
     """Ask whichever hosting node the queue group picks; return the raw reply envelope.
 
@@ -89,7 +90,8 @@ async def pool_ask(
     (the queue group picks again) until `deadline`, then `Overloaded`, resp.
     `DeliveryTimeout(maybe_delivered=False)`. A request that reached a node and got no reply
     in time (the node died, or the handler is slow) is `DeliveryTimeout(maybe_delivered=True)`:
-    never sent again here, since the handler may have run.
+    never sent again here, since the handler may have run. `headers`: the envelope's trace
+    context (the caller's `send` span).
     """
     loop = asyncio.get_running_loop()
     subject = pool_ask_subject(names, agent_id.type)
@@ -113,6 +115,7 @@ async def pool_ask(
             body=msgspec.Raw(body),
             timeout_ms=max(1, int(remaining * 1000)),
             sender=current_sender.get(),
+            headers=headers,
         )
         try:
             data = await engine.request(subject, codec.encode(req, enc), remaining)

@@ -33,7 +33,7 @@ from .._errors import (
     TurnTimeout,
 )
 from .._ids import AgentId
-from .._observe import Kind, Outcome
+from .._observe import Kind, Outcome, kind_of
 from .._spec import AgentSpec, HandlerSpec
 from ..delivery._mailbox import DurableDelivery, backoff_delay
 from ..state._durable import Durable
@@ -496,7 +496,7 @@ async def _observed(act: Activation, agent: Agent, work: Work) -> tuple[Any, Acc
     (kind, outcome, duration)."""
     clock = act.host.loop.time
     start = clock()
-    kind: Kind = "tell" if work.reply is None else "ask"
+    kind: Kind = "ask" if work.reply is not None else kind_of(False, work.trace)
     tracing = _trace.active
     if tracing is None:
         result, error = await act._invoke(agent, work)

@@ -19,10 +19,11 @@ from .._errors import (
     BadRequest,
     ConfigurationError,
     Degraded,
+    Overloaded,
     UnknownMessageType,
 )
 from .._ids import AgentId
-from .._observe import Observers
+from .._observe import Observers, kind_of
 from .._spec import DELIVERY_MODES, AgentSpec, HandlerSpec
 from ..cluster._config import Names
 from ..cluster._shards import ShardManager
@@ -150,6 +151,8 @@ class Inbound:
                 self._reject(exc, reply_to, enc)
             return
         except AccordError as exc:
+            if isinstance(exc, Overloaded):  # only the bulkhead: `req` and `t` are parsed
+                self._refused(t.spec.type_name, req)
             self._reject(exc, reply_to, enc)
             return
         except Exception as exc:  # anything a hostile envelope provokes must not kill the node
@@ -216,6 +219,8 @@ class Inbound:
                 raise BadRequest(f"{t.agent_id} is not split_brain_allowed: no standby serving")
             self._bulkhead.check(t.spec.type_name)
         except AccordError as exc:
+            if isinstance(exc, Overloaded):  # only the bulkhead: `req` and `t` are parsed
+                self._refused(t.spec.type_name, req)
             self._reject(exc, reply_to, enc)
             return
         except Exception as exc:  # a hostile envelope must not kill the node
@@ -314,6 +319,10 @@ class Inbound:
         self._dead_lettered(target)
         log.warning("dead-lettered %s %s after %d attempts: %s", target, msg_type, dd.attempts,
                     reason)  # fmt: skip
+
+    def _refused(self, agent_type: str, req: codec.Request) -> None:
+        if self._observe.active:
+            self._observe.message_rejected(agent_type, kind_of(req.kind != "tell", req.headers))
 
     def _dead_lettered(self, target: str) -> None:
         if self._observe.active:

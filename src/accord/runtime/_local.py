@@ -9,8 +9,10 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from .. import _trace
+from .._context import publishing
 from .._errors import AccordError, AgentTypeNotFound, UnknownMessageType
 from .._ids import AgentId
+from .._observe import PUBLISHED
 from .._spec import AgentSpec
 from ._activation import ReplyFn, Work
 from ._bulkhead import Bulkhead
@@ -69,7 +71,7 @@ class LocalRoute:
         bulkhead = self._bulkhead
         if bulkhead.total.n >= bulkhead.max_total or act.load.n >= bulkhead.max_per_type:
             return False
-        act.put(Work(h, msg, None, None))
+        act.put(Work(h, msg, None, None, trace=PUBLISHED if publishing.get() else None))
         if self.observe is not None:
             self.observe(agent_id, True)
         return True
@@ -111,7 +113,10 @@ class LocalRoute:
             act = self._live.get(agent_id)
             if act is None or act.epoch != epoch or act.closing:
                 act = self._table.get_or_create(agent_id, spec, shard, epoch)
-            act.put(Work(h, msg, deadline, None))
+            trace = PUBLISHED if publishing.get() else None  # a tell of `Mesh.publish`
+            if trace is not None and _trace.active is not None:
+                trace = {**(_trace.active.headers() or {}), **trace}
+            act.put(Work(h, msg, deadline, None, trace=trace))
             return self._delivered
         fut: asyncio.Future[Any] = self._loop.create_future()
         tracing = _trace.active  # the turn's span is a child of the caller's

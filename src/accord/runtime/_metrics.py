@@ -90,6 +90,10 @@ class NodeMetrics(Observer):
             hist = self._turns[agent_type] = _Histogram(TURN_BUCKETS)
         hist.observe(seconds)
 
+    def message_rejected(self, agent_type: str, kind: Kind) -> None:
+        key = (agent_type, kind, "rejected")
+        self._messages[key] = self._messages.get(key, 0) + 1
+
     def message_sent(self, agent_type: str, kind: Kind, outcome: Outcome) -> None:
         key = (agent_type, kind, outcome)
         self._sent[key] = self._sent.get(key, 0) + 1
@@ -121,7 +125,8 @@ class NodeMetrics(Observer):
     # -- the collector (scrape time) -------------------------------------------------------------
 
     def collect(self) -> Iterator[Metric]:
-        yield _counter("accord_messages", "Messages handled by this node (one per handler run)",
+        yield _counter("accord_messages", "Messages handled by this node (one per handler run, "
+                       "or per refusal: outcome rejected)",
                        _MSG_LABELS, self._messages)  # fmt: skip
         yield _counter("accord_messages_sent", "Messages this node sent (an ask's outcome is its "
                        "reply's)", _MSG_LABELS, self._sent)  # fmt: skip

@@ -19,6 +19,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from .. import _codec as codec
+from .. import _trace
 from .._background import Background, cancel_and_wait
 from .._context import current_deadline, current_sender
 from .._errors import (
@@ -33,7 +34,7 @@ from .._errors import (
 )
 from .._ids import AgentId, as_agent_id
 from .._mesh import Mesh
-from .._observe import Kind, Outcome
+from .._observe import Kind, Outcome, kind_of
 from .._spec import AgentSpec, HandlerSpec
 from ..cluster._config import OPEN_RETRY_FOR, replicas_for
 from ..delivery._dlq import dead_letter
@@ -169,22 +170,26 @@ class TypePool:
                                  f"{self.max} handlers (max_concurrency)")  # fmt: skip
             req, enc, agent_id, h, body = self._parse(msg.data)
         except AccordError as exc:
+            if isinstance(exc, Overloaded) and self._observe.active:
+                self._observe.message_rejected(self.spec.type_name, "ask")
+                self._observe.bulkhead_rejected(self.spec.type_name)
             if msg.reply:
                 await self._publish(msg.reply, codec.error_reply(exc.code, str(exc), enc))
             return
         deadline = self._deadline(req)
         self._take()
-        self._work.spawn(self._serve_ask(agent_id, h, body, deadline, msg.reply or None, enc))
+        self._work.spawn(self._serve_ask(agent_id, h, body, deadline, msg.reply or None, enc,
+                                         req.headers))  # fmt: skip
 
     async def _on_tell(self, msg: Message) -> None:
         await self._capacity()  # backpressure: NATS buffers what arrives meanwhile
         try:
-            _, _, agent_id, h, body = self._parse(msg.data)
+            req, _, agent_id, h, body = self._parse(msg.data)
         except AccordError as exc:
             log.debug("pool %s: tell dropped: %s", self.spec.type_name, exc)
             return
         self._take()
-        self._work.spawn(self._serve_ask(agent_id, h, body, None, None, "msgpack"))
+        self._work.spawn(self._serve_ask(agent_id, h, body, None, None, "msgpack", req.headers))
 
     def _on_job(self, delivery: Delivery) -> bool:
         """A durable message (from the engine's read loop: must not block)."""
@@ -240,10 +245,24 @@ class TypePool:
         body: Any,
         deadline: float | None,
         kind: Kind = "ask",
+        headers: dict[str, str] | None = None,
     ) -> tuple[Any, AccordError | None] | None:
         """One handler call on a fresh instance (on_activate, handler, on_deactivate), within
         a slot; an exception becomes `RemoteError`, a run past `turn_timeout` `TurnTimeout`.
-        None: not run, its caller's deadline passed while it waited for a slot."""
+        None: not run, its caller's deadline passed while it waited for a slot. Traced as
+        `process {type}`, a child of the sender's span in `headers`, when tracing is on."""
+        tracing = _trace.active
+        if tracing is None:
+            return await self._run_in_slot(agent_id, h, body, deadline, kind)
+        with tracing.process(self.spec.type_name, kind, str(agent_id), headers) as failed:
+            outcome = await self._run_in_slot(agent_id, h, body, deadline, kind)
+            if outcome is not None and outcome[1] is not None:
+                failed(outcome[1])
+            return outcome
+
+    async def _run_in_slot(
+        self, agent_id: AgentId, h: HandlerSpec, body: Any, deadline: float | None, kind: Kind
+    ) -> tuple[Any, AccordError | None] | None:
         async with self._slots:
             if deadline is not None and self._loop.time() >= deadline:
                 return None  # the caller has given up: running it would be unseen
@@ -284,11 +303,11 @@ class TypePool:
                     log.exception("on_deactivate of pool worker %s failed", agent_id)
 
     async def _serve_ask(self, agent_id: AgentId, h: HandlerSpec, body: Any,
-                         deadline: float | None, reply: str | None,
-                         enc: codec.Encoding) -> None:  # fmt: skip
+                         deadline: float | None, reply: str | None, enc: codec.Encoding,
+                         headers: dict[str, str] | None) -> None:  # fmt: skip
         try:
             outcome = await self._run(agent_id, h, body, deadline,
-                                      "ask" if reply is not None else "tell")  # fmt: skip
+                                      kind_of(reply is not None, headers), headers)  # fmt: skip
         finally:
             self._release()
         if reply is not None and outcome is not None:
@@ -302,7 +321,7 @@ class TypePool:
                 await self._dead_letter(d, exc, 1)  # it can never be handled
                 return
             outcome = await self._run(
-                agent_id, h, body, None, "tell" if req.kind == "tell" else "ask"
+                agent_id, h, body, None, kind_of(req.kind != "tell", req.headers), req.headers
             )
             assert outcome is not None  # no deadline: always run
             result, error = outcome
