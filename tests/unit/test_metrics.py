@@ -1,7 +1,7 @@
 """Metrics and the status rates above the seam: every metric the operations guide documents is
 exported (and the Grafana dashboard queries only those), labels carry types, never keys; the
 rates average over the window; JSON log lines carry node, agent id and trace id; a bad
---log-format is one error line with exit code 2."""
+--log-format is one error line with exit code 2; lost leases are one WARNING line per loss."""
 
 from __future__ import annotations
 
@@ -18,7 +18,9 @@ from typer.testing import CliRunner
 from accord import _trace
 from accord._cli import app
 from accord._cli._logs import JsonFormatter
+from accord._clock import VirtualClock
 from accord._context import current_sender
+from accord.cluster._shards import LOSS_GATHER, LossLog
 from accord.engine._api import Entry
 from accord.runtime._bulkhead import Bulkhead
 from accord.runtime._metrics import NodeMetrics
@@ -148,8 +150,15 @@ def test_json_log_lines_carry_node_logger_agent_and_trace(monkeypatch: pytest.Mo
     assert second["trace_id"] == "4bf92f3577b34da6a3ce929d0e0e4736"
 
 
-def test_a_bad_log_format_is_one_error_line_and_exit_2() -> None:
-    result = CliRunner().invoke(app, ["node", "--log-format", "xml"])
+@pytest.mark.parametrize(
+    "command",
+    [["node"], ["up", "--nodes", "0"], ["dashboard"], ["top"], ["bus", "tail", "orders"]],
+    ids=lambda c: " ".join(c),
+)
+def test_every_long_running_command_takes_log_format_and_refuses_a_bad_one(
+    command: list[str],
+) -> None:
+    result = CliRunner().invoke(app, [*command, "--log-format", "xml"])
     assert result.exit_code == 2
     assert "--log-format must be text or json" in result.output
     assert "Traceback" not in result.output
@@ -164,3 +173,25 @@ def test_workflow_runs_are_counted_by_type_and_state_from_the_index() -> None:
     assert runs.counts() == {("order", "running"): 1.0, ("order", "completed"): 1.0}
     runs._apply(Entry("b", b"", 4, deleted=True))
     assert runs.counts() == {("order", "completed"): 1.0}
+
+
+async def test_lost_leases_are_one_warning_line_per_loss_event(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    clock = VirtualClock()
+    logger = logging.getLogger("accord.test-losses")
+    losses = LossLog(clock, logger)
+    with caplog.at_level(logging.WARNING, logger="accord.test-losses"):
+        for shard, epoch in ((12, 52), (3, 41), (7, 44)):  # expiring milliseconds apart
+            losses.add(shard, epoch, "lease not renewed in time")
+            await clock.advance(0.01)
+        assert not caplog.records  # gathered, not yet logged
+        await clock.advance(LOSS_GATHER)
+        losses.add(5, 60, "lease taken by node-2")  # a later event: a line of its own
+        await clock.advance(LOSS_GATHER)
+    lines = [(r.levelname, r.getMessage(), r.exc_info) for r in caplog.records]
+    assert lines == [
+        ("WARNING", "lost leases of shards 3, 7, 12 (epochs 41, 44, 52): lease not renewed in "
+         "time", None),
+        ("WARNING", "lost the lease of shard 5 (epoch 60): lease taken by node-2", None),
+    ]  # fmt: skip

@@ -1,23 +1,30 @@
 """The observation seam: the fan-out reports to every observer, drops one that raises, and the
-activation reports each turn's kind, outcome and duration; the bulkhead its refusals."""
+activation reports each turn's kind (a tell of `Mesh.publish` as `publish`, from its envelope
+header), outcome and duration; the bulkhead its refusals, inbound dispatch a refusal as a
+`rejected` message of its kind."""
 
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 import pytest
 
 import accord
+from accord import _codec as codec
+from accord._context import publishing
 from accord._errors import Overloaded
 from accord._ids import AgentId
-from accord._observe import Kind, Observer, Observers, Outcome
+from accord._observe import KIND_HEADER, PUBLISHED, Kind, Observer, Observers, Outcome, kind_of
+from accord._sender import _tell_headers
 from accord.runtime._activation import Activation, Work
 from accord.runtime._bulkhead import Bulkhead
+from accord.runtime._metrics import NodeMetrics
 from accord.runtime._settings import NodeSettings, Stats
 from accord.state._store import StateStore
 
+from . import test_inbound as inb
 from .test_activation import Host, _replier, store  # noqa: F401  (store: a fixture)
 
 
@@ -99,3 +106,78 @@ def test_bulkhead_reports_refusals_by_type() -> None:
         bulkhead.check("hot")
     bulkhead.check("cold")
     assert rec.rejected == ["hot"]
+
+
+class Refusals(Observer):
+    def __init__(self) -> None:
+        self.rejected: list[tuple[str, Kind]] = []
+
+    def message_rejected(self, agent_type: str, kind: Kind) -> None:
+        self.rejected.append((agent_type, kind))
+
+
+def test_a_received_message_is_a_publish_only_when_its_headers_say_so() -> None:
+    assert kind_of(False, PUBLISHED) == "publish"
+    assert kind_of(False, {"traceparent": "00-ab-cd-01", **PUBLISHED}) == "publish"
+    assert kind_of(False, None) == "tell"
+    assert kind_of(False, {"traceparent": "00-ab-cd-01"}) == "tell"
+    assert kind_of(True, PUBLISHED) == "ask"  # an ask is an ask, whatever it carries
+
+
+def test_only_tells_sent_while_publishing_carry_the_publish_kind() -> None:
+    aid = AgentId("obs-echo", "k")
+    assert _tell_headers(aid, "tell") is None  # tracing off: nothing on the wire
+    token = publishing.set(True)
+    try:
+        assert _tell_headers(aid, "tell") == {KIND_HEADER: "publish"}
+        assert _tell_headers(aid, "ask") is None
+    finally:
+        publishing.reset(token)
+
+
+async def test_activation_reports_a_published_tell_as_publish(store: StateStore) -> None:  # noqa: F811
+    host = Host(store)
+    rec = Recorder()
+    host.observe.add(rec)
+    spec = Echo.__accord_spec__
+    act = Activation(host, AgentId("obs-echo", "p"), spec, 0, 1, None)  # type: ignore[arg-type]
+    handler = spec.by_class[Ping]
+    act.put(Work(handler, Ping(), None, None, trace=PUBLISHED))
+    act.put(Work(handler, Ping(), None, None))
+    act.close()
+    await asyncio.wait_for(act.task, 5)
+    assert rec.turns == [("obs-echo", "publish", "ok"), ("obs-echo", "tell", "ok")]
+
+
+async def test_bulkhead_refusals_from_the_wire_count_as_rejected_by_kind() -> None:
+    obs = Observers()
+    rec = Refusals()
+    metrics = NodeMetrics([inb.Echo.__accord_spec__.type_name], {})
+    obs.add(rec)
+    obs.add(metrics)
+    inbound, wire, table, _ = inb._inbound(NodeSettings(max_inflight_per_type=1))
+    inbound._observe = obs
+    inbound._bulkhead.add("inb-echo", 1)  # full
+    target = "inb-echo/a"
+    shard = inb._shard(target)
+    sent: tuple[tuple[Literal["ask", "tell"], dict[str, str] | None], ...] = (
+        ("ask", None), ("tell", None), ("tell", PUBLISHED)
+    )  # fmt: skip
+    for kind, headers in sent:
+        req = codec.Request(
+            v=codec.PROTOCOL_VERSION,
+            kind=kind,
+            target=target,
+            type="Ping",
+            body=msgspec.Raw(codec.encode(inb.Ping(1))),
+            headers=headers,
+        )
+        data = codec.encode(req)
+        inbound.on_request(shard, inb.Msg("s", data))  # type: ignore[arg-type]
+    assert (await inb._error_reply(wire)).code == "overloaded"
+    assert not table.work
+    assert rec.rejected == [("inb-echo", "ask"), ("inb-echo", "tell"), ("inb-echo", "publish")]
+    text = metrics.render().decode()
+    for kind in ("ask", "tell", "publish"):
+        line = f'accord_messages_total{{agent_type="inb-echo",kind="{kind}",outcome="rejected"}}'
+        assert f"{line} 1.0" in text
