@@ -17,8 +17,11 @@ With `--metrics`, a second cluster on the same nats-server has its node serve Pr
 (`--metrics-port 0`). Its throughput block and the one of the node without metrics run back to
 back in every round, in alternating order (off-on, on-off, ...: drift hits both alike), and
 `metrics_tput_ratio` is the median over rounds of that round's on/off ratio, with its range
-(target: >= 0.95); `metrics_p50_ratio` compares sequential p50s. `--metrics-only` skips the raw
-baselines, so more rounds fit in the same time:
+(target: >= 0.95); `metrics_p50_ratio` compares sequential p50s. Each round also runs both nodes
+at once, half the in-flight asks each (`metrics_together_ratio`: on/off throughput under exactly
+the same noise; `metrics_together_cpu_ratio`: node CPU per op off/on in that interval).
+`--metrics-only` skips the raw baselines, so more rounds fit in the same time; `--aa` runs the
+second node without metrics too (an A/A control: the spread is the machine's noise):
 
     python bench/ask_remote.py --metrics --metrics-only --rounds 12
 """
@@ -93,7 +96,7 @@ async def bench(args: Any) -> dict[str, Any]:
         if args.metrics:
             metered = clusters.enter_context(Cluster(
                 app=str(COUNTER_APP), nodes=1, url=cluster.url, cluster="metered",
-                node_args={"node-1": ["--metrics-port", "0"]},
+                node_args={"node-1": [] if args.aa else ["--metrics-port", "0"]},
             ))  # fmt: skip
         responder = start_responder(cluster.url)
         try:
@@ -163,6 +166,8 @@ async def bench(args: Any) -> dict[str, Any]:
                     tput: dict[str, list[float]] = {k: [] for k in kinds}
                     cpu = {k: dict.fromkeys(pids, 0.0) for k in kinds}
                     ops = dict.fromkeys(kinds, 0)
+                    together: list[float] = []  # on/off throughput, both running at once
+                    together_cpu: list[float] = []  # node CPU per op off/on, same interval
                     pair: list[tuple[str, Any]] = [("accord", accord_many)]
                     if metered is not None:
                         pair.append(("metrics", metered_many))
@@ -183,6 +188,17 @@ async def bench(args: Any) -> dict[str, Any]:
                                     cpu[name][k] += cpu_seconds(p) - before[k]
                             ops[name] += done
                             tput[name].append(done / elapsed)
+                        if metered is not None:  # both at once: the same noise, exactly
+                            node, mnode = pids["node"], pids["metered_node"]
+                            before = {p: cpu_seconds(p) for p in (node, mnode)}
+                            (off, _), (on, _) = await asyncio.gather(
+                                throughput(accord_many, args.duration, args.inflight // 2),
+                                throughput(metered_many, args.duration, args.inflight // 2),
+                            )
+                            together.append(ratio(on, off))
+                            cpu_off = (cpu_seconds(node) - before[node]) / max(off, 1)
+                            cpu_on = (cpu_seconds(mnode) - before[mnode]) / max(on, 1)
+                            together_cpu.append(ratio(cpu_off, cpu_on))
                 finally:
                     await nc.close()
         finally:
@@ -232,6 +248,10 @@ async def bench(args: Any) -> dict[str, Any]:
         res["metrics_p50_ratio"] = ratio(m["seq_p50_us"], a["seq_p50_us"])
         res["metrics_cpu_ratio"] = ratio(a["cpu_us_per_op"]["node"],
                                          m["cpu_us_per_op"]["metered_node"])  # fmt: skip
+        res["metrics_together_ratios"] = [round(x, 3) for x in together]
+        res["metrics_together_ratio"] = median(together)
+        res["metrics_together_cpu_ratios"] = [round(x, 3) for x in together_cpu]
+        res["metrics_together_cpu_ratio"] = median(together_cpu)
         res["metrics_target_met"] = res["metrics_tput_ratio"] >= 0.95
     res["params"] = {
         "rounds": args.rounds,
@@ -240,6 +260,7 @@ async def bench(args: Any) -> dict[str, Any]:
         "duration_s": args.duration,
         "agents": n_agents,
         "metrics_only": bool(args.metrics and args.metrics_only),
+        "aa_control": bool(args.metrics and args.aa),
     }
     return res
 
@@ -253,6 +274,11 @@ def main() -> None:
     p.add_argument("--agents", type=int, default=1000, help="agents for the throughput phase")
     p.add_argument("--metrics", action="store_true",
                    help="also measure a node serving Prometheus metrics (interleaved)")  # fmt: skip
+    p.add_argument(
+        "--aa",
+        action="store_true",
+        help="with --metrics: an A/A control, the second node without metrics too",
+    )
     p.add_argument("--metrics-only", action="store_true",
                    help="with --metrics: only the on/off pairs, no raw baselines")  # fmt: skip
     args = p.parse_args()
@@ -277,6 +303,10 @@ def main() -> None:
             f"{verdict(res['metrics_tput_ratio'], 0.95, True)}; p50 on/off = "
             f"{res['metrics_p50_ratio']:.3f}; node CPU off/on = {res['metrics_cpu_ratio']:.3f}",
             "  per round: " + " ".join(f"{x:.3f}" for x in res["metrics_round_ratios"]),
+            f"  both at once ({args.inflight // 2} in flight each): throughput on/off median "
+            f"{res['metrics_together_ratio']:.3f} (range {min(res['metrics_together_ratios']):.3f}-"
+            f"{max(res['metrics_together_ratios']):.3f}); node CPU per op off/on median "
+            f"{res['metrics_together_cpu_ratio']:.3f}",
         ]
     emit(res, args.json, lines)
 
