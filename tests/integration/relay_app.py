@@ -22,3 +22,14 @@ class Relay(accord.Agent, type="relay"):
             return [os.getpid()]
         after: list[int] = await self.mesh.ask(msg.rest[0], Hop(msg.rest[1:]), returns=list[int])
         return [os.getpid(), *after]
+
+
+class PoolRelay(accord.Agent, type="relay-pool", stateless=True):
+    """The same hop as a worker pool (any node runs it): traced like a shard's agent."""
+
+    @accord.handler
+    async def hop(self, msg: Hop) -> list[int]:
+        if not msg.rest:
+            return [os.getpid()]
+        after: list[int] = await self.mesh.ask(msg.rest[0], Hop(msg.rest[1:]), returns=list[int])
+        return [os.getpid(), *after]

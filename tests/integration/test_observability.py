@@ -118,6 +118,32 @@ async def test_n_asks_add_n_to_the_owning_nodes_messages_total(
     assert "observed" not in text  # an agent key is never a label value
 
 
+async def test_published_tells_count_as_publish_where_they_are_handled(
+    cluster: Cluster, mesh: accord.Mesh
+) -> None:
+    urls = await _urls(mesh)
+    agent = "counter/published"
+    await mesh.subscribe("ticks", "counter")
+    st = await cluster_status(mesh)
+    shard = shard_of(agent, st["num_shards"])
+    owner = next(s["owner"] for s in st["shards"] if s["shard"] == shard)
+
+    async def count(kind: str) -> float:
+        return await _sample(urls[owner], "accord_messages_total", agent_type="counter",
+                             kind=kind, outcome="ok")  # fmt: skip
+
+    before = {k: await count(k) for k in ("publish", "tell")}
+    for _ in range(N_ASKS):
+        assert await mesh.publish("ticks", "published", Increment(1)) == 1
+
+    async def counted() -> float | None:
+        n = await count("publish") - before["publish"]
+        return n if n >= N_ASKS else None
+
+    assert await eventually(counted, 10, f"{N_ASKS} publishes counted") == N_ASKS
+    assert await count("tell") == before["tell"]  # not counted as plain tells too
+
+
 async def test_status_reports_the_stats_block(cluster: Cluster, mesh: accord.Mesh) -> None:
     data = await mesh._sender.transport_request(f"{mesh.names.admin_subject}.node-1", b"{}", 2)
     st = json.loads(data)

@@ -17,7 +17,9 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+import aiohttp
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from accord._status import cluster_status
 from accord.testing import Cluster, wait_for_placement
@@ -47,8 +49,9 @@ async def _until(probe, timeout: float, what: str) -> None:  # type: ignore[no-u
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
     tmp = tmp_path_factory.mktemp("pools")
+    metrics = {f"node-{i}": ["--metrics-port", "0"] for i in (1, 2, 3)}
     with Cluster(APP, 3, env={"ACCORD_POOL_LOG": str(tmp / "pool.jsonl")},
-                 log_dir=tmp / "logs") as c:  # fmt: skip
+                 log_dir=tmp / "logs", node_args=metrics) as c:  # fmt: skip
         c.tmp = tmp  # type: ignore[attr-defined]
         yield c
 
@@ -97,6 +100,47 @@ async def test_client_asks_are_handled_exactly_once_over_every_node(cluster: Clu
         assert set(after) == set(cluster.nodes)
         assert {n: after[n]["handled"] - before[n]["handled"] for n in after} == by_node
         assert {c["max_concurrency"] for c in after.values()} == {8}
+
+
+async def _pool_metrics(url: str) -> dict[str, float]:
+    """The pool type's handled asks, refused asks and bulkhead refusals on one node."""
+    async with aiohttp.ClientSession() as s, s.get(url, timeout=aiohttp.ClientTimeout(5)) as r:
+        text = await r.text()
+    out = dict.fromkeys(("ok", "rejected", "bulkhead"), 0.0)
+    for family in text_string_to_metric_families(text):
+        for m in family.samples:
+            if m.labels.get("agent_type") != "thumbnail":
+                continue
+            if m.name == "accord_messages_total" and m.labels["kind"] == "ask":
+                out[m.labels["outcome"]] = out.get(m.labels["outcome"], 0.0) + m.value
+            elif m.name == "accord_bulkhead_rejected_total":
+                out["bulkhead"] = m.value
+    return out
+
+
+async def test_pool_runs_and_refusals_are_counted_in_each_nodes_metrics(cluster: Cluster) -> None:
+    async with cluster.connect() as mesh:
+        await wait_for_placement(mesh, set(cluster.nodes), timeout=60)
+        st = await cluster_status(mesh)
+        urls = {n["name"]: n["metrics_url"] for n in st["nodes"]}
+        before = {n: await _pool_metrics(u) for n, u in urls.items()}
+        pools = st["pools"]["thumbnail"]
+        # 120 asks at once against 3 nodes x 8 slots, 100 ms each: many find their node full
+        # (answered `overloaded` and asked again), yet every one is answered.
+        done = await asyncio.gather(*(mesh.ask(f"thumbnail/{n}", Task(n, ms=100), timeout=60)
+                                      for n in range(30_000, 30_120)))  # fmt: skip
+        assert sorted(d.n for d in done) == list(range(30_000, 30_120))
+        after = {n: await _pool_metrics(u) for n, u in urls.items()}
+        now = (await cluster_status(mesh))["pools"]["thumbnail"]
+    refused = 0
+    for n in urls:
+        grew = {k: after[n][k] - before[n][k] for k in after[n]}
+        handled = now[n]["handled"] - pools[n]["handled"]
+        overloaded = now[n]["overloaded"] - pools[n]["overloaded"]
+        assert grew["ok"] == handled, (n, grew, handled)  # one per handler run
+        assert grew["rejected"] == grew["bulkhead"] == overloaded, (n, grew, overloaded)
+        refused += overloaded
+    assert refused > 0, "no ask found its node full: the refusal counts were not exercised"
 
 
 async def test_sigkilled_workers_unfinished_durable_tasks_are_redone_elsewhere(

@@ -1,6 +1,7 @@
 """Tracing across processes: a client (OpenTelemetry SDK, in-memory exporter) asks a relay agent
 on one node process, whose handler asks one on the other node process (both exporting spans as
-JSON lines to a file). One trace id, and each span's parent is the one before it."""
+JSON lines to a file). One trace id, and each span's parent is the one before it. The same
+through a worker pool (`relay-pool`, stateless: whichever node the queue group picks)."""
 
 from __future__ import annotations
 
@@ -63,22 +64,24 @@ async def test_one_trace_with_a_parent_chain_across_client_and_two_nodes(
             a, b = _two_owned_by(st, "node-1", "node-2")
             pids = await mesh.ask(a, _hop(b), timeout=10)
             assert pids == [cluster.nodes["node-1"].pid, cluster.nodes["node-2"].pid]
+            pooled = await mesh.ask("relay-pool/p", _hop(b), timeout=10)
+            assert pooled[1] == cluster.nodes["node-2"].pid
 
         async def node_spans() -> list[dict[str, Any]] | None:
             if not spans_file.exists():
                 return None
             text = await asyncio.to_thread(spans_file.read_text)
             spans = [json.loads(line) for line in text.splitlines()]
-            return spans if len(spans) >= 3 else None
+            return spans if len(spans) >= 6 else None
 
-        remote = await eventually(node_spans, 10, "the nodes' three spans")
+        spans = await eventually(node_spans, 10, "the nodes' six spans")
     local = [s for s in exporter.get_finished_spans() if s.name == "send relay"]
     assert len(local) == 1
     client_send = local[0]
     trace_id = f"{client_send.context.trace_id:032x}"
+    remote = [s for s in spans if s["trace_id"] == trace_id]
     by_name = {}
     for s in remote:
-        assert s["trace_id"] == trace_id, "a span of another trace"
         by_name.setdefault((s["name"], s["pid"]), s)
     p1 = by_name[("process relay", cluster.nodes["node-1"].pid)]
     s2 = by_name[("send relay", cluster.nodes["node-1"].pid)]
@@ -92,6 +95,21 @@ async def test_one_trace_with_a_parent_chain_across_client_and_two_nodes(
     assert client_send.attributes is not None
     assert client_send.attributes["messaging.operation.type"] == "send"
     assert p1["attributes"]["messaging.operation.type"] == "process"
+
+    # Through the pool: the client's send, the pool worker's process span as its child, the
+    # worker's nested ask as a child of that, and node-2's turn as the ask's child.
+    (pool_send,) = [s for s in exporter.get_finished_spans() if s.name == "send relay-pool"]
+    pool_trace = f"{pool_send.context.trace_id:032x}"
+    assert pool_trace != trace_id
+    chain = {s["name"]: s for s in spans if s["trace_id"] == pool_trace}
+    assert set(chain) == {"process relay-pool", "send relay", "process relay"}, chain
+    # every span belongs to one of the two traces:
+    assert {s["trace_id"] for s in spans} == {trace_id, pool_trace}
+    assert chain["process relay-pool"]["parent_span_id"] == f"{pool_send.context.span_id:016x}"
+    assert chain["send relay"]["parent_span_id"] == chain["process relay-pool"]["span_id"]
+    assert chain["process relay"]["parent_span_id"] == chain["send relay"]["span_id"]
+    assert chain["process relay"]["pid"] == cluster.nodes["node-2"].pid
+    assert chain["process relay-pool"]["attributes"]["messaging.operation.type"] == "process"
 
 
 def _hop(b: str) -> Any:
