@@ -6,6 +6,8 @@ duration (`timeout_ms`), so two machines' clocks are never compared.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from contextvars import ContextVar
 
 from ._errors import ConfigurationError
@@ -14,6 +16,16 @@ current_deadline: ContextVar[float | None] = ContextVar("accord_deadline", defau
 current_sender: ContextVar[str | None] = ContextVar("accord_sender", default=None)
 publishing: ContextVar[bool] = ContextVar("accord_publishing", default=False)
 """Set while `Mesh.publish` sends its tells: they carry the `publish` kind (`_observe.py`)."""
+
+
+@contextlib.contextmanager
+def publishes() -> Iterator[None]:
+    """Tells sent in this block (in this task) are those of a publish."""
+    token = publishing.set(True)
+    try:
+        yield
+    finally:
+        publishing.reset(token)
 
 
 DEFAULT_TIMEOUT = 10.0

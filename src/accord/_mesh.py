@@ -13,7 +13,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from types import TracebackType
 from typing import Any, Literal, Protocol
 
@@ -21,7 +21,7 @@ import msgspec
 
 from . import _codec as codec
 from ._background import Background
-from ._context import current_sender, deadline_after, publishing
+from ._context import current_sender, deadline_after, publishes
 from ._directory import Directory
 from ._errors import (
     ConfigurationError,
@@ -261,24 +261,13 @@ class Mesh(Migrating):
         the first ones (use durable agents with `exactly_once` where that matters).
         """
         agent_types = await self._directory.subscribers(topic_type)
-        token = publishing.set(True)  # the tells carry kind `publish` (metrics, traces)
-        try:
-            for agent_type in agent_types:
-                await self.tell(AgentId(agent_type, source), msg)
-        finally:
-            publishing.reset(token)
-        return len(agent_types)
+        return await _tell_each(agent_types, source, lambda aid: self.tell(aid, msg))
 
     async def publish_json(self, topic_type: str, source: str, type_name: str, body: bytes) -> int:
         """`publish` with a JSON-encoded message named by its wire type."""
         agent_types = await self._directory.subscribers(topic_type)
-        token = publishing.set(True)
-        try:
-            for agent_type in agent_types:
-                await self.tell_json(AgentId(agent_type, source), type_name, body)
-        finally:
-            publishing.reset(token)
-        return len(agent_types)
+        return await _tell_each(agent_types, source,
+                                lambda aid: self.tell_json(aid, type_name, body))  # fmt: skip
 
     async def subscribe(self, topic_type: str, agent_type: str) -> None:
         """Record that messages published on `topic_type` go to agents of `agent_type`."""
@@ -476,3 +465,14 @@ def _no_route(
     agent_id: AgentId, shard: int, msg: Any, deadline: float | None, *, ask: bool
 ) -> asyncio.Future[Any] | None:
     return None
+
+
+async def _tell_each(
+    agent_types: list[str], source: str, tell: Callable[[AgentId], Awaitable[None]]
+) -> int:
+    """A publish: `tell` to each subscribed type in turn, as tells of kind `publish` (metrics,
+    traces: `_observe.py`)."""
+    with publishes():
+        for agent_type in agent_types:
+            await tell(AgentId(agent_type, source))
+    return len(agent_types)
