@@ -53,29 +53,33 @@ async def test_split_brain_agents_of_a_killed_node_are_served_before_its_lease_e
             t_kill = time.monotonic()
             cluster.nodes["node-3"].kill()
             first_answer: dict[str, float] = {}
-            unknown = 0
+            # An ask that timed out after reaching a node may or may not have been applied (a
+            # slow survivor on a loaded machine): such adds bound the total from above.
+            unknown = dict.fromkeys(agents, 0)
 
             async def writer(agent: str) -> None:
-                nonlocal unknown
                 deadline = time.monotonic() + 6.0  # past the lease TTL + takeover
                 while time.monotonic() < deadline:
                     try:
                         await mesh.ask(agent, Add(1), timeout=1.0)
                     except accord.DeliveryTimeout as exc:
-                        unknown += int(exc.maybe_delivered)
+                        unknown[agent] += int(exc.maybe_delivered)
                         continue
                     acked[agent] += 1
                     first_answer.setdefault(agent, time.monotonic() - t_kill)
                     await asyncio.sleep(0.02)
 
             await asyncio.gather(*(writer(a) for a in agents))
-            assert unknown == 0, "an ask timed out after reaching a node: outcome unknown"
+            assert len(first_answer) == len(agents), "every agent answered after the SIGKILL"
 
             async def converged() -> dict[str, int] | None:
                 got = {a: int(await mesh.ask(a, Read(), timeout=5)) for a in agents}
-                return got if got == acked else None
+                within = all(acked[a] <= got[a] <= acked[a] + unknown[a] for a in agents)
+                return got if within else None
 
-            totals = await eventually(converged, 30, f"counts to equal the acked adds {acked}")
+            totals = await eventually(
+                converged, 30, f"counts within the acked adds {acked} (+ unknown {unknown})"
+            )
             served = "serving its split-brain agents here"
             standby_logs = [p.name for p in logs.glob("*.log") if served in p.read_text()]
             print(f"\nstandby summary: first answer after SIGKILL per agent "
