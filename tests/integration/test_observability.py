@@ -145,7 +145,7 @@ async def test_published_tells_count_as_publish_where_they_are_handled(
 
 
 async def test_status_reports_the_stats_block(cluster: Cluster, mesh: accord.Mesh) -> None:
-    data = await mesh._sender.transport_request(f"{mesh.names.admin_subject}.node-1", b"{}", 2)
+    data = await mesh._sender.transport_request(f"{mesh.names.admin_subject}.node-1", b"{}", 10)
     st = json.loads(data)
     stats = st["stats"]
     assert set(stats) == {"msgs_per_s", "p99_turn_ms", "loop_lag_ms", "activations", "per_type",
