@@ -16,11 +16,13 @@ from ._errors import EngineError as EngineError
 from ._errors import Fenced as Fenced
 from ._errors import LeaseLost as LeaseLost
 from ._errors import LeaseNotAcquired as LeaseNotAcquired
+from ._errors import MessageTooLarge as MessageTooLarge
 from ._errors import NonDeterminism as NonDeterminism
 from ._errors import NotConnected as NotConnected
 from ._errors import NotProcessed as NotProcessed
 from ._errors import OutcomeUnknown as OutcomeUnknown
 from ._errors import Overloaded as Overloaded
+from ._errors import PermissionDenied as PermissionDenied
 from ._errors import RemoteError as RemoteError
 from ._errors import StateError as StateError
 from ._errors import StorageFull as StorageFull
@@ -68,6 +70,7 @@ __all__ = [
     "LeaseLost",
     "LeaseNotAcquired",
     "Mesh",
+    "MessageTooLarge",
     "Node",
     "NodeSettings",
     "NonDeterminism",
@@ -75,6 +78,7 @@ __all__ = [
     "NotProcessed",
     "OutcomeUnknown",
     "Overloaded",
+    "PermissionDenied",
     "PromiseConflict",
     "RemoteError",
     "Retry",

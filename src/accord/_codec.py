@@ -7,7 +7,7 @@ See docs/protocol.md for the field-by-field contract.
 
 from __future__ import annotations
 
-from typing import Any, Final, Literal
+from typing import Annotated, Any, Final, Literal
 
 import msgspec
 
@@ -17,21 +17,30 @@ PROTOCOL_VERSION: Final = 1
 
 Encoding = Literal["msgpack", "json"]
 
+#: Bounds on an envelope's header fields, checked on decode: a request naming a 1 MB target or
+#: type is refused (BadRequest) before any lookup, log line or dead letter repeats it.
+MAX_TARGET = 1024
+MAX_NAME = 256
+Target = Annotated[str, msgspec.Meta(max_length=MAX_TARGET)]
+Name = Annotated[str, msgspec.Meta(max_length=MAX_NAME)]
+#: Envelope headers (trace context): at most 16, names up to 256, values up to 1024 characters.
+Headers = Annotated[dict[Name, Target], msgspec.Meta(max_length=16)]
+
 
 class Request(msgspec.Struct, omit_defaults=True):
     """A message to one agent. `body` is the message, encoded like the envelope."""
 
     v: int
     kind: Literal["ask", "tell", "result"]
-    target: str
-    type: str
+    target: Target
+    type: Name
     body: msgspec.Raw = msgspec.Raw(b"")
     timeout_ms: int | None = None
-    id: str | None = None
-    sender: str | None = None
-    reply_to: str | None = None
-    delivery: str | None = None
-    headers: dict[str, str] | None = None
+    id: Name | None = None
+    sender: Target | None = None
+    reply_to: Target | None = None
+    delivery: Name | None = None
+    headers: Headers | None = None
     """Trace context (W3C `traceparent`, `tracestate`) when the sender traces."""
 
 

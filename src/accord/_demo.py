@@ -58,7 +58,7 @@ def overlapping_activations(log_path: Path, death: dict[int, float]) -> list[tup
     return bad
 
 
-async def run_demo(app_ref: str, n_agents: int, out: Console) -> int:
+async def run_demo(app_ref: str, n_agents: int, out: Console, *, tls: bool = False) -> int:
     classes = agent_classes(load_module(app_ref))
     module = load_module(app_ref)
     inc_type = getattr(module, "Increment", None)
@@ -71,7 +71,7 @@ async def run_demo(app_ref: str, n_agents: int, out: Console) -> int:
     stats: Counter[str] = Counter()
     out.rule("[bold]accord demo")
     out.print(f"starting an embedded nats-server and 3 node processes (logs in {workdir})")
-    with Cluster(app_ref, 3, env=env, log_dir=workdir / "logs") as cluster:
+    with Cluster(app_ref, 3, env=env, log_dir=workdir / "logs", secure=tls) as cluster:
         async with cluster.connect() as mesh:
             t0 = time.monotonic()
             st = await wait_for_placement(mesh, set(cluster.nodes), timeout=30)

@@ -167,6 +167,20 @@ class StorageFull(AccordError):
     code = "storage_full"
 
 
+class MessageTooLarge(NotProcessed):
+    """The encoded message is larger than the server's `max_payload`: refused before sending,
+    so it was certainly not delivered. Send a reference (a key, a URL) instead of the data."""
+
+    code = "message_too_large"
+
+
+class PermissionDenied(AccordError):
+    """The server refused this connection's credentials the subject of this operation (a role
+    without that permission, see docs/security.md): nothing was published or subscribed."""
+
+    code = "permission_denied"
+
+
 class CircuitOpen(NotProcessed):
     """Calls to this target failed repeatedly; the breaker refuses new ones for a while."""
 

@@ -21,6 +21,7 @@ from ._errors import (
     WIRE_ERRORS,
     AccordError,
     DeliveryTimeout,
+    MessageTooLarge,
     NotConnected,
     RemoteError,
 )
@@ -135,6 +136,7 @@ class Sender:
                 headers=headers,
             )
             data = codec.encode(req, enc)
+            _fits(data, self._transport.max_payload, agent_id, type_name)
             subject = (self.place(agent_id, shard) if placed else None) or shard_subject
             try:
                 try:
@@ -224,7 +226,9 @@ class Sender:
             if pool
             else self.place(agent_id, shard) or self._names.shard_subject(shard)
         )
-        await self._transport.publish(subject, codec.encode(req, enc))
+        data = codec.encode(req, enc)
+        _fits(data, self._transport.max_payload, agent_id, type_name)
+        await self._transport.publish(subject, data)
         published = req.headers is not None and KIND_HEADER in req.headers
         self._sent(agent_id.type, "publish" if published else "tell", "ok")
 
@@ -346,3 +350,12 @@ class LocalResult:
 
     def __init__(self, fut: asyncio.Future[Any]) -> None:
         self.fut = fut
+
+
+def _fits(data: bytes, limit: int, agent_id: AgentId, type_name: str) -> None:
+    """Refuse a message the server would drop (and nats-py close the connection over)."""
+    if len(data) > limit:
+        raise MessageTooLarge(
+            f"{type_name} to {agent_id}: {len(data)} bytes exceed the server's max_payload "
+            f"of {limit}"
+        )

@@ -149,7 +149,7 @@ async def test_accord_up_survives_two_engine_kills_under_at_least_once_traffic(
         engine = await eventually(engine_running, 30, "accord up's engine.json")
         url, port = engine["url"], engine["port"]
         known.add(engine["pid"])
-        async with connect_retrying(url) as mesh:
+        async with connect_retrying(url, creds=home / "auth" / "local.creds") as mesh:
             await wait_for_placement(mesh, {"node-1", "node-2"})
             known |= _children(up.pid)
             ids = [f"m{i}" for i in range(3000)]

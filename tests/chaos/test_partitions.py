@@ -1,7 +1,9 @@
 """Partition scenarios on a real 3-server NATS cluster in network namespaces (accord.netlab).
 
 Each host namespace runs one nats-server (R3 JetStream, sync_interval: always) and one accord node
-connected only to its local server. The lease, state and membership streams are led by the
+connected only to its local server. The servers run the configurations `accord server config`
+generates for three machines: authentication (NKey users, role permissions) and TLS on client
+connections and routes. The lease, state and membership streams are led by the
 server that is cut off or killed (the slowest failover: all three must elect a new leader).
 Clients in the test process record every operation in a history that `accord.history` checks;
 each scenario prints a JSON report. Node and server logs stay in the test's temporary directory.
@@ -52,8 +54,30 @@ def _usable() -> str | None:
     return None
 
 
+def _secure_configs(lab: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    """`accord server config` for the lab's three hosts (NKey users with role permissions, TLS
+    on clients and routes, a route password, fsync always), as a user deploying on three
+    machines would run it; the test process and the nodes use the `node` credential it
+    wrote, through $ACCORD_CREDS / $ACCORD_TLS_CA."""
+    from accord.engine._auth import Credentials
+
+    out = tmp_path / "conf"
+    ips = [lab.ip(h) for h in HOSTS]
+    done = subprocess.run(
+        [sys.executable, "-m", "accord", "server", "config", "--hosts", ",".join(ips),
+         "--out", str(out)],
+        capture_output=True, text=True, cwd=ROOT, timeout=60,
+        env={**os.environ, "ACCORD_HOME": str(tmp_path / "admin")},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    monkeypatch.setenv("ACCORD_CREDS", str(out / "node.creds"))
+    monkeypatch.setenv("ACCORD_TLS_CA", str(out / "ca.pem"))
+    opts = Credentials(out / "node.creds", out / "ca.pem").connect_options()
+    return {"configs": {h: out / f"{lab.ip(h)}.conf" for h in HOSTS}, "client_options": opts}
+
+
 @pytest.fixture
-def lab(tmp_path: Path) -> Iterator[Any]:
+def lab(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
     reason = _usable()
     if reason:
         pytest.skip(reason)
@@ -61,7 +85,9 @@ def lab(tmp_path: Path) -> Iterator[Any]:
     nats_dir = tmp_path / "nats"  # server logs stay with the node logs for diagnosis
     with (
         netlab.NetLab("accpart", hosts=3) as lab,
-        netlab.NatsCluster(lab, base_dir=nats_dir) as nats_cluster,
+        netlab.NatsCluster(
+            lab, base_dir=nats_dir, **_secure_configs(lab, tmp_path, monkeypatch)
+        ) as nats_cluster,
     ):
         nats_cluster.wait_ready(60)
         # 8 shards instead of 64: every lease renewal is an fsynced R3 write on 3 servers that
@@ -108,10 +134,11 @@ async def _create_cluster(urls: list[str], num_shards: int) -> None:
     from accord.cluster._config import Names, open_cluster
     from accord.delivery._mailbox import ensure_streams
     from accord.engine._nats import NatsTransport
+    from accord.engine._resolve import resolve_credentials
 
     # Created here, one at a time, rather than by three starting nodes at once: R3 stream
     # creation on 2 busy cores can outlast a node's 5 s JetStream API timeout.
-    js = await NatsTransport.connect(urls, "test-setup")
+    js = await NatsTransport.connect(urls, "test-setup", credentials=resolve_credentials(urls))
     try:
         names = Names("default")
         _, buckets = await open_cluster(js, names, num_shards=num_shards, replicas=3)

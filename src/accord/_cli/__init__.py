@@ -7,7 +7,17 @@ import sys
 
 import msgspec
 
-from . import _agents, _bus, _inspect, _observe, _processes, _services, _topology, _workflows
+from . import (
+    _agents,
+    _bus,
+    _inspect,
+    _observe,
+    _processes,
+    _security,
+    _services,
+    _topology,
+    _workflows,
+)  # fmt: skip
 from ._common import app, err
 
 __all__ = [
@@ -16,6 +26,7 @@ __all__ = [
     "_inspect",
     "_observe",
     "_processes",
+    "_security",
     "_services",
     "_topology",
     "_workflows",

@@ -35,6 +35,37 @@ NatsOpt = Annotated[
     ),
 ]
 ClusterOpt = Annotated[str, typer.Option("--cluster", help="Cluster name.")]
+CredsOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--creds",
+        help="Credentials file (accord creds create, or a NATS .creds). Default: $ACCORD_CREDS, "
+        "then the local `accord up` cluster's.",
+    ),
+]
+
+
+@app.callback()
+def _global(
+    creds: CredsOpt = None,
+    tls_ca: Annotated[
+        str | None,
+        typer.Option("--tls-ca", help="CA file that signed the servers' certificates."),
+    ] = None,
+) -> None:
+    """accord: a distributed runtime for agents on NATS JetStream."""
+    import os
+    from pathlib import Path
+
+    # Through the environment, so node processes `accord up` starts inherit them as well.
+    for value, env in ((creds, "ACCORD_CREDS"), (tls_ca, "ACCORD_TLS_CA")):
+        if value is not None:
+            if not Path(value).expanduser().is_file():
+                err.print(f"[red]error:[/red] {value}: no such file", highlight=False)
+                raise typer.Exit(2)
+            os.environ[env] = str(Path(value).expanduser().resolve())
+
+
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")]
 
 

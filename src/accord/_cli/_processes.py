@@ -14,6 +14,7 @@ import typer
 from .._errors import ConfigurationError
 from ._common import ClusterOpt, NatsOpt, _run, _until_signalled, app, err, out
 from ._logs import LogFormatOpt, setup_or_exit
+from ._security import SyncOpt, check_sync, up_security
 
 MetricsPortOpt = Annotated[
     int | None,
@@ -117,14 +118,25 @@ def up(
     ] = True,
     log_level: Annotated[str, typer.Option("--log-level")] = "info",
     log_format: LogFormatOpt = "text",
+    tls: Annotated[bool, typer.Option("--tls", help="TLS with a generated CA.")] = False,
+    tls_ca: Annotated[str | None, typer.Option("--tls-ca", help="Existing CA file.")] = None,
+    tls_cert: Annotated[str | None, typer.Option("--tls-cert", help="Server cert.")] = None,
+    tls_key: Annotated[str | None, typer.Option("--tls-key", help="Server key.")] = None,
+    tls_verify: Annotated[
+        bool, typer.Option("--tls-verify", help="Mutual TLS: clients present certificates.")
+    ] = False,
+    sync: SyncOpt = "default",
 ) -> None:
     """Start an embedded nats-server and N node processes; Ctrl-C stops everything.
 
     Each node serves /metrics, /healthz and /readyz on a free port (printed; `--no-metrics`: off).
 
+    Authenticated: a credential is generated into the state directory (mode 0600) and nodes,
+    the CLI and `accord.connect()` on this machine find it; see docs/security.md.
+
     The nats-server is supervised: if it dies it is restarted on the same port and data directory
     (see docs/operations.md); after repeated rapid failures `accord up` stops with exit code 1."""
-    from ..engine._resolve import state_dir, url_file
+    from ..engine._resolve import local_tls_file, state_dir, url_file
     from ..engine._server import EmbeddedServer
     from ..engine._supervisor import EngineSupervisor
     from ..testing import NodeProcess
@@ -133,8 +145,13 @@ def up(
         err.print("[red]error:[/red] --app is required when --nodes > 0", highlight=False)
         raise typer.Exit(2)
     setup_or_exit(log_level, log_format)
+    sync_ = check_sync(sync)
 
     async def main() -> int:
+        security, node_env = up_security(
+            tls=tls or tls_verify, tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key,
+            tls_verify=tls_verify, sync=sync_,
+        )  # fmt: skip
         if app_ref:
             from .._app import agent_classes, load_module
 
@@ -144,7 +161,9 @@ def up(
         loop = asyncio.get_running_loop()
         gave_up = asyncio.Event()
         supervisor = EngineSupervisor(
-            EmbeddedServer(state_dir() / "data", log_file=logs / "nats-server.log"),
+            EmbeddedServer(
+                state_dir() / "data", log_file=logs / "nats-server.log", security=security
+            ),
             state_file=state_dir() / "engine.json",
             on_give_up=lambda _exc: loop.call_soon_threadsafe(gave_up.set),
         )
@@ -160,7 +179,8 @@ def up(
                 if metrics:
                     extra += ["--metrics-port", str(ports[i - 1])]
                 procs.append(NodeProcess(url, app_ref, f"node-{i}", cluster=cluster,
-                                         log_dir=logs, extra_args=extra).start())  # fmt: skip
+                                         log_dir=logs, extra_args=extra,
+                                         env=node_env).start())  # fmt: skip
             out.print(f"accord is up: NATS at [bold]{url}[/bold], {nodes} node(s), logs in {logs}")
             for i, port in enumerate(ports, 1):
                 out.print(f"  node-{i} metrics: http://127.0.0.1:{port}/metrics")
@@ -175,6 +195,7 @@ def up(
             await asyncio.to_thread(supervisor.stop)
             with contextlib.suppress(FileNotFoundError):
                 url_file().unlink()
+            local_tls_file().unlink(missing_ok=True)
             restarts = f" (nats-server restarted {supervisor.restarts} time(s))"
             out.print(f"stopped.{restarts if supervisor.restarts else ''}")
         if supervisor.failure is not None:
@@ -219,6 +240,9 @@ def demo(
         str, typer.Option("--app", help="Demo app module.")
     ] = "examples/counter_app.py",
     agents: Annotated[int, typer.Option("--agents", min=1, max=100_000)] = 500,
+    tls: Annotated[
+        bool, typer.Option("--tls", help="Authenticated server with TLS (generated CA).")
+    ] = False,
 ) -> None:
     """Embedded server + 3 nodes; traffic; SIGKILL one node; show failover; summary."""
     from .._demo import run_demo
@@ -227,5 +251,5 @@ def demo(
         err.print(f"[red]error:[/red] demo app {app_ref!r} not found; run from the repository root "
                   "or pass --app", highlight=False)  # fmt: skip
         raise typer.Exit(2)
-    code = _run(run_demo(app_ref, agents, out))
+    code = _run(run_demo(app_ref, agents, out, tls=tls))
     raise typer.Exit(code)

@@ -12,9 +12,12 @@ from __future__ import annotations
 import asyncio
 
 from .. import _codec as codec
-from .._errors import DeliveryTimeout, NotConnected, OutcomeUnknown
+from .._errors import DeliveryTimeout, MessageTooLarge, NotConnected, OutcomeUnknown
 from .._retry import Backoff
 from ..engine._api import Engine, Message, NoResponders, Refused, RequestTimeout
+
+#: Room the mailbox append's headers (message id, expected stream) take next to the data.
+_HEADER_ROOM = 256
 
 
 class DurableSender:
@@ -45,6 +48,13 @@ class DurableSender:
         if req.kind == "ask":
             req.reply_to, fut = await self._engine.reply_inbox()
         data = codec.encode(req, enc)
+        if len(data) + _HEADER_ROOM > self._engine.max_payload:  # refused before it is stored
+            if fut is not None:
+                fut.cancel()
+            raise MessageTooLarge(
+                f"{req.type} to {req.target}: {len(data)} bytes do not fit the server's "
+                f"max_payload of {self._engine.max_payload} with the mailbox headers"
+            )
         try:
             duplicate = await self._publish(subject, data, req.id, deadline)
             if fut is None:

@@ -17,6 +17,9 @@ import contextlib
 import functools
 import itertools
 import logging
+import re
+import ssl
+import time
 from typing import Any
 
 import nats
@@ -26,7 +29,7 @@ from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
-from .._errors import NotConnected
+from .._errors import NotConnected, PermissionDenied
 from ._api import (
     DirectHandler,
     Handler,
@@ -36,11 +39,21 @@ from ._api import (
     RequestTimeout,
     Subscription,
 )
+from ._auth import Credentials
 from ._nats_errors import map_errors
 from ._nats_js import NatsJetStream
 from ._nats_wire import subscribe_direct as subscribe_direct  # the name callers import
 
 log = logging.getLogger("accord.transport")
+_VIOLATION = re.compile(r'permissions violation for (publish|subscription) to "?([^"\s]+)', re.I)
+#: How long a permission violation explains a request without an answer on that subject.
+_VIOLATION_MEMORY = 60.0
+
+
+def _not_ssl_eof_noise(record: logging.LogRecord) -> bool:
+    """asyncio warns on every TLS connection nats-py closes ("returning true from eof_received()
+    has no effect when using ssl"): nats-py's protocol, not a fault; keep it out of the logs."""
+    return "eof_received() has no effect" not in record.getMessage()
 
 
 class NatsTransport(NatsJetStream):
@@ -55,11 +68,23 @@ class NatsTransport(NatsJetStream):
         self._inbox_lock = asyncio.Lock()
         self._tokens = itertools.count(1)
         self._waiting: dict[str, asyncio.Future[Any]] = {}  # token -> waiter for a Msg
+        #: ("publish"|"subscription", lowercased subject) -> when the server refused it: a refused
+        #: publish is dropped silently, so a request on it times out; this says why.
+        self.denied: dict[tuple[str, str], float] = {}
 
     @classmethod
-    async def connect(cls, servers: list[str], name: str, timeout: float = 5.0) -> NatsTransport:
-        async def on_error(exc: Exception) -> None:
-            log.debug("nats connection error: %s", exc)
+    async def connect(
+        cls,
+        servers: list[str],
+        name: str,
+        timeout: float = 5.0,
+        credentials: Credentials | None = None,
+    ) -> NatsTransport:
+        """Connect to `servers` with `credentials` (NKey seed or .creds file, TLS CA, client
+        certificate; None: what the URLs carry). Raises `NotConnected` (unreachable, refused
+        credentials, a server certificate the CA did not sign) or `ConfigurationError`."""
+        denied: dict[tuple[str, str], float] = {}
+        fatal: asyncio.Future[Exception] = asyncio.get_running_loop().create_future()
 
         held: list[NatsClient] = []
 
@@ -70,10 +95,32 @@ class NatsTransport(NatsJetStream):
         async def on_reconnect() -> None:
             log.info("NATS connection re-established")
 
+        async def on_error(exc: Exception) -> None:
+            # Refused credentials or an untrusted certificate do not heal by retrying: the first
+            # connection fails at once instead of being retried until the timeout.
+            if not fatal.done():
+                if "authorization violation" in str(exc).lower():
+                    fatal.set_result(nats.errors.AuthorizationError())
+                elif isinstance(exc, ssl.SSLError):
+                    fatal.set_result(exc)
+            found = _VIOLATION.search(str(exc))
+            if found:
+                # nats-py lowercases the server's error text, subject included
+                if len(denied) >= 1024:  # refused on ever new subjects: bounded, start over
+                    denied.clear()
+                denied[(found.group(1).lower(), found.group(2).lower())] = time.monotonic()
+                log.warning("server refused: %s", exc)
+            else:
+                log.debug("nats connection error: %s", exc)
+
+        options = credentials.connect_options() if credentials is not None else {}
+        if "tls" in options and _not_ssl_eof_noise not in logging.getLogger("asyncio").filters:
+            logging.getLogger("asyncio").addFilter(_not_ssl_eof_noise)
         try:
             # nats-py retries the first connection as often as reconnections (forever here):
             # bound it, so a wrong URL is an error and not a hang.
-            nc = await asyncio.wait_for(
+            nc = await _first_of(
+                fatal,
                 nats.connect(
                     servers=servers,
                     name=name,
@@ -86,14 +133,37 @@ class NatsTransport(NatsJetStream):
                     error_cb=on_error,
                     disconnected_cb=on_disconnect,
                     reconnected_cb=on_reconnect,
+                    **options,
                 ),
                 timeout + 1,
             )
         except (OSError, nats.errors.Error, TimeoutError) as exc:
             why = str(exc) or f"no server answered within {timeout + 1:.0f}s"
+            if isinstance(exc, nats.errors.AuthorizationError):
+                why = "authorization violation: the server refused these credentials"
+                why += (
+                    ""
+                    if "user_credentials" in options or "nkeys_seed_str" in options
+                    else (" (none given: pass --creds or set $ACCORD_CREDS)")
+                )
+            elif isinstance(exc, ssl.SSLError):
+                reason = str(exc.reason or exc)
+                why = f"TLS: {reason} " + (
+                    "(the server wants a client certificate: $ACCORD_TLS_CERT, $ACCORD_TLS_KEY)"
+                    if "CERTIFICATE_REQUIRED" in reason
+                    else "(is --tls-ca / $ACCORD_TLS_CA the right CA?)"
+                )
             raise NotConnected(f"cannot connect to NATS at {','.join(servers)}: {why}") from None
         held.append(nc)
-        return cls(nc, name)
+        transport = cls(nc, name)
+        transport.denied = denied
+        return transport
+
+    def refused(self, kind: str, subject: str) -> bool:
+        """Whether the server refused this connection `kind` ("publish"/"subscription") on
+        `subject` recently."""
+        when = self.denied.get((kind, subject.lower()))
+        return when is not None and time.monotonic() - when < _VIOLATION_MEMORY
 
     async def request(self, subject: str, data: bytes, timeout: float) -> bytes:
         msg = await self.request_msg(subject, data, timeout)
@@ -125,6 +195,10 @@ class NatsTransport(NatsJetStream):
             raise Refused(f"request on {subject}: {len(data)} bytes exceed max_payload") from None
         except (nats.errors.Error, OSError) as exc:  # closed, buffer full, bad subject, ...
             raise NotConnected(f"request on {subject}: {type(exc).__name__}: {exc}") from None
+        except RequestTimeout:
+            if self.denied and self.refused("publish", subject):
+                raise PermissionDenied(f"publish to {subject} refused by the server") from None
+            raise
         finally:
             self._waiting.pop(token, None)
         hdr = msg.headers
@@ -186,6 +260,13 @@ class NatsTransport(NatsJetStream):
             sub: Any = await self.nc.subscribe(subject, queue=queue, cb=cb)
         return NatsSubscription(sub)
 
+    async def check_subscription(self, subject: str, timeout: float = 2.0) -> None:
+        """Raise `PermissionDenied` when the server refused a subscription to `subject`: it
+        answers a refused SUB with an error before the PONG of the flush this waits for."""
+        await self.flush(timeout)
+        if self.refused("subscription", subject):
+            raise PermissionDenied(f"subscription to {subject} refused by the server")
+
     async def subscribe_direct(self, subject: str, fn: DirectHandler) -> Subscription:
         """Subscribe so that `fn` runs for each message, in arrival order, in the read loop.
 
@@ -227,6 +308,25 @@ class NatsSubscription:
     async def drain(self) -> None:
         with contextlib.suppress(nats.errors.Error, OSError):
             await self._sub.drain()
+
+
+async def _first_of(fatal: asyncio.Future[Exception], connecting: Any, timeout: float) -> Any:
+    """The connection `connecting` makes within `timeout`, unless `fatal` comes first (then its
+    exception is raised and the attempt abandoned)."""
+    task = asyncio.ensure_future(connecting)
+    try:
+        done, _ = await asyncio.wait({task, fatal}, timeout=timeout,
+                                     return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
+        if task in done:
+            return task.result()
+        if fatal in done:
+            raise fatal.result()
+        raise TimeoutError()
+    finally:
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
 
 
 def _expire(fut: asyncio.Future[Msg]) -> None:

@@ -33,7 +33,7 @@ from nats.js.api import (
     StreamConfig,
 )
 
-from .._errors import NotConnected, StorageFull
+from .._errors import NotConnected, PermissionDenied, StorageFull
 from ._api import (
     KV,
     BucketSpec,
@@ -90,6 +90,7 @@ class NatsJetStream:
 
     nc: NatsClient
     js: JetStreamContext
+    denied: dict[tuple[str, str], float]  # subjects the server refused (see NatsTransport)
 
     async def request_msg(  # provided by NatsTransport
         self, subject: str, data: bytes, timeout: float, headers: dict[str, str] | None = None
@@ -295,8 +296,15 @@ class NatsJetStream:
             max_ack_pending=spec.max_ack_pending,
             inactive_threshold=spec.inactive_threshold,
         )
-        with map_errors(f"create consumer {spec.name} on {stream}"):
-            await asyncio.wait_for(self.js.add_consumer(stream, config), timeout)
+        try:
+            with map_errors(f"create consumer {spec.name} on {stream}"):
+                await asyncio.wait_for(self.js.add_consumer(stream, config), timeout)
+        except NotConnected:
+            # nats-py's request for it went unanswered: the server refused it if it says so
+            if any(k == "publish" and s.startswith("$js.api.consumer.") and stream.lower() in s
+                   for k, s in self.denied):  # fmt: skip
+                raise PermissionDenied(f"creating a consumer on {stream} refused") from None
+            raise
 
     async def delete_consumer(self, stream: str, name: str, *, timeout: float = 5.0) -> bool:
         with map_errors(f"delete consumer {name} on {stream}"):

@@ -1,13 +1,16 @@
 """Finding the engine: an explicit URL, $ACCORD_NATS, the URL file of a running `accord up`, or a
-fresh embedded server owned by the caller."""
+fresh embedded server owned by the caller; and the credentials and CA to connect with (explicit,
+$ACCORD_CREDS / $ACCORD_TLS_CA, or those `accord up` wrote to its state directory)."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 from pathlib import Path
 
 from .._errors import ConfigurationError
+from ._auth import Credentials
 from ._server import EmbeddedServer
 
 
@@ -17,6 +20,62 @@ def state_dir() -> Path:
 
 def url_file() -> Path:
     return state_dir() / "url"
+
+
+def auth_dir() -> Path:
+    return state_dir() / "auth"
+
+
+def tls_dir() -> Path:
+    return state_dir() / "tls"
+
+
+def local_tls_file() -> Path:
+    """While `accord up --tls` runs: the TLS files local clients use (JSON: ca, cert, key)."""
+    return state_dir() / "tls.json"
+
+
+def local_creds_file() -> Path:
+    """The credential (role `node`) `accord up` issues to its nodes and to the local user."""
+    return auth_dir() / "local.creds"
+
+
+def _path(value: str | Path | None, env: str) -> Path | None:
+    raw = value if value is not None else os.environ.get(env)
+    if raw is None or raw == "":
+        return None
+    path = Path(raw).expanduser()
+    if not path.exists():
+        raise ConfigurationError(f"{env.lower().removeprefix('accord_')} file {path} not found")
+    return path
+
+
+def resolve_credentials(
+    nats: str | list[str] | None,
+    creds: str | Path | None = None,
+    tls_ca: str | Path | None = None,
+) -> Credentials:
+    """Credentials to connect to `nats` with: `creds`/`tls_ca` if given, else $ACCORD_CREDS /
+    $ACCORD_TLS_CA (and $ACCORD_TLS_CERT/$ACCORD_TLS_KEY for mutual TLS), else, when `nats` is
+    the cluster `accord up` runs here (or None), the files it wrote in the state directory."""
+    found = Credentials(
+        creds=_path(creds, "ACCORD_CREDS"),
+        tls_ca=_path(tls_ca, "ACCORD_TLS_CA"),
+        tls_cert=_path(None, "ACCORD_TLS_CERT"),
+        tls_key=_path(None, "ACCORD_TLS_KEY"),
+    )
+    local = url_file().read_text().strip() if url_file().exists() else None
+    if nats is None or (local and parse_servers(nats) == parse_servers(local)):
+        if found.creds is None and local_creds_file().exists():
+            found = Credentials(local_creds_file(), found.tls_ca, found.tls_cert, found.tls_key)
+        if found.tls_ca is None and local_tls_file().exists():
+            try:
+                tls = json.loads(local_tls_file().read_text())
+            except ValueError as exc:
+                raise ConfigurationError(f"{local_tls_file()}: unreadable: {exc}") from None
+            paths = [Path(tls[k]) if tls.get(k) else None for k in ("ca", "cert", "key")]
+            found = Credentials(found.creds, *paths)
+    return found
 
 
 def parse_servers(nats: str | list[str]) -> list[str]:

@@ -21,7 +21,8 @@ import time
 from pathlib import Path
 from types import TracebackType
 
-from .._errors import EngineError
+from .._errors import ConfigurationError, EngineError
+from ._serverconf import ServerSecurity
 
 
 def find_nats_server() -> str:
@@ -46,6 +47,16 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
+def _loopback(host: str) -> bool:
+    return host in ("127.0.0.1", "::1", "localhost") or host.startswith("127.")
+
+
+def _local_url(url: str) -> str:
+    """The ports file names the server by a TLS-aware scheme when TLS is on (`tls://`); clients
+    connect with `nats://` and upgrade, so keep the usual scheme."""
+    return "nats://" + url.split("://", 1)[1] if url.startswith("tls://") else url
+
+
 class EmbeddedServer:
     """A local nats-server with JetStream in `data_dir` (a temporary one when None).
 
@@ -66,7 +77,13 @@ class EmbeddedServer:
         host: str = "127.0.0.1",
         extra_args: list[str] | None = None,
         log_file: str | Path | None = None,
+        security: ServerSecurity | None = None,
     ) -> None:
+        if (security is None or not security.authenticated) and not _loopback(host):
+            raise ConfigurationError(
+                f"refusing to listen on {host} without authentication (use accord up's "
+                "default credentials, or a loopback address)"
+            )
         self._own_dir = data_dir is None
         self.data_dir = Path(data_dir or tempfile.mkdtemp(prefix="accord-nats-"))
         self._port = port
@@ -74,6 +91,7 @@ class EmbeddedServer:
         self._extra = extra_args or []
         self._log_file = log_file
         self._proc: subprocess.Popen[bytes] | None = None
+        self.security = security
         self.url = ""
 
     @property
@@ -103,6 +121,10 @@ class EmbeddedServer:
             "--ports_file_dir", str(ports_dir),
             *self._extra,
         ]  # fmt: skip
+        if self.security is not None:
+            # rewritten at every start: a restart picks up users issued or revoked since
+            conf = self.security.write(self.data_dir / "nats-server.conf")
+            args[1:1] = ["-c", str(conf)]
         out = open(self._log_file, "ab") if self._log_file else subprocess.DEVNULL  # noqa: SIM115
         try:
             self._proc = subprocess.Popen(
@@ -127,7 +149,7 @@ class EmbeddedServer:
                     except (ValueError, KeyError):
                         urls = None
                     if urls:
-                        self.url = str(urls[0])
+                        self.url = _local_url(str(urls[0]))
                         # a restart must come back where clients look for it, not on a new port
                         self._port = int(self.url.rsplit(":", 1)[1])
                         return self.url
@@ -140,6 +162,14 @@ class EmbeddedServer:
             raise
         finally:
             shutil.rmtree(ports_dir, ignore_errors=True)
+
+    def reload(self) -> None:
+        """Rewrite the configuration and have the running server reload it (SIGHUP): issued or
+        revoked users take effect at once; a revoked user's open connections are closed."""
+        if self.security is not None:
+            self.security.write(self.data_dir / "nats-server.conf")
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.send_signal(signal.SIGHUP)
 
     def stop(self, grace: float = 5.0) -> None:
         self._terminate(grace)

@@ -17,6 +17,7 @@ import socket
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -38,7 +39,7 @@ from ..delivery._mailbox import DurableDelivery, ensure_streams
 from ..engine._admin import NatsAdmin
 from ..engine._api import Message
 from ..engine._nats import NatsTransport
-from ..engine._resolve import resolve_servers
+from ..engine._resolve import resolve_credentials, resolve_servers
 from ..state._durable import Durable
 from ..state._events import EventLog
 from ..state._store import MergeState, StateStore
@@ -79,6 +80,7 @@ class Node(Mesh):
         nats: str | list[str] | None = None,
         name: str | None = None,
         settings: NodeSettings | None = None,
+        creds: str | Path | None = None,
     ) -> None:
         self.settings = settings or NodeSettings()
         specs: dict[str, AgentSpec] = {}
@@ -96,6 +98,7 @@ class Node(Mesh):
                 f"node name may not contain '.', '*' or '>': {self.node_name!r}"
             )
         self._nats = nats
+        self._creds = creds  # see accord.connect(creds=)
         self.stats = Stats()
         self._observe = Observers()  # metrics, status rates (`_observe.py`)
         self._stack: contextlib.AsyncExitStack | None = None
@@ -133,7 +136,8 @@ class Node(Mesh):
         servers, engine = await resolve_servers(self._nats)
         if engine is not None:
             stack.push_async_callback(asyncio.to_thread, engine.stop)
-        transport = await NatsTransport.connect(servers, self.node_name)
+        credentials = resolve_credentials(self._nats, self._creds)
+        transport = await NatsTransport.connect(servers, self.node_name, credentials=credentials)
         stack.push_async_callback(transport.close)
         names = Names(s.cluster)
         admin = NatsAdmin(transport.nc, transport.js, names.bucket("meta"))

@@ -15,10 +15,11 @@ has no healthy replica), with the reason in the body. Answers carry `X-Accord-Re
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 from aiohttp import web
@@ -38,7 +39,14 @@ HOP_BY_HOP = frozenset(
 )  # fmt: skip
 MAX_ATTEMPTS = 3
 DOWN_FOR = 5.0
-MAX_BODY = 16 * 1024 * 1024
+MAX_BODY = 16 * 1024 * 1024  # larger bodies: 413
+#: Request head bounds (larger: 400) and timeouts: an idle keep-alive connection is closed after
+#: IDLE_TIMEOUT, a body that does not arrive whole within BODY_TIMEOUT gets 408.
+MAX_HEADERS = 64
+MAX_HEADER_LINE = 8190
+IDLE_TIMEOUT = 15.0
+HEAD_TIMEOUT = 10.0  # a request head (line and headers) sent slower than this: closed
+BODY_TIMEOUT = 30.0
 _BROKEN = (
     aiohttp.ClientConnectorError,
     aiohttp.ServerDisconnectedError,
@@ -49,6 +57,8 @@ _BROKEN = (
 
 
 class Balancer:
+    head_timeout = HEAD_TIMEOUT  # seconds a client has to send a request head
+
     def __init__(self, view: ServiceView, host: str, port: int) -> None:
         self.view = view
         self.host = host
@@ -63,7 +73,11 @@ class Balancer:
     async def start(self) -> None:
         app = web.Application(client_max_size=MAX_BODY)
         app.router.add_route("*", "/{tail:.*}", self._handle)
-        self._runner = web.AppRunner(app, access_log=None)
+        self._runner = _GuardedRunner(
+            app, access_log=None, keepalive_timeout=IDLE_TIMEOUT, max_headers=MAX_HEADERS,
+            max_line_size=MAX_HEADER_LINE, max_field_size=MAX_HEADER_LINE,
+        )  # fmt: skip
+        self._runner.head_timeout = self.head_timeout
         await self._runner.setup()
         try:
             await web.TCPSite(self._runner, self.host, self.port).start()
@@ -116,7 +130,10 @@ class Balancer:
         spec = self.route(request.headers.get("Host", ""), request.path)
         if spec is None:
             return web.Response(status=404, text="accord: no service routes this host/path\n")
-        body = await request.read()
+        try:
+            body = await asyncio.wait_for(request.read(), BODY_TIMEOUT)
+        except TimeoutError:
+            return web.Response(status=408, text="accord: request body too slow\n")
         headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
         headers["X-Forwarded-For"] = request.remote or ""
         tried: set[tuple[str, int]] = set()
@@ -155,3 +172,54 @@ class Balancer:
         self.failures += 1
         status = 503 if not tried else 502
         return web.Response(status=status, text=f"accord: {spec.name}: {reason}\n")
+
+
+class _GuardedRunner(web.AppRunner):
+    """An AppRunner whose connections get a request-head deadline (`_HeadDeadline`)."""
+
+    head_timeout = HEAD_TIMEOUT
+
+    @property
+    def server(self) -> Any:
+        inner = super().server
+        if inner is None:
+            return None
+        return lambda: _HeadDeadline(inner(), self.head_timeout)
+
+
+class _HeadDeadline(asyncio.Protocol):
+    """An aiohttp connection that is closed when its first request head has not arrived whole
+    within `seconds`: a slowloris client trickling header bytes holds a connection forever
+    otherwise (aiohttp times out only idle keep-alive connections). Delegates everything."""
+
+    def __init__(self, inner: Any, seconds: float) -> None:
+        self._inner, self._seconds = inner, seconds
+        self._tail = b""
+        self._timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: Any) -> None:
+        self._timer = asyncio.get_running_loop().call_later(self._seconds, transport.close)
+        self._inner.connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        if self._timer is not None:
+            seen = self._tail + data
+            if b"\r\n\r\n" in seen:
+                self._timer.cancel()
+                self._timer = None
+            self._tail = seen[-3:]
+        self._inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self._inner.eof_received()  # type: ignore[no-any-return]
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._inner.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self._inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._inner.resume_writing()

@@ -9,9 +9,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -22,7 +24,10 @@ from .._connect import connect
 from .._errors import AccordError, NotConnected
 from .._mesh import Mesh
 from .._status import cluster_status
+from ..engine._auth import UserRegistry
 from ..engine._server import EmbeddedServer
+from ..engine._serverconf import ServerSecurity
+from ..engine._tls import issue_cert
 
 
 class NodeProcess:
@@ -107,16 +112,32 @@ class Cluster:
         log_dir: Path | None = None,
         url: str | None = None,
         node_args: dict[str, list[str]] | None = None,
+        secure: bool = False,
     ) -> None:
+        """`secure`: the embedded server requires a generated NKey credential and speaks TLS
+        with a generated CA (as `accord up --tls` does); nodes and `connect()` use them."""
         self.app = app
         self.node_args = node_args or {}
         self.cluster = cluster
         self.env = env or {}
         self.log_dir = log_dir
-        self.server: EmbeddedServer | None = None if url else EmbeddedServer()
+        self.creds: Path | None = None
+        self.tls_ca: Path | None = None
+        self._home: Path | None = None  # the generated secrets, removed by stop()
+        security = self._secure() if secure and not url else None
+        self.server: EmbeddedServer | None = None if url else EmbeddedServer(security=security)
         self.url = url or ""
         self.nodes: dict[str, NodeProcess] = {}
         self._initial = nodes
+
+    def _secure(self) -> ServerSecurity:
+        home = self._home = Path(tempfile.mkdtemp(prefix="accord-secure-"))
+        registry = UserRegistry(home / "auth")
+        self.creds = registry.issue("cluster", "node", "*")
+        tls = issue_cert(home / "tls", "server", ["127.0.0.1", "localhost"])
+        self.tls_ca = tls.ca
+        self.env = {**self.env, "ACCORD_CREDS": str(self.creds), "ACCORD_TLS_CA": str(tls.ca)}
+        return ServerSecurity(registry=registry, tls=tls)
 
     def start(self) -> Cluster:
         if self.server is not None:
@@ -143,6 +164,8 @@ class Cluster:
             node.stop()
         if self.server is not None:
             self.server.stop()
+        if self._home is not None:
+            shutil.rmtree(self._home, ignore_errors=True)
 
     def __enter__(self) -> Cluster:
         return self.start()
@@ -153,7 +176,7 @@ class Cluster:
         self.stop()
 
     def connect(self) -> Any:
-        return connect(self.url, cluster=self.cluster)
+        return connect(self.url, cluster=self.cluster, creds=self.creds, tls_ca=self.tls_ca)
 
 
 async def wait_for_placement(
@@ -186,12 +209,14 @@ async def connect_retrying(
     attempts: int = 10,
     pause: float = 1.0,
     cluster: str = "default",
+    creds: str | Path | None = None,
+    tls_ca: str | Path | None = None,
 ) -> AsyncIterator[Mesh]:
     """`accord.connect`, retried on `NotConnected`: JetStream can be slow to answer while a lab of
     servers and nodes starts up. Closes the client (bounded to 10 s) on exit."""
     for attempt in range(attempts):
         try:
-            cm = connect(urls, name=name, cluster=cluster)
+            cm = connect(urls, name=name, cluster=cluster, creds=creds, tls_ca=tls_ca)
             mesh = await cm.__aenter__()
             break
         except NotConnected:

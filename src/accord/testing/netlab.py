@@ -298,8 +298,17 @@ class NatsCluster:
         name: str = "accord",
         base_dir: str | Path | None = None,
         extra_config: str = "",
+        configs: dict[str, Path] | None = None,
+        client_options: dict[str, Any] | None = None,
     ) -> None:
+        """`configs`: per host, a configuration `accord server config` generated (users and
+        permissions, TLS, routes with their password, fsync always); the lab keeps it and sets
+        only what one machine's directory tree shared by every server needs: `server_name` (the
+        host name), its own store directory, its monitoring port and the fast route pings.
+        `client_options`: nats-py connect options (credentials, TLS) of the lab's own client."""
         self.lab, self.name, self.extra_config = lab, name, extra_config
+        self.configs = configs
+        self.client_options = client_options or {}
         self._own_dir = base_dir is None
         self.dir = Path(base_dir or tempfile.mkdtemp(prefix=f"{lab.id}-nats-"))
         self.procs: dict[str, subprocess.Popen[Any]] = {}
@@ -320,7 +329,20 @@ class NatsCluster:
     def log_path(self, host: str) -> Path:
         return self.dir / host / "server.log"
 
+    def _generated(self, host: str, source: Path) -> Path:
+        hdir = self.dir / host
+        hdir.mkdir(parents=True, exist_ok=True)
+        conf = json.loads(source.read_text())
+        conf.update(server_name=host, http=f"{self.lab.ip(host)}:8222", ping_interval="1s",
+                    ping_max=2)  # fmt: skip
+        conf.setdefault("jetstream", {})["store_dir"] = str(hdir / "js")
+        path = hdir / "server.conf"
+        path.write_text(json.dumps(conf, indent=1))
+        return path
+
     def _config(self, host: str) -> Path:
+        if self.configs is not None:
+            return self._generated(host, self.configs[host])
         ip, hdir = self.lab.ip(host), self.dir / host
         routes = ", ".join(f'"nats-route://{self.lab.ip(h)}:6222"' for h in self.lab.hosts)
         hdir.mkdir(parents=True, exist_ok=True)
@@ -451,7 +473,8 @@ class NatsCluster:
         if nc is not None:
             yield nc
             return
-        conn = await nats.connect(self.live_urls(), connect_timeout=2, max_reconnect_attempts=1)
+        conn = await nats.connect(self.live_urls(), connect_timeout=2, max_reconnect_attempts=1,
+                                  **self.client_options)  # fmt: skip
         try:
             yield conn
         finally:

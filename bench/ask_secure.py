@@ -1,0 +1,128 @@
+"""Cross-process ask with authentication and TLS on, against the same cluster without, same run.
+
+Two one-node clusters run side by side: one on a plain embedded nats-server, one on a server with
+NKey users (the node and the client hold `node` credentials) and TLS from a generated CA (what
+`accord up --tls` runs). Rounds alternate between them so machine noise hits both alike; each
+round measures sequential asks to one agent (p50/p99) and throughput with 64 asks in flight.
+
+    python bench/ask_secure.py [--rounds 3] [--json]
+
+Target (issue 15): secure throughput >= 0.9x plain; p50 reported.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from _common import (
+    COUNTER_APP,
+    emit,
+    environment,
+    load_counter_app,
+    median,
+    parser,
+    percentile,
+    ratio,
+    run,
+    sequential,
+    throughput,
+)
+
+import accord
+from accord.engine._auth import UserRegistry
+from accord.engine._server import EmbeddedServer
+from accord.engine._serverconf import ServerSecurity
+from accord.engine._tls import issue_cert
+from accord.testing import Cluster, wait_for_placement
+
+
+async def bench(args: Any) -> dict[str, Any]:
+    inc = load_counter_app().Increment(1)
+    agents = [f"counter/a{k}" for k in range(args.agents)]
+    home = Path(tempfile.mkdtemp(prefix="accord-bench-secure-"))
+    registry = UserRegistry(home / "auth")
+    creds = registry.issue("bench", "node", "*")
+    tls = issue_cert(home / "tls", "server", ["127.0.0.1", "localhost"])
+    secure_server = EmbeddedServer(home / "data",
+                                   security=ServerSecurity(registry=registry, tls=tls))  # fmt: skip
+    secure_url = await asyncio.to_thread(secure_server.start)
+    env = {"ACCORD_CREDS": str(creds), "ACCORD_TLS_CA": str(tls.ca)}
+    lat: dict[str, list[float]] = {"plain": [], "secure": []}
+    tput: dict[str, list[float]] = {"plain": [], "secure": []}
+    try:
+        with (
+            Cluster(str(COUNTER_APP), 1) as plain,
+            Cluster(str(COUNTER_APP), 1, url=secure_url, env=env),
+        ):
+            async with contextlib.AsyncExitStack() as stack:
+                meshes = {
+                    "plain": await stack.enter_async_context(accord.connect(plain.url)),
+                    "secure": await stack.enter_async_context(
+                        accord.connect(secure_url, creds=creds, tls_ca=tls.ca)
+                    ),
+                }
+                for mesh in meshes.values():
+                    await wait_for_placement(mesh, {"node-1"}, timeout=60)
+                    for k in range(0, len(agents), 64):  # activate, a batch at a time
+                        batch = agents[k : k + 64]
+                        await asyncio.gather(*(mesh.ask(a, inc, timeout=60) for a in batch))
+                    await mesh.ask("counter/x", inc)
+                for _ in range(args.rounds):
+                    for name, mesh in meshes.items():
+
+                        async def one(m: Any = mesh) -> Any:
+                            return await m.ask("counter/x", inc)
+
+                        async def many(i: int, m: Any = mesh) -> Any:
+                            return await m.ask(agents[i % len(agents)], inc)
+
+                        lat[name] += await sequential(one, args.n)
+                        done, elapsed = await throughput(many, args.duration, args.inflight)
+                        tput[name].append(done / elapsed)
+    finally:
+        await asyncio.to_thread(secure_server.stop)
+    res: dict[str, Any] = {"benchmark": "ask_secure"}
+    for name in ("plain", "secure"):
+        res[name] = {
+            "seq_p50_us": percentile(lat[name], 50) * 1e6,
+            "seq_p99_us": percentile(lat[name], 99) * 1e6,
+            "tput_ops_s": median(tput[name]),
+            "tput_rounds_ops_s": [round(x) for x in tput[name]],
+        }
+    res["throughput_ratio"] = ratio(res["secure"]["tput_ops_s"], res["plain"]["tput_ops_s"])
+    res["p50_ratio"] = ratio(res["secure"]["seq_p50_us"], res["plain"]["seq_p50_us"])
+    res["throughput_target_met"] = res["throughput_ratio"] >= 0.9
+    res["params"] = {"rounds": args.rounds, "seq_per_round": args.n, "inflight": args.inflight,
+                     "duration_s": args.duration, "agents": len(agents)}  # fmt: skip
+    return res
+
+
+def main() -> None:
+    p = parser(__doc__.splitlines()[0])
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--n", type=int, default=1000, help="sequential asks per round")
+    p.add_argument("--duration", type=float, default=1.5, help="seconds per throughput block")
+    p.add_argument("--inflight", type=int, default=64)
+    p.add_argument("--agents", type=int, default=500)
+    args = p.parse_args()
+    res, loop_name = run(lambda: bench(args), args.uvloop)
+    res["env"] = environment(loop_name)
+    pl, se = res["plain"], res["secure"]
+    lines = [
+        "ask_secure  (auth + TLS vs plain, same run, interleaved rounds)",
+        f"  plain : p50 {pl['seq_p50_us']:.0f} us  p99 {pl['seq_p99_us']:.0f} us  "
+        f"throughput {pl['tput_ops_s']:.0f} ops/s",
+        f"  secure: p50 {se['seq_p50_us']:.0f} us  p99 {se['seq_p99_us']:.0f} us  "
+        f"throughput {se['tput_ops_s']:.0f} ops/s",
+        f"  throughput ratio {res['throughput_ratio']:.2f} (target >= 0.9), "
+        f"p50 ratio {res['p50_ratio']:.2f}",
+    ]
+    emit(res, args.json, lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,119 @@
+"""A cluster's own PKI for `accord up --tls` and `accord server config --tls`: a CA, and server
+certificates it signs for the given host names and addresses (the `cryptography` package).
+
+Keys are written 0600 next to the CA in the state directory; clients verify the server against
+`ca.pem` (see `_auth.Credentials`).
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from ._auth import write_private
+
+VALID_DAYS = 825  # the longest validity clients accept for a server certificate
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """The PEM files a server (and, with `ca`, its clients) needs."""
+
+    ca: Path
+    cert: Path
+    key: Path
+
+
+def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+def _name(cn: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+
+def ensure_ca(directory: Path, cluster: str = "accord") -> tuple[Path, Path]:
+    """The CA certificate and key in `directory`, created once (reused when present)."""
+    cert_path, key_path = directory / "ca.pem", directory / "ca-key.pem"
+    if cert_path.exists() and key_path.exists():
+        return cert_path, key_path
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(_name(f"{cluster} accord CA"))
+        .issuer_name(_name(f"{cluster} accord CA"))
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=3650))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                key_cert_sign=True,
+                crl_sign=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .sign(key, hashes.SHA256())
+    )
+    write_private(key_path, _key_pem(key))
+    write_private(cert_path, cert.public_bytes(serialization.Encoding.PEM))
+    cert_path.chmod(0o644)  # the CA certificate is public: clients on other machines need it
+    return cert_path, key_path
+
+
+def issue_cert(directory: Path, name: str, hosts: list[str], *, client: bool = False) -> TlsFiles:
+    """A certificate `<name>.pem` (+ `<name>-key.pem`) signed by the CA of `directory` for
+    `hosts` (DNS names or IP addresses); server and, with `client`, client authentication."""
+    ca_cert_path, ca_key_path = ensure_ca(directory)
+    ca_cert = x509.load_pem_x509_certificate(ca_cert_path.read_bytes())
+    ca_key = serialization.load_pem_private_key(ca_key_path.read_bytes(), None)
+    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
+    sans: list[x509.GeneralName] = []
+    for h in hosts:
+        try:
+            sans.append(x509.IPAddress(ipaddress.ip_address(h)))
+        except ValueError:
+            sans.append(x509.DNSName(h))
+    usages = [x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]
+    if client:
+        usages.append(x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH)
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(_name(hosts[0] if hosts else name))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=VALID_DAYS))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
+    )
+    if sans:
+        builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+    cert = builder.sign(ca_key, hashes.SHA256())
+    cert_path, key_path = directory / f"{name}.pem", directory / f"{name}-key.pem"
+    write_private(key_path, _key_pem(key))
+    write_private(cert_path, cert.public_bytes(serialization.Encoding.PEM))
+    return TlsFiles(ca_cert_path, cert_path, key_path)

@@ -1,0 +1,120 @@
+"""What accord writes for security, without a server: role permissions, 0600 secrets, where
+credentials are found, the embedded server's refusal to listen openly without authentication,
+and the multi-machine configurations."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from accord import ConfigurationError
+from accord.engine._auth import Credentials, UserRegistry, inbox_prefix, permissions, public_key
+from accord.engine._resolve import resolve_credentials
+from accord.engine._server import EmbeddedServer
+from accord.engine._serverconf import ServerSecurity, machine_configs
+from accord.engine._tls import issue_cert
+
+
+def test_client_may_ask_and_read_status_but_never_write_leases_state_or_subscribe_shards() -> None:
+    perms = permissions("client", "C", "UABCDEFGHIJKLMNOPQRSTUVWXYZ")
+    pub, sub = perms["publish"]["allow"], perms["subscribe"]["allow"]
+    assert "accord.C.shard.*" in pub and "accord.C.admin.status" in pub
+    assert not [s for s in pub if s.startswith("$KV.")]  # no bucket write at all
+    assert not [s for s in pub if "KV_accord_C_state" in s]  # nor a read of the state
+    assert not [s for s in pub if "accord_C_mailbox" in s]  # nor a mailbox consumer
+    assert sub == [f"{inbox_prefix('UABCDEFGHIJKLMNOPQRSTUVWXYZ')}.>"]  # its own replies only
+
+
+def test_observer_may_not_publish_to_any_agent() -> None:
+    pub = permissions("observer", "C", "UKEY")["publish"]["allow"]
+    assert not [s for s in pub if s.startswith(("accord.C.shard", "accord.C.standby",
+                                                "accord.C.mbox"))]  # fmt: skip
+
+
+def test_issued_credentials_are_private_and_only_public_keys_are_listed(tmp_path: Path) -> None:
+    reg = UserRegistry(tmp_path / "auth")
+    path = reg.issue("app", "client", "default")
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert (tmp_path / "auth" / "users.json").stat().st_mode & 0o777 == 0o600
+    [user] = reg.load()
+    assert user.public == public_key(path.read_bytes()) and user.public.startswith("U")
+    assert path.read_bytes().strip() not in (tmp_path / "auth" / "users.json").read_bytes()
+    with pytest.raises(ConfigurationError, match="exists"):
+        reg.issue("app", "client", "default")
+    reg.revoke("app")
+    assert reg.load() == [] and not path.exists()
+
+
+def test_local_credentials_apply_only_to_the_local_cluster(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("ACCORD_HOME", str(tmp_path))
+    for var in ("ACCORD_CREDS", "ACCORD_TLS_CA", "ACCORD_TLS_CERT", "ACCORD_TLS_KEY"):
+        monkeypatch.delenv(var, raising=False)
+    UserRegistry(tmp_path / "auth").issue("local", "node", "*", out=tmp_path / "auth/local.creds")
+    (tmp_path / "url").write_text("nats://127.0.0.1:4999")
+    assert resolve_credentials(None).creds == tmp_path / "auth/local.creds"
+    assert resolve_credentials("nats://127.0.0.1:4999").creds == tmp_path / "auth/local.creds"
+    assert resolve_credentials("nats://elsewhere:4222").creds is None
+    monkeypatch.setenv("ACCORD_CREDS", str(tmp_path / "missing"))
+    with pytest.raises(ConfigurationError, match="not found"):
+        resolve_credentials("nats://elsewhere:4222")
+
+
+def test_a_seed_file_gives_nkey_options_and_a_private_inbox(tmp_path: Path) -> None:
+    path = UserRegistry(tmp_path).issue("x", "client", "default")
+    opts = Credentials(path).connect_options()
+    assert opts["nkeys_seed_str"].startswith("SU")
+    assert opts["inbox_prefix"] == inbox_prefix(public_key(path.read_bytes()))
+
+
+def test_the_embedded_server_refuses_a_public_address_without_authentication() -> None:
+    with pytest.raises(ConfigurationError, match="without authentication"):
+        EmbeddedServer(host="0.0.0.0")
+    EmbeddedServer(host="127.0.0.1")  # loopback stays allowed (nothing is started here)
+
+
+def test_machine_configs_route_every_host_with_tls_fsync_and_users(tmp_path: Path) -> None:
+    reg = UserRegistry(tmp_path / "auth")
+    reg.issue("n", "node", "default")
+    hosts = ["10.0.0.1", "10.0.0.2", "10.0.0.3"]
+    tls = {h: issue_cert(tmp_path / "pki", h, hosts, client=True) for h in hosts}
+    confs = machine_configs(hosts, users=reg.load(), tls=tls)
+    for h, conf in confs.items():
+        routes = conf["cluster"]["routes"]
+        assert len(routes) == 2 and not any(h in r for r in routes)
+        assert conf["jetstream"]["sync_interval"] == "always"
+        assert conf["tls"]["ca_file"] and conf["cluster"]["tls"]["verify"] is True
+        assert conf["authorization"]["users"][0]["nkey"].startswith("U")
+        assert conf["max_payload"] == 1024 * 1024
+        json.dumps(conf)  # what nats-server reads
+
+
+def test_sync_always_is_written_for_the_embedded_server(tmp_path: Path) -> None:
+    conf = ServerSecurity(sync="always").render()
+    assert conf["jetstream"] == {"sync_interval": "always"}
+    assert "authorization" not in conf
+
+
+def test_a_missing_credentials_file_is_one_error_line_and_exit_2(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from accord._cli import app
+
+    done = CliRunner().invoke(app, ["--creds", str(tmp_path / "nope"), "status"])
+    assert done.exit_code == 2
+    assert "no such file" in done.output and "Traceback" not in done.output
+
+
+def test_creds_create_refuses_an_unknown_role(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from typer.testing import CliRunner
+
+    from accord._cli import app
+
+    monkeypatch.setenv("ACCORD_HOME", str(tmp_path))
+    done = CliRunner().invoke(app, ["creds", "create", "x", "--role", "admin"])
+    assert done.exit_code == 2 and "role" in done.output
