@@ -116,8 +116,9 @@ class PartitionReader(Protocol):
         """Up to `limit` events, waiting up to `block` seconds for the first. Raises
         `BusUnavailable` when the store does not answer."""
 
-    async def ack(self, f: Fetched) -> None:
-        """Done: the group never gets it again (an ack lost on the way means one duplicate)."""
+    async def ack(self, fs: list[Fetched]) -> None:
+        """Done with these: the group never gets them again (an ack lost on the way means a
+        duplicate). Raises `BusUnavailable` when the store did not confirm it."""
 
     async def touch(self, fs: list[Fetched]) -> None:
         """Still working on these: no other consumer may take them over yet."""

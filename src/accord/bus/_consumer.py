@@ -202,6 +202,12 @@ class _Partition:
         self.inflight: dict[int, Fetched] = {}
         self.tasks: set[asyncio.Task[None]] = set()
         self.room = asyncio.Event()
+        # handled, to acknowledge: one ack loop sends them in batches, so a key's next event
+        # does not wait for the store to confirm (fsync) the previous one's ack
+        self.acks: list[Fetched] = []
+        self.acks_wake = asyncio.Event()
+        self.acks_idle = asyncio.Event()
+        self.acks_idle.set()
         self.stopping = False
         self.fetching = True
         self._loops: list[asyncio.Task[None]] = []
@@ -220,7 +226,8 @@ class _Partition:
         return True
 
     def start(self) -> None:
-        self._loops = [asyncio.create_task(self._fetch()), asyncio.create_task(self._touch())]
+        self._loops = [asyncio.create_task(self._fetch()), asyncio.create_task(self._touch()),
+                       asyncio.create_task(self._acker())]  # fmt: skip
 
     async def _fetch(self) -> None:
         backoff = Backoff(0.1, 2.0)
@@ -259,9 +266,34 @@ class _Partition:
     async def _touch(self) -> None:
         while True:
             await asyncio.sleep(self.owner.ttl / 3)
-            if self.inflight:
+            pending = [*self.inflight.values(), *self.acks]
+            if pending:
                 with contextlib.suppress(AccordError):
-                    await self.reader.touch(list(self.inflight.values()))
+                    await self.reader.touch(pending)
+
+    async def _acker(self) -> None:
+        """Acknowledge handled events in batches while the lease is valid (retried with
+        backoff); what is not acknowledged when the partition stops stays pending (the next
+        holder handles it again: a duplicate, never a loss)."""
+        backoff = Backoff(0.05, 1.0)
+        while True:
+            if not self.acks:
+                self.acks_idle.set()
+                self.acks_wake.clear()
+                await self.acks_wake.wait()
+                continue
+            if not await self.wait_valid():
+                return
+            batch = self.acks[:1024]
+            try:
+                await self.reader.ack(batch)
+            except AccordError as exc:
+                log.debug("bus partition %d: ack failed: %s", self.p, exc)
+                await asyncio.sleep(backoff.next())
+                continue
+            backoff.reset()
+            del self.acks[: len(batch)]
+            self.owner.handled += len(batch)
 
     async def _drain(self, key: str) -> None:
         q = self.queues[key]
@@ -284,7 +316,7 @@ class _Partition:
         owner, ev = self.owner, f.event
         s = owner.settings
         if ev.only and ev.only != owner.group:  # a replay for another group
-            await self._ack(f)
+            self._ack(f)
             return True
         attempt = max(1, f.attempt)
         backoff = Backoff(s.retry_start, s.retry_cap)
@@ -309,8 +341,7 @@ class _Partition:
                 attempt += 1
         if not await self.wait_valid():
             return False
-        await self._ack(f)
-        owner.handled += 1
+        self._ack(f)
         return True
 
     async def _dead_letter(self, f: Fetched, attempts: int, error: str) -> bool:
@@ -331,20 +362,19 @@ class _Partition:
                 await asyncio.sleep(backoff.next())
         return False
 
-    async def _ack(self, f: Fetched) -> None:
-        backoff = Backoff(0.05, 1.0)
-        while await self.wait_valid():
-            try:
-                await self.reader.ack(f)
-                return
-            except AccordError:
-                await asyncio.sleep(backoff.next())
+    def _ack(self, f: Fetched) -> None:
+        self.acks.append(f)
+        self.acks_idle.clear()
+        self.acks_wake.set()
 
     async def finish(self) -> None:
         """Graceful handoff: no new fetches, handlings under way complete and are acknowledged."""
         self.stopping_fetch()
+        deadline = self._loop.time() + self.owner.ttl
         if self.tasks:
             await asyncio.wait(set(self.tasks), timeout=self.owner.ttl)
+        with contextlib.suppress(TimeoutError):  # their acks, before the lease is given back
+            await asyncio.wait_for(self.acks_idle.wait(), max(0.1, deadline - self._loop.time()))
         await self.abort()
 
     def stopping_fetch(self) -> None:

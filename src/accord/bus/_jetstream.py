@@ -324,8 +324,9 @@ class JetStreamReader:
             self._space.set()
         return out
 
-    async def ack(self, f: Fetched) -> None:
-        await f.token.ack()
+    async def ack(self, fs: list[Fetched]) -> None:
+        for f in fs:  # fire-and-forget publishes, flushed together by the client
+            await f.token.ack()
 
     async def touch(self, fs: list[Fetched]) -> None:
         for f in fs:

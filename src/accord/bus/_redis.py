@@ -11,7 +11,6 @@ one after its last delivered), so trimming never drops an entry a group has not 
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import time
 from collections.abc import Iterator
@@ -31,6 +30,7 @@ from ._api import (
     PublishAck,
     PublishUnconfirmed,
 )
+from ._redis_batch import Pipeliner, ReadMux
 
 PRE = "accord:bus"
 DLQ = f"{PRE}:dlq"
@@ -101,6 +101,15 @@ class RedisBackend:
         self._acquire = client.register_script(_ACQUIRE)
         self._renew = client.register_script(_RENEW)
         self._release = client.register_script(_RELEASE)
+        self.pipe = Pipeliner(client)  # publishes, acks and touches of one tick: one round trip
+        self._muxes: dict[tuple[str, str], ReadMux] = {}
+
+    def mux(self, group: str, consumer: str) -> ReadMux:
+        """The shared new-entry read of one consumer's partitions."""
+        m = self._muxes.get((group, consumer))
+        if m is None:
+            m = self._muxes[(group, consumer)] = ReadMux(self.r, group, consumer)
+        return m
 
     @classmethod
     async def connect(cls, url: str) -> RedisBackend:
@@ -134,12 +143,12 @@ class RedisBackend:
             return int(await self.r.hget(TOPICS, topic) or default)
 
     async def append(self, topic: str, partition: int, event: Event) -> PublishAck:
-        fields: dict[Any, Any] = {"id": event.id, "key": event.key, "type": event.type,
-            "body": event.body, "at": f"{event.published_at:.6f}"}  # fmt: skip
+        fields: list[Any] = ["id", event.id, "key", event.key, "type", event.type,
+                             "body", event.body, "at", f"{event.published_at:.6f}"]  # fmt: skip
         if event.only:
-            fields["only"] = event.only
+            fields += ["only", event.only]
         try:
-            await self.r.xadd(stream_key(topic, partition), fields)
+            await self.pipe.run("XADD", stream_key(topic, partition), "*", *fields)
             fsync, durable = self.fsync, self.fsync == "always"
             if self.waitaof and not durable:
                 local, _ = await self.r.waitaof(1, 0, 1000)
@@ -276,8 +285,6 @@ class RedisReader:
         self.consumer = consumer
         self._cursor: str | None = "0-0"  # None once every pending entry was claimed
         self._out: set[str] = set()  # handed out, not acknowledged
-        self._batch: tuple[list[Any], asyncio.Future[None]] | None = None
-        self._flushes: set[asyncio.Task[None]] = set()
         self._trimmed_at = 0.0
 
     async def fetch(self, limit: int, block: float) -> list[Fetched]:
@@ -303,13 +310,8 @@ class RedisReader:
                 got = await self._reclaim(limit)
                 if got:
                     return got
-            reply: Any = await self.r.xreadgroup(
-                self.group, self.consumer, {self.key: ">"}, count=limit, block=int(block * 1000)
-            )
-        out: list[Fetched] = []
-        for _stream, entries in reply or []:
-            out.extend(_fetched(eid, raw, 1) for eid, raw in entries)
-        return out
+            entries = await self.b.mux(self.group, self.consumer).read(self.key, limit, block)
+        return [_fetched(eid, raw, 1) for eid, raw in entries]
 
     async def _claim(self, limit: int) -> list[Fetched]:
         """Take over the group's pending entries (min_idle 0: we hold the lease). Ids that no
@@ -352,35 +354,19 @@ class RedisReader:
         if floor is not None and floor != "0-1":
             await self.r.xtrim(self.key, minid=floor, approximate=False)
 
-    async def ack(self, f: Fetched) -> None:
-        # The acks of one loop iteration go in one XACK: with `appendfsync always` every write
-        # command costs an fsync, and one per event capped a consumer at a few hundred a second.
-        if self._batch is None:
-            self._batch = ([], asyncio.get_running_loop().create_future())
-            task = asyncio.create_task(self._flush())
-            self._flushes.add(task)
-            task.add_done_callback(self._flushes.discard)
-        ids, done = self._batch
-        ids.append(f.token)
-        await asyncio.shield(done)
-        self._out.discard(_s(f.token))
-
-    async def _flush(self) -> None:
-        await asyncio.sleep(0)
-        assert self._batch is not None
-        ids, done = self._batch
-        self._batch = None
-        try:
-            with _mapped(f"ack on {self.key}"):
-                await self.r.xack(self.key, self.group, *ids)
-            done.set_result(None)
-        except BusUnavailable as exc:
-            done.set_exception(exc)
+    async def ack(self, fs: list[Fetched]) -> None:
+        # One XACK for a batch (the consumer's ack loop collects them): with `appendfsync
+        # always` every write command costs an fsync.
+        ids = [f.token for f in fs]
+        with _mapped(f"ack on {self.key}"):
+            await self.b.pipe.run("XACK", self.key, self.group, *ids)
+        for f in fs:
+            self._out.discard(_s(f.token))
 
     async def touch(self, fs: list[Fetched]) -> None:
         with _mapped(f"touch on {self.key}"):  # resets their idle time, not their count
-            await self.r.xclaim(self.key, self.group, self.consumer, 0, [f.token for f in fs],
-                                justid=True)  # fmt: skip
+            await self.b.pipe.run("XCLAIM", self.key, self.group, self.consumer, 0,
+                                  *(f.token for f in fs), "JUSTID", parse_justid=True)  # fmt: skip
 
     async def close(self) -> None:
         return None
