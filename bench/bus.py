@@ -4,7 +4,7 @@ Throughput: 1 producer (32 publishes in flight) and 2 consumers of one group, 10
 publish + handle + ack of N events; the bus vs a raw redis-py XADD / XREADGROUP / XACK loop, and
 vs raw nats-py JetStream publish / pull / ack. Latency: publish -> handler at a paced 1,000
 events/s (p50/p99). Everything runs in this one process, servers started here (redis-server with
-`appendfsync always`; nats-server with its defaults).
+`appendfsync always`, or `--appendfsync everysec`; nats-server with its defaults).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from accord.testing.redis import RedisServer
 BODY = "x" * 80  # with the field name and JSON framing: ~100 bytes per event
 INFLIGHT = 32
 PARTITIONS = [8]  # --partitions
+APPENDFSYNC = ["always"]  # --appendfsync
 
 
 class Ev(msgspec.Struct):
@@ -157,7 +158,7 @@ async def bus_latency(url: str, rate: int, seconds: float) -> tuple[float, float
 
 
 async def main(n: int) -> tuple[dict[str, Any], list[str]]:
-    redis = RedisServer()
+    redis = RedisServer(appendfsync=APPENDFSYNC[0])
     nats_server = accord.EmbeddedServer()
     rurl, nurl = redis.start(), nats_server.start()
     try:
@@ -173,7 +174,7 @@ async def main(n: int) -> tuple[dict[str, Any], list[str]]:
         redis.cleanup()
         nats_server.stop()
     lines = [f"{n} events of ~100 bytes, 1 producer ({INFLIGHT} in flight), 2 consumers, "
-             f"{PARTITIONS[0]} partitions"]  # fmt: skip
+             f"{PARTITIONS[0]} partitions, redis appendfsync {APPENDFSYNC[0]}"]  # fmt: skip
     for kind, r in out.items():
         lines.append(
             f"{kind:9s} bus {r['bus_per_s']:7.0f}/s  raw {r['raw_per_s']:7.0f}/s  "
@@ -187,8 +188,10 @@ if __name__ == "__main__":
     p = parser(__doc__ or "")
     p.add_argument("--events", type=int, default=5000)
     p.add_argument("--partitions", type=int, default=8)
+    p.add_argument("--appendfsync", choices=["always", "everysec", "no"], default="always")
     args = p.parse_args()
     PARTITIONS[0] = args.partitions
+    APPENDFSYNC[0] = args.appendfsync
     (result, lines), loop_name = run(lambda: main(args.events), args.uvloop)
     result["environment"] = environment(loop_name)
     emit(result, args.json, lines)
