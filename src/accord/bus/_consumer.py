@@ -319,7 +319,7 @@ class _Partition:
             self._ack(f)
             return True
         attempt = max(1, f.attempt)
-        backoff = Backoff(s.retry_start, s.retry_cap)
+        backoff: Backoff | None = None  # made on the first failure (it seeds an rng)
         while True:
             if not await self.wait_valid():
                 return False
@@ -337,6 +337,7 @@ class _Partition:
                         return False
                     break
                 log.debug("bus %s: %s attempt %d failed: %s", owner.topic, ev.id, attempt, error)
+                backoff = backoff or Backoff(s.retry_start, s.retry_cap)
                 await asyncio.sleep(backoff.delay_for(attempt))
                 attempt += 1
         if not await self.wait_valid():
