@@ -168,11 +168,21 @@ class GroupConsumer:
                     part = _Partition(self, p, token, sent + self.ttl - self.margin, reader)
                     self.held[p] = part
                     part.start()
-        for p, part in list(self.held.items()):
-            if desired.get(p) != self.name:  # its desired owner is alive: hand it over
-                del self.held[p]
-                await part.finish()
-                await self.backend.release(self.lease_name(p), self.name, part.token)
+        leaving = [(p, part) for p, part in self.held.items() if desired.get(p) != self.name]
+        for p, _part in leaving:  # its desired owner is alive: hand it over
+            del self.held[p]
+        # all at once: one after the other, the hand-overs (each waits for its handlings and its
+        # read) would delay this round's end, and so the next renewal of the partitions we keep
+        # until their reads pause for the lease margin
+        results = await asyncio.gather(*(self._hand_over(p, part) for p, part in leaving),
+                                       return_exceptions=True)  # fmt: skip
+        for r in results:
+            if isinstance(r, BaseException):
+                raise r
+
+    async def _hand_over(self, p: int, part: _Partition) -> None:
+        await part.finish()
+        await self.backend.release(self.lease_name(p), self.name, part.token)
 
     async def stop(self) -> None:
         """Finish the handlings under way (acknowledged), give the partitions back; events
