@@ -53,9 +53,12 @@ async def _urls(mesh: accord.Mesh, names: tuple[str, ...] = NODES) -> dict[str, 
     """Each node's metrics URL, read from its membership record."""
     assert mesh._buckets is not None
     out = {}
+    members = mesh._buckets.members
     for name in names:
-        entry = await mesh._buckets.members.get(f"node.{name}")
-        assert entry is not None, f"{name} has no membership record"
+        # The record has a TTL: a heartbeat that ran late on a loaded machine lets it lapse
+        # until the next one rewrites it.
+        entry = await eventually(lambda n=name: members.get(f"node.{n}"), 20,
+                                 f"{name}'s membership record")  # fmt: skip
         url = msgspec.json.decode(entry.value)["metrics_url"]
         assert url.startswith("http://127.0.0.1:") and url.endswith("/metrics"), url
         out[name] = url
