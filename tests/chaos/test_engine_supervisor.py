@@ -106,7 +106,10 @@ def test_the_supervisor_restarts_a_killed_server_on_its_port_and_reaps_it(tmp_pa
                 assert time.monotonic() < deadline
                 time.sleep(0.005)
             assert sup.pid not in (None, old) and sup.url == url
-        doc = json.loads(state.read_text())
+        deadline = time.monotonic() + 5
+        while (doc := json.loads(state.read_text()))["restarts"] < 2:  # written after the count
+            assert time.monotonic() < deadline, f"state file still says {doc}"
+            time.sleep(0.005)
         assert doc["restarts"] == 2 and doc["pid"] == sup.pid and doc["port"] == port
         assert doc["last_exit"] == "killed by SIGKILL"
         print(f"supervisor alone: back after {[f'{t * 1000:.0f} ms' for t in times]}")

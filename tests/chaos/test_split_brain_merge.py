@@ -51,10 +51,10 @@ async def _until_ok(mesh: accord.Mesh, agent: str, msg: Any, what: str) -> int:
     return await eventually(attempt, 60, what, interval=0.2)
 
 
-async def _merge_events(urls: list[str]) -> list[dict[str, Any]] | None:
+async def _merge_events(urls: list[str], options: dict[str, Any]) -> list[dict[str, Any]] | None:
     """Every merge event, oldest first; None while JetStream does not answer (after a heal the
-    servers elect stream leaders again)."""
-    nc = await nats.connect(urls)
+    servers elect stream leaders again). `options`: the lab's credentials and TLS."""
+    nc = await nats.connect(urls, **options)
     try:
         js, out, seq = nc.jetstream(), [], 0
         while True:
@@ -105,7 +105,7 @@ async def test_split_brain_writes_merge_on_heal_and_each_merge_is_an_event(lab: 
         lab.heal()
 
         async def merged() -> dict[str, dict[str, Any]] | None:
-            found = await _merge_events(nats_cluster.urls)
+            found = await _merge_events(nats_cluster.urls, nats_cluster.client_options)
             by_agent = {e["agent"]: e for e in found or []}
             return by_agent if {theirs, ours, counter} <= set(by_agent) else None
 

@@ -139,7 +139,10 @@ async def test_cancel_compensates_completed_steps_in_reverse(cluster: Cluster) -
             await h.result(timeout=10)
         assert failed.value.state == "cancelled" and not failed.value.compensated
         mine = [e["step"] for e in _steps(log) if e["run"] == "booking/to-cancel"]
-        assert mine == ["reserve", "charge", "refund", "release"]  # ship never ran
+        # A step is at-least-once: one that was running when its shard moved (the module's
+        # nodes still balancing) runs again on the new owner, right after itself.
+        once = [step for i, step in enumerate(mine) if i == 0 or mine[i - 1] != step]
+        assert once == ["reserve", "charge", "refund", "release"], mine  # ship never ran
         journal = await h.journal()
         undone = [(e.n, e.ok) for e in journal.entries if type(e).__name__ == "WfCompensation"]
         assert undone == [(2, True), (1, True)]  # journaled, newest first
