@@ -98,6 +98,20 @@ class NodeProcess:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
+    def describe(self, lines: int = 30) -> str:
+        """One line on the process (pid, running or its exit code), then its log's last lines."""
+        if self.proc is None:
+            return f"{self.name}: not started"
+        code = self.proc.poll()
+        head = f"{self.name}: pid {self.proc.pid}, " + ("running" if code is None else f"exit {code}")
+        if self.log_dir is None:
+            return head
+        try:
+            tail = (self.log_dir / f"{self.name}.log").read_text(errors="replace").splitlines()
+        except OSError as exc:
+            return f"{head} (no log: {exc})"
+        return "\n".join([head, *("  " + line for line in tail[-lines:])])
+
 
 class Cluster:
     """An embedded nats-server plus `accord node` processes; use as a context manager."""
@@ -174,6 +188,10 @@ class Cluster:
         self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.stop()
+
+    def describe(self) -> str:
+        """Every node's process state and log tail (a failing test's report shows it)."""
+        return "\n".join(node.describe() for node in self.nodes.values())
 
     def connect(self) -> Any:
         return connect(self.url, cluster=self.cluster, creds=self.creds, tls_ca=self.tls_ca)
