@@ -43,6 +43,8 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9_\-]{1,32}$")
 DEFAULT_SHARDS = 64
 DEFAULT_LEASE_TTL = 2
 OPEN_RETRY_FOR = 30.0  # seconds `open_cluster` retries a JetStream that does not answer yet
+PROBE_KEY = "probe"  # meta bucket key held by the one opener probing the storage (_probe_alone)
+PROBE_STALE = 20.0  # seconds after which a probe key's holder is taken for dead
 
 #: What an engine call may raise besides `WrongRevision` (which callers handle as a result): a
 #: loop that just tries again later catches these.
@@ -206,12 +208,7 @@ async def _open(
     entry = await meta.get("config", leader=True)
     if entry is None:
         if probe:
-            # One server's room stands for every server's (probed at R1: cheap on a cluster).
-            try:
-                budget = int(await js.reservable_bytes(timeout=5.0) * DATA_SHARE)
-            except (AccordError, Refused) as exc:  # the probe is not worth failing a start
-                log.warning("no data byte limits for cluster %s: %s", names.cluster, exc)
-                budget = 0
+            budget = await _probe_alone(js, meta, names)
             wanted = msgspec.structs.replace(
                 wanted, data_bytes=budget if budget >= MIN_DATA_BYTES else 0
             )
@@ -251,6 +248,41 @@ async def _open(
         )
     )
     return config, buckets
+
+
+async def _probe_alone(js: JetStream, meta: KV, names: Names) -> int:
+    """`DATA_SHARE` of what JetStream can reserve, probed by one opener at a time.
+
+    The probe holds a stream reserving nearly all of the server's room for a moment, and any
+    stream or bucket created meanwhile is refused (10047): nodes starting together would fail
+    each other's creations. The opener that takes the meta bucket's `probe` key probes; the
+    others raise `NotConnected`, and `open_cluster` retries until the winner's configuration is
+    stored. A key older than `PROBE_STALE` seconds (its holder died) is taken over.
+    """
+    try:
+        revision = await meta.create(PROBE_KEY, msgspec.json.encode(time.time()))
+    except WrongRevision:
+        held = await meta.get(PROBE_KEY, leader=True)
+        if held is not None and time.time() - _float(held.value) > PROBE_STALE:
+            with contextlib.suppress(WrongRevision, NotFound):
+                await meta.delete(PROBE_KEY, last=held.revision)
+        raise NotConnected(f"cluster {names.cluster!r} is being created by another node") from None
+    try:
+        # One server's room stands for every server's (probed at R1: cheap on a cluster).
+        return int(await js.reservable_bytes(timeout=5.0) * DATA_SHARE)
+    except (AccordError, Refused) as exc:  # the probe is not worth failing a start
+        log.warning("no data byte limits for cluster %s: %s", names.cluster, exc)
+        return 0
+    finally:
+        with contextlib.suppress(AccordError, WrongRevision, NotFound):
+            await meta.delete(PROBE_KEY, last=revision)
+
+
+def _float(data: bytes) -> float:
+    try:
+        return float(msgspec.json.decode(data))
+    except (msgspec.DecodeError, TypeError, ValueError):
+        return 0.0
 
 
 def volatile_spec(name: str, replicas: int) -> BucketSpec:

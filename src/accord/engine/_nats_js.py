@@ -12,7 +12,7 @@ import asyncio
 import base64
 import contextlib
 import os
-import time
+import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -394,7 +394,7 @@ class NatsJetStream:
         # stream, created and deleted at once, from 1 TiB down, then bisect the last step.
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        name = f"accordprobe_{os.getpid()}_{int(time.time() * 1000) % 1_000_000}"
+        name = f"accordprobe_{os.getpid()}_{uuid.uuid4().hex[:12]}"  # unique per call
 
         async def fits(size: int) -> bool:
             cfg = StreamConfig(name=name, subjects=[f"{name}.none"], max_bytes=size,

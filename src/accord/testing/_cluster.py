@@ -103,7 +103,8 @@ class NodeProcess:
         if self.proc is None:
             return f"{self.name}: not started"
         code = self.proc.poll()
-        head = f"{self.name}: pid {self.proc.pid}, " + ("running" if code is None else f"exit {code}")
+        state = "running" if code is None else f"exit {code}"
+        head = f"{self.name}: pid {self.proc.pid}, {state}"
         if self.log_dir is None:
             return head
         try:
