@@ -105,8 +105,15 @@ async def test_start_is_idempotent(cluster: Cluster) -> None:
         assert again.id == first.id == "chain/same"
         assert await again.result(timeout=60) == 2 * 7 + 1 + 10
         assert await (await mesh.workflow("chain/same")).result(timeout=5) == 25
-        once = [e["step"] for e in _steps(log) if e["run"] == "chain/same"]
-        assert once == ["double", "plus_one"]
+        # One run: its journal holds each step once (a second run of Job(100) would have
+        # returned 211). A step's code may run again when its record did not land (the run
+        # moved under load: at-least-once), so the log is checked for kinds, not counts.
+        journal = await first.journal()
+        done = [e for e in journal.entries if isinstance(e, accord_step())]
+        assert [e.n for e in done] == [1, 2, 3, 4], journal.entries
+        assert [e.name for e in done if e.kind == "step"] == ["double", "plus_one"], done
+        ran = [e["step"] for e in _steps(log) if e["run"] == "chain/same"]
+        assert set(ran) == {"double", "plus_one"} and ran[-1] == "plus_one", ran
         with pytest.raises(accord.WorkflowNotFound):
             await mesh.workflow("chain/never-started")
 

@@ -71,6 +71,8 @@ class NatsTransport(NatsJetStream):
         #: ("publish"|"subscription", lowercased subject) -> when the server refused it: a refused
         #: publish is dropped silently, so a request on it times out; this says why.
         self.denied: dict[tuple[str, str], float] = {}
+        #: token -> subject of each request waiting for its reply (`_refuse`)
+        self._asked: dict[str, str] = {}
 
     @classmethod
     async def connect(
@@ -87,6 +89,7 @@ class NatsTransport(NatsJetStream):
         fatal: asyncio.Future[Exception] = asyncio.get_running_loop().create_future()
 
         held: list[NatsClient] = []
+        held_transport: list[NatsTransport] = []
 
         async def on_disconnect() -> None:  # expected in operation: one line, no traceback
             if held and not (held[0].is_closed or held[0].is_draining):  # not our own close
@@ -108,8 +111,11 @@ class NatsTransport(NatsJetStream):
                 # nats-py lowercases the server's error text, subject included
                 if len(denied) >= 1024:  # refused on ever new subjects: bounded, start over
                     denied.clear()
-                denied[(found.group(1).lower(), found.group(2).lower())] = time.monotonic()
+                kind, subject = found.group(1).lower(), found.group(2).lower()
+                denied[(kind, subject)] = time.monotonic()
                 log.warning("server refused: %s", exc)
+                if held_transport and kind == "publish":
+                    held_transport[0]._refuse(subject)
             else:
                 log.debug("nats connection error: %s", exc)
 
@@ -157,7 +163,16 @@ class NatsTransport(NatsJetStream):
         held.append(nc)
         transport = cls(nc, name)
         transport.denied = denied
+        held_transport.append(transport)
         return transport
+
+    def _refuse(self, subject: str) -> None:
+        """The server refused a publish on `subject`: the requests waiting for a reply on it
+        end now with `PermissionDenied` (the server dropped them: no reply will come)."""
+        for token, asked in list(self._asked.items()):
+            fut = self._waiting.get(token)
+            if asked.lower() == subject and fut is not None and not fut.done():
+                fut.set_exception(PermissionDenied(f"publish to {subject} refused by the server"))
 
     def refused(self, kind: str, subject: str) -> bool:
         """Whether the server refused this connection `kind` ("publish"/"subscription") on
@@ -184,6 +199,7 @@ class NatsTransport(NatsJetStream):
         token = str(next(self._tokens))
         fut: asyncio.Future[Msg] = asyncio.get_running_loop().create_future()
         self._waiting[token] = fut
+        self._asked[token] = subject  # a refusal of this subject ends the request (_refuse)
         try:
             await self.nc.publish(subject, data, reply=self._inbox + token, headers=headers)
             timer = fut.get_loop().call_later(timeout, _expire, fut)
@@ -201,6 +217,7 @@ class NatsTransport(NatsJetStream):
             raise
         finally:
             self._waiting.pop(token, None)
+            self._asked.pop(token, None)
         hdr = msg.headers
         if hdr and hdr.get("Status") == "503" and not msg.data:
             raise NoResponders(subject)
@@ -279,8 +296,14 @@ class NatsTransport(NatsJetStream):
             return NatsSubscription(await subscribe_direct(self.nc, subject, fn))
 
     async def flush(self, timeout: float) -> None:
+        """Return once the server has processed everything sent before this call.
+
+        nats-py writes its PING straight to the socket, ahead of commands still queued for its
+        flusher (a SUB, a PUB): the first PONG can come back before the server saw them. The
+        first flush pushes the queue out; the second PING follows it on the wire."""
         try:
-            await self.nc.flush(timeout=max(1, round(timeout)))
+            for _ in range(2):
+                await self.nc.flush(timeout=max(1, round(timeout)))
         except (nats.errors.Error, TimeoutError) as exc:
             raise NotConnected(f"flush failed: {exc}") from None
 
