@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import nats.errors
 import nats.js.errors
@@ -240,3 +241,23 @@ def test_map_errors_times_out_as_the_method_documents() -> None:
     """A method whose contract says `RequestTimeout` gets it for a timeout, not `NotConnected`."""
     with pytest.raises(RequestTimeout), map_errors("op", timeout_is=RequestTimeout):
         raise nats.errors.TimeoutError
+
+
+@pytest.mark.parametrize("engine_kind", ["nats", "memory"])
+async def test_a_bounced_request_is_no_responders(engine: NatsTransport, engine_kind: str) -> None:
+    """A responder that knows a request never ran bounces it: the requester sees exactly what
+    "nobody subscribed" gives (`NoResponders`, so its sender retries), on both engines."""
+    from accord.engine.memory import MemoryEngine
+
+    eng: Any = engine if engine_kind == "nats" else MemoryEngine()
+    subject = _name("bounce")
+
+    async def bounce(msg: Any) -> None:
+        await eng.bounce(msg.reply)
+
+    sub = await eng.subscribe(subject, bounce)
+    try:
+        with pytest.raises(NoResponders):
+            await eng.request(subject, b"x", 5.0)
+    finally:
+        await sub.unsubscribe()

@@ -195,3 +195,42 @@ async def test_an_exactly_once_redelivery_is_answered_from_the_record(store: Sta
     record, _ = await store.load(AGENT)
     assert record is not None and record.applied_seq == 42
     assert msgspec.msgpack.decode(record.state, type=Tally) == Tally(7, [5, 2])
+
+
+class Slow(accord.Agent, type="act-slow"):
+    gate: asyncio.Event | None = None
+
+    @accord.handler
+    async def add(self, msg: Add) -> int:
+        assert Slow.gate is not None
+        await Slow.gate.wait()
+        return msg.n
+
+
+async def test_asks_queued_when_the_lease_is_lost_learn_they_did_not_run(
+    store: StateStore,
+) -> None:
+    """The lease is lost (the activation's task is cancelled) with one turn under way and
+    three asks queued behind it: the queued ones are told `NotRun` at once (a remote one is
+    then bounced, and its sender asks the shard's next owner); the one under way is not
+    answered (it may have had effects: its sender's timeout says "maybe")."""
+    from accord.runtime._activation import NotRun
+
+    Slow.gate = asyncio.Event()
+    host = Host(store)
+    spec = Slow.__accord_spec__
+    act = Activation(host, AgentId("act-slow", "s"), spec, 0, 7, None)  # type: ignore[arg-type]
+    futures = []
+    for n in range(4):
+        fut: asyncio.Future[Any] = host.loop.create_future()
+        act.put(Work(spec.by_class[Add], Add(n), None, _replier(fut)))
+        futures.append(fut)
+    while not act.busy:  # the first turn is under way
+        await asyncio.sleep(0)
+    act.task.cancel()
+    await asyncio.wait_for(asyncio.gather(act.task, return_exceptions=True), 5)
+    for fut in futures[1:]:
+        assert isinstance(fut.exception(), NotRun)
+        assert not fut.exception().maybe_delivered  # type: ignore[union-attr]
+    assert not futures[0].done()
+    futures[0].cancel()

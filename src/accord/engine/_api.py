@@ -100,6 +100,11 @@ class Transport(Protocol):
         Raises `NotConnected` when the connection is closed or its buffer is full.
         """
 
+    async def bounce(self, reply: str) -> None:
+        """Answer the request waiting on `reply` with "not delivered": its `request` raises
+        `NoResponders`, as if nobody had subscribed, so its sender tries again. Only for a
+        request the responder knows never ran (queued when its shard's lease was lost)."""
+
     async def subscribe(self, subject: str, cb: Handler, queue: str = "") -> Subscription:
         """Run `cb` for every message on `subject` (one task per subscription, arrival order).
 

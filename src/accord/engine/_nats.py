@@ -272,6 +272,10 @@ class NatsTransport(NatsJetStream):
         except (nats.errors.Error, OSError) as exc:  # closed, buffer full, bad subject, ...
             raise NotConnected(f"publish on {subject}: {type(exc).__name__}: {exc}") from None
 
+    async def bounce(self, reply: str) -> None:
+        # The status nats-server itself answers a request with when nobody subscribes.
+        await self.publish(reply, b"", headers={"Status": "503"})
+
     async def subscribe(self, subject: str, cb: Handler, queue: str = "") -> Subscription:
         with map_errors(f"subscribe to {subject}"):
             sub: Any = await self.nc.subscribe(subject, queue=queue, cb=cb)
@@ -329,8 +333,22 @@ class NatsSubscription:
             await self._sub.unsubscribe()
 
     async def drain(self) -> None:
-        with contextlib.suppress(nats.errors.Error, OSError):
-            await self._sub.drain()
+        """Stop receiving; every message the server sent before the stop is handed over first.
+
+        nats-py's own drain queues the UNSUB for its flusher but writes the PING of its round
+        trip straight to the socket, so the PONG can come back before the server saw the UNSUB:
+        messages sent in between arrive after the subscription was removed and are dropped (an
+        ask lost at a shard handoff). So: UNSUB first, then two round trips (the first pushes
+        the queued UNSUB out, the second follows it), then nats-py's drain to clean up (its
+        second UNSUB is one the server ignores)."""
+        sub = self._sub
+        conn = getattr(sub, "_conn", None)
+        with contextlib.suppress(nats.errors.Error, OSError, asyncio.TimeoutError):
+            if conn is not None and hasattr(conn, "_send_unsubscribe") and not conn.is_closed:
+                await conn._send_unsubscribe(sub._id)
+                for _ in range(2):
+                    await conn.flush(timeout=5)
+            await sub.drain()
 
 
 async def _first_of(fatal: asyncio.Future[Exception], connecting: Any, timeout: float) -> Any:

@@ -282,9 +282,15 @@ class MemoryEngine:
                 return MemoryMessage(inbox, ack)
             if not routed:
                 raise NoResponders(subject)
-            return await self.wait(reply, timeout, RequestTimeout)
+            answer_msg: MemoryMessage = await self.wait(reply, timeout, RequestTimeout)
+            if not answer_msg.data and (answer_msg.headers or {}).get("Status") == "503":
+                raise NoResponders(subject)  # bounced (`bounce`), as on NATS
+            return answer_msg
         finally:
             self.server.remove(sub)
+
+    async def bounce(self, reply: str) -> None:
+        await self.publish(reply, b"", headers={"Status": "503"})
 
     async def publish(
         self, subject: str, data: bytes, *, reply: str = "", headers: dict[str, str] | None = None

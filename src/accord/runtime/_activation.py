@@ -12,6 +12,7 @@ puts a fresh one in its place, which takes over the queue without waiting for th
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -189,9 +190,9 @@ class Activation:
                 current_sender.reset(sender_token)
             graceful = True
         except asyncio.CancelledError:
-            # Lease lost: stop at once. Queued in-process asks learn they were not run.
+            # Lease lost: stop at once. Queued asks learn they were not run (`_not_run`).
             cancelled = True
-            _drop_queued_local(self.queue, self.id)
+            await _not_run(self.queue, self.id, remote=not self.orphan)
         except StateDeleted as exc:
             # Deleted or expired under this activation: its memory must not be written back;
             # the queued messages go to a fresh activation (from no state).
@@ -541,12 +542,29 @@ class _Pending(AccordError):
     code = "pending"
 
 
-def _drop_queued_local(queue: deque[Work], agent_id: AgentId) -> None:
-    """The lease was lost: queued in-process asks learn at once that they were not run."""
+class NotRun(DeliveryTimeout):
+    """Given to a queued ask's `reply` when the lease was lost before its turn: it certainly did
+    not run. An in-process sender gets it as an error; a remote one is bounced (the replier
+    answers "not delivered", and the sender tries the shard's next owner)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, maybe_delivered=False)
+
+
+async def _not_run(queue: deque[Work], agent_id: AgentId, *, remote: bool) -> None:
+    """The lease was lost: the queued asks never ran; tell their senders so at once. Stored
+    messages (`delivery`) get nothing: the mailbox hands them to the next owner.
+
+    Bouncing a remote ask is safe because it was taken while this node's lease was valid
+    (`ShardManager.held_epoch`), so no other node subscribed to the shard when NATS routed it:
+    nobody else has it. Not so for an orphan (cut off: the next owner may have it too), whose
+    remote asks (`remote=False`) are left to time out."""
     for work in queue:
-        if work.reply is not None and work.local:
-            work.reply(None, DeliveryTimeout(f"{agent_id}: lease lost before its turn",
-                                             maybe_delivered=False))  # fmt: skip
+        if work.reply is not None and work.delivery is None and (remote or work.local):
+            sent = work.reply(None, NotRun(f"{agent_id}: lease lost before its turn"))
+            if sent is not None:
+                with contextlib.suppress(AccordError):  # best effort: else the ask times out
+                    await sent
 
 
 def _dedup_entry(msg_id: str, result: Any, error: AccordError | None) -> DedupEntry:

@@ -31,7 +31,7 @@ from ..delivery._dlq import dead_letter
 from ..delivery._mailbox import DurableDelivery
 from ..engine._api import Delivery, Engine, Message
 from ..state._store import MERGE_TYPE, MergeState
-from ._activation import ReplyFn, Work, _Recorded
+from ._activation import NotRun, ReplyFn, Work, _Recorded
 from ._bulkhead import Bulkhead
 from ._cutoff import CutOff, merge_turn
 from ._placement import DURABLE, HANDLED, NodePlacement, RelayedDelivery
@@ -342,6 +342,8 @@ class Inbound:
         node = self._node
 
         def reply(result: Any, error: BaseException | None) -> Coroutine[Any, Any, None]:
+            if isinstance(error, NotRun):
+                return transport.bounce(reply_to)
             if error is not None:
                 code = getattr(error, "code", "error")
                 rtype = getattr(error, "remote_type", type(error).__name__)
