@@ -24,7 +24,23 @@ def test_client_may_ask_and_read_status_but_never_write_leases_state_or_subscrib
     assert not [s for s in pub if s.startswith("$KV.")]  # no bucket write at all
     assert not [s for s in pub if "KV_accord_C_state" in s]  # nor a read of the state
     assert not [s for s in pub if "accord_C_mailbox" in s]  # nor a mailbox consumer
-    assert sub == [f"{inbox_prefix('UABCDEFGHIJKLMNOPQRSTUVWXYZ')}.>"]  # its own replies only
+    # its own replies, and workflow runs' end announcements (what `handle.result()` waits for)
+    assert sub == [f"{inbox_prefix('UABCDEFGHIJKLMNOPQRSTUVWXYZ')}.>", "accord.C.wf.done.*"]
+
+
+@pytest.mark.parametrize("role", ["client", "observer"])
+def test_client_and_observer_read_status_views_but_write_no_bucket_or_stream(role: str) -> None:
+    pub = permissions(role, "C", "UKEY")["publish"]["allow"]  # type: ignore[arg-type]
+    writes = ("STREAM.CREATE", "STREAM.UPDATE", "STREAM.DELETE", "STREAM.PURGE",
+              "STREAM.MSG.DELETE", "CONSUMER.DURABLE")  # fmt: skip
+    assert not [s for s in pub if any(f"$JS.API.{w}" in s for w in writes)]
+    assert not [s for s in pub if s.startswith(("$KV.", "$JS.ACK", "accord.C.dlq",
+                                                "accord.C.ledger", "accord.C.logs"))]  # fmt: skip
+    assert not [s for s in pub if "KV_accord_C_coord" in s]  # counters, fenced values: no read
+    for view in ("KV_accord_C_locks", "KV_accord_C_workflows", "KV_accord_C_services",
+                 "accord_C_dlq", "accord_C_ledger"):  # fmt: skip
+        assert f"$JS.API.STREAM.MSG.GET.{view}" in pub, view
+    assert "$JS.API.STREAM.LIST" in pub  # `accord status`'s replication section
 
 
 def test_observer_may_not_publish_to_any_agent() -> None:

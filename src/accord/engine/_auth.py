@@ -2,8 +2,9 @@
 rendered into the nats-server configuration, and the client side of a credentials file.
 
 Roles (see docs/security.md): `node` runs agents (the cluster's subjects, buckets and streams),
-`client` asks/tells/publishes and reads status, `observer` reads status only. A user's replies
-arrive on an inbox prefix derived from its public key, so no user can read another's replies.
+`client` asks/tells/publishes (workflows included) and reads status, `observer` reads status
+only. A user's replies arrive on an inbox prefix derived from its public key, so no user can
+read another's replies.
 """
 
 from __future__ import annotations
@@ -43,42 +44,57 @@ def inbox_prefix(public: str) -> str:
     return f"_INBOX.{public[:24]}"
 
 
+def _stream_reads(stream: str) -> list[str]:
+    """API subjects that read a stream and nothing else: direct and message gets, consumers (an
+    ordered consumer for a watch or a tail; on a limits stream a consumer takes nothing away)."""
+    return [
+        f"$JS.API.DIRECT.GET.{stream}", f"$JS.API.DIRECT.GET.{stream}.>",
+        f"$JS.API.STREAM.MSG.GET.{stream}",
+        f"$JS.API.CONSUMER.CREATE.{stream}", f"$JS.API.CONSUMER.CREATE.{stream}.>",
+        f"$JS.API.CONSUMER.INFO.{stream}.*", f"$JS.API.CONSUMER.DELETE.{stream}.*",
+    ]  # fmt: skip
+
+
 def _kv_reads(cluster: str, buckets: tuple[str, ...]) -> list[str]:
     """API subjects that read (get, watch, stream info) the given buckets and nothing else."""
-    subjects: list[str] = []
-    for b in buckets:
-        stream = f"KV_accord_{cluster}_{b}"
-        subjects += [
-            f"$JS.API.DIRECT.GET.{stream}", f"$JS.API.DIRECT.GET.{stream}.>",
-            f"$JS.API.STREAM.MSG.GET.{stream}",
-            f"$JS.API.CONSUMER.CREATE.{stream}", f"$JS.API.CONSUMER.CREATE.{stream}.>",
-            f"$JS.API.CONSUMER.INFO.{stream}.*", f"$JS.API.CONSUMER.DELETE.{stream}.*",
-        ]  # fmt: skip
-    return subjects
+    return [s for b in buckets for s in _stream_reads(f"KV_accord_{cluster}_{b}")]
+
+
+#: Buckets and streams whose reads make up the status views (`accord status`, `leases`, `top`,
+#: `services`, `promises`, `workflows`, `dlq list|show`, the dashboard): what an `observer` reads.
+STATUS_BUCKETS = ("meta", "subs", "members", "leases", "locks", "workflows", "services",
+                  "placements", "instances", "promises")  # fmt: skip
+STATUS_STREAMS = ("dlq", "ledger")
+#: Read by a `client` besides: its services' output lines (`accord logs`).
+CLIENT_STREAMS = ("logs",)
 
 
 def permissions(role: Role, cluster: str, public: str) -> dict[str, Any]:
     """The nats-server `permissions` block of a user of `role` in `cluster`.
 
-    Everything not allowed is refused by the server (permission violation): a client cannot
-    write the lease, member, meta or state buckets, read state, subscribe to shard subjects or
-    create consumers on the mailbox stream.
+    Everything not allowed is refused by the server (permission violation). Neither a client
+    nor an observer may write any bucket or stream (leases, membership, the cluster record,
+    state, the coordination buckets, the services' records), read agent state, subscribe to
+    shard subjects or create consumers on the mailbox stream (docs/security.md has the table).
     """
     pre = f"accord.{cluster}"
     inbox = f"{inbox_prefix(public)}.>"
-    common = ["$JS.API.INFO", "$JS.API.STREAM.INFO.*", "$JS.FC.>", f"{pre}.admin.status",
-              f"{pre}.admin.status.*"]  # fmt: skip
     if role == "node":
         subjects = [f"{pre}.>", "$JS.API.>", "$JS.ACK.>", "$JS.FC.>", "$KV.>", "_INBOX.>"]
         return {"publish": {"allow": subjects}, "subscribe": {"allow": subjects}}
+    # reads only: stream metadata (names, configs, counts: what `status` shows of replication)
+    pub = ["$JS.API.INFO", "$JS.API.STREAM.INFO.*", "$JS.API.STREAM.LIST", "$JS.API.STREAM.NAMES",
+           "$JS.FC.>", f"{pre}.admin.status", f"{pre}.admin.status.*"]  # fmt: skip
+    pub += _kv_reads(cluster, STATUS_BUCKETS)
+    pub += [s for st in STATUS_STREAMS for s in _stream_reads(f"accord_{cluster}_{st}")]
+    sub = [inbox]
     if role == "client":
-        pub = [*common, f"{pre}.shard.*", f"{pre}.standby.*", f"{pre}.mbox.*",
-               f"{pre}.pool.*.ask", f"{pre}.pool.*.tell", f"{pre}.pjob.*",
-               f"{pre}.place.*.*"]  # fmt: skip
-        pub += _kv_reads(cluster, ("meta", "subs", "members", "leases"))
-    else:
-        pub = common + _kv_reads(cluster, ("meta", "subs", "members", "leases"))
-    return {"publish": {"allow": pub}, "subscribe": {"allow": [inbox]}}
+        pub += [f"{pre}.shard.*", f"{pre}.standby.*", f"{pre}.mbox.*",
+                f"{pre}.pool.*.ask", f"{pre}.pool.*.tell", f"{pre}.pjob.*",
+                f"{pre}.place.*.*"]  # fmt: skip
+        pub += [s for st in CLIENT_STREAMS for s in _stream_reads(f"accord_{cluster}_{st}")]
+        sub.append(f"{pre}.wf.done.*")  # a workflow run's end (`handle.result()`, `cancel()`)
+    return {"publish": {"allow": pub}, "subscribe": {"allow": sub}}
 
 
 @dataclass
