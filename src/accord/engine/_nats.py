@@ -73,6 +73,7 @@ class NatsTransport(NatsJetStream):
         self.denied: dict[tuple[str, str], float] = {}
         #: token -> subject of each request waiting for its reply (`_refuse`)
         self._asked: dict[str, str] = {}
+        self._refusable_calls = set()
 
     @classmethod
     async def connect(
@@ -168,7 +169,9 @@ class NatsTransport(NatsJetStream):
 
     def _refuse(self, subject: str) -> None:
         """The server refused a publish on `subject`: the requests waiting for a reply on it
-        end now with `PermissionDenied` (the server dropped them: no reply will come)."""
+        end now with `PermissionDenied` (the server dropped them: no reply will come), and so
+        do nats-py's JetStream calls about the stream it names (`_api_refused`)."""
+        self._api_refused(subject)
         for token, asked in list(self._asked.items()):
             fut = self._waiting.get(token)
             if asked.lower() == subject and fut is not None and not fut.done():

@@ -14,7 +14,7 @@ import contextlib
 import os
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 import nats.errors
@@ -56,6 +56,13 @@ from ._nats_kv import NatsKV
 from ._nats_wire import decode_ack, msg_reply, parse_headers
 
 API = "$JS.API."
+T = TypeVar("T")
+
+
+def _retrieved(task: asyncio.Future[Any]) -> None:
+    """A call abandoned by `_refusable`: its outcome is of no interest (nor worth a warning)."""
+    if not task.cancelled():
+        task.exception()
 
 
 def _ns(seconds: float) -> int:
@@ -91,6 +98,8 @@ class NatsJetStream:
     nc: NatsClient
     js: JetStreamContext
     denied: dict[tuple[str, str], float]  # subjects the server refused (see NatsTransport)
+    #: nats-py JetStream calls under way: (lowercased stream, its refused future) (`_refusable`)
+    _refusable_calls: set[tuple[str, asyncio.Future[str]]]
 
     async def request_msg(  # provided by NatsTransport
         self, subject: str, data: bytes, timeout: float, headers: dict[str, str] | None = None
@@ -113,13 +122,48 @@ class NatsJetStream:
             raise error_from_reply(reply["error"], op)
         return reply
 
+    async def _refusable(self, stream: str, call: Awaitable[T], timeout: float) -> T:
+        """Await nats-py's JetStream `call` about `stream` for at most `timeout` seconds
+        (`TimeoutError` after). nats-py's requests go through its own inbox, which the server's
+        refusal never reaches: a refused API request on `stream` (`_api_refused`) ends the call
+        at once with `PermissionDenied` instead of at its timeout."""
+        refused: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        entry = (stream.lower(), refused)
+        self._refusable_calls.add(entry)
+        task = asyncio.ensure_future(call)
+        try:
+            done, _ = await asyncio.wait((task, refused), timeout=timeout,
+                                         return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
+            if task in done:
+                return task.result()
+            if refused in done:
+                raise PermissionDenied(f"{refused.result()} refused by the server")
+            raise TimeoutError
+        finally:
+            self._refusable_calls.discard(entry)
+            refused.cancel()
+            if not task.done():  # refused, timed out or cancelled: nats-py's wait ends too
+                task.cancel()
+                task.add_done_callback(_retrieved)
+
+    def _api_refused(self, subject: str) -> None:
+        """The server refused a publish on `subject` (lowercased): the nats-py JetStream calls
+        about that stream end now (the request was dropped, no reply will come)."""
+        if not subject.startswith("$js.api."):
+            return
+        tokens = subject.split(".")
+        for stream, refused in list(self._refusable_calls):
+            if stream in tokens and not refused.done():
+                refused.set_result(f"JetStream request {subject}")
+
     # -- buckets and streams -------------------------------------------------------------
 
     async def bucket(self, spec: BucketSpec, *, create: bool = True, timeout: float = 5.0) -> KV:
         what = f"open bucket {spec.name}"
+        stream = f"KV_{spec.name}"
         with map_errors(what):
             try:
-                kv = await asyncio.wait_for(self.js.key_value(spec.name), timeout)
+                kv = await self._refusable(stream, self.js.key_value(spec.name), timeout)
             except nats.js.errors.BucketNotFoundError:
                 if not create:
                     raise NotFound(f"{what}: no such bucket") from None
@@ -133,14 +177,14 @@ class NatsJetStream:
                 )
                 try:
                     if spec.first_seq:
-                        await asyncio.wait_for(self.js.add_stream(_kv_stream(spec)), timeout)
-                        kv = await asyncio.wait_for(self.js.key_value(spec.name), timeout)
+                        await self._refusable(stream, self.js.add_stream(_kv_stream(spec)), timeout)
+                        kv = await self._refusable(stream, self.js.key_value(spec.name), timeout)
                     else:
-                        kv = await asyncio.wait_for(self.js.create_key_value(cfg), timeout)
+                        kv = await self._refusable(stream, self.js.create_key_value(cfg), timeout)
                 except nats.js.errors.BadRequestError as exc:  # created concurrently
                     if exc.err_code in STORAGE_FULL:
                         raise
-                    kv = await asyncio.wait_for(self.js.key_value(spec.name), timeout)
+                    kv = await self._refusable(stream, self.js.key_value(spec.name), timeout)
         return NatsKV(self, spec.name, direct=bool(kv._direct))
 
     async def ensure_stream(self, spec: StreamSpec, *, timeout: float = 5.0) -> None:
@@ -160,12 +204,12 @@ class NatsJetStream:
             cfg.duplicate_window = spec.duplicate_window
         with map_errors(f"create stream {spec.name}"):
             try:
-                await asyncio.wait_for(self.js.stream_info(spec.name), timeout)
+                await self._refusable(spec.name, self.js.stream_info(spec.name), timeout)
                 return
             except nats.js.errors.NotFoundError:
                 pass
             try:
-                await asyncio.wait_for(self.js.add_stream(cfg), timeout)
+                await self._refusable(spec.name, self.js.add_stream(cfg), timeout)
             except nats.js.errors.BadRequestError as exc:
                 # created concurrently ("already in use"): keep it; any other refusal is real
                 if exc.err_code != 10058:
@@ -174,7 +218,7 @@ class NatsJetStream:
     async def stream_state(self, name: str, *, timeout: float = 5.0) -> StreamState | None:
         with map_errors(f"stream info {name}"):
             try:
-                info = await asyncio.wait_for(self.js.stream_info(name), timeout)
+                info = await self._refusable(name, self.js.stream_info(name), timeout)
             except nats.js.errors.NotFoundError:
                 return None
         leader = info.cluster.leader if info.cluster is not None else None
@@ -188,9 +232,9 @@ class NatsJetStream:
 
     async def set_replicas(self, name: str, replicas: int, *, timeout: float = 5.0) -> None:
         with map_errors(f"set replicas of {name}"):
-            info = await asyncio.wait_for(self.js.stream_info(name), timeout)
+            info = await self._refusable(name, self.js.stream_info(name), timeout)
             info.config.num_replicas = replicas
-            await asyncio.wait_for(self.js.update_stream(info.config), timeout)
+            await self._refusable(name, self.js.update_stream(info.config), timeout)
 
     # -- messages ------------------------------------------------------------------------
 
@@ -296,20 +340,13 @@ class NatsJetStream:
             max_ack_pending=spec.max_ack_pending,
             inactive_threshold=spec.inactive_threshold,
         )
-        try:
-            with map_errors(f"create consumer {spec.name} on {stream}"):
-                await asyncio.wait_for(self.js.add_consumer(stream, config), timeout)
-        except NotConnected:
-            # nats-py's request for it went unanswered: the server refused it if it says so
-            if any(k == "publish" and s.startswith("$js.api.consumer.") and stream.lower() in s
-                   for k, s in self.denied):  # fmt: skip
-                raise PermissionDenied(f"creating a consumer on {stream} refused") from None
-            raise
+        with map_errors(f"create consumer {spec.name} on {stream}"):
+            await self._refusable(stream, self.js.add_consumer(stream, config), timeout)
 
     async def delete_consumer(self, stream: str, name: str, *, timeout: float = 5.0) -> bool:
         with map_errors(f"delete consumer {name} on {stream}"):
             try:
-                await asyncio.wait_for(self.js.delete_consumer(stream, name), timeout)
+                await self._refusable(stream, self.js.delete_consumer(stream, name), timeout)
             except nats.js.errors.NotFoundError as exc:
                 if exc.err_code == 10059:  # the stream, not the consumer
                     raise
@@ -318,7 +355,7 @@ class NatsJetStream:
 
     async def consumers(self, stream: str, *, timeout: float = 5.0) -> dict[str, str]:
         with map_errors(f"list consumers of {stream}"):
-            infos = await asyncio.wait_for(self.js.consumers_info(stream), timeout)
+            infos = await self._refusable(stream, self.js.consumers_info(stream), timeout)
         return {str(i.name): str(i.config.filter_subject or "") for i in infos}
 
     async def consume(
@@ -359,7 +396,7 @@ class NatsJetStream:
         # the stream's tail instead of a request per message.
         out: list[StoredMessage] = []
         with map_errors(f"read {subject} from {stream}"):
-            info = await asyncio.wait_for(self.js.stream_info(stream), timeout)
+            info = await self._refusable(stream, self.js.stream_info(stream), timeout)
             if info.state.messages == 0 or last <= 0:
                 return []
             start = info.state.first_seq
@@ -368,7 +405,8 @@ class NatsJetStream:
             config = ConsumerConfig(
                 deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start
             )
-            sub = await asyncio.wait_for(
+            sub = await self._refusable(
+                stream,
                 self.js.subscribe(subject, stream=stream, ordered_consumer=True, config=config),
                 timeout,
             )

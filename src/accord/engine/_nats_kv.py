@@ -8,8 +8,8 @@ only a value counts as present — nats-py's own `create` does not know the mark
 
 from __future__ import annotations
 
-import asyncio
-from typing import Any, Protocol
+from collections.abc import Awaitable
+from typing import Any, Protocol, TypeVar
 
 import msgspec
 from nats.aio.msg import Msg
@@ -20,6 +20,8 @@ from .._errors import NotConnected
 from ._api import Entry, NoResponders, NotFound, RequestTimeout, StoredMessage, WrongRevision
 from ._nats_errors import map_errors
 from ._nats_wire import decode_ack
+
+T = TypeVar("T")
 
 
 class Requests(Protocol):
@@ -36,6 +38,8 @@ class Requests(Protocol):
     ) -> StoredMessage | None: ...
 
     async def api_call(self, op: str, body: bytes, timeout: float) -> dict[str, Any]: ...
+
+    async def _refusable(self, stream: str, call: Awaitable[T], timeout: float) -> T: ...
 
 
 _TOMBSTONES = ("DEL", "PURGE")
@@ -152,7 +156,7 @@ class NatsKV:
             name=self.name, stream=self._stream, pre=self._pre, js=self._engine.js, direct=False
         )
         with map_errors(f"watch {self.name}/{pattern}"):
-            watcher = await asyncio.wait_for(kv.watch(pattern), timeout)
+            watcher = await self._engine._refusable(self._stream, kv.watch(pattern), timeout)
         return NatsWatch(watcher, self.name)
 
 
