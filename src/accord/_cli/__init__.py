@@ -18,7 +18,9 @@ from . import (
     _topology,
     _workflows,
 )  # fmt: skip
-from ._common import app, err
+from ._common import add_connection_options, app, err
+
+add_connection_options(app)  # every command registered above: --creds etc. after it too
 
 __all__ = [
     "_agents",

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import inspect
 import json
 import logging
 import signal
@@ -43,27 +45,91 @@ CredsOpt = Annotated[
         "then the local `accord up` cluster's.",
     ),
 ]
+TlsCaOpt = Annotated[
+    str | None,
+    typer.Option("--tls-ca", help="CA file that signed the servers' certificates."),
+]
+TlsCertOpt = Annotated[
+    str | None, typer.Option("--tls-cert", help="Client certificate (mutual TLS).")
+]
+TlsKeyOpt = Annotated[str | None, typer.Option("--tls-key", help="Key of --tls-cert.")]
+#: Where each connection option lands: the environment, so that node processes started by a
+#: command (`accord up`) inherit it, and `resolve_credentials` reads it like $ACCORD_CREDS.
+CONNECTION_ENV = {"creds": "ACCORD_CREDS", "tls_ca": "ACCORD_TLS_CA",
+                  "tls_cert": "ACCORD_TLS_CERT", "tls_key": "ACCORD_TLS_KEY"}  # fmt: skip
+
+
+def use_connection_options(**given: str | None) -> None:
+    """Apply `--creds/--tls-ca/--tls-cert/--tls-key` (those given; each a file, else exit 2):
+    they override $ACCORD_CREDS etc. and the local `accord up` cluster's files. Given both
+    before and after the subcommand, the later (the subcommand's) wins."""
+    import os
+    from pathlib import Path
+
+    for key, value in given.items():
+        if value is not None:
+            if not Path(value).expanduser().is_file():
+                err.print(f"[red]error:[/red] {value}: no such file", highlight=False)
+                raise typer.Exit(2)
+            os.environ[CONNECTION_ENV[key]] = str(Path(value).expanduser().resolve())
 
 
 @app.callback()
 def _global(
     creds: CredsOpt = None,
-    tls_ca: Annotated[
-        str | None,
-        typer.Option("--tls-ca", help="CA file that signed the servers' certificates."),
-    ] = None,
+    tls_ca: TlsCaOpt = None,
+    tls_cert: TlsCertOpt = None,
+    tls_key: TlsKeyOpt = None,
 ) -> None:
     """accord: a distributed runtime for agents on NATS JetStream."""
-    import os
-    from pathlib import Path
+    use_connection_options(creds=creds, tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key)
 
-    # Through the environment, so node processes `accord up` starts inherit them as well.
-    for value, env in ((creds, "ACCORD_CREDS"), (tls_ca, "ACCORD_TLS_CA")):
-        if value is not None:
-            if not Path(value).expanduser().is_file():
-                err.print(f"[red]error:[/red] {value}: no such file", highlight=False)
-                raise typer.Exit(2)
-            os.environ[env] = str(Path(value).expanduser().resolve())
+
+def _connection_params() -> list[inspect.Parameter]:
+    return [
+        inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=ann)
+        for name, ann in (("creds", CredsOpt), ("tls_ca", TlsCaOpt), ("tls_cert", TlsCertOpt),
+                          ("tls_key", TlsKeyOpt))
+    ]  # fmt: skip
+
+
+def _with_connection_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """`fn` (a command) also taking the connection options, applied before it runs."""
+    sig = inspect.signature(fn, eval_str=True)
+
+    @functools.wraps(fn)
+    def command(*args: Any, **kwargs: Any) -> Any:
+        use_connection_options(**{k: kwargs.pop(k, None) for k in CONNECTION_ENV})
+        return fn(*args, **kwargs)
+
+    params = list(sig.parameters.values()) + _connection_params()
+    command.__signature__ = sig.replace(parameters=params)  # type: ignore[attr-defined]
+    return command
+
+
+def add_connection_options(typer_app: typer.Typer) -> None:
+    """Give every command (and group callback) of `typer_app` that talks to a cluster (it has a
+    `--nats` or `--bus` option) its own `--creds/--tls-ca/--tls-cert/--tls-key`, so they work
+    after the subcommand as well as before it. A command with options of those names (`accord
+    up`: its server's PKI) keeps its own. Call once, after every command is registered."""
+
+    def wrap(fn: Callable[..., Any] | None) -> Callable[..., Any] | None:
+        if fn is None:
+            return None
+        names = inspect.signature(fn).parameters
+        if not ({"nats", "bus"} & set(names)) or set(CONNECTION_ENV) & set(names):
+            return fn
+        return _with_connection_options(fn)
+
+    for cmd in typer_app.registered_commands:
+        cmd.callback = wrap(cmd.callback)
+    for group in typer_app.registered_groups:
+        sub = group.typer_instance
+        if sub is None:
+            continue
+        if sub.registered_callback is not None:
+            sub.registered_callback.callback = wrap(sub.registered_callback.callback)
+        add_connection_options(sub)
 
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")]
