@@ -73,6 +73,7 @@ class Balancer:
     async def start(self) -> None:
         app = web.Application(client_max_size=MAX_BODY)
         app.router.add_route("*", "/{tail:.*}", self._handle)
+        app.on_response_prepare.append(_answered)
         self._runner = _GuardedRunner(
             app, access_log=None, keepalive_timeout=IDLE_TIMEOUT, max_headers=MAX_HEADERS,
             max_line_size=MAX_HEADER_LINE, max_field_size=MAX_HEADER_LINE,
@@ -175,7 +176,7 @@ class Balancer:
 
 
 class _GuardedRunner(web.AppRunner):
-    """An AppRunner whose connections get a request-head deadline (`_HeadDeadline`)."""
+    """An AppRunner whose connections get a deadline on every request head (`_HeadDeadline`)."""
 
     head_timeout = HEAD_TIMEOUT
 
@@ -187,21 +188,57 @@ class _GuardedRunner(web.AppRunner):
         return lambda: _HeadDeadline(inner(), self.head_timeout)
 
 
+#: The guard of each open connection, by its transport (`_answered` finds it from a request).
+_guards: dict[int, _HeadDeadline] = {}
+
+
+async def _answered(request: web.BaseRequest, response: web.StreamResponse) -> None:
+    """A response is about to go out: the request's head and body were read, so the next bytes
+    on its connection begin the next request's head (its deadline starts then)."""
+    guard = _guards.get(id(request.transport))
+    if guard is not None:
+        guard.answered()
+
+
 class _HeadDeadline(asyncio.Protocol):
-    """An aiohttp connection that is closed when its first request head has not arrived whole
-    within `seconds`: a slowloris client trickling header bytes holds a connection forever
-    otherwise (aiohttp times out only idle keep-alive connections). Delegates everything."""
+    """An aiohttp connection that is closed when a request head has not arrived whole within
+    `seconds` of its first byte (the connection's opening for the first request): a slowloris
+    client trickling header bytes holds a connection forever otherwise (aiohttp times out only
+    idle keep-alive connections). Every request on a keep-alive connection is bounded: once a
+    response to the last head went out (`answered`), the next byte received starts the next
+    head's deadline. Body bytes are bounded by the handler (`BODY_TIMEOUT`). Delegates the
+    rest to aiohttp's protocol."""
 
     def __init__(self, inner: Any, seconds: float) -> None:
         self._inner, self._seconds = inner, seconds
         self._tail = b""
         self._timer: asyncio.TimerHandle | None = None
+        self._transport: Any = None
+        self._between = False  # the last head was answered; no byte of the next one yet
+
+    def _arm(self) -> None:
+        self._tail = b""
+        self._timer = asyncio.get_running_loop().call_later(self._seconds, self._expired)
+
+    def _expired(self) -> None:
+        self._timer = None
+        if self._transport is not None:
+            self._transport.close()
+
+    def answered(self) -> None:
+        if self._timer is None:
+            self._between = True
 
     def connection_made(self, transport: Any) -> None:
-        self._timer = asyncio.get_running_loop().call_later(self._seconds, transport.close)
+        self._transport = transport
+        _guards[id(transport)] = self
+        self._arm()
         self._inner.connection_made(transport)
 
     def data_received(self, data: bytes) -> None:
+        if self._between:
+            self._between = False
+            self._arm()
         if self._timer is not None:
             seen = self._tail + data
             if b"\r\n\r\n" in seen:
@@ -216,6 +253,9 @@ class _HeadDeadline(asyncio.Protocol):
     def connection_lost(self, exc: BaseException | None) -> None:
         if self._timer is not None:
             self._timer.cancel()
+            self._timer = None
+        if self._transport is not None and _guards.get(id(self._transport)) is self:
+            del _guards[id(self._transport)]
         self._inner.connection_lost(exc)
 
     def pause_writing(self) -> None:
