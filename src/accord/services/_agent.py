@@ -29,7 +29,7 @@ from ._host import ServiceHost
 from ._placement import NodeView, Slot, _take, place
 from ._promises import Reputation
 from ._spec import ServiceSpec
-from ._store import Instance, LogLine, Placement, ServiceStore
+from ._store import Instance, LogLine, Placement, ServiceStore, decoded
 from ._supervisor import Replica
 from ._verifiers import NodePromises, ServicePromises
 
@@ -51,9 +51,9 @@ class NodeAgent:
         self.specs = WatchedKV(store.specs_kv, self._bg)
         self.placements = WatchedKV(store.placements_kv, self._bg)
         self.instances = WatchedKV(store.instances_kv, self._bg)
-        self._specs_view = _Decoded(self.specs, ServiceSpec)
-        self._placements_view = _Decoded(self.placements, Placement)
-        self._instances_view = _Decoded(self.instances, Instance)
+        self._specs_view = _Decoded(self.specs, ServiceSpec, "service spec")
+        self._placements_view = _Decoded(self.placements, Placement, "placement")
+        self._instances_view = _Decoded(self.instances, Instance, "instance")
         self.replicas: dict[tuple[str, int], Replica] = {}
         self.reputation = Reputation()
         self._node_promises = NodePromises(self)
@@ -205,8 +205,9 @@ class NodeAgent:
             await self.host.publish(subject, msgspec.json.encode(line))
 
     async def _on_assessment(self, msg: Message) -> None:
-        with contextlib.suppress(msgspec.DecodeError, msgspec.ValidationError):
-            self.reputation.add(msgspec.json.decode(msg.data, type=_Assessed))
+        a = decoded(_ASSESSED, msg.data, "ledger")
+        if a is not None:
+            self.reputation.add(a)
 
     # -- the controller -----------------------------------------------------------------------
 
@@ -287,8 +288,9 @@ class NodeAgent:
 class _Decoded(Generic[T]):
     """A typed view of a watched bucket that decodes only the entries that changed."""
 
-    def __init__(self, watched: WatchedKV, typ: type[T]) -> None:
+    def __init__(self, watched: WatchedKV, typ: type[T], what: str) -> None:
         self._watched = watched
+        self._what = what  # names the source when a malformed entry is logged
         self._dec = msgspec.json.Decoder(typ)
         self._cache: dict[str, tuple[bytes, T]] = {}
 
@@ -300,9 +302,8 @@ class _Decoded(Generic[T]):
             if hit is not None and hit[0] is raw:
                 out[key] = hit[1]
                 continue
-            try:
-                value = self._dec.decode(raw)
-            except (msgspec.DecodeError, msgspec.ValidationError):
+            value = decoded(self._dec, raw, self._what)
+            if value is None:
                 continue
             self._cache[key] = (raw, value)
             out[key] = value
@@ -315,6 +316,9 @@ class _Assessed(msgspec.Struct):
     promiser: str
     outcome: str
     at: float
+
+
+_ASSESSED = msgspec.json.Decoder(_Assessed)
 
 
 def _always() -> bool:

@@ -25,7 +25,15 @@ import msgspec
 
 from .._errors import AccordError, ConfigurationError, NotConnected
 from ..engine._api import BucketSpec, JetStream, NotFound, WrongRevision
-from ._store import Assessment, PromiseConflict, ServiceStore, _entries, _token, answered
+from ._store import (
+    Assessment,
+    PromiseConflict,
+    ServiceStore,
+    _entries,
+    _token,
+    answered,
+    decoded,
+)
 
 if TYPE_CHECKING:
     from .._mesh import Mesh
@@ -143,8 +151,9 @@ async def records(store: ServiceStore) -> list[PromiseRecord]:
     out = []
     for key, value, _rev in await _entries(store.promises_kv):
         if key.startswith("p."):
-            with contextlib.suppress(msgspec.DecodeError, msgspec.ValidationError):
-                out.append(msgspec.json.decode(value, type=PromiseRecord))
+            r = decoded(PromiseRecord, value, "promise")
+            if r is not None:
+                out.append(r)
     return sorted(out, key=lambda r: r.name)
 
 

@@ -10,8 +10,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import functools
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from typing import ParamSpec, TypeVar
@@ -34,7 +34,9 @@ from ..engine._api import (
     WrongRevision,
 )
 from ._placement import NodeView, Slot
-from ._spec import ServiceSpec, decode_spec, encode_spec
+from ._spec import ServiceSpec, encode_spec
+
+log = logging.getLogger("accord.services")
 
 INSTANCE_TTL = 10  # seconds
 LOG_LINES_PER_SERVICE = 5_000
@@ -103,6 +105,27 @@ class LogLine(msgspec.Struct):
 
 P = ParamSpec("P")
 R = TypeVar("R")
+T = TypeVar("T")
+#: Sources (`decoded`'s `what`) that had a malformed record: each is logged once per process.
+_malformed: set[str] = set()
+
+
+def decoded(typ: type[T] | msgspec.json.Decoder[T], data: bytes, what: str) -> T | None:
+    """`data` as a `typ` (JSON), or None when it is not one: a malformed record in a bucket or
+    stream (written by a bug, an older version or a hostile node credential) is skipped by the
+    loop reading it, never fatal to it; the first of each source `what` is logged (WARNING)."""
+    try:
+        if isinstance(typ, msgspec.json.Decoder):
+            return typ.decode(data)
+        return msgspec.json.decode(data, type=typ)
+    except Exception as exc:  # untrusted bytes: whatever fails to decode is skipped
+        if what not in _malformed:
+            _malformed.add(what)
+            log.warning("skipping a malformed %s record (%s: %s); later ones skipped silently",
+                        what, type(exc).__name__, str(exc)[:200])  # fmt: skip
+        return None
+
+
 _SIGNALS = (NoResponders, NotFound, Refused, RequestTimeout, WrongRevision)
 
 
@@ -185,8 +208,9 @@ class ServiceStore:
         """Every deployed spec with its revision (the spec's generation)."""
         out = {}
         for key, value, rev in await _entries(self.specs_kv):
-            with contextlib.suppress(msgspec.DecodeError, msgspec.ValidationError):
-                out[key] = (decode_spec(value), rev)
+            spec = decoded(ServiceSpec, value, "service spec")
+            if spec is not None:
+                out[key] = (spec, rev)
         return out
 
     @answered
@@ -213,8 +237,9 @@ class ServiceStore:
     async def placements(self) -> dict[str, tuple[Placement, int]]:
         out = {}
         for key, value, rev in await _entries(self.placements_kv):
-            with contextlib.suppress(msgspec.DecodeError, msgspec.ValidationError):
-                out[key] = (msgspec.json.decode(value, type=Placement), rev)
+            p = decoded(Placement, value, "placement")
+            if p is not None:
+                out[key] = (p, rev)
         return out
 
     @answered
@@ -226,10 +251,9 @@ class ServiceStore:
                 if current is None:
                     await self.placements_kv.create(p.service, msgspec.json.encode(p))
                     return
-                with contextlib.suppress(msgspec.DecodeError, msgspec.ValidationError):
-                    held = msgspec.json.decode(current.value, type=Placement)
-                    if held.token > token:
-                        raise Fenced(f"placement of {p.service} was decided by a newer controller")
+                held = decoded(Placement, current.value, "placement")
+                if held is not None and held.token > token:
+                    raise Fenced(f"placement of {p.service} was decided by a newer controller")
                 await self.placements_kv.update(
                     p.service, msgspec.json.encode(p), last=current.revision
                 )
@@ -246,8 +270,9 @@ class ServiceStore:
     async def instances(self) -> list[Instance]:
         out = []
         for _key, value, _rev in await _entries(self.instances_kv):
-            with contextlib.suppress(msgspec.DecodeError, msgspec.ValidationError):
-                out.append(msgspec.json.decode(value, type=Instance))
+            inst = decoded(Instance, value, "instance")
+            if inst is not None:
+                out.append(inst)
         return sorted(out, key=lambda i: (i.service, i.index))
 
     @answered
@@ -269,10 +294,9 @@ class ServiceStore:
         now = time.time()
         out = []
         for _key, value, _rev in await _entries(self.members_kv):
-            with contextlib.suppress(msgspec.DecodeError, msgspec.ValidationError):
-                info = msgspec.json.decode(value, type=MemberInfo)
-                if info.status == "up" and now - info.ts < fresh_within:
-                    out.append(NodeView(info.name, dict(info.labels)))
+            info = decoded(MemberInfo, value, "member")
+            if info is not None and info.status == "up" and now - info.ts < fresh_within:
+                out.append(NodeView(info.name, dict(info.labels)))
         return sorted(out, key=lambda n: n.name)
 
     # -- ledger and logs ------------------------------------------------------------------------
@@ -291,8 +315,8 @@ class ServiceStore:
         stream = _stream_name(self.names, "ledger")
         out = []
         for m in await self._tail(stream, subject, last, within=20_000):
-            with contextlib.suppress(msgspec.DecodeError, msgspec.ValidationError):
-                a = msgspec.json.decode(m.data, type=Assessment)
+            a = decoded(Assessment, m.data, "ledger")
+            if a is not None:
                 a.seq = m.seq
                 out.append(a)
         return out
@@ -303,8 +327,9 @@ class ServiceStore:
         subject = f"{self.names.prefix}.logs.{service}"
         out = []
         for m in await self._tail(_stream_name(self.names, "logs"), subject, last):
-            with contextlib.suppress(msgspec.DecodeError, msgspec.ValidationError):
-                out.append(msgspec.json.decode(m.data, type=LogLine))
+            line = decoded(LogLine, m.data, "log line")
+            if line is not None:
+                out.append(line)
         return out
 
     async def _tail(
