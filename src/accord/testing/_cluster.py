@@ -21,10 +21,10 @@ from types import TracebackType
 from typing import Any
 
 from .._connect import connect
-from .._errors import AccordError, NotConnected
+from .._errors import AccordError, ConfigurationError, NotConnected
 from .._mesh import Mesh
 from .._status import cluster_status
-from ..engine._auth import UserRegistry
+from ..engine._auth import Role, UserRegistry
 from ..engine._server import EmbeddedServer
 from ..engine._serverconf import ServerSecurity
 from ..engine._tls import issue_cert
@@ -153,6 +153,15 @@ class Cluster:
         self.tls_ca = tls.ca
         self.env = {**self.env, "ACCORD_CREDS": str(self.creds), "ACCORD_TLS_CA": str(tls.ca)}
         return ServerSecurity(registry=registry, tls=tls)
+
+    def issue(self, name: str, role: Role) -> Path:
+        """A new credential of `role` for this secure cluster (its seed file), in force at once
+        (the server reloads its users)."""
+        if self._home is None or self.server is None:
+            raise ConfigurationError("issue() needs a Cluster(secure=True) of its own server")
+        path = UserRegistry(self._home / "auth").issue(name, role, self.cluster)
+        self.server.reload()
+        return path
 
     def start(self) -> Cluster:
         if self.server is not None:
