@@ -98,8 +98,8 @@ class NatsJetStream:
     nc: NatsClient
     js: JetStreamContext
     denied: dict[tuple[str, str], float]  # subjects the server refused (see NatsTransport)
-    #: nats-py JetStream calls under way: (lowercased stream, its refused future) (`_refusable`)
-    _refusable_calls: set[tuple[str, asyncio.Future[str]]]
+    #: nats-py JetStream calls under way: (API family, stream, its refusal), lowercased
+    _refusable_calls: set[tuple[str, str, asyncio.Future[str]]]
 
     async def request_msg(  # provided by NatsTransport
         self, subject: str, data: bytes, timeout: float, headers: dict[str, str] | None = None
@@ -122,13 +122,17 @@ class NatsJetStream:
             raise error_from_reply(reply["error"], op)
         return reply
 
-    async def _refusable(self, stream: str, call: Awaitable[T], timeout: float) -> T:
+    async def _refusable(
+        self, stream: str, call: Awaitable[T], timeout: float, api: str = "STREAM"
+    ) -> T:
         """Await nats-py's JetStream `call` about `stream` for at most `timeout` seconds
         (`TimeoutError` after). nats-py's requests go through its own inbox, which the server's
-        refusal never reaches: a refused API request on `stream` (`_api_refused`) ends the call
-        at once with `PermissionDenied` instead of at its timeout."""
+        refusal never reaches: a refused request of the `api` family ("STREAM" or "CONSUMER":
+        `$JS.API.<api>.…`) naming `stream` (`_api_refused`) ends the call at once with
+        `PermissionDenied` instead of at its timeout. (A call of the same family on the same
+        stream, by the same connection at the same moment, ends with it: the same permission.)"""
         refused: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-        entry = (stream.lower(), refused)
+        entry = (api.lower(), stream.lower(), refused)
         self._refusable_calls.add(entry)
         task = asyncio.ensure_future(call)
         try:
@@ -148,12 +152,12 @@ class NatsJetStream:
 
     def _api_refused(self, subject: str) -> None:
         """The server refused a publish on `subject` (lowercased): the nats-py JetStream calls
-        about that stream end now (the request was dropped, no reply will come)."""
+        of its family about the stream it names end now (no reply will come)."""
         if not subject.startswith("$js.api."):
             return
         tokens = subject.split(".")
-        for stream, refused in list(self._refusable_calls):
-            if stream in tokens and not refused.done():
+        for api, stream, refused in list(self._refusable_calls):
+            if tokens[2] == api and stream in tokens[3:] and not refused.done():
                 refused.set_result(f"JetStream request {subject}")
 
     # -- buckets and streams -------------------------------------------------------------
@@ -341,12 +345,14 @@ class NatsJetStream:
             inactive_threshold=spec.inactive_threshold,
         )
         with map_errors(f"create consumer {spec.name} on {stream}"):
-            await self._refusable(stream, self.js.add_consumer(stream, config), timeout)
+            await self._refusable(stream, self.js.add_consumer(stream, config), timeout, "CONSUMER")
 
     async def delete_consumer(self, stream: str, name: str, *, timeout: float = 5.0) -> bool:
         with map_errors(f"delete consumer {name} on {stream}"):
             try:
-                await self._refusable(stream, self.js.delete_consumer(stream, name), timeout)
+                await self._refusable(
+                    stream, self.js.delete_consumer(stream, name), timeout, "CONSUMER"
+                )
             except nats.js.errors.NotFoundError as exc:
                 if exc.err_code == 10059:  # the stream, not the consumer
                     raise
@@ -355,7 +361,9 @@ class NatsJetStream:
 
     async def consumers(self, stream: str, *, timeout: float = 5.0) -> dict[str, str]:
         with map_errors(f"list consumers of {stream}"):
-            infos = await self._refusable(stream, self.js.consumers_info(stream), timeout)
+            infos = await self._refusable(
+                stream, self.js.consumers_info(stream), timeout, "CONSUMER"
+            )
         return {str(i.name): str(i.config.filter_subject or "") for i in infos}
 
     async def consume(
@@ -409,6 +417,7 @@ class NatsJetStream:
                 stream,
                 self.js.subscribe(subject, stream=stream, ordered_consumer=True, config=config),
                 timeout,
+                "CONSUMER",
             )
             try:
                 while True:

@@ -39,7 +39,9 @@ class Requests(Protocol):
 
     async def api_call(self, op: str, body: bytes, timeout: float) -> dict[str, Any]: ...
 
-    async def _refusable(self, stream: str, call: Awaitable[T], timeout: float) -> T: ...
+    async def _refusable(
+        self, stream: str, call: Awaitable[T], timeout: float, api: str = "STREAM"
+    ) -> T: ...
 
 
 _TOMBSTONES = ("DEL", "PURGE")
@@ -156,7 +158,9 @@ class NatsKV:
             name=self.name, stream=self._stream, pre=self._pre, js=self._engine.js, direct=False
         )
         with map_errors(f"watch {self.name}/{pattern}"):
-            watcher = await self._engine._refusable(self._stream, kv.watch(pattern), timeout)
+            watcher = await self._engine._refusable(
+                self._stream, kv.watch(pattern), timeout, "CONSUMER"
+            )
         return NatsWatch(watcher, self.name)
 
 
