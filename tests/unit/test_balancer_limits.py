@@ -1,6 +1,8 @@
 """The services load balancer bounds what a client can make it hold: a request head trickled
-slower than `head_timeout` (slowloris) is closed, too many headers or an over-long header line
-get 400. A real aiohttp server on loopback; the service view is a stub (no service routes)."""
+slower than `head_timeout` (slowloris) is closed, the first on a connection and each later one
+on a kept-alive connection alike (while a client idle between requests is not cut off), too
+many headers or an over-long header line get 400. A real aiohttp server on loopback; the
+service view is a stub (no service routes)."""
 
 from __future__ import annotations
 
