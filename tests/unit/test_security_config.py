@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -134,3 +135,24 @@ def test_creds_create_refuses_an_unknown_role(
     monkeypatch.setenv("ACCORD_HOME", str(tmp_path))
     done = CliRunner().invoke(app, ["creds", "create", "x", "--role", "admin"])
     assert done.exit_code == 2 and "role" in done.output
+
+
+def test_every_command_that_talks_to_a_cluster_takes_the_connection_options() -> None:
+    import typer
+
+    from accord._cli import app
+
+    def walk(cmd: Any, path: str) -> list[tuple[str, set[str]]]:
+        opts = {o for p in cmd.params for o in getattr(p, "opts", [])}
+        found = [(path, opts)]
+        for name, sub in getattr(cmd, "commands", {}).items():
+            found += walk(sub, f"{path} {name}")
+        return found
+
+    commands = walk(typer.main.get_command(app), "accord")
+    connecting = [(p, o) for p, o in commands if o & {"--nats", "--bus"}]
+    assert len(connecting) > 20  # ask, tell, status, workflows show, dlq list, bus tail, ...
+    for path, opts in connecting:
+        assert {"--creds", "--tls-ca", "--tls-cert", "--tls-key"} <= opts, path
+    up = dict(commands)["accord up"]  # its --tls-* are its server's PKI: kept, no --creds
+    assert "--tls-cert" in up and "--creds" not in up
