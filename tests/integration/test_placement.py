@@ -2,7 +2,8 @@
 `accord node` processes (examples/placement_app.py, placement_gpu_app.py).
 
 Proves: `mesh.migrate` under exactly-once traffic loses and doubles nothing and leaves the agent
-on the target, never active in two processes at once; on nodes that host different agent types,
+on the target, never active in two processes at once, and a clean stop of its node hands it to
+another node at once (the stop moves its override on); on nodes that host different agent types,
 an agent of a type one node hosts lives there, fails fast with `AgentTypeNotFound` once that node
 is gone, and a new node hosting the type takes it.
 """
@@ -15,9 +16,11 @@ import sys
 import time
 from pathlib import Path
 
+import msgspec
 import pytest
 
 import accord
+from accord.cluster._overrides import Override, override_key
 from accord.testing import Cluster, NodeProcess, wait_for_placement
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -107,7 +110,22 @@ async def test_migrate_under_exactly_once_traffic(tmp_path: Path) -> None:
             assert await mesh.migrate(agent, dst) == epoch
             with pytest.raises(accord.AgentTypeNotFound):
                 await mesh.migrate(agent, "no-such-node")
+
+            # A clean stop of the node it was moved to hands it back at once: its override is
+            # moved on by the stop itself (reason "its node stopped"), not re-placed after the
+            # lease TTL on its next message (reason "its node left"), and nothing is lost.
+            assert await asyncio.to_thread(c.nodes[dst].stop) == 0
+            placed = await _override(mesh, agent)
+            assert placed is not None and placed.node != dst
+            assert placed.reason == "its node stopped"
+            assert await mesh.ask(agent, Read(), timeout=10) == sent
+            assert await mesh.ask(agent, Where()) == pids[placed.node]
     assert overlapping(log) == []
+
+
+async def _override(mesh: accord.Mesh, agent: str) -> Override | None:
+    entry = await mesh._buckets.leases.get(override_key(agent), leader=True)  # type: ignore[union-attr]
+    return None if entry is None else msgspec.msgpack.decode(entry.value, type=Override)
 
 
 async def test_heterogeneous_nodes(tmp_path: Path) -> None:
@@ -153,8 +171,6 @@ async def test_heterogeneous_nodes(tmp_path: Path) -> None:
 
 
 async def _member_types(mesh: accord.Mesh) -> dict[str, list[str]]:
-    import msgspec
-
     data = await mesh._sender.transport_request(mesh.names.admin_subject, b"{}", 2.0)
     view = msgspec.json.decode(data)
     return {n: m["types"] for n, m in view["members"].items()}

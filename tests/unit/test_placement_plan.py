@@ -1,10 +1,23 @@
-"""The communication graph (weights, decay, pruning, bounded memory) and one round's placement
-plan (co-location by gain, load bound, bounded moves, hysteresis, opt-out, rebalancing)."""
+"""The communication graph (weights, decay, pruning, bounded memory), turns per agent, and one
+round's placement plan (co-location by gain, load bound, bounded moves, hysteresis, opt-out,
+rebalancing by count and by load, types the decider does not host); override compaction by a
+shard's owner on the in-memory engine."""
 
 from __future__ import annotations
 
-from accord.cluster._graph import CommGraph, GraphSettings
-from accord.runtime._colocate import plan
+import asyncio
+from typing import Any
+
+from accord._background import Background
+from accord._ids import AgentId, shard_of
+from accord.cluster._config import Names
+from accord.cluster._graph import AgentLoad, CommGraph, GraphSettings
+from accord.cluster._overrides import Overrides
+from accord.engine._api import BucketSpec
+from accord.engine.memory import MemoryEngine
+from accord.runtime._colocate import Loads, movable_types, plan
+from accord.runtime._migrate import Migrator
+from accord.runtime._placement import NodePlacement
 from accord.runtime._settings import PlacementSettings
 
 
@@ -99,3 +112,155 @@ def test_an_overloaded_node_sheds_its_least_connected_agents() -> None:
     for m in moves:
         after[m.agent] = m.target
     assert list(after.values()).count("n1") <= 32 / 3 + 2
+
+
+NODES = ["n1", "n2", "n3"]
+EVERY = PlacementSettings(slack=50, max_move_fraction=1.0, load_tolerance=0.25, load_slack=5)
+
+
+def _apply(where: dict[str, str], moves: list[Any]) -> dict[str, str]:
+    after = dict(where)
+    for m in moves:
+        after[m.agent] = m.target
+    return after
+
+
+def _node_load(where: dict[str, str], agents: dict[str, float]) -> dict[str, float]:
+    out = dict.fromkeys(NODES, 0.0)
+    for a, n in where.items():
+        out[n] += agents.get(a, 0.0)
+    return out
+
+
+def test_turns_per_agent_are_measured_over_two_periods() -> None:
+    clock = Clock()
+    load = AgentLoad(clock)
+    for _ in range(40):
+        load.record("hot/1", 0.001)
+    load.record("cold/1", 0.0)
+    clock.t = 5.0
+    load.tick()
+    for _ in range(10):
+        load.record("hot/1", 0.001)
+    clock.t = 10.0
+    rows, turns, busy = load.export()
+    assert rows[0] == ["hot/1", 5.0, 0.005] and rows[1][0] == "cold/1"  # 50 turns in 10 s
+    assert turns == 5.1 and abs(busy - 0.005) < 1e-9
+
+
+def test_a_hot_node_hands_agents_to_the_least_loaded_until_within_the_bound() -> None:
+    where = {f"h/{i}": NODES[i % 3] for i in range(30)}  # even counts: no count rebalancing
+    agents = {a: (10.0 if n == "n1" else 1.0) for a, n in where.items()}  # n1: 100, others 10
+    moves = plan([], where, NODES, lambda a, n: True, EVERY, set(), Loads(agents))
+    assert moves and all(m.reason.startswith("rebalance: n1 load") for m in moves)
+    after = _node_load(_apply(where, moves), agents)
+    mean = sum(after.values()) / 3
+    assert max(after.values()) <= mean + max(0.25 * mean, 5)
+    # Within the tolerance nothing moves (no churn on noise), and the base load counts too.
+    even = {a: 1.0 for a in where}
+    assert plan([], where, NODES, lambda a, n: True, EVERY, set(), Loads(even)) == []
+    base = Loads(even, {"n2": 200.0})  # n2 is busy with what no movable agent accounts for
+    shed = plan([], where, NODES, lambda a, n: True, EVERY, set(), base)
+    assert shed and {m.target for m in shed} <= {"n1", "n3"}
+
+
+def test_load_rebalancing_keeps_the_guards() -> None:
+    where = {f"h/{i}": NODES[i % 3] for i in range(30)}
+    agents = {a: (10.0 if n == "n1" else 1.0) for a, n in where.items()}
+    loads = Loads(agents)
+    few = PlacementSettings(slack=50, max_move_fraction=0.1, load_slack=5)
+    assert len(plan([], where, NODES, lambda a, n: True, few, set(), loads)) == 3  # budget
+    assert plan([], where, NODES, lambda a, n: False, EVERY, set(), loads) == []  # movable=False
+    assert plan([], where, NODES, lambda a, n: True, EVERY, set(where), loads) == []  # hysteresis
+    # One agent carrying a node's load is not moved: that would only move the hot spot.
+    alone = {"big/1": "n1", "x/1": "n2", "x/2": "n3"}
+    hot = Loads({"big/1": 100.0, "x/1": 1.0, "x/2": 1.0})
+    assert plan([], alone, NODES, lambda a, n: True, EVERY, set(), hot) == []
+    # The agents without partners on the hot node go first: a chatty pair there stays.
+    where2 = where | {"p/1": "n1", "q/1": "n1"}
+    agents2 = agents | {"p/1": 10.0, "q/1": 10.0}
+    moves = plan([("p/1", "q/1", 0.4)], where2, NODES, lambda a, n: True, EVERY, set(),
+                 Loads(agents2))  # fmt: skip
+    assert moves and not {"p/1", "q/1"} & {m.agent for m in moves}
+
+
+def test_co_location_does_not_pile_load_onto_a_node_above_the_bound() -> None:
+    where = {f"h/{i}": "n1" for i in range(10)} | {"a/1": "n2", "b/1": "n1", "c/1": "n3"}
+    agents = {f"h/{i}": 10.0 for i in range(10)} | {"a/1": 5.0, "b/1": 5.0, "c/1": 1.0}
+    moves = plan([("a/1", "b/1", 5.0)], where, NODES, lambda a, n: True, EVERY, set(),
+                 Loads(agents))  # fmt: skip
+    assert all(m.target != "n1" for m in moves)  # a/1 does not join b/1 on the hot node
+    assert any(m.agent == "b/1" and m.target == "n2" for m in moves)  # b/1 goes to a/1
+
+
+def test_agents_of_types_the_decider_does_not_know_or_pins_stay() -> None:
+    types = movable_types({}, [{"a": True}, {"b": False, "a": True}])
+    assert types == {"a": True, "b": False}
+
+    def movable(agent: str, node: str) -> bool:
+        return types.get(agent.split("/", 1)[0], False)
+
+    for idle in ("b/1", "c/1"):  # pinned by the node hosting it; unknown to every answer
+        where = {"a/1": "n1", idle: "n2", "x/1": "n3"}
+        moves = plan([("a/1", idle, 5.0)], where, NODES, movable, SETTINGS, set())
+        assert [(m.agent, m.target) for m in moves] == [("a/1", "n2")]
+
+
+class _Members:
+    def __init__(self, live: list[str]) -> None:
+        self._live = live
+        self.infos = dict.fromkeys(live, object())
+        self.confirmed = 1e12  # heartbeats always confirmed
+
+    def live(self) -> list[str]:
+        return self._live
+
+
+class _Shards:
+    def __init__(self, epochs: dict[int, int]) -> None:
+        self.epochs = epochs
+        self.table: dict[int, Any] = {}
+
+    def serving(self, shard: int) -> int | None:
+        return self.epochs.get(shard)
+
+    held_epoch = serving
+
+
+async def test_overrides_equal_to_the_hash_or_naming_a_long_gone_node_are_removed() -> None:
+    engine = MemoryEngine()
+    kv = await engine.bucket(BucketSpec(name="leases", storage="memory"))
+    bg = Background()
+    overrides = Overrides(kv, bg)
+    names = Names("t")
+    members = _Members(["n1", "n2"])
+    agents = [f"x/{i}" for i in range(6)]
+    revs = {}
+    for i, agent in enumerate(agents):  # x/0..1 on n1 (here), x/2..3 on n2, x/4..5 on "gone"
+        revs[agent] = await overrides.write(agent, ["n1", "n2", "gone"][i // 2], 0, "t", 5.0)
+    shards = {shard_of(a, 8) for a in agents}
+    late = max(revs.values()) + 100  # the shard's epoch is above every override's revision
+    epochs = {s: late for s in shards}
+    early = shard_of("x/1", 8)  # except x/1's shard (5; the six use six shards of 8): held
+    assert len(shards) == 6  # since before its override was written
+    epochs[early] = revs["x/1"] - 1
+    p = NodePlacement("n1", names, engine, overrides, members, _Shards(epochs), 2, bg)  # type: ignore[arg-type]
+    for agent in agents:
+        p._changed(agent, overrides.get(agent))
+
+    def resolve(agent: str) -> tuple[AgentId, int]:
+        aid = AgentId.parse(agent)
+        return aid, shard_of(agent, 8)
+
+    specs: dict[str, Any] = {"x": object()}
+    table: Any = type("T", (), {"live": {}})()
+    m = Migrator(p, names, engine, members, table, specs, resolve, 1.0, bg)  # type: ignore[arg-type]
+    assert await m.compact(limit=1) == 1  # bounded per round
+    await m.compact(limit=10)
+    kept = {a for a in agents if overrides.get(a) is not None}
+    # x/2, x/3: placed on a live node other than the hash's; x/1 (shard 5): its shard's epoch
+    # is below the override's, so removing it would put the agent under a fenced epoch.
+    assert kept == {"x/1", "x/2", "x/3"}
+    assert await kv.get("agent.eC8y") is not None  # x/2's key: left alone
+    await bg.close()
+    await asyncio.sleep(0)

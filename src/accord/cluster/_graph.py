@@ -114,3 +114,49 @@ class CommGraph:
                         reverse=True)[:limit]  # fmt: skip
         return [[src, str(dst), round(e.weight, 3), round(rate(e), 3), e.messages, e.local]
                 for (src, dst), e in ranked]  # fmt: skip
+
+
+class AgentLoad:
+    """Turns per agent (messages handled) and their handler time, over the current decay period
+    and the last full one: what load-aware rebalancing reads. Memory is bounded by the agents
+    that ran a turn in those two periods (each of them is active on this node)."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._window: dict[str, list[float]] = {}  # agent -> [turns, seconds] since the tick
+        self._last: dict[str, list[float]] = {}  # the same over the last full period
+        self._period = 0.0
+        self._last_tick = clock()
+
+    def record(self, agent: str, seconds: float) -> None:
+        """One turn of `agent` that ran `seconds` (on the hot path: one dict lookup)."""
+        w = self._window.get(agent)
+        if w is None:
+            self._window[agent] = [1.0, seconds]
+        else:
+            w[0] += 1.0
+            w[1] += seconds
+
+    def tick(self) -> None:
+        now = self._clock()
+        self._period = max(1e-6, now - self._last_tick)
+        self._last_tick = now
+        self._last, self._window = self._window, {}
+
+    def export(self, limit: int = 2_000) -> tuple[list[list[Any]], float, float]:
+        """([agent, turns/s, turn seconds/s] heaviest first, up to `limit`), and this node's
+        totals over every agent (turns/s, turn seconds/s), over the last period and the
+        current one together."""
+        span = self._period + max(0.0, self._clock() - self._last_tick)
+        if span <= 0.0:
+            return [], 0.0, 0.0
+        sums: dict[str, list[float]] = {a: list(v) for a, v in self._last.items()}
+        for agent, (n, secs) in self._window.items():
+            s = sums.setdefault(agent, [0.0, 0.0])
+            s[0] += n
+            s[1] += secs
+        total_n = sum(v[0] for v in sums.values()) / span
+        total_s = sum(v[1] for v in sums.values()) / span
+        ranked = sorted(sums.items(), key=lambda kv: (kv[1][0], kv[1][1]), reverse=True)
+        rows = [[a, round(n / span, 3), round(secs / span, 6)] for a, (n, secs) in ranked[:limit]]
+        return rows, round(total_n, 3), round(total_s, 6)

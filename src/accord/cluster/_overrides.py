@@ -92,6 +92,16 @@ class Overrides:
         self.set_local(agent, Placed(node, rev))
         return rev
 
+    async def delete(self, agent: str, last: int, timeout: float) -> None:
+        """Remove `agent`'s override by compare-and-set on revision `last` (the agent goes back
+        to its shard's hash). `WrongRevision` if it moved on. Only safe once the shard's owner
+        holds the shard under an epoch above `last` (see runtime/_migrate.py `compact`)."""
+        await self._kv.delete(override_key(agent), last=last, timeout=timeout)
+        known = self.table.get(agent)
+        if known is not None and known.revision == last:
+            del self.table[agent]
+            self.on_change(agent, None)
+
     def _apply(self, entry: Entry) -> None:
         agent = agent_of(entry.key)
         if agent is None:

@@ -21,8 +21,9 @@ from .._background import Background
 from .._context import current_sender
 from .._errors import AccordError
 from .._ids import AgentId, shard_of
+from .._observe import Kind, Observer, Outcome
 from .._spec import AgentSpec
-from ..cluster._graph import CommGraph
+from ..cluster._graph import AgentLoad, CommGraph
 from ..cluster._membership import Membership
 from ._migrate import Ctl, Migrator
 from ._placement import NodePlacement
@@ -39,6 +40,19 @@ class Planned(msgspec.Struct, frozen=True):
     reason: str
 
 
+class Loads(msgspec.Struct, frozen=True):
+    """What load-aware rebalancing reads: an agent's load is its messages/s plus
+    `turn_weight` x its handlers' turn milliseconds/s (`load_of`); a node's is the load of
+    the agents on it plus `base`, the load it reported that no movable agent accounts for."""
+
+    agents: dict[str, float]
+    base: dict[str, float] = msgspec.field(default_factory=dict)
+
+
+def load_of(turns_per_s: float, turn_seconds_per_s: float, settings: PlacementSettings) -> float:
+    return turns_per_s + settings.turn_weight * 1000.0 * turn_seconds_per_s
+
+
 def plan(
     edges: list[tuple[str, str, float]],
     where: Mapping[str, str],
@@ -46,17 +60,23 @@ def plan(
     movable: Callable[[str, str], bool],
     settings: PlacementSettings,
     recently_moved: set[str],
+    loads: Loads | None = None,
 ) -> list[Planned]:
     """One round's moves. `edges`: (a, b, messages/s) in either direction; `where`: agent ->
     node for every known agent (also those without edges: they count for load); `movable(agent,
-    node)`: may that agent go there (type hosted, not `movable=False`).
+    node)`: may that agent go there (type hosted, not `movable=False`); `loads`: the measured
+    load per agent and per node (None: counts only).
 
     Co-location: an agent's gain for a node is its traffic with partners there minus its
     traffic with partners on its own node; moves with gain above `min_gain` are taken greedily,
     heaviest first, each to whichever side of the pair is less loaded, keeping every node at or
-    below mean + max(tolerance x mean, slack) agents. Then rebalancing: a node above that bound
-    hands its least-connected agents to the least loaded node. At most `max_move_fraction` of
-    the agents move; none moved in the last `hold_rounds` rounds moves again (hysteresis).
+    below mean + max(tolerance x mean, slack) agents and (when it adds load) mean +
+    max(load_tolerance x mean, load_slack) load. Then rebalancing by count: a node above the
+    count bound hands its least-connected agents to the least loaded node; then by load: a
+    node above the load bound hands its least-connected agents, heaviest first, to the least
+    loaded node, each only if it narrows the gap between the two (no agent whose load is above
+    half the gap moves: that would only move the hot spot). At most `max_move_fraction` of the
+    agents move; none moved in the last `hold_rounds` rounds moves again (hysteresis).
     """
     loc = dict(where)
     if not nodes or not loc:
@@ -73,6 +93,13 @@ def plan(
             count[node] += 1
     mean = len(loc) / len(nodes)
     bound = mean + max(settings.tolerance * mean, settings.slack)
+    aload = loads.agents if loads is not None else {}
+    load = {n: loads.base.get(n, 0.0) if loads is not None else 0.0 for n in nodes}
+    for agent, node in loc.items():
+        if node in load:
+            load[node] += aload.get(agent, 0.0)
+    lmean = sum(load.values()) / len(nodes)
+    lbound = lmean + max(settings.load_tolerance * lmean, settings.load_slack)
     budget = max(1, int(settings.max_move_fraction * len(loc)))
     out: list[Planned] = []
     moved: set[str] = set()
@@ -82,12 +109,23 @@ def plan(
         here = sum(r for b, r in adj[agent].items() if loc.get(b) == loc[agent])
         return sum(r for _, r in there) - here, [b for b, _ in there]
 
+    def fits(agents: list[str], node: str) -> bool:
+        """Room for `agents` on `node`: the count bound, and the load bound if they add load."""
+        extra = sum(aload.get(a, 0.0) for a in agents)
+        return count[node] + len(agents) <= bound and (extra <= 0.0 or load[node] + extra <= lbound)
+
     def go(agent: str, node: str, g: float, why: str) -> None:
+        r = aload.get(agent, 0.0)
         count[loc[agent]] -= 1
+        load[loc[agent]] -= r
         count[node] += 1
+        load[node] += r
         loc[agent] = node
         moved.add(agent)
         out.append(Planned(agent, node, round(g, 3), why))
+
+    def free(agent: str) -> bool:
+        return agent not in moved and agent not in recently_moved
 
     candidates: list[tuple[float, str, str]] = []
     for agent in adj:
@@ -102,17 +140,17 @@ def plan(
     for _, agent, _node in candidates:
         if len(out) >= budget:
             break
-        if agent in moved or agent in recently_moved:
+        if not free(agent):
             continue
         options = []
         for node in {loc[b] for b in adj[agent]} - {loc[agent]}:  # recomputed: partners move
             g, partners = gain(agent, node)
-            if g > settings.min_gain and movable(agent, node) and count[node] + 1 <= bound:
+            if g > settings.min_gain and movable(agent, node) and fits([agent], node):
                 options.append((g, -count[node], agent, node, partners))
             # The other way round: the partners come here, if that leaves loads more even.
             home = loc[agent]
-            mates = [b for b in partners if b not in moved and b not in recently_moved]
-            if mates and len(mates) == len(partners) and count[home] + len(mates) <= bound:
+            mates = [b for b in partners if free(b)]
+            if mates and len(mates) == len(partners) and fits(mates, home):
                 pair_gain = sum(gain(b, home)[0] for b in mates) / len(mates)
                 if pair_gain > settings.min_gain and all(movable(b, home) for b in mates):
                     options.append((g, -count[home], mates[0], home, [agent]))
@@ -123,18 +161,50 @@ def plan(
             continue
         why = f"gain {g:.2f} msg/s: with {', '.join(sorted(partners)[:3])}"
         go(who, node, g, why)
-    # Rebalancing: a node above the bound sheds its least-connected agents.
+
+    def ties(agent: str) -> float:  # its traffic with partners on its node: lost by a move
+        return sum(r for b, r in adj[agent].items() if loc.get(b) == loc[agent])
+
+    # Rebalancing by count: a node above the bound sheds its least-connected, idlest agents.
     for node in sorted(nodes, key=lambda n: -count[n]):
         while count[node] > bound and len(out) < budget:
             coldest = min(nodes, key=lambda n: count[n])
-            if count[coldest] + 1 > bound or coldest == node:
+            if coldest == node:
                 break
-            mine = [a for a, n in loc.items() if n == node and a not in moved
-                    and a not in recently_moved and movable(a, coldest)]  # fmt: skip
+            mine = [a for a, n in loc.items() if n == node and free(a)
+                    and movable(a, coldest) and fits([a], coldest)]  # fmt: skip
             if not mine:
                 break
-            agent = min(mine, key=lambda a: (sum(adj[a].values()), a))
+            agent = min(mine, key=lambda a: (ties(a), aload.get(a, 0.0), a))
             go(agent, coldest, 0.0, f"rebalance: {node} over {bound:.0f} agents")
+    # Rebalancing by load: the hottest node hands agents to the least loaded one.
+    for node in sorted(nodes, key=lambda n: -load[n]):
+        while load[node] > lbound and len(out) < budget:
+            coldest = min(nodes, key=lambda n: load[n])
+            room = (load[node] - load[coldest]) / 2
+            if coldest == node or count[coldest] + 1 > bound:
+                break
+            mine = [a for a, n in loc.items() if n == node and free(a)
+                    and 0.0 < aload.get(a, 0.0) <= room and movable(a, coldest)]  # fmt: skip
+            if not mine:
+                break
+            agent = min(mine, key=lambda a: (ties(a), -aload[a], a))
+            go(agent, coldest, 0.0,
+               f"rebalance: {node} load {load[node]:.0f} over {lbound:.0f}")  # fmt: skip
+    return out
+
+
+def movable_types(
+    own: Mapping[str, AgentSpec], reported: list[Mapping[str, bool]]
+) -> dict[str, bool]:
+    """Agent type -> may the decider move its agents: known from this node's specs and from
+    every node's report (`types`: its hosted types and whether each is movable). A type
+    marked `movable=False` (or a worker pool) anywhere is not moved; a type no answer names is
+    absent, and the decider does not move an agent of a type it knows nothing of."""
+    out = {t: spec.options.movable and not spec.stateless for t, spec in own.items()}
+    for types in reported:
+        for t, ok in types.items():
+            out[t] = out.get(t, True) and bool(ok)
     return out
 
 
@@ -166,9 +236,12 @@ class Colocation:
         self._adaptive = adaptive
         self._bg = bg
         self.graph = CommGraph(settings.graph)
+        self.load = AgentLoad()
+        self.turns = _TurnLoad(self.load)  # the observer that feeds `load` (node registers it)
         self._round = 0
         self._moved_in: dict[str, int] = {}  # agent -> round it was last moved by a decision
         self._hosts: dict[str, list[str]] = {}  # agent type -> live hosts, for one round
+        self._types: dict[str, bool] = {}  # agent type -> movable, for one round
         migrator.report = self.report
 
     def observe(self, destination: AgentId, local: bool) -> None:
@@ -183,8 +256,11 @@ class Colocation:
             if act.spec.options.movable and not act.spec.stateless and not act.orphan
         ]  # fmt: skip
         moves = [msgspec.structs.asdict(m) for m in self._migrator.moves]
+        rows, turns, busy = self.load.export()
+        types = {t: s.options.movable and not s.stateless for t, s in self._specs.items()}
         return {"node": self._p.me, "edges": self.graph.export(), "agents": agents[:20_000],
-                "moves": moves}  # fmt: skip
+                "moves": moves, "types": types,
+                "load": {"agents": rows, "turns": turns, "busy": busy}}  # fmt: skip
 
     def start(self) -> None:
         self._bg.spawn(self._decay(), name="accord-graph-decay")
@@ -195,6 +271,11 @@ class Colocation:
         while True:
             await asyncio.sleep(self.settings.graph.decay_every)
             self.graph.tick()
+            self.load.tick()
+            try:
+                await self._migrator.compact(self.settings.compact_per_round)
+            except AccordError as exc:
+                log.info("override compaction deferred: %s", exc)
 
     async def _decide(self) -> None:
         async for term in self._mesh.election("accord-placement", ttl=5):
@@ -220,12 +301,20 @@ class Colocation:
         )
         edges: list[tuple[str, str, float]] = []
         where: dict[str, str] = {}
+        types: list[Mapping[str, bool]] = []
+        measured: dict[str, tuple[float, list[list[Any]]]] = {}  # node -> (total, per agent)
+        s = self.settings
         for node, answer in zip(nodes, answers, strict=True):
             if isinstance(answer, BaseException):
                 continue
             for agent in answer.get("agents", ()):
                 where[agent] = node
             edges.extend((e[0], e[1], float(e[3])) for e in answer.get("edges", ()))
+            types.append(answer.get("types", {}))
+            load = answer.get("load", {})
+            total = load_of(float(load.get("turns", 0.0)), float(load.get("busy", 0.0)), s)
+            measured[node] = (total, load.get("agents", []))
+        loads = _loads(measured, where, s)
         for a, b, _ in edges:  # partners not active now: where their shard or override puts them
             for agent in (a, b):
                 if agent not in where:
@@ -235,7 +324,8 @@ class Colocation:
         hold = self.settings.hold_rounds
         recent = {a for a, r in self._moved_in.items() if self._round - r < hold}
         self._hosts.clear()
-        planned = plan(edges, where, nodes, self._movable, self.settings, recent)
+        self._types = movable_types(self._specs, types)
+        planned = plan(edges, where, nodes, self._movable, self.settings, recent, loads)
         sem = asyncio.Semaphore(8)
 
         async def move(p: Planned) -> None:
@@ -263,10 +353,44 @@ class Colocation:
 
     def _movable(self, agent: str, node: str) -> bool:
         agent_type = agent.split("/", 1)[0]
-        spec = self._specs.get(agent_type)
-        if spec is not None and (not spec.options.movable or spec.stateless):
-            return False  # opted out, or a worker pool (served by every hosting node)
+        if not self._types.get(agent_type, False):
+            return False  # opted out, a worker pool, or a type no node told the decider of
         hosts = self._hosts.get(agent_type)
         if hosts is None:
             hosts = self._hosts[agent_type] = self._migrator.hosts(agent_type)
         return node in hosts
+
+
+class _TurnLoad(Observer):
+    """Every turn of this node, by agent: an activation's turns run in its own task, where
+    `current_sender` names the agent (`_activation.py`), so the observer needs no agent id."""
+
+    def __init__(self, load: AgentLoad) -> None:
+        self._load = load
+
+    def turn_ended(self, agent_type: str, kind: Kind, outcome: Outcome, seconds: float) -> None:
+        agent = current_sender.get()
+        if agent is not None:
+            self._load.record(agent, seconds)
+
+
+def _loads(
+    measured: Mapping[str, tuple[float, list[list[Any]]]],
+    where: Mapping[str, str],
+    settings: PlacementSettings,
+) -> Loads:
+    """Per agent: the sum of what every node measured of it (an agent that moved within the
+    window is counted by both nodes, each for its part). Per node: its total less the agents
+    it reported that the decider may move (the rest: pools, pinned types, agents beyond the
+    report's limit) stays as its base load wherever the movable agents go."""
+    agents: dict[str, float] = {}
+    base: dict[str, float] = {}
+    for node, (total, rows) in measured.items():
+        own = 0.0
+        for agent, turns, busy in rows:
+            r = load_of(float(turns), float(busy), settings)
+            if agent in where:
+                agents[agent] = agents.get(agent, 0.0) + r
+                own += r
+        base[node] = max(0.0, total - own)
+    return Loads(agents, base)

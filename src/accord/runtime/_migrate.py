@@ -28,6 +28,7 @@ from .._spec import AgentSpec
 from ..cluster._config import Names
 from ..cluster._membership import Membership
 from ..cluster._overrides import Placed
+from ..cluster._placement import assign
 from ..engine._api import Delivery, Engine, Message, NoResponders, RequestTimeout, WrongRevision
 from ._placement import NodePlacement
 from ._table import ActivationTable
@@ -263,6 +264,78 @@ class Migrator:
         act = self._table.live.get(aid)
         if act is not None and act.epoch == rev:
             act.close()
+
+    # -- a clean stop, and compaction --------------------------------------------------------
+
+    async def hand_back(self, num_shards: int, timeout: float) -> int:
+        """This node is stopping: move every agent placed here by override to another live
+        host of its type (the node its shard will hash to once this one is gone, when that
+        node hosts it), through its shard's owner, as `migrate` does: its turns drain here and
+        it is served there at once, not one lease TTL later. Returns how many moved; gives up
+        after `timeout` (the rest are re-placed once this node is gone)."""
+        mine = [aid for aid, placed in self._p.by_id.items() if placed.node == self.me]
+        others = [n for n in self._members.live() if n != self.me]
+        if not mine or not others:
+            return 0
+        owners = assign(num_shards, others)
+        sem = asyncio.Semaphore(16)
+        moved = 0
+
+        async def one(aid: AgentId) -> None:
+            nonlocal moved
+            hosts = [n for n in self.hosts(aid.type) if n != self.me]
+            if not hosts:
+                return
+            owner = owners.get(self._resolve(str(aid))[1])
+            target = owner if owner in hosts else pick_host(str(aid), hosts)
+            ctl = Ctl("migrate", str(aid), node=target, reason="its node stopped")
+            async with sem:
+                with contextlib.suppress(AccordError):
+                    await self.ctl("any", ctl, timeout=timeout)
+                    moved += 1
+
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.gather(*(one(a) for a in mine)), timeout)
+        log.info("%s handed back %d of %d agents placed on it", self.me, moved, len(mine))
+        return moved
+
+    async def compact(self, limit: int) -> int:
+        """Remove up to `limit` overrides of shards held here that say no more than the hash:
+        those naming this node (the shard's owner, hosting the type), and those naming a node
+        long gone (its membership entry expired). Only when the shard's epoch here is above
+        the override's revision, so the agent goes on under a higher epoch than any its state
+        was written with (a lower one would be fenced). An agent active here under the
+        override drains first (its messages wait), then comes back under the shard's epoch."""
+        p = self._p
+        live, known = set(self._members.live()), self._members.infos
+        done = 0
+        for aid, placed in list(p.by_id.items()):
+            if done >= limit:
+                break
+            here = placed.node == self.me
+            gone = placed.node not in live and placed.node not in known
+            if not (here or gone) or aid in p.moving or aid.type not in self._specs:
+                continue
+            epoch = p.shards.serving(self._resolve(str(aid))[1])
+            if epoch is None or epoch <= placed.revision:
+                continue
+            p.hold(aid)
+            try:
+                if here:
+                    await self._release(aid, placed.revision)
+                await p.overrides.delete(str(aid), placed.revision, timeout=5.0)
+                done += 1
+            except WrongRevision:
+                pass  # moved meanwhile: the new override stands
+            except AccordError:
+                if here:
+                    p.released.discard(placed.revision)  # not removed: serve it again
+                raise
+            finally:
+                p.unhold(aid)
+        if done:
+            log.info("%s removed %d placement overrides equal to the hash", self.me, done)
+        return done
 
     # -- agents of types not hosted everywhere ----------------------------------------------
 

@@ -210,6 +210,8 @@ class Node(Mesh):
             self, self._migrator, placement, membership, table, self.specs, config.num_shards,
             s.placement, s.adaptive, self._bg)  # fmt: skip
         local.observe = colocation.observe if s.placement.sample else None
+        if s.placement.sample:  # turns per agent, for load-aware rebalancing
+            self._observe.add(colocation.turns)
         host.bind(self, shards, cutoff, inbound, table, placement)
 
         status_sub = await transport.subscribe(names.admin_subject, self._on_admin, queue="admin")
@@ -261,6 +263,8 @@ class Node(Mesh):
         if stack is None:
             return
         if self._running:
+            # Agents placed here by override go elsewhere now, not one lease TTL after we left.
+            await self._migrator.hand_back(self.config.num_shards, self.settings.drain_timeout)
             self._running = self._local_route.open = False
             await self._stop_services(None)
             await self._membership.leave()

@@ -23,6 +23,15 @@ class PlacementSettings(msgspec.Struct, frozen=True, kw_only=True):
     """At most this fraction of the known agents moves in one round (at least one agent)."""
     hold_rounds: int = 3
     """Hysteresis: an agent moved is not moved again for this many rounds."""
+    load_tolerance: float = 0.25
+    """Load-aware rebalancing: a node above mean load + max(load_tolerance x mean, load_slack)
+    hands agents to the least loaded node (load: messages/s + `turn_weight` x turn ms/s)."""
+    load_slack: float = 20.0
+    turn_weight: float = 1.0
+    """Load units per millisecond of handler time per second (0: messages/s alone)."""
+    compact_per_round: int = 64
+    """Overrides a shard owner may remove per decay period when they say no more than the hash
+    (cluster/_overrides.py)."""
     graph: GraphSettings = GraphSettings()
     sample: bool = True
     """Sample agent->agent messages into the graph (off: no graph, no co-location)."""
