@@ -142,10 +142,14 @@ def test_turns_per_agent_are_measured_over_two_periods() -> None:
     load.tick()
     for _ in range(10):
         load.record("hot/1", 0.001)
+    for _ in range(10):  # an agent asking others: its turn time is mostly waiting for them
+        load.record("asker/1", 0.5)
+        load.sent("asker/1")
     clock.t = 10.0
     rows, turns, busy = load.export()
-    assert rows[0] == ["hot/1", 5.0, 0.005] and rows[1][0] == "cold/1"  # 50 turns in 10 s
-    assert turns == 5.1 and abs(busy - 0.005) < 1e-9
+    assert rows[0] == ["hot/1", 5.0, 0.005]  # 50 turns in 10 s
+    assert rows[1] == ["asker/1", 1.0, 0.0] and rows[2][0] == "cold/1"
+    assert turns == 6.1 and abs(busy - 0.005) < 1e-9
 
 
 def test_a_hot_node_hands_agents_to_the_least_loaded_until_within_the_bound() -> None:
@@ -182,6 +186,12 @@ def test_load_rebalancing_keeps_the_guards() -> None:
     moves = plan([("p/1", "q/1", 0.4)], where2, NODES, lambda a, n: True, EVERY, set(),
                  Loads(agents2))  # fmt: skip
     assert moves and not {"p/1", "q/1"} & {m.agent for m in moves}
+    # A hot node made only of chatty pairs is not split up: co-location would undo it.
+    pairs = {f"p/{i}": "n1" for i in range(10)} | {f"q/{i}": "n1" for i in range(10)}
+    pairs |= {"x/1": "n2", "x/2": "n3"}
+    chat = [(f"p/{i}", f"q/{i}", 5.0) for i in range(10)]
+    busy = Loads(dict.fromkeys(pairs, 10.0) | {"x/1": 1.0, "x/2": 1.0})
+    assert plan(chat, pairs, NODES, lambda a, n: True, EVERY, set(), busy) == []
 
 
 def test_co_location_does_not_pile_load_onto_a_node_above_the_bound() -> None:

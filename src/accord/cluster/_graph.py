@@ -118,13 +118,16 @@ class CommGraph:
 
 class AgentLoad:
     """Turns per agent (messages handled) and their handler time, over the current decay period
-    and the last full one: what load-aware rebalancing reads. Memory is bounded by the agents
+    and the last full one: what load-aware rebalancing reads. Handler time counts only for
+    agents that sent no agent->agent message in the period: the turn time of an agent that
+    asks others is mostly waiting for them, not work done here. Memory is bounded by the agents
     that ran a turn in those two periods (each of them is active on this node)."""
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
-        self._window: dict[str, list[float]] = {}  # agent -> [turns, seconds] since the tick
-        self._last: dict[str, list[float]] = {}  # the same over the last full period
+        # agent -> [turns, seconds, messages sent] since the tick, and over the last period
+        self._window: dict[str, list[float]] = {}
+        self._last: dict[str, list[float]] = {}
         self._period = 0.0
         self._last_tick = clock()
 
@@ -132,10 +135,18 @@ class AgentLoad:
         """One turn of `agent` that ran `seconds` (on the hot path: one dict lookup)."""
         w = self._window.get(agent)
         if w is None:
-            self._window[agent] = [1.0, seconds]
+            self._window[agent] = [1.0, seconds, 0.0]
         else:
             w[0] += 1.0
             w[1] += seconds
+
+    def sent(self, agent: str) -> None:
+        """`agent` sent an agent->agent message from its turn."""
+        w = self._window.get(agent)
+        if w is None:
+            self._window[agent] = [0.0, 0.0, 1.0]
+        else:
+            w[2] += 1.0
 
     def tick(self) -> None:
         now = self._clock()
@@ -144,19 +155,21 @@ class AgentLoad:
         self._last, self._window = self._window, {}
 
     def export(self, limit: int = 2_000) -> tuple[list[list[Any]], float, float]:
-        """([agent, turns/s, turn seconds/s] heaviest first, up to `limit`), and this node's
-        totals over every agent (turns/s, turn seconds/s), over the last period and the
-        current one together."""
+        """([agent, turns/s, handler seconds/s] heaviest first, up to `limit`), and this node's
+        totals over every agent (turns/s, handler seconds/s), over the last period and the
+        current one together; handler time is 0 for an agent that sent messages."""
         span = self._period + max(0.0, self._clock() - self._last_tick)
         if span <= 0.0:
             return [], 0.0, 0.0
         sums: dict[str, list[float]] = {a: list(v) for a, v in self._last.items()}
-        for agent, (n, secs) in self._window.items():
-            s = sums.setdefault(agent, [0.0, 0.0])
+        for agent, (n, secs, sent) in self._window.items():
+            s = sums.setdefault(agent, [0.0, 0.0, 0.0])
             s[0] += n
             s[1] += secs
-        total_n = sum(v[0] for v in sums.values()) / span
-        total_s = sum(v[1] for v in sums.values()) / span
-        ranked = sorted(sums.items(), key=lambda kv: (kv[1][0], kv[1][1]), reverse=True)
-        rows = [[a, round(n / span, 3), round(secs / span, 6)] for a, (n, secs) in ranked[:limit]]
-        return rows, round(total_n, 3), round(total_s, 6)
+            s[2] += sent
+        rows = [(a, n / span, 0.0 if sent else secs / span) for a, (n, secs, sent) in sums.items()]
+        total_n = sum(r[1] for r in rows)
+        total_s = sum(r[2] for r in rows)
+        rows.sort(key=lambda r: (r[1], r[2]), reverse=True)
+        out = [[a, round(n, 3), round(secs, 6)] for a, n, secs in rows[:limit] if n > 0]
+        return out, round(total_n, 3), round(total_s, 6)

@@ -75,8 +75,10 @@ def plan(
     count bound hands its least-connected agents to the least loaded node; then by load: a
     node above the load bound hands its least-connected agents, heaviest first, to the least
     loaded node, each only if it narrows the gap between the two (no agent whose load is above
-    half the gap moves: that would only move the hot spot). At most `max_move_fraction` of the
-    agents move; none moved in the last `hold_rounds` rounds moves again (hysteresis).
+    half the gap moves: that would only move the hot spot, nor one whose traffic with partners
+    on its node exceeds `min_gain`: co-location would bring it back). At most
+    `max_move_fraction` of the agents move; none moved in the last `hold_rounds` rounds moves
+    again (hysteresis).
     """
     loc = dict(where)
     if not nodes or not loc:
@@ -184,8 +186,10 @@ def plan(
             room = (load[node] - load[coldest]) / 2
             if coldest == node or count[coldest] + 1 > bound:
                 break
+            # Not an agent tied to partners here: co-location would bring it back (thrash).
             mine = [a for a, n in loc.items() if n == node and free(a)
-                    and 0.0 < aload.get(a, 0.0) <= room and movable(a, coldest)]  # fmt: skip
+                    and 0.0 < aload.get(a, 0.0) <= room and ties(a) <= settings.min_gain
+                    and movable(a, coldest)]  # fmt: skip
             if not mine:
                 break
             agent = min(mine, key=lambda a: (ties(a), -aload[a], a))
@@ -249,6 +253,7 @@ class Colocation:
         source = current_sender.get()
         if source is not None:
             self.graph.record(source, destination, local)
+            self.load.sent(source)
 
     def report(self) -> dict[str, Any]:
         agents = [
