@@ -11,6 +11,10 @@ of agent->agent traffic (`accord topology`). Clusters, same run and server binar
   on        --adaptive, rounds every 3 s, measured once placement converged
   nosample  hash placement, --no-sampling: the sampling overhead is off / nosample
 `off` runs first and last (its mean is used: the drift of a shared machine shows between them).
+Each cluster also reports the CPU of every process (3 nodes, the server, this client) per inner
+ask over the measured interval, and `failed` client asks; `cpu_bound_ratio` (CPU per inner ask
+off/on) is the throughput ratio the workload allows when all processes share busy cores, the
+stable figure on a noisy machine (wall-clock ratios follow the other users of the cores).
 Targets: cross-node <= 10 % on, throughput on/off >= 2, p99 on/off <= 0.5, sampling <= 3 %.
 """
 
@@ -20,7 +24,18 @@ import asyncio
 import time
 from typing import Any
 
-from _common import ROOT, emit, environment, load_app, parser, percentile, ratio, run, verdict
+from _common import (
+    ROOT,
+    cpu_seconds,
+    emit,
+    environment,
+    load_app,
+    parser,
+    percentile,
+    ratio,
+    run,
+    verdict,
+)
 
 from accord._status import cluster_status
 from accord._topology import topology
@@ -36,17 +51,18 @@ async def measure(args: Any, node_args: list[str], adaptive: bool) -> dict[str, 
             await wait_for_placement(mesh, set(c.nodes))
             stop = asyncio.Event()
             lat: list[float] = []
-            done = 0
+            done = failed = 0
             recording = False
 
             async def pair(i: int) -> None:
-                nonlocal done
+                nonlocal done, failed
                 msg = app.Ping(n=args.inner)
                 while not stop.is_set():
                     t0 = time.perf_counter()
                     try:
                         await mesh.ask(f"pinger/{i}", msg, timeout=30)
                     except Exception:
+                        failed += recording
                         continue
                     if recording:
                         lat.append(time.perf_counter() - t0)
@@ -64,17 +80,31 @@ async def measure(args: Any, node_args: list[str], adaptive: bool) -> dict[str, 
                         converged_after = round(time.monotonic() - t_start, 1)
                         break
                     await asyncio.sleep(3.0)
+            # CPU of every process of the run (3 nodes, the server, this client) per inner ask:
+            # the stable measure on a shared machine, where throughput follows total CPU.
+            nodes = [n.pid for n in c.nodes.values()]
+            server = c.server.pid if c.server and c.server.pid else None
+
+            def cpu_now() -> tuple[float, float, float]:
+                srv = cpu_seconds(server) if server else 0.0
+                return sum(cpu_seconds(p) for p in nodes), srv, time.process_time()
+
+            cpu0 = cpu_now()
             recording = True
             t0 = time.monotonic()
             await asyncio.sleep(args.seconds)
             recording = False
             elapsed = time.monotonic() - t0
+            cpu = [b - a for a, b in zip(cpu0, cpu_now(), strict=True)]
             topo = await topology(mesh, names)
             status = await cluster_status(mesh)
             stop.set()
             await asyncio.gather(*tasks)
     return {
         "inner_asks_per_s": round(done * args.inner / elapsed, 1),
+        "cpu_us_per_inner_ask": round(sum(cpu) / max(1, done * args.inner) * 1e6, 1),
+        "cpu_us_nodes_server_client": [round(x / max(1, done * args.inner) * 1e6, 1) for x in cpu],
+        "failed": failed,
         "p99_ms": round(percentile(lat, 99) * 1000, 2) if lat else float("nan"),
         "cross_node_fraction": topo["cross_node_fraction"],
         "moves": len(topo["moves"]),
@@ -90,8 +120,8 @@ async def bench(args: Any) -> dict[str, Any]:
     on = await measure(args, ["--adaptive", "--placement-round", "3"], adaptive=True)
     nosample = await measure(args, ["--no-sampling"], adaptive=False)
     off2 = await measure(args, [], adaptive=False)
-    off = {k: (off1[k] + off2[k]) / 2 if k in ("inner_asks_per_s", "p99_ms", "cross_node_fraction")
-           else off1[k] for k in off1}  # fmt: skip
+    mean = ("inner_asks_per_s", "p99_ms", "cross_node_fraction", "cpu_us_per_inner_ask")
+    off = {k: (off1[k] + off2[k]) / 2 if k in mean else off1[k] for k in off1}
     return {
         "off": off,
         "off_first": off1,
@@ -100,6 +130,8 @@ async def bench(args: Any) -> dict[str, Any]:
         "nosample": nosample,
         "throughput_ratio": round(ratio(on["inner_asks_per_s"], off["inner_asks_per_s"]), 3),
         "p99_ratio": round(ratio(on["p99_ms"], off["p99_ms"]), 3),
+        # The throughput ratio CPU allows when every process shares the cores (off/on CPU).
+        "cpu_bound_ratio": round(ratio(off["cpu_us_per_inner_ask"], on["cpu_us_per_inner_ask"]), 3),
         "sampling_overhead": round(
             1 - ratio(off["inner_asks_per_s"], nosample["inner_asks_per_s"]), 4
         ),
@@ -123,6 +155,7 @@ def main() -> None:
         f"throughput on/off: {result['throughput_ratio']} "
         + verdict(result["throughput_ratio"], 2.0, True),
         f"p99 on/off: {result['p99_ratio']} " + verdict(result["p99_ratio"], 0.5, False),
+        f"CPU per inner ask off/on (the throughput ratio CPU allows): {result['cpu_bound_ratio']}",
         f"sampling overhead: {result['sampling_overhead']:.1%} "
         + verdict(result["sampling_overhead"], 0.03, False),
     ]

@@ -11,6 +11,7 @@ from typing import Any
 from accord._background import Background
 from accord._ids import AgentId, shard_of
 from accord.cluster._config import Names
+from accord.cluster._detector import State
 from accord.cluster._graph import AgentLoad, CommGraph, GraphSettings
 from accord.cluster._overrides import Overrides
 from accord.engine._api import BucketSpec
@@ -217,13 +218,17 @@ def test_agents_of_types_the_decider_does_not_know_or_pins_stay() -> None:
 
 
 class _Members:
-    def __init__(self, live: list[str]) -> None:
+    def __init__(self, live: list[str], gone: list[str]) -> None:
         self._live = live
+        self._gone = gone
         self.infos = dict.fromkeys(live, object())
         self.confirmed = 1e12  # heartbeats always confirmed
 
     def live(self) -> list[str]:
         return self._live
+
+    def state(self, node: str) -> State | None:
+        return State.ALIVE if node in self._live else State.LEFT if node in self._gone else None
 
 
 class _Shards:
@@ -243,7 +248,7 @@ async def test_overrides_equal_to_the_hash_or_naming_a_long_gone_node_are_remove
     bg = Background()
     overrides = Overrides(kv, bg)
     names = Names("t")
-    members = _Members(["n1", "n2"])
+    members = _Members(["n1", "n2"], gone=["gone"])
     agents = [f"x/{i}" for i in range(6)]
     revs = {}
     for i, agent in enumerate(agents):  # x/0..1 on n1 (here), x/2..3 on n2, x/4..5 on "gone"
@@ -266,6 +271,9 @@ async def test_overrides_equal_to_the_hash_or_naming_a_long_gone_node_are_remove
     table: Any = type("T", (), {"live": {}})()
     m = Migrator(p, names, engine, members, table, specs, resolve, 1.0, bg)  # type: ignore[arg-type]
     assert await m.compact(limit=1) == 1  # bounded per round
+    await m.compact(limit=10)
+    assert overrides.get("x/4") is not None  # its node has not been gone for long yet
+    m._gone_since["gone"] -= 7.0  # seen gone 7 s ago: over 3 lease TTLs (2 s)
     await m.compact(limit=10)
     kept = {a for a in agents if overrides.get(a) is not None}
     # x/2, x/3: placed on a live node other than the hash's; x/1 (shard 5): its shard's epoch

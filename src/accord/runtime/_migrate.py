@@ -26,6 +26,7 @@ from .._errors import AccordError, AgentTypeNotFound, ConfigurationError, Conten
 from .._ids import AgentId
 from .._spec import AgentSpec
 from ..cluster._config import Names
+from ..cluster._detector import State
 from ..cluster._membership import Membership
 from ..cluster._overrides import Placed
 from ..cluster._placement import assign
@@ -91,6 +92,7 @@ class Migrator:
         self._drain = drain_timeout
         self._sends = sends
         self.moves: deque[Move] = deque(maxlen=200)
+        self._gone_since: dict[str, float] = {}  # node -> when first seen gone (compaction)
         # What `graph` answers (the communication graph and this node's agents, _colocate.py).
         self.report: Callable[[], dict[str, Any]] = lambda: {"edges": [], "agents": []}
         placement.foreign = self.foreign
@@ -302,18 +304,20 @@ class Migrator:
     async def compact(self, limit: int) -> int:
         """Remove up to `limit` overrides of shards held here that say no more than the hash:
         those naming this node (the shard's owner, hosting the type), and those naming a node
-        long gone (its membership entry expired). Only when the shard's epoch here is above
-        the override's revision, so the agent goes on under a higher epoch than any its state
-        was written with (a lower one would be fenced). An agent active here under the
-        override drains first (its messages wait), then comes back under the shard's epoch."""
+        long gone (seen dead or left, its membership entry gone, for over 3 lease TTLs: it has
+        stopped serving on its own clock; a node this one never saw is not judged). Only when
+        the shard's epoch here is above the override's revision, so the agent goes on under a
+        higher epoch than any its state was written with (a lower one would be fenced). An
+        agent active here under the override drains first (its messages wait), then comes
+        back under the shard's epoch."""
         p = self._p
-        live, known = set(self._members.live()), self._members.infos
+        now = time.monotonic()
         done = 0
         for aid, placed in list(p.by_id.items()):
             if done >= limit:
                 break
             here = placed.node == self.me
-            gone = placed.node not in live and placed.node not in known
+            gone = self._gone_for(placed.node, now) > 3 * p.ttl
             if not (here or gone) or aid in p.moving or aid.type not in self._specs:
                 continue
             epoch = p.shards.serving(self._resolve(str(aid))[1])
@@ -336,6 +340,14 @@ class Migrator:
         if done:
             log.info("%s removed %d placement overrides equal to the hash", self.me, done)
         return done
+
+    def _gone_for(self, node: str, now: float) -> float:
+        """Seconds since `node` was first seen here dead or left with no membership entry."""
+        state = self._members.state(node)
+        if node in self._members.infos or state not in (State.DEAD, State.LEFT):
+            self._gone_since.pop(node, None)
+            return 0.0
+        return now - self._gone_since.setdefault(node, now)
 
     # -- agents of types not hosted everywhere ----------------------------------------------
 

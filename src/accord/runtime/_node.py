@@ -263,8 +263,9 @@ class Node(Mesh):
         if stack is None:
             return
         if self._running:
-            # Agents placed here by override go elsewhere now, not one lease TTL after we left.
-            await self._migrator.hand_back(self.config.num_shards, self.settings.drain_timeout)
+            # Agents placed here by override go elsewhere now, not one lease TTL after we left
+            # (bounded: the shards' own drain below needs the rest of the stop's time).
+            await self._migrator.hand_back(self.config.num_shards, self.settings.drain_timeout / 2)
             self._running = self._local_route.open = False
             await self._stop_services(None)
             await self._membership.leave()
