@@ -75,7 +75,17 @@ class ShardHost:
 
         await self._cutoff.acquired(shard)
         subject = self._names.shard_subject(shard)
-        self._subs[shard] = await self._transport.subscribe_direct(subject, on_msg)
+        sub = await self._transport.subscribe_direct(subject, on_msg)
+        # The lease may have been lost while this awaited: its release found no subscription
+        # to end, so this one must not stay (a later epoch's would overwrite and leak it, and
+        # the shard's messages would then reach this node twice).
+        stale = self._subs.pop(shard, None)
+        if stale is not None:
+            await stale.unsubscribe()
+        if not self.shards.holds(shard, epoch):
+            await sub.unsubscribe()
+            return
+        self._subs[shard] = sub
         self._epochs[shard] = epoch
         self._me.shards = len(self._subs)
         if not self._needs_mailbox:
