@@ -31,8 +31,8 @@ class Shards:
     def __init__(self) -> None:
         self.leases: dict[int, int] = {}
 
-    def holds(self, shard: int, epoch: int) -> bool:
-        return self.leases.get(shard) == epoch
+    def held(self) -> dict[int, int]:
+        return dict(self.leases)
 
 
 class Inbound:

@@ -172,11 +172,6 @@ class ShardManager:
         h = self._held.get(shard)
         return h is not None and h.epoch == epoch and self._clock.now() < h.valid_until
 
-    def holds(self, shard: int, epoch: int) -> bool:
-        """Is `epoch`'s lease on `shard` still this node's (whatever its validity by the clock)?"""
-        h = self._held.get(shard)
-        return h is not None and h.epoch == epoch
-
     def held(self) -> dict[int, int]:
         return {s: h.epoch for s, h in self._held.items()}
 

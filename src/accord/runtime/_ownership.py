@@ -82,7 +82,7 @@ class ShardHost:
         stale = self._subs.pop(shard, None)
         if stale is not None:
             await stale.unsubscribe()
-        if not self.shards.holds(shard, epoch):
+        if self.shards.held().get(shard) != epoch:  # (whatever its validity by the clock)
             await sub.unsubscribe()
             return
         self._subs[shard] = sub
