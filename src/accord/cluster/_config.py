@@ -215,6 +215,9 @@ async def _open(
         wanted = msgspec.structs.replace(wanted, created_at=time.time())
         with contextlib.suppress(WrongRevision):  # another node created it first: theirs stands
             await meta.create("config", msgspec.json.encode(wanted))
+        if probe:  # only now: a probe started before the config existed would refuse creations
+            with contextlib.suppress(AccordError, WrongRevision, NotFound):
+                await meta.delete(PROBE_KEY)
         # From the leader: a replica that has not seen the create yet would answer "absent".
         entry = await meta.get("config", leader=True)
         if entry is None:
@@ -260,7 +263,7 @@ async def _probe_alone(js: JetStream, meta: KV, names: Names) -> int:
     stored. A key older than `PROBE_STALE` seconds (its holder died) is taken over.
     """
     try:
-        revision = await meta.create(PROBE_KEY, msgspec.json.encode(time.time()))
+        await meta.create(PROBE_KEY, msgspec.json.encode(time.time()))
     except WrongRevision:
         held = await meta.get(PROBE_KEY, leader=True)
         if held is not None and time.time() - _float(held.value) > PROBE_STALE:
@@ -273,9 +276,8 @@ async def _probe_alone(js: JetStream, meta: KV, names: Names) -> int:
     except (AccordError, Refused) as exc:  # the probe is not worth failing a start
         log.warning("no data byte limits for cluster %s: %s", names.cluster, exc)
         return 0
-    finally:
-        with contextlib.suppress(AccordError, WrongRevision, NotFound):
-            await meta.delete(PROBE_KEY, last=revision)
+    # The key is deleted once the configuration is stored (`_open`), not here: another opener
+    # taking it in between would probe while this one creates the buckets.
 
 
 def _float(data: bytes) -> float:
