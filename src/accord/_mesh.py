@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 import uuid
@@ -84,6 +85,8 @@ class Mesh(Migrating):
         )
         # Deliver in-process when this process serves the shard (see `LocalRouteLike.route`).
         self._route_local = local.route if local is not None else _no_route
+        # A workflow's `ctx.ask` of an agent served here, without the mailbox (`_here_once`).
+        self._ask_here_once: HereOnce = functools.partial(_here_once, self) if local else _not_here
         self._sender = Sender(transport, names, self._directory, self._route_local, self._loop,
                               self._observe)  # fmt: skip
         self._breakers = CircuitBreakers(breaker, observe=self._observe) if breaker else None
@@ -452,9 +455,37 @@ class LocalRouteLike(Protocol):
     def route(
         self, agent_id: AgentId, shard: int, msg: Any, deadline: float | None, *, ask: bool
     ) -> asyncio.Future[Any] | None: ...
+    def route_once(
+        self, agent_id: AgentId, shard: int, msg: Any, msg_id: str, deadline: float
+    ) -> asyncio.Future[Any] | None: ...
 
 
 _NO_BREAKER = contextlib.nullcontext()
+#: `Mesh._ask_here_once(target, msg, msg_id, timeout)`, see `_here_once`.
+HereOnce = Callable[[str, msgspec.Struct, str, "float | None"], "Awaitable[Any] | None"]
+
+
+def _here_once(
+    mesh: Mesh, target: str, msg: msgspec.Struct, msg_id: str, timeout: float | None
+) -> Awaitable[Any] | None:
+    """An `exactly_once` ask of `target` with `msg_id` handed straight to its activation in
+    `mesh`'s process, skipping the mailbox (`LocalRouteLike.route_once`): for a caller that asks
+    again with the same `msg_id` until it is answered (a workflow's `ctx.ask`). None when the
+    target is not served here: then `Mesh.ask`."""
+    assert mesh._local is not None
+    agent_id, shard = mesh._resolve(target)
+    deadline = mesh._deadline(timeout)
+    fut = mesh._local.route_once(agent_id, shard, msg, msg_id, deadline)
+    if fut is None:
+        return None
+    type_name = codec.message_type_name(type(msg))
+    return mesh._sender.await_local(fut, deadline, agent_id, type_name)
+
+
+def _not_here(
+    target: str, msg: msgspec.Struct, msg_id: str, timeout: float | None
+) -> Awaitable[Any] | None:
+    return None
 
 
 def _no_spec(agent_type: str) -> AgentSpec | None:

@@ -1,6 +1,7 @@
 """The in-process route: a message for a shard this node serves is handed to the activation
 directly, with the same semantics as over the wire (bulkheads, unknown types, deadlines) and no
-network hop. `Mesh` takes it as its `local` route; a plain client has none."""
+network hop. `Mesh` takes it as its `local` route; a plain client has none. `route_once` is the
+exactly-once ask of a caller that asks again until answered (a workflow's `ctx.ask`)."""
 
 from __future__ import annotations
 
@@ -8,13 +9,17 @@ import asyncio
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import msgspec
+
+from .. import _codec as codec
 from .. import _trace
 from .._context import publishing
 from .._errors import AccordError, AgentTypeNotFound, UnknownMessageType
 from .._ids import AgentId
 from .._observe import PUBLISHED
 from .._spec import AgentSpec
-from ._activation import ReplyFn, Work
+from ..delivery._mailbox import DurableDelivery
+from ._activation import ReplyFn, Work, _Recorded
 from ._bulkhead import Bulkhead
 from ._table import ActivationTable
 
@@ -125,17 +130,80 @@ class LocalRoute:
         self._table.get_or_create(agent_id, spec, shard, epoch).put(work)
         return fut
 
+    def route_once(
+        self, agent_id: AgentId, shard: int, msg: Any, msg_id: str, deadline: float
+    ) -> asyncio.Future[Any] | None:
+        """An exactly-once ask handed to the activation of a shard served here without the
+        mailbox: its turn is a mailbox message's (dedup by `msg_id`, retried in place, the reply
+        recorded with the state, dead-lettered after `max_deliver`), but nothing stores the
+        message — it is lost with this process, and a lease lost mid-turn leaves it unanswered
+        until `deadline`. Only for a caller that asks again with the same `msg_id` until it is
+        answered. None (take the mailbox) when the target is not a durable agent served here, or
+        the message or the bulkhead would be refused."""
+        spec = self._specs.get(agent_id.type)
+        if spec is None or spec.stateless or not spec.durable or not self.open:
+            return None
+        epoch = self._epoch_for(agent_id, shard)
+        h = spec.by_class.get(type(msg))
+        if epoch is None or h is None:
+            return None
+        bulkhead = self._bulkhead
+        if bulkhead.total.n >= bulkhead.max_total or bulkhead.load(spec.type_name).n >= (
+            bulkhead.max_per_type
+        ):
+            return None
+        body = codec.encode(msg)
+        data = codec.encode(codec.Request(  # kept for the dead letters
+            v=codec.PROTOCOL_VERSION, kind="ask", target=str(agent_id),
+            type=codec.message_type_name(type(msg)),
+            body=msgspec.Raw(body), id=msg_id, delivery="exactly_once",
+        ))  # fmt: skip
+        fut: asyncio.Future[Any] = self._loop.create_future()
+        delivery = DurableDelivery(_Unstored(data), msg_id, "exactly_once")
+        work = Work(h, msg, deadline, _future_replier(fut, h.returns), delivery=delivery,
+                    data=data, local=True)  # fmt: skip
+        self._table.get_or_create(agent_id, spec, shard, epoch).put(work)
+        return fut
+
+
+class _Unstored:
+    """The `Delivery` of a message `route_once` hands over: nothing to acknowledge (it is in no
+    stream); its sender asks again if it gets no answer."""
+
+    __slots__ = ("data",)
+    subject = ""
+    headers: dict[str, str] | None = None
+    seq = 0  # in no stream: never taken for one applied by sequence
+    num_delivered = 1
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    async def ack(self) -> None:
+        return None
+
+    async def nak(self, delay: float = 0.0) -> None:
+        return None
+
+    async def in_progress(self) -> None:
+        return None
+
 
 def _nothing(shard: int) -> int | None:
     return None
 
 
-def _future_replier(fut: asyncio.Future[Any]) -> ReplyFn:
+def _future_replier(fut: asyncio.Future[Any], returns: Any = Any) -> ReplyFn:
     def reply(result: Any, error: BaseException | None) -> None:
         if fut.done():
             return
         if error is not None:
             fut.set_exception(error)
+        elif isinstance(result, _Recorded):  # an exactly-once reply recorded before (encoded)
+            try:
+                fut.set_result(codec.decode_as(result.data, returns))  # as `Sender.unwrap`
+            except AccordError as exc:
+                fut.set_exception(exc)
         else:
             fut.set_result(result)
 
