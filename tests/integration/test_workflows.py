@@ -4,7 +4,8 @@ Proves: runs complete with the right result and each journaled step once, `ctx.a
 exactly once per step; a failing step compensates the completed steps in reverse order and ends
 `compensated`; start is idempotent; cancel ends a waiting run, after compensating its completed
 steps in reverse order when they have compensations; a signal sent before the run waits
-for it is kept; an agent's reminder re-activates it after it was deactivated.
+for it is kept; an agent's reminder re-activates it after it was deactivated; a `ctx.ask` of an
+agent served in the run's process skips the mailbox and is still applied once per message id.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[2]
 APP = str(ROOT / "examples" / "workflow_app.py")
 sys.path.insert(0, str(ROOT / "examples"))
 
-from workflow_app import Approve, Job, Read, StartPing, Total  # noqa: E402
+from workflow_app import AGENTS, Add, Approve, Job, Read, StartPing, Total  # noqa: E402
 
 
 def _steps(path: Path) -> list[dict[str, object]]:
@@ -212,3 +213,30 @@ async def test_input_of_the_wrong_type_starts_nothing(cluster: Cluster) -> None:
             await mesh.workflow("chain/wrong-input")
         with pytest.raises(accord.AgentTypeNotFound):
             await mesh.start_workflow("no_such_workflow", "k", Job(1))
+
+
+async def test_a_local_ask_skips_the_mailbox_and_is_applied_once_per_id(nats_url: str) -> None:
+    settings = accord.NodeSettings(cluster="wfhere")
+    async with accord.Node(AGENTS, nats=nats_url, name="here", settings=settings) as node:
+        await wait_for_placement(node, {"here"})
+        appended: list[str] = []  # every mailbox append is also a core message on its subject
+
+        async def seen(msg: object) -> None:
+            appended.append(getattr(msg, "subject", ""))
+
+        sub = await node._transport.subscribe(f"{node.names.prefix}.mbox.>", seen)
+        try:
+            h = await node.start_workflow("noop5", "k", Job(7))
+            assert await h.result(timeout=30) == 5  # five asks of wf_counter/b7, each applied
+            await node._transport.flush(5.0)
+            assert appended == []  # the counter is served here: no ask went through the mailbox
+            # The same ids again, in process and through the mailbox: the recorded replies.
+            again = node._ask_here_once("wf_counter/b7", Add(1), "noop5/k#5", None)
+            assert again is not None and await again == 5
+            mailed = await node.ask("wf_counter/b7", Add(1), delivery="exactly_once",
+                                    msg_id="noop5/k#2")  # fmt: skip
+            assert mailed == 2
+            assert len(appended) == 1
+            assert (await node.ask("wf_counter/b7", Read(), returns=Total)).applied == 5
+        finally:
+            await sub.unsubscribe()

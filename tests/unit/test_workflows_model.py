@@ -38,6 +38,9 @@ class FakeMesh:
         self.ids.append(kw["msg_id"])
         return len(self.ids)
 
+    def _ask_here_once(self, target: str, msg: Any, msg_id: str, timeout: Any) -> None:
+        return None  # no agent is served in this process: every ask takes `ask`
+
 
 class FakeRun:
     """The run agent as a `WorkflowContext` sees it: its journal and its `_record`."""

@@ -174,12 +174,20 @@ class WorkflowContext:
         self._go_on()
         if any(e.kind != "ask" for e in self.pending if isinstance(e, WfStep)):
             await self.flush()  # a local step's result is journaled before the next effect
+        dedups = _dedups(target)
+        mesh = self._wf.mesh
         attempt = 0
         while True:
             attempt += 1
             try:
-                result = await self._wf.mesh.ask(target, msg, delivery="exactly_once",
-                                                 msg_id=msg_id, timeout=timeout)  # fmt: skip
+                # A target served in this process gets it without the mailbox: this loop asks
+                # again with the same id until answered, and a replay does too (below).
+                here = mesh._ask_here_once(target, msg, msg_id, timeout) if dedups else None
+                if here is not None:
+                    result = await here
+                else:
+                    result = await mesh.ask(target, msg, delivery="exactly_once", msg_id=msg_id,
+                                            timeout=timeout)  # fmt: skip
                 break
             except (RemoteError, AgentTypeNotFound, UnknownMessageType) as exc:
                 error = _describe(exc)
@@ -190,7 +198,7 @@ class WorkflowContext:
                 await self.flush()  # the asks before this one must not age in the dedup window
                 await asyncio.sleep(min(ASK_RETRY_CAP, 0.2 * 2 ** min(attempt, 5)))
         done = WfStep(n, step_name, "ask", _enc.encode(result), time.time())
-        if _dedups(target):
+        if dedups:
             self.pending.append(done)
             if len(self.pending) >= MAX_PENDING:
                 await self.flush()

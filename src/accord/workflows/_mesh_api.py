@@ -4,7 +4,7 @@ import cycle."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 import msgspec
@@ -46,5 +46,9 @@ class MeshLike(Protocol):
         delivery: str | None = None,
         msg_id: str | None = None,
     ) -> Any: ...
+
+    _ask_here_once: Callable[[str, msgspec.Struct, str, float | None], Awaitable[Any] | None]
+    """An exactly-once ask of an agent served in this process, without the mailbox; None when
+    it is not served here (`_mesh._here_once`)."""
 
     def election(self, name: str, ttl: int = 5) -> AsyncIterator[Lease]: ...
