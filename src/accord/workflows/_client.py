@@ -41,7 +41,7 @@ from ._model import (
     WorkflowStart,
     WorkflowStatus,
 )
-from ._monitor import done_subject
+from ._monitor import RunEntry, done_subject, index_key, run_index
 
 ASK_TIMEOUT = 10.0
 RESULT_RECHECK = 2.0
@@ -151,8 +151,12 @@ class WorkflowHandle:
         ) -> tuple[WorkflowStatus, WorkflowReport]:
             deadline = None if timeout is None else loop.time() + timeout
             report = first
+            # Listening already: a run the index shows under way announces its end to us.
+            under_way = first is None and await self._under_way()
             while True:
-                if report is None:
+                if under_way:
+                    under_way = False
+                elif report is None:
                     try:
                         ended.clear()
                         report = await self._report()
@@ -161,10 +165,12 @@ class WorkflowHandle:
                             raise
                         await asyncio.sleep(0.2)
                         continue
-                st = report.status
+                if report is not None:
+                    st = report.status
+                    left = None if deadline is None else deadline - loop.time()
+                    if st.state in TERMINAL or (left is not None and left <= 0):
+                        return st, report
                 left = None if deadline is None else deadline - loop.time()
-                if st.state in TERMINAL or (left is not None and left <= 0):
-                    return st, report
                 report = None
                 with contextlib.suppress(TimeoutError):
                     pause = RESULT_RECHECK if left is None else min(RESULT_RECHECK, left)
@@ -183,6 +189,20 @@ class WorkflowHandle:
         finally:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
+
+    async def _under_way(self) -> bool:
+        """Does the run index show the run under way? Read from the engine, so the run is not
+        asked; False when unsure (no entry, unreadable, ended): then the run is asked. The end
+        turn writes the index before the end is announced, so after subscribing an entry still
+        under way means the announcement is yet to come (or, if that index write failed, the
+        status asked `RESULT_RECHECK` seconds later tells)."""
+        try:
+            kv = await run_index(self._mesh)
+            e = await kv.get(index_key(self.id), timeout=ATTEMPT_TIMEOUT)
+            entry = None if e is None else msgspec.json.decode(e.value, type=RunEntry)
+        except (AccordError, LookupError, msgspec.DecodeError, msgspec.ValidationError):
+            return False
+        return entry is not None and entry.state in ("running", "waiting")
 
     async def signal(self, msg: msgspec.Struct) -> None:
         """Deliver `msg` to the run (kept in its journal until a `wait_signal` of its type takes
@@ -214,14 +234,20 @@ class WorkflowHandle:
         return report.status
 
 
+_result_types: dict[type, Any] = {}
+
+
 def _decode_result(run_id: str, data: bytes) -> Any:
     spec = known_spec(AgentId.parse(run_id).type)
     typ: Any = Any
     if spec is not None:
-        try:
-            typ = typing.get_type_hints(spec.cls.run).get("return", Any)
-        except Exception:
-            typ = Any
+        typ = _result_types.get(spec.cls, _result_types)
+        if typ is _result_types:  # resolved once per class: string annotations are compiled
+            try:
+                typ = typing.get_type_hints(spec.cls.run).get("return", Any)
+            except Exception:
+                typ = Any
+            _result_types[spec.cls] = typ
     try:
         return msgspec.msgpack.decode(data, type=typ)
     except (msgspec.ValidationError, TypeError):

@@ -192,8 +192,10 @@ class _Term:
                 old = self._timers.get(key)
                 t = self._timers[key] = _Timer(rec, e.revision, due)
                 t.inflight = old.inflight if old is not None else False
+                earlier = not self._heap or due < self._heap[0][0]
                 heapq.heappush(self._heap, (due, key))
-                self._changed.set()
+                if earlier:  # else the loop wakes before this one is due anyway
+                    self._changed.set()
         finally:
             await watch.stop()
 
