@@ -160,8 +160,10 @@ class LocalRoute:
         ))  # fmt: skip
         fut: asyncio.Future[Any] = self._loop.create_future()
         delivery = DurableDelivery(_Unstored(data), msg_id, "exactly_once")
+        tracing = _trace.active  # the turn's span is a child of the caller's
         work = Work(h, msg, deadline, _future_replier(fut, h.returns), delivery=delivery,
-                    data=data, local=True)  # fmt: skip
+                    data=data, local=True,
+                    trace=None if tracing is None else tracing.headers())  # fmt: skip
         self._table.get_or_create(agent_id, spec, shard, epoch).put(work)
         return fut
 
