@@ -13,6 +13,9 @@ import pytest
 
 import accord
 from accord._ids import AgentId
+from accord.cluster._config import ClusterConfig, Names
+from accord.engine.memory import MemoryEngine
+from accord.workflows._client import WorkflowHandle
 from accord.workflows._context import MAX_PENDING, CancelRun, StepFailed
 from accord.workflows._model import (
     Journal,
@@ -25,7 +28,10 @@ from accord.workflows._model import (
     WfStep,
     WfStepFailed,
     WorkflowRecord,
+    WorkflowReport,
+    WorkflowStatus,
 )
+from accord.workflows._monitor import RunEntry, announce_end, done_subject, index
 
 
 class FakeMesh:
@@ -77,7 +83,7 @@ def test_a_completed_step_returns_its_journaled_result_without_running() -> None
     journal.apply(WfStarted(b"", 1, 0.0))
     journal.apply(WfStep(1, "double", "step", msgspec.msgpack.encode(42)))
     run = FakeRun(journal)
-    ctx = accord.WorkflowContext(run)  # type: ignore[arg-type]
+    ctx = accord.WorkflowContext(run)
     calls: list[int] = []
 
     async def double(x: int) -> int:
@@ -99,7 +105,7 @@ def test_a_completed_step_returns_its_journaled_result_without_running() -> None
 def test_a_different_step_than_the_journal_holds_is_non_determinism_naming_it() -> None:
     journal = Journal()
     journal.apply(WfStep(1, "reserve", "step", msgspec.msgpack.encode("h")))
-    ctx = accord.WorkflowContext(FakeRun(journal))  # type: ignore[arg-type]
+    ctx = accord.WorkflowContext(FakeRun(journal))
 
     async def charge() -> int:
         return 1
@@ -112,7 +118,7 @@ def test_a_different_step_than_the_journal_holds_is_non_determinism_naming_it() 
 
 def test_failed_attempts_are_journaled_and_the_last_raises_step_failed() -> None:
     run = FakeRun()
-    ctx = accord.WorkflowContext(run)  # type: ignore[arg-type]
+    ctx = accord.WorkflowContext(run)
 
     async def boom() -> None:
         raise RuntimeError("down")
@@ -126,7 +132,7 @@ def test_failed_attempts_are_journaled_and_the_last_raises_step_failed() -> None
 
 def test_compensations_run_newest_first_and_are_journaled() -> None:
     run = FakeRun()
-    ctx = accord.WorkflowContext(run)  # type: ignore[arg-type]
+    ctx = accord.WorkflowContext(run)
     undone: list[str] = []
 
     async def do(name: str) -> str:
@@ -189,7 +195,7 @@ class Worker(accord.Agent, type="wfm_pool", stateless=True):
 
 def test_consecutive_asks_are_journaled_in_one_append_with_the_next_entry() -> None:
     run = FakeRun()
-    ctx = accord.WorkflowContext(run)  # type: ignore[arg-type]
+    ctx = accord.WorkflowContext(run)
 
     async def noop() -> None:
         return None
@@ -210,7 +216,7 @@ def test_consecutive_asks_are_journaled_in_one_append_with_the_next_entry() -> N
 
 def test_pending_asks_are_bounded_by_max_pending() -> None:
     run = FakeRun()
-    ctx = accord.WorkflowContext(run)  # type: ignore[arg-type]
+    ctx = accord.WorkflowContext(run)
 
     async def main() -> None:
         for _ in range(2 * MAX_PENDING + 1):
@@ -222,7 +228,7 @@ def test_pending_asks_are_bounded_by_max_pending() -> None:
 
 def test_asks_to_a_pool_or_an_unknown_type_are_journaled_at_once() -> None:
     run = FakeRun()
-    ctx = accord.WorkflowContext(run)  # type: ignore[arg-type]
+    ctx = accord.WorkflowContext(run)
 
     async def main() -> None:
         await ctx.ask("wfm_recorder/1", Ping())  # waits
@@ -260,7 +266,7 @@ def test_a_cancel_replays_the_completed_steps_then_stops_at_the_first_new_call()
     ]:
         j.apply(ev)
     run = FakeRun(j)
-    ctx = accord.WorkflowContext(run)  # type: ignore[arg-type]
+    ctx = accord.WorkflowContext(run)
     ran: list[str] = []
     undone: list[str] = []
 
@@ -287,3 +293,50 @@ def test_a_cancel_replays_the_completed_steps_then_stops_at_the_first_new_call()
         (2, True),
         (1, True),
     ]
+
+
+class IndexedMesh:
+    """A client over the in-memory engine: the run index and the end announcements are real;
+    asks of the run are counted and answered "completed, 7"."""
+
+    def __init__(self) -> None:
+        self._transport = MemoryEngine()
+        self.names = Names("wfunit")
+        self.config = ClusterConfig()
+        self.asked: list[str] = []
+
+    @property
+    def name(self) -> str:
+        return "client"
+
+    async def ask(self, target: str, msg: Any, **kw: Any) -> WorkflowReport:
+        self.asked.append(str(target))
+        return _completed(str(target))
+
+
+def _completed(run_id: str) -> WorkflowReport:
+    st = WorkflowStatus(id=run_id, state="completed", steps_done=5, type="w")
+    return WorkflowReport(st, True, msgspec.msgpack.encode(7))
+
+
+def test_result_of_a_run_the_index_shows_under_way_waits_for_its_end_without_asking_it() -> None:
+    async def main() -> None:
+        mesh = IndexedMesh()
+        await index(mesh, RunEntry(id="w/k", type="w", state="running", watch=2.0), required=True)
+        waiting = asyncio.create_task(WorkflowHandle(mesh, "w/k").result(timeout=30))
+        subject = done_subject(mesh, "w/k")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 10
+        while not waiting.done() and not any(
+            sub.subject == subject for sub in mesh._transport.server.subs
+        ):
+            assert loop.time() < deadline, "result() never subscribed to the end announcement"
+            await asyncio.sleep(0.01)
+        await announce_end(mesh, "w/k", msgspec.msgpack.encode(_completed("w/k")))
+        assert await waiting == 7
+        assert mesh.asked == []  # the index said running: the announcement alone answered
+        # No index entry (or an ended run): the run is asked.
+        assert await WorkflowHandle(mesh, "w/other").result(timeout=30) == 7
+        assert mesh.asked == ["w/other"]
+
+    asyncio.run(main())

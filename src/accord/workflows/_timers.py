@@ -153,6 +153,7 @@ class _Term:
         try:
             while not lost.done():
                 self._fire_due(time.time())
+                self._drop_stale()
                 delay = self._heap[0][0] - time.time() if self._heap else 60.0
                 self._changed.clear()
                 waiter = asyncio.create_task(self._changed.wait())
@@ -210,6 +211,17 @@ class _Term:
             task = asyncio.create_task(self._deliver(key, t), name=f"accord-timer-{key}")
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+
+    def _drop_stale(self) -> None:
+        """Pop the earliest heap entries whose timer is gone or was replaced (a run that ended
+        before its watchdog was due: most runs), so the loop does not wake up for them."""
+        heap = self._heap
+        while heap:
+            due, key = heap[0]
+            t = self._timers.get(key)
+            if t is not None and t.due == due:
+                return
+            heapq.heappop(heap)
 
     async def _deliver(self, key: str, t: _Timer) -> None:
         rec, rev, attempt = t.rec, t.rev, 0
