@@ -5,8 +5,10 @@ client — the chain a user would otherwise hand-write.
     python bench/workflows.py [--runs N] [--concurrency C] [--json]
 
 One `accord node` process on an embedded nats-server. Each side runs N chains with C in flight;
-end-to-end latency of a workflow is `start_workflow` to `result()` (which polls the run's status,
-20 ms first, then backing off), of the baseline the five asks. Reports p50/p99, chains/s and
+end-to-end latency of a workflow is `start_workflow` to `result()` (which waits for the run's end
+announcement), of the baseline the five asks. The node hosts both the runs and the counters, so
+a run's asks reach the counters in process (without the mailbox, see docs/workflows.md); the
+baseline's come from the client process, through the mailbox. Reports p50/p99, chains/s and
 journaled steps/s (5 per run), and the CPU each costs per run in the client, nats-server and
 node processes (from /proc: on a machine shared with other work, the cost ratio is steadier
 than the throughput ratio). Targets (issue 12): workflow throughput >= 0.5x the hand-written
