@@ -553,14 +553,15 @@ class NotRun(DeliveryTimeout):
 
 async def _not_run(queue: deque[Work], agent_id: AgentId, *, remote: bool) -> None:
     """The lease was lost: the queued asks never ran; tell their senders so at once. Stored
-    messages (`delivery`) get nothing: the mailbox hands them to the next owner.
+    messages (`delivery`, not `local`) get nothing: the mailbox hands them to the next owner;
+    an unstored exactly-once ask (`LocalRoute.route_once`) is told, its sender asks again.
 
     Bouncing a remote ask is safe because it was taken while this node's lease was valid
     (`ShardManager.held_epoch`), so no other node subscribed to the shard when NATS routed it:
     nobody else has it. Not so for an orphan (cut off: the next owner may have it too), whose
     remote asks (`remote=False`) are left to time out."""
     for work in queue:
-        if work.reply is not None and work.delivery is None and (remote or work.local):
+        if work.reply is not None and (work.local or (work.delivery is None and remote)):
             sent = work.reply(None, NotRun(f"{agent_id}: lease lost before its turn"))
             if sent is not None:
                 with contextlib.suppress(AccordError):  # best effort: else the ask times out

@@ -136,10 +136,11 @@ class LocalRoute:
         """An exactly-once ask handed to the activation of a shard served here without the
         mailbox: its turn is a mailbox message's (dedup by `msg_id`, retried in place, the reply
         recorded with the state, dead-lettered after `max_deliver`), but nothing stores the
-        message — it is lost with this process, and a lease lost mid-turn leaves it unanswered
-        until `deadline`. Only for a caller that asks again with the same `msg_id` until it is
-        answered. None (take the mailbox) when the target is not a durable agent served here, or
-        the message or the bulkhead would be refused."""
+        message — it is lost with this process; a lease lost before its turn answers it
+        `NotRun`, one lost mid-turn leaves it unanswered until `deadline`. Only for a caller
+        that asks again with the same `msg_id` until it is answered. None (take the mailbox)
+        when the target is not a durable agent served here, or the message or the bulkhead
+        would be refused."""
         spec = self._specs.get(agent_id.type)
         if spec is None or spec.stateless or not spec.durable or not self.open:
             return None
