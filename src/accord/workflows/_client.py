@@ -29,6 +29,7 @@ from .._errors import (
 )
 from .._ids import AgentId, validate_agent_type
 from .._spec import known_spec
+from ..engine._api import NotFound
 from ._mesh_api import MeshLike
 from ._model import (
     TERMINAL,
@@ -200,7 +201,7 @@ class WorkflowHandle:
             kv = await run_index(self._mesh)
             e = await kv.get(index_key(self.id), timeout=ATTEMPT_TIMEOUT)
             entry = None if e is None else msgspec.json.decode(e.value, type=RunEntry)
-        except (AccordError, LookupError, msgspec.DecodeError, msgspec.ValidationError):
+        except (AccordError, NotFound, msgspec.DecodeError, msgspec.ValidationError):
             return False
         return entry is not None and entry.state in ("running", "waiting")
 
