@@ -86,7 +86,8 @@ def test_bucket_loops_skip_malformed_entries(bad: dict[str, bytes]) -> None:
             for kv in (store.instances_kv, store.placements_kv, store.specs_kv, store.members_kv):
                 await kv.put(f"z{key}", data)
             await store.promises_kv.put(f"p.z{key}", data)
-        assert [i.service for i in await store.instances() if i.node == "node-1"][:1] == ["web"]
+        # (a mutation may still decode, e.g. to another service name: only the good one is known)
+        assert "web" in [i.service for i in await store.instances() if i.node == "node-1"]
         await store.placements()
         await store.specs()
         await store.nodes()
