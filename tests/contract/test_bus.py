@@ -235,6 +235,68 @@ async def test_a_stopped_consumers_partitions_go_to_the_other(bus: accord.bus.Bu
         await second.stop()
 
 
+async def test_the_attempt_count_goes_on_after_a_consumer_dies_mid_retry(
+    bus: accord.bus.Bus,
+) -> None:
+    """A handler fails twice and hangs in its third attempt until its consumer stops (the
+    event is left unacknowledged, as by a crash); the consumer that takes over goes on counting
+    (attempt 4: Redis's pending-list count, JetStream's recorded retries), so a poison event
+    gets `max_deliver` attempts in all, not per crash."""
+    topic = _topic("count")
+    first: list[int] = []
+    second: list[int] = []
+
+    async def failing(msg: OrderPlaced, d: accord.bus.Delivery) -> None:
+        first.append(d.attempt)
+        if d.attempt >= 3:
+            await asyncio.Event().wait()  # stuck until its consumer is stopped (cancelled)
+        raise ValueError("declined")
+
+    async def healed(msg: OrderPlaced, d: accord.bus.Delivery) -> None:
+        second.append(d.attempt)
+
+    await bus.publish(topic, OrderPlaced("o", 1), key="k")
+    a = await bus.subscribe(topic, group="g", handler=failing, max_deliver=10, min_idle=2)
+    try:
+        await until(lambda: first == [1, 2, 3], "three attempts, the third one stuck")
+    finally:
+        await a.stop()  # gives the stuck handling its lease time, then gives up on it
+    b = await bus.subscribe(topic, group="g", handler=healed, max_deliver=10, min_idle=2)
+    try:
+        await until(lambda: second, "the event handled by the next holder")
+    finally:
+        await b.stop()
+    assert second == [4]
+
+
+async def test_a_removed_group_is_forgotten(bus: accord.bus.Bus) -> None:
+    """`remove_group` refuses a group that still consumes; once it stopped, the group is gone
+    from the stats and a consumer under its name starts again from the oldest event."""
+    topic = _topic("rm")
+    seen: list[int] = []
+
+    async def h(msg: OrderPlaced) -> None:
+        seen.append(msg.amount)
+
+    for i in range(3):
+        await bus.publish(topic, OrderPlaced("o", i), key=f"k{i}")
+    sub = await bus.subscribe(topic, group="tmp", handler=h, min_idle=2)
+    try:
+        await until(lambda: len(seen) == 3, "the group handled the events")
+        with pytest.raises(ConfigurationError):
+            await bus.remove_group(topic, "tmp")
+    finally:
+        await sub.stop()
+    await bus.remove_group(topic, "tmp")
+    assert [s.group for s in await bus.stats() if s.topic == topic] == [""]
+    again = await bus.subscribe(topic, group="tmp", handler=h, min_idle=2)
+    try:
+        await until(lambda: len(seen) == 6, "the re-made group read from the oldest event")
+    finally:
+        await again.stop()
+    assert sorted(seen) == [0, 0, 1, 1, 2, 2]
+
+
 async def test_bad_names_and_unreachable_backends_are_clear_errors(
     bus: accord.bus.Bus,
 ) -> None:

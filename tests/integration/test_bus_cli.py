@@ -113,6 +113,11 @@ async def test_publish_tail_stats_and_dead_letter_replay(redis_url: str, tmp_pat
         stats = await cli_async("bus", "stats", "--json", "--bus", redis_url, home=tmp_path)
         rows = {r["group"]: r for r in json.loads(stats.stdout) if r["topic"] == "charges"}
         assert rows["billing"]["dead_letters"] == 1 and rows["billing"]["published"] == 3
+        assert set(rows) == {"billing", "audit"}  # tail removed the group of its own on exit
+        shown = await cli_async("dlq", "show", "--bus", redis_url, "--id", letter["id"],
+                                home=tmp_path)  # fmt: skip
+        assert shown.returncode == 0, shown.stderr
+        assert json.loads(shown.stdout)["body"] == {"order": "poison", "amount": 5}
         healed = True
         replay = await cli_async("dlq", "replay", "--bus", redis_url, "--id", letter["id"],
                                  home=tmp_path)  # fmt: skip
@@ -125,3 +130,30 @@ async def test_publish_tail_stats_and_dead_letter_replay(redis_url: str, tmp_pat
         await s1.stop()
         await s2.stop()
     assert audit == ["o1", "poison", "o2"]  # the replay was billing's only
+
+
+async def test_dlq_purge_removes_a_bus_dead_letter(redis_url: str, tmp_path: Path) -> None:
+    """`accord dlq purge --bus URL --id ID` deletes that bus dead letter; an unknown id is one
+    clear line and exit 2."""
+    async with accord.bus.connect(redis_url) as bus:
+        await bus.publish("refunds", Charge("r1", 1), key="c")
+
+        async def declined(msg: Charge) -> None:
+            raise RuntimeError("declined")
+
+        sub = await bus.subscribe("refunds", group="g", handler=declined, max_deliver=1,
+                                  min_idle=1)  # fmt: skip
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 20
+        while not [x for x in await bus.dead_letters() if x.topic == "refunds"]:
+            assert loop.time() < deadline, "no dead letter"
+            await asyncio.sleep(0.05)
+        await sub.stop()
+        (letter,) = [x for x in await bus.dead_letters() if x.topic == "refunds"]
+        gone = await cli_async("dlq", "purge", "--bus", redis_url, "--id", letter.id,
+                               home=tmp_path)  # fmt: skip
+        assert gone.returncode == 0 and "purged 1" in gone.stdout, gone.stderr
+        assert not [x for x in await bus.dead_letters() if x.id == letter.id]
+    again = await cli_async("dlq", "purge", "--bus", redis_url, "--id", letter.id, home=tmp_path)
+    assert again.returncode == 2 and "no bus dead letter" in again.stderr
+    assert len(again.stderr.strip().splitlines()) == 1

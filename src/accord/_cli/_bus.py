@@ -66,7 +66,7 @@ def tail(
         typer.Option(
             "--group",
             help="Consume as a member of this group (default: a group of "
-            "its own, starting from the oldest stored event).",
+            "its own, starting from the oldest stored event, removed on exit).",
         ),
     ] = None,
     count: Annotated[
@@ -96,11 +96,15 @@ def tail(
         async with connect(bus_url(bus)) as b:
             g = group or f"tail-{uuid.uuid4().hex[:8]}"
             sub = await b.subscribe(topic, group=g, handler=show, max_concurrency=1)
-            if count:
-                await done.wait()
-            else:
-                await _until_signalled()
-            await sub.stop()
+            try:
+                if count:
+                    await done.wait()
+                else:
+                    await _until_signalled()
+            finally:
+                await sub.stop()
+                if group is None:  # a group of its own: not left behind (on Redis it would
+                    await b.remove_group(topic, g)  # hold back trimming for good)
 
     _run(main())
 

@@ -194,15 +194,45 @@ def _print_bus_letters(letters: list[Any]) -> None:
     out.print(table)
 
 
+BusIdOpt = Annotated[
+    list[str] | None, typer.Option("--id", help="A bus dead letter's id (with --bus).")
+]
+
+
 @dlq_app.command("show")
 def dlq_show(
-    seq: Annotated[int, typer.Argument(help="Sequence number from `accord dlq list`.", min=1)],
+    seq: Annotated[
+        int | None, typer.Argument(help="Sequence number from `accord dlq list`.", min=1)
+    ] = None,
     nats: NatsOpt = None,
     cluster: ClusterOpt = "default",
+    bus: BusDlqOpt = None,
+    ids: BusIdOpt = None,
 ) -> None:
-    """Show one dead letter with its message body (JSON)."""
+    """Show one dead letter with its message body (JSON); with --bus and --id, a bus one."""
 
     async def main() -> None:
+        if bus is not None:
+            if not ids or len(ids) != 1 or seq is not None:
+                raise ConfigurationError("with --bus, name one bus dead letter: --id ID")
+            from ..bus import connect
+
+            async with connect(None if bus == "-" else bus) as b:
+                letter = next((x for x in await b.dead_letters(100_000) if x.id == ids[0]),
+                              None)  # fmt: skip
+            if letter is None:
+                raise ConfigurationError(f"no bus dead letter with id {ids[0]}")
+            doc = msgspec.structs.asdict(letter)
+            try:  # the body is JSON on the bus: show it as such
+                doc["body"] = msgspec.json.decode(letter.body)
+            except msgspec.DecodeError:
+                doc["body"] = letter.body.decode(errors="replace")
+            out.print_json(msgspec.json.encode(doc).decode())
+            return
+        if ids:
+            raise ConfigurationError("--id names a bus dead letter: give --bus too")
+        if seq is None:
+            raise ConfigurationError("give a sequence number (or --bus URL --id ID)")
         async with _dead_letters(nats, cluster) as dlq:
             entry = await dlq.show(seq)
         out.print_json(msgspec.json.encode(entry).decode())
@@ -219,9 +249,7 @@ def dlq_replay(
     nats: NatsOpt = None,
     cluster: ClusterOpt = "default",
     bus: BusDlqOpt = None,
-    ids: Annotated[
-        list[str] | None, typer.Option("--id", help="A bus dead letter's id (with --bus).")
-    ] = None,
+    ids: BusIdOpt = None,
 ) -> None:
     """Deliver dead letters again (into their mailbox, under a new message id); with --bus,
     the bus's (published again for their group only)."""
@@ -261,10 +289,17 @@ def dlq_purge(
     purge_all: Annotated[bool, typer.Option("--all", help="Purge every dead letter.")] = False,
     nats: NatsOpt = None,
     cluster: ClusterOpt = "default",
+    bus: BusDlqOpt = None,
+    ids: BusIdOpt = None,
 ) -> None:
-    """Delete dead letters for good."""
+    """Delete dead letters for good; with --bus, the bus's (--id ID, repeatable, or --all)."""
 
     async def main() -> None:
+        if bus is not None:
+            await _purge_bus(bus, ids or [], purge_all)
+            return
+        if ids:
+            raise ConfigurationError("--id names a bus dead letter: give --bus too")
         if seq is None and not purge_all:
             raise ConfigurationError("give a sequence number or --all")
         async with _dead_letters(nats, cluster) as dlq:
@@ -272,3 +307,19 @@ def dlq_purge(
         out.print(f"purged {n} dead letter(s)")
 
     _run(main())
+
+
+async def _purge_bus(url: str, ids: list[str], purge_all: bool) -> None:
+    from ..bus import connect
+
+    if not ids and not purge_all:
+        raise ConfigurationError("give --id ID (repeatable) or --all")
+    async with connect(None if url == "-" else url) as b:
+        targets = ids or [x.id for x in await b.dead_letters(100_000)]
+        n = 0
+        for letter_id in targets:
+            if await b.purge_dead_letter(letter_id):
+                n += 1
+            elif ids:
+                raise ConfigurationError(f"no bus dead letter with id {letter_id}")
+    out.print(f"purged {n} bus dead letter(s)")

@@ -123,6 +123,12 @@ class PartitionReader(Protocol):
     async def touch(self, fs: list[Fetched]) -> None:
         """Still working on these: no other consumer may take them over yet."""
 
+    async def retrying(self, f: Fetched, attempt: int) -> None:
+        """`f` failed and is about to be tried for the `attempt`-th time: record that where the
+        store can, so a holder taking over after a crash goes on counting (a poison event gets
+        `max_deliver` attempts in all, not per crash). Raises `BusUnavailable` when the store
+        did not confirm it (the count may then restart lower)."""
+
     async def close(self) -> None:
         """Stop reading; unacknowledged events stay pending for the next holder."""
 
@@ -161,6 +167,10 @@ class Backend(Protocol):
 
     async def release(self, lease: str, consumer: str, epoch: int) -> None:
         """Give the lease up if still ours."""
+
+    async def remove_group(self, topic: str, group: str, partitions: int) -> None:
+        """Forget `group` on `topic`: its position and pending events on every partition, its
+        members and lease epochs (its consumers must have stopped)."""
 
     async def dead_letter(self, letter: BusDeadLetter) -> None:
         """Store a dead letter (its `id` is assigned by the store)."""

@@ -223,6 +223,19 @@ class Bus:
         self._subs.append(sub)
         return sub
 
+    async def remove_group(self, topic: str, group: str) -> None:
+        """Forget `group` on `topic`: its position and pending events on every partition (a
+        consumer subscribing under that name later starts from the oldest stored event). On
+        Redis a left-behind group also holds back trimming. Stop the group's consumers first:
+        `ConfigurationError` if one of this bus's subscriptions still consumes it."""
+        check_name("topic", topic)
+        check_name("group", group)
+        for sub in self._subs:
+            c = sub._consumer
+            if (c.topic, c.group) == (topic, group) and not c.stopped:
+                raise ConfigurationError(f"group {group} of {topic} still consumes: stop it first")
+        await self.backend.remove_group(topic, group, await self._partitions_of(topic))
+
     async def dead_letters(self, limit: int = 1000) -> list[BusDeadLetter]:
         """The oldest `limit` dead letters of every topic and group."""
         return await self.backend.dead_letters(limit)

@@ -97,6 +97,7 @@ class GroupConsumer:
         self.dead_lettered = 0
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
+        self.stopped = False
 
     def lease_name(self, p: int) -> str:
         return f"{self.topic}.{self.group}.{p}"
@@ -195,6 +196,7 @@ class GroupConsumer:
             await part.finish()
             with contextlib.suppress(AccordError):
                 await self.backend.release(self.lease_name(p), self.name, part.token)
+        self.stopped = True
 
 
 class _Partition:
@@ -350,6 +352,10 @@ class _Partition:
                 backoff = backoff or Backoff(s.retry_start, s.retry_cap)
                 await asyncio.sleep(backoff.delay_for(attempt))
                 attempt += 1
+                try:  # before the attempt: a crash during it counts too
+                    await self.reader.retrying(f, attempt)
+                except AccordError as exc:
+                    log.debug("bus %s: cannot record attempt %d: %s", owner.topic, attempt, exc)
         if not await self.wait_valid():
             return False
         self._ack(f)

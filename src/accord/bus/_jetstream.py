@@ -153,6 +153,7 @@ class JetStreamBackend:
         self, topic: str, group: str, partition: int, consumer: str, epoch: int, min_idle: float
     ) -> JetStreamReader:
         stream, prefix = stream_of(topic), f"g-{group}-p{partition}-e"
+        attempts = await self._bucket("attempts")
         name = f"{prefix}{epoch}"
         with _mapped(f"open {topic}/{group} partition {partition}"):
             olds = [n for n in await self.engine.consumers(stream) if n.startswith(prefix)]
@@ -170,7 +171,9 @@ class JetStreamBackend:
             await self.engine.ensure_consumer(stream, spec)
             for old in olds:
                 await self.engine.delete_consumer(stream, old)
-            r = JetStreamReader(stream)
+            r = JetStreamReader(stream, attempts, f"{topic}.{group}.{partition}.")
+            if olds:  # a takeover: the attempts the previous holders counted go on
+                r.counted = await _counted(attempts, r.prefix)
             r.consumer = await self.engine.consume(
                 stream, name, r.dispatch, has_capacity=r.has_capacity, still_going=r.going
             )
@@ -213,6 +216,18 @@ class JetStreamBackend:
         kv = await self._bucket("leases")
         with _mapped(f"lease {lease}"), contextlib.suppress(WrongRevision):
             await kv.delete(lease, last=epoch)
+
+    async def remove_group(self, topic: str, group: str, partitions: int) -> None:
+        stream = stream_of(topic)
+        members, leases = await self._bucket("members"), await self._bucket("leases")
+        with _mapped(f"remove group {group} of {topic}"):
+            for name in await self.engine.consumers(stream):
+                if name.startswith(f"g-{group}-p") and name[len(f"g-{group}-p") :][:1].isdigit():
+                    await self.engine.delete_consumer(stream, name)
+            for kv, pre in ((members, f"{topic}.{group}."), (leases, f"{topic}.{group}.")):
+                for key in await kv.keys():
+                    if key.startswith(pre):
+                        await kv.delete(key)
 
     async def dead_letter(self, letter: BusDeadLetter) -> None:
         await self._stream(DLQ_STREAM, "accord.bus_dlq.>")
@@ -290,11 +305,30 @@ class JetStreamBackend:
             await self.engine.close()
 
 
-class JetStreamReader:
-    """Deliveries of one engine consumer, queued by its pull loop for `fetch`."""
+ATTEMPT_TTL = 7 * 86400  # seconds an in-place retry's count is kept for a next holder
 
-    def __init__(self, stream: str) -> None:
+
+async def _counted(kv: KV, prefix: str) -> dict[int, int]:
+    """stream sequence -> the attempt a previous holder started last (the retried events)."""
+    out: dict[int, int] = {}
+    for key in await kv.keys():
+        if key.startswith(prefix):
+            entry = await kv.get(key)
+            if entry is not None:
+                out[int(key[len(prefix) :])] = int(entry.value)
+    return out
+
+
+class JetStreamReader:
+    """Deliveries of one engine consumer, queued by its pull loop for `fetch`. The store counts
+    deliveries per consumer (a new holder's consumer starts at 1), so in-place retries are
+    counted in the `attempts` bucket, under `<topic>.<group>.<partition>.<stream seq>`."""
+
+    def __init__(self, stream: str, attempts: KV | None = None, prefix: str = "") -> None:
         self.stream = stream
+        self.attempts = attempts
+        self.prefix = prefix
+        self.counted: dict[int, int] = {}
         self.queue: asyncio.Queue[EngineDelivery] = asyncio.Queue()
         self.consumer: EngineConsumer | None = None
         self._going = True
@@ -322,6 +356,10 @@ class JetStreamReader:
             out.append(_fetched(self.stream, self.queue.get_nowait()))
         if self.queue.qsize() < 128:
             self._space.set()
+        if self.counted:
+            for f in out:
+                before = self.counted.pop(f.token.seq, 0)
+                f.attempt = max(f.attempt, before + 1) if before else f.attempt
         return out
 
     async def ack(self, fs: list[Fetched]) -> None:
@@ -331,6 +369,12 @@ class JetStreamReader:
     async def touch(self, fs: list[Fetched]) -> None:
         for f in fs:
             await f.token.in_progress()
+
+    async def retrying(self, f: Fetched, attempt: int) -> None:
+        if self.attempts is not None:
+            with _mapped("count an attempt"):
+                await self.attempts.put(f"{self.prefix}{f.token.seq}", b"%d" % attempt,
+                                        ttl=ATTEMPT_TTL)  # fmt: skip
 
     async def close(self) -> None:
         self._going = False

@@ -199,6 +199,15 @@ class RedisBackend:
         with _mapped(f"lease {lease}"):
             await self._release(keys=[f"{PRE}:lease:{lease}"], args=[f"{consumer}:{epoch}"])
 
+    async def remove_group(self, topic: str, group: str, partitions: int) -> None:
+        with _mapped(f"remove group {group} of {topic}"):
+            for p in range(partitions):
+                with contextlib.suppress(rex.ResponseError):  # no such stream or group
+                    await self.r.xgroup_destroy(stream_key(topic, p), group)
+            await self.r.delete(f"{PRE}:members:{topic}:{group}", *(
+                f"{PRE}:{kind}:{topic}.{group}.{p}" for p in range(partitions)
+                for kind in ("lease", "epoch")))  # fmt: skip
+
     async def dead_letter(self, letter: BusDeadLetter) -> None:
         fields: dict[Any, Any] = {
             k: str(v) for k, v in msgspec.structs.asdict(letter).items() if k not in ("body", "id")
@@ -367,6 +376,13 @@ class RedisReader:
         with _mapped(f"touch on {self.key}"):  # resets their idle time, not their count
             await self.b.pipe.run("XCLAIM", self.key, self.group, self.consumer, 0,
                                   *(f.token for f in fs), "JUSTID", parse_justid=True)  # fmt: skip
+
+    async def retrying(self, f: Fetched, attempt: int) -> None:
+        # the pending list's delivery count is the store's attempt count: a next holder's
+        # XAUTOCLAIM adds one to it (the attempt a crash cut short)
+        with _mapped(f"count an attempt on {self.key}"):
+            await self.b.pipe.run("XCLAIM", self.key, self.group, self.consumer, 0, f.token,
+                                  "RETRYCOUNT", attempt, "JUSTID", parse_justid=True)  # fmt: skip
 
     async def close(self) -> None:
         return None
