@@ -1,211 +1,228 @@
 """The event bus against raw clients of its stores, in one run (docs/benchmarks.md, "Event bus").
 
-Throughput: 1 producer (32 publishes in flight) and 2 consumers of one group, 100-byte events,
-publish + handle + ack of N events; the bus vs a raw redis-py XADD / XREADGROUP / XACK loop, and
-vs raw nats-py JetStream publish / pull / ack. Latency: publish -> handler at a paced 1,000
-events/s (p50/p99). Everything runs in this one process, servers started here (redis-server with
-`appendfsync always`, or `--appendfsync everysec`; nats-server with its defaults).
+Every role is its own OS process (`bench/_bus_proc.py`): 1 producer and 2 consumers of one
+group, for the bus and for the raw baselines alike (redis-py XADD / XREADGROUP / XACK over the
+same partition streams; nats-py JetStream publish / pull / ack), ~100-byte events. Throughput:
+N events with 32 publishes in flight, from the first publish to the last handling. Paced runs:
+publish -> handler latency (one machine, one wall clock) at 1,000/s and at 5,000/s, and how many
+acknowledged events were delivered. Raw and bus rounds alternate; CPU µs per event per process.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import shutil
+import sys
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
-import msgspec
-import nats
-import redis.asyncio as aioredis
-from _common import emit, environment, parser, percentile, ratio, run
+from _common import emit, environment, parser, percentile, run
 
 import accord
 from accord.testing.redis import RedisServer
 
-BODY = "x" * 80  # with the field name and JSON framing: ~100 bytes per event
-INFLIGHT = 32
-PARTITIONS = [8]  # --partitions
-APPENDFSYNC = ["always"]  # --appendfsync
+PROC = str(Path(__file__).with_name("_bus_proc.py"))
+OPTS: dict[str, Any] = {"partitions": 8, "hiredis": True}
 
 
-class Ev(msgspec.Struct):
-    s: str
-    at: float = 0.0
+class Proc:
+    """A child process speaking the `_bus_proc.py` line protocol."""
+
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        self.proc = proc
+        self.held = -1
+        self.replies: asyncio.Queue[str] = asyncio.Queue()
+        self._reader = asyncio.create_task(self._read())
+
+    @classmethod
+    async def start(cls, *args: str) -> Proc:
+        env = dict(os.environ)
+        if not OPTS["hiredis"]:
+            env["BENCH_NO_HIREDIS"] = "1"
+        cmd = [sys.executable, PROC, *args]
+        if OPTS.get("profile") and args[1] == "bus":  # py-spy's collapsed stacks, per process
+            out = Path(OPTS["profile"]) / f"{args[0]}-{args[2]}-{uuid.uuid4().hex[:6]}.txt"
+            cmd = ["py-spy", "record", "-r", "250", "-f", "raw", "-o", str(out), "--", *cmd]
+        p = await asyncio.create_subprocess_exec(
+            *cmd, stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE, env=env, limit=2**26,
+        )  # fmt: skip
+        return cls(p)
+
+    async def _read(self) -> None:
+        assert self.proc.stdout is not None
+        while line := (await self.proc.stdout.readline()).decode():
+            if line.startswith("held "):
+                self.held = int(line.split()[1])
+            else:
+                await self.replies.put(line)
+        await self.replies.put("")  # it ended
+
+    async def _next(self, timeout: float) -> str:
+        line = await asyncio.wait_for(self.replies.get(), timeout)
+        if not line:
+            raise RuntimeError(f"bench process {self.proc.pid} ended early (its stderr above)")
+        return line
+
+    async def ask(self, cmd: str, timeout: float = 60) -> str:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(cmd.encode() + b"\n")
+        await self.proc.stdin.drain()
+        return await self._next(timeout)
+
+    async def result(self, timeout: float = 300) -> Any:
+        return json.loads(await self._next(timeout))
+
+    async def end(self) -> None:
+        if self.proc.returncode is None:
+            try:
+                await asyncio.wait_for(self.proc.wait(), 10)
+            except TimeoutError:
+                self.proc.kill()
+                await self.proc.wait()
+        self._reader.cancel()
 
 
-async def _settled(subs: list[Any]) -> None:
-    """Until the consumers share the partitions (the second one joined after the first took
-    them all): the clock measures the steady state, not the hand-over."""
-    deadline = time.perf_counter() + 30
-    while time.perf_counter() < deadline:
-        held = [len(s.partitions) for s in subs]
-        if sum(held) == PARTITIONS[0] and max(held) - min(held) <= 1:
-            return
+async def _until(cond: Any, what: str, within: float = 30) -> None:
+    deadline = time.monotonic() + within
+    while not cond():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"not within {within}s: {what}")
         await asyncio.sleep(0.05)
-    raise RuntimeError(f"partitions not shared after 30 s: {held}")
 
 
-async def _pump(n: int, publish: Any) -> None:
-    sem = asyncio.Semaphore(INFLIGHT)
+async def _raw_stream(url: str, topic: str) -> None:
+    import nats
 
-    async def one(i: int) -> None:
-        async with sem:
-            await publish(i)
-
-    await asyncio.gather(*(one(i) for i in range(n)))
-
-
-async def bus_throughput(url: str, n: int) -> float:
-    topic = f"bench{uuid.uuid4().hex[:6]}"
-    done = asyncio.Event()
-    count = 0
-
-    async def h(msg: Ev, d: accord.bus.Delivery) -> None:
-        nonlocal count
-        count += 1
-        if count >= n:
-            done.set()
-
-    async with accord.bus.connect(url, partitions=PARTITIONS[0]) as bus:
-        subs = [await bus.subscribe(topic, group="g", handler=h, min_idle=2) for _ in range(2)]
-        await _settled(subs)
-        t0 = time.perf_counter()
-        await _pump(n, lambda i: bus.publish(topic, Ev(BODY), key=f"k{i % 64}"))
-        await asyncio.wait_for(done.wait(), 120)
-        elapsed = time.perf_counter() - t0
-        for s in subs:
-            await s.stop()
-    return n / elapsed
-
-
-async def raw_redis(url: str, n: int) -> float:
-    r = aioredis.Redis.from_url(url, socket_timeout=30)
-    key = f"raw{uuid.uuid4().hex[:6]}"
-    await r.xgroup_create(key, "g", id="0", mkstream=True)
-    count = 0
-    done = asyncio.Event()
-
-    async def consumer(name: str) -> None:
-        nonlocal count
-        while not done.is_set():
-            reply = await r.xreadgroup("g", name, {key: ">"}, count=128, block=200)
-            for _s, entries in reply or []:
-                if entries:  # one XACK per read: what a careful hand-written loop does
-                    await r.xack(key, "g", *(eid for eid, _fields in entries))
-                    count += len(entries)
-            if count >= n:
-                done.set()
-
-    body = msgspec.json.encode(Ev(BODY))
-    tasks = [asyncio.create_task(consumer(f"c{i}")) for i in range(2)]
-    t0 = time.perf_counter()
-    await _pump(n, lambda i: r.xadd(key, {"key": f"k{i % 64}", "body": body}))
-    await asyncio.wait_for(done.wait(), 120)
-    elapsed = time.perf_counter() - t0
-    await asyncio.gather(*tasks)
-    await r.aclose()
-    return n / elapsed
-
-
-async def raw_jetstream(url: str, n: int) -> float:
     nc = await nats.connect(url)
     js = nc.jetstream()
-    name = f"raw{uuid.uuid4().hex[:6]}"
-    await js.add_stream(name=name, subjects=[f"{name}.*"])
-    body = msgspec.json.encode(Ev(BODY))
-    count = 0
-    done = asyncio.Event()
-    psub = await js.pull_subscribe(f"{name}.*", durable="g", stream=name)
-
-    async def consumer() -> None:
-        nonlocal count
-        while not done.is_set():
-            try:
-                msgs = await psub.fetch(128, timeout=0.2)
-            except (TimeoutError, nats.errors.TimeoutError):
-                continue
-            for m in msgs:
-                await m.ack()
-                count += 1
-            if count >= n:
-                done.set()
-
-    tasks = [asyncio.create_task(consumer()) for _ in range(2)]
-    t0 = time.perf_counter()
-    await _pump(n, lambda i: js.publish(f"{name}.{i % 8}", body))
-    await asyncio.wait_for(done.wait(), 120)
-    elapsed = time.perf_counter() - t0
-    await asyncio.gather(*tasks)
-    await js.delete_stream(name)
+    await js.add_stream(name=topic, subjects=[f"{topic}.*"])
+    await js.add_consumer(topic, durable_name="g", ack_policy="explicit")
     await nc.close()
-    return n / elapsed
 
 
-async def bus_latency(url: str, rate: int, seconds: float) -> tuple[float, float, int, int]:
-    topic = f"lat{uuid.uuid4().hex[:6]}"
-    lat: list[float] = []
-
-    async def h(msg: Ev) -> None:
-        lat.append(time.time() - msg.at)
-
-    async with accord.bus.connect(url, partitions=PARTITIONS[0]) as bus:
-        subs = [await bus.subscribe(topic, group="g", handler=h, min_idle=2) for _ in range(2)]
-        await _settled(subs)
-        total = int(rate * seconds)
-        start = time.perf_counter()
-        pending: set[asyncio.Task[Any]] = set()
-        for i in range(total):
-            due = start + i / rate
-            delay = due - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            t = asyncio.create_task(bus.publish(topic, Ev(BODY, time.time()), key=f"k{i % 64}"))
-            pending.add(t)
-            t.add_done_callback(pending.discard)
-        await asyncio.gather(*pending)
-        deadline = time.perf_counter() + 30
-        while len(lat) < total and time.perf_counter() < deadline:
-            await asyncio.sleep(0.05)
-        for s in subs:
-            await s.stop()
-    return percentile(lat, 50), percentile(lat, 99), len(lat), total
-
-
-async def main(n: int) -> tuple[dict[str, Any], list[str]]:
-    redis = RedisServer(appendfsync=APPENDFSYNC[0])
-    nats_server = accord.EmbeddedServer()
-    rurl, nurl = redis.start(), nats_server.start()
+async def one_round(impl: str, backend: str, url: str, n: int, rate: float) -> dict[str, Any]:
+    """One producer and two consumers; returns the rate, latency, delivery and CPU figures."""
+    topic = f"b{uuid.uuid4().hex[:8]}"
+    parts = OPTS["partitions"]
+    if impl == "raw" and backend == "jetstream":
+        await _raw_stream(url, topic)
+    common = (impl, backend, url, topic, str(parts))
+    consumers = [await Proc.start("consume", *common) for _ in range(2)]
     try:
-        out: dict[str, Any] = {}
-        for kind, url, raw in (("redis", rurl, raw_redis), ("jetstream", nurl, raw_jetstream)):
-            base = await raw(url, n)
-            mine = await bus_throughput(url, n)
-            p50, p99, got, total = await bus_latency(url, 1000, 3.0)
-            out[kind] = {"raw_per_s": base, "bus_per_s": mine, "ratio": ratio(mine, base),
-                         "p50_ms": p50 * 1000, "p99_ms": p99 * 1000, "delivered": got,
-                         "published": total}  # fmt: skip
+        if impl == "bus":  # the clock measures the steady state, not the second one's joining
+            await _until(lambda: sum(c.held for c in consumers) == parts
+                         and abs(consumers[0].held - consumers[1].held) <= 1,
+                         "partitions shared")  # fmt: skip
+        else:
+            await _until(lambda: all(c.held == 0 for c in consumers), "raw consumers up")
+        for c in consumers:
+            assert c.proc.stdin is not None
+            c.proc.stdin.write(b"mark\n")
+        load = os.getloadavg()[0]
+        producer = await Proc.start("produce", *common, str(n), str(rate))
+        prod = await producer.result()
+        await producer.end()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            counts = [int((await c.ask("count")).split()[1]) for c in consumers]
+            if sum(counts) >= n:
+                break
+            await asyncio.sleep(0.1)
+        reports = [await c.ask("quit") for c in consumers]
+    finally:
+        for c in consumers:  # after a failure: a consumer still waiting for `quit` is killed
+            await c.end()
+    got = [json.loads(r) for r in reports]
+    seen = [i for g in got for i in g["seen"]]
+    lat = [x for g in got for x in g["lat"]]
+    last = max((g["last"] for g in got), default=prod["t1"])
+    return {
+        "per_s": n / max(1e-9, last - prod["t0"]),
+        "publish_per_s": n / max(1e-9, prod["t1"] - prod["t0"]),
+        "p50_ms": percentile(lat, 50) * 1000, "p99_ms": percentile(lat, 99) * 1000,
+        "delivered": len(set(seen)), "handlings": len(seen), "published": n,
+        "cpu_us": {"producer": prod["cpu"] / n * 1e6,
+                   **{f"consumer{k}": g["cpu_run"] / max(1, len(g["seen"])) * 1e6
+                      for k, g in enumerate(got)}},
+        "load": load,
+    }  # fmt: skip
+
+
+def _cpu(r: dict[str, Any]) -> str:
+    c = r["cpu_us"]
+    return f"cpu µs/event prod {c['producer']:.0f} cons {c['consumer0']:.0f}/{c['consumer1']:.0f}"
+
+
+async def main(n: int, rounds: int, seconds: float, backends: list[str]) -> tuple[Any, list[str]]:
+    redis = RedisServer(binary=OPTS.get("redis_server"), appendfsync=OPTS["appendfsync"])
+    nats_server = accord.EmbeddedServer()
+    urls = {"redis": redis.start(), "jetstream": nats_server.start()}
+    out: dict[str, Any] = {}
+    lines = [f"{n} events of ~100 bytes, 1 producer ({32} in flight) + 2 consumers, each its own "
+             f"process, {OPTS['partitions']} partitions, redis appendfsync "
+             f"{OPTS['appendfsync']} ({Path(redis.binary).name}), hiredis "
+             f"{'on' if OPTS['hiredis'] else 'off'}"]  # fmt: skip
+    try:
+        for kind in backends:
+            url = urls[kind]
+            res: dict[str, list[Any]] = {"raw": [], "bus": [], "raw1000": [], "bus1000": [],
+                                         "bus5000": []}  # fmt: skip
+            for i in range(rounds):
+                for impl in ("raw", "bus") if i % 2 == 0 else ("bus", "raw"):
+                    res[impl].append(await one_round(impl, kind, url, n, 0))
+                for impl in ("raw", "bus") if i % 2 == 0 else ("bus", "raw"):
+                    res[f"{impl}1000"].append(
+                        await one_round(impl, kind, url, int(1000 * seconds), 1000)
+                    )
+                res["bus5000"].append(await one_round("bus", kind, url, int(5000 * seconds), 5000))
+            out[kind] = res
+            for i in range(rounds):
+                raw, bus = res["raw"][i], res["bus"][i]
+                lines.append(
+                    f"{kind:9s} round {i + 1}: bus {bus['per_s']:6.0f}/s raw {raw['per_s']:6.0f}/s"
+                    f" = {bus['per_s'] / raw['per_s']:.2f}x (load {bus['load']:.1f}); bus "
+                    f"{_cpu(bus)}; raw {_cpu(raw)}"
+                )
+                for name in ("raw1000", "bus1000", "bus5000"):
+                    r = res[name][i]
+                    lines.append(
+                        f"{'':9s}   {name:8s} p50 {r['p50_ms']:7.1f} ms p99 {r['p99_ms']:7.1f} ms"
+                        f"  published {r['publish_per_s']:5.0f}/s handled {r['per_s']:5.0f}/s"
+                        f"  delivered {r['delivered']}/{r['published']} (load {r['load']:.1f});"
+                        f" {_cpu(r)}"
+                    )
     finally:
         redis.cleanup()
         nats_server.stop()
-    lines = [f"{n} events of ~100 bytes, 1 producer ({INFLIGHT} in flight), 2 consumers, "
-             f"{PARTITIONS[0]} partitions, redis appendfsync {APPENDFSYNC[0]}"]  # fmt: skip
-    for kind, r in out.items():
-        lines.append(
-            f"{kind:9s} bus {r['bus_per_s']:7.0f}/s  raw {r['raw_per_s']:7.0f}/s  "
-            f"ratio {r['ratio']:.2f}x  latency at 1000/s p50 {r['p50_ms']:.1f} ms "
-            f"p99 {r['p99_ms']:.1f} ms  delivered {r['delivered']}/{r['published']}"
-        )
     return out, lines
 
 
 if __name__ == "__main__":
     p = parser(__doc__ or "")
     p.add_argument("--events", type=int, default=5000)
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--seconds", type=float, default=3.0, help="length of each paced run")
     p.add_argument("--partitions", type=int, default=8)
     p.add_argument("--appendfsync", choices=["always", "everysec", "no"], default="always")
+    p.add_argument("--redis-server", default=None, help="a redis-server / valkey-server binary")
+    p.add_argument("--no-hiredis", action="store_true", help="redis-py parses in Python")
+    p.add_argument("--backend", choices=["redis", "jetstream"], action="append")
+    p.add_argument("--profile", default=None, help="directory for py-spy profiles (bus rounds)")
     args = p.parse_args()
-    PARTITIONS[0] = args.partitions
-    APPENDFSYNC[0] = args.appendfsync
-    (result, lines), loop_name = run(lambda: main(args.events), args.uvloop)
+    OPTS.update(partitions=args.partitions, appendfsync=args.appendfsync,
+                hiredis=not args.no_hiredis,
+                redis_server=args.redis_server and shutil.which(args.redis_server),
+                profile=args.profile)  # fmt: skip
+    (result, lines), loop_name = run(
+        lambda: main(
+            args.events, args.rounds, args.seconds, args.backend or ["redis", "jetstream"]
+        ),
+        args.uvloop,
+    )
     result["environment"] = environment(loop_name)
     emit(result, args.json, lines)
