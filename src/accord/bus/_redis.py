@@ -147,12 +147,14 @@ class RedisBackend:
                              "body", event.body, "at", f"{event.published_at:.6f}"]  # fmt: skip
         if event.only:
             fields += ["only", event.only]
+        xadd = ("XADD", stream_key(topic, partition), "*", *fields)
         try:
-            await self.pipe.run("XADD", stream_key(topic, partition), "*", *fields)
             fsync, durable = self.fsync, self.fsync == "always"
-            if self.waitaof and not durable:
-                local, _ = await self.r.waitaof(1, 0, 1000)
+            if self.waitaof and not durable:  # on the XADD's own connection, right after it
+                _id, local = await self.pipe.run_fsynced(*xadd)
                 durable, fsync = local >= 1, "waitaof"
+            else:
+                await self.pipe.run(*xadd)
         except (rex.RedisError, OSError) as exc:
             raise PublishUnconfirmed(
                 f"publish of {event.id} to {topic} not confirmed ({exc}): it may or may not "

