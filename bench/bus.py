@@ -43,12 +43,10 @@ class Proc:
         env = dict(os.environ)
         if not OPTS["hiredis"]:
             env["BENCH_NO_HIREDIS"] = "1"
-        cmd = [sys.executable, PROC, *args]
-        if OPTS.get("profile") and args[1] == "bus":  # py-spy's collapsed stacks, per process
-            out = Path(OPTS["profile"]) / f"{args[0]}-{args[2]}-{uuid.uuid4().hex[:6]}.txt"
-            cmd = ["py-spy", "record", "-r", "250", "-f", "raw", "-o", str(out), "--", *cmd]
+        if OPTS.get("profile") and args[1] == "bus":
+            env["BENCH_PROFILE"] = OPTS["profile"]
         p = await asyncio.create_subprocess_exec(
-            *cmd, stdin=asyncio.subprocess.PIPE,
+            sys.executable, PROC, *args, stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE, env=env, limit=2**26,
         )  # fmt: skip
         return cls(p)
@@ -212,7 +210,7 @@ if __name__ == "__main__":
     p.add_argument("--redis-server", default=None, help="a redis-server / valkey-server binary")
     p.add_argument("--no-hiredis", action="store_true", help="redis-py parses in Python")
     p.add_argument("--backend", choices=["redis", "jetstream"], action="append")
-    p.add_argument("--profile", default=None, help="directory for py-spy profiles (bus rounds)")
+    p.add_argument("--profile", default=None, help="pyinstrument profiles here")
     args = p.parse_args()
     OPTS.update(partitions=args.partitions, appendfsync=args.appendfsync,
                 hiredis=not args.no_hiredis,
