@@ -16,6 +16,7 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 if os.environ.get("BENCH_NO_HIREDIS") == "1":
@@ -248,6 +249,23 @@ async def produce(impl: str, backend: str, url: str, topic: str, parts: int, n: 
 
 def main() -> None:
     role, impl, backend, url, topic, parts = sys.argv[1:7]
+    where = os.environ.get("BENCH_PROFILE")
+    if where:  # pyinstrument (if installed): where this process spends its time
+        from pyinstrument import Profiler
+
+        profiler = Profiler(interval=0.0005, async_mode="disabled")
+        profiler.start()
+        try:
+            run(role, impl, backend, url, topic, parts)
+        finally:
+            profiler.stop()
+            name = f"{role}-{backend}-{os.getpid()}.txt"
+            (Path(where) / name).write_text(profiler.output_text(show_all=False))
+        return
+    run(role, impl, backend, url, topic, parts)
+
+
+def run(role: str, impl: str, backend: str, url: str, topic: str, parts: str) -> None:
     p = int(parts)
     if role == "produce":
         asyncio.run(produce(impl, backend, url, topic, p, int(sys.argv[7]), float(sys.argv[8])))

@@ -305,7 +305,7 @@ class JetStreamBackend:
             await self.engine.close()
 
 
-ATTEMPT_TTL = 7 * 86400  # seconds an in-place retry's count is kept for a next holder
+ATTEMPT_TTL = 86400  # seconds a retry count is kept for a next holder (a takeover lists them)
 
 
 async def _counted(kv: KV, prefix: str) -> dict[int, int]:
