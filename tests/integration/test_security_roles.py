@@ -92,21 +92,27 @@ async def test_an_observer_cannot_start_a_workflow_refused_at_once(roles: Roles)
 def test_an_observer_reads_every_status_view_with_its_options_after_the_subcommand(
     roles: Roles,
 ) -> None:
+    async def run_one() -> None:  # a run of this test's own, for the views to show
+        async with roles.connect(roles.client) as mesh:
+            done = await mesh.start_workflow("chain", "sec-v1", Job(n=2), timeout=LONG)
+            assert await done.result(timeout=LONG) == 2 * 2 + 1 + 10
+
+    asyncio.run(run_one())
     opts = ["--creds", str(roles.observer), "--tls-ca", str(roles.cluster.tls_ca),
             "--nats", roles.cluster.url]  # fmt: skip
     for cmd in (["status"], ["leases"], ["workflows"], ["services"], ["promises"]):
         done = roles.cli(*cmd, "--json", *opts)
         assert done.returncode == 0, (cmd, done.stderr)
     assert roles.cli("dlq", "list", *opts).returncode == 0
-    # The run the client ran (first test) is in the run index, as `workflows` and `top` show
-    # it; polled, as an index write may land late on a loaded machine.
+    # The run is in the run index, as `workflows` and `top` show it (polled: the index entry
+    # of its end may land after its result on a loaded machine).
     deadline = time.monotonic() + 30
     while True:
         top = roles.cli("top", "--once", "--json", *opts)
         assert top.returncode == 0, top.stderr
         snap = json.loads(top.stdout)
         assert snap["errors"] == {}, snap["errors"]
-        if "chain/sec-c1" in {r["id"] for r in snap["workflows"]}:
+        if "chain/sec-v1" in {r["id"] for r in snap["workflows"]}:
             break
         listed = roles.cli("workflows", "--json", *opts)
         assert time.monotonic() < deadline, (snap["workflows"], listed.stdout, listed.stderr)
