@@ -49,19 +49,22 @@ async def mesh(cluster: Cluster) -> AsyncIterator[accord.Mesh]:
         yield m
 
 
+_SEEN: dict[str, str] = {}  # URLs read once: a node keeps its port for the module's life
+
+
 async def _urls(mesh: accord.Mesh, names: tuple[str, ...] = NODES) -> dict[str, str]:
-    """Each node's metrics URL, read from its membership record."""
+    """Each node's metrics URL, read from its membership record (once per node)."""
     assert mesh._buckets is not None
-    out = {}
+    out = {n: _SEEN[n] for n in names if n in _SEEN}
     members = mesh._buckets.members
-    for name in names:
+    for name in (n for n in names if n not in out):
         # The record has a TTL: a heartbeat that ran late on a loaded machine lets it lapse
         # until the next one rewrites it.
         entry = await eventually(lambda n=name: members.get(f"node.{n}"), 20,
                                  f"{name}'s membership record")  # fmt: skip
         url = msgspec.json.decode(entry.value)["metrics_url"]
         assert url.startswith("http://127.0.0.1:") and url.endswith("/metrics"), url
-        out[name] = url
+        out[name] = _SEEN[name] = url
     return out
 
 
@@ -124,16 +127,14 @@ async def test_n_asks_add_n_to_the_owning_nodes_messages_total(
 async def test_published_tells_count_as_publish_where_they_are_handled(
     cluster: Cluster, mesh: accord.Mesh
 ) -> None:
+    """Summed over the nodes: a shard may move under load between reading its owner and the
+    publishes (the ask test above checks "on the owning node only")."""
     urls = await _urls(mesh)
-    agent = "counter/published"
     await mesh.subscribe("ticks", "counter")
-    st = await cluster_status(mesh)
-    shard = shard_of(agent, st["num_shards"])
-    owner = next(s["owner"] for s in st["shards"] if s["shard"] == shard)
 
     async def count(kind: str) -> float:
-        return await _sample(urls[owner], "accord_messages_total", agent_type="counter",
-                             kind=kind, outcome="ok")  # fmt: skip
+        return sum([await _sample(url, "accord_messages_total", agent_type="counter", kind=kind,
+                                  outcome="ok") for url in urls.values()])  # fmt: skip
 
     before = {k: await count(k) for k in ("publish", "tell")}
     for _ in range(N_ASKS):
@@ -143,7 +144,7 @@ async def test_published_tells_count_as_publish_where_they_are_handled(
         n = await count("publish") - before["publish"]
         return n if n >= N_ASKS else None
 
-    assert await eventually(counted, 10, f"{N_ASKS} publishes counted") == N_ASKS
+    assert await eventually(counted, 30, f"{N_ASKS} publishes counted") == N_ASKS
     assert await count("tell") == before["tell"]  # not counted as plain tells too
 
 
