@@ -53,6 +53,12 @@ def cluster(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untype
     env = {"ACCORD_STEP_LOG": str(tmp / "steps.jsonl"), "ACCORD_FIXED": str(tmp / "fixed")}
     with Cluster(APP, 3, env=env, log_dir=tmp / "logs") as c:
         c.tmp = tmp  # type: ignore[attr-defined]
+
+        async def placed() -> None:  # every test starts on a settled placement: no handoffs
+            async with c.connect() as mesh:
+                await wait_for_placement(mesh, set(c.nodes))
+
+        asyncio.run(placed())
         yield c
 
 
