@@ -32,10 +32,16 @@ def fresh_nats_url() -> Iterator[str]:
         server.stop()
 
 
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Under pytest-xdist (`--dist loadgroup`): a module's tests stay on one worker (they share its
     module-scoped server or cluster), and the network-namespace lab tests, which each run a
-    3-server NATS cluster, run one at a time so two of them never compete for the 2 cores."""
+    3-server NATS cluster, run one at a time so two of them never compete for the 2 cores.
+
+    `tryfirst`: xdist's worker turns these marks into node-id suffixes in its own
+    `pytest_collection_modifyitems`, and this root conftest registers before it, so it would run
+    after xdist and the marks would count for nothing (every module split across both workers).
+    """
     for item in items:
         group = "netlab" if item.get_closest_marker("netlab") else item.nodeid.split("::")[0]
         item.add_marker(pytest.mark.xdist_group(group))

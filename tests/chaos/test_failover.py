@@ -162,7 +162,7 @@ async def test_sigstopped_owner_never_answers_with_a_stale_epoch(tmp_path: Path)
                     except Exception:
                         continue
                     replies.append((agent, epoch, node))
-            st = await cluster_status(mesh)
+            st = await cluster_status(mesh, timeout=15)
 
     assert replies, "no replies at all after SIGCONT"
     for agent, epoch, node in replies:

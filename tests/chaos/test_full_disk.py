@@ -18,7 +18,7 @@ import subprocess
 import tempfile
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import msgspec
@@ -29,6 +29,7 @@ from accord._ids import AgentId
 from accord.engine._api import BucketSpec, StreamSpec
 from accord.engine._nats import NatsTransport
 from accord.state._store import StateStore
+from accord.testing import eventually_async
 
 PAD = "x" * 1000  # per counter: its state record is ~1 KiB, so the bucket fills in seconds
 
@@ -70,14 +71,6 @@ class FdEcho(accord.Agent, type="fd_echo"):
         return msg.text
 
 
-async def _until(cond: Callable[[], Awaitable[bool]], what: str, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not await cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.05)
-
-
 @contextlib.contextmanager
 def _small_filesystem(size: str) -> Iterator[Path]:
     if os.geteuid() != 0 or shutil.which("mount") is None:
@@ -115,7 +108,7 @@ async def test_full_store_refuses_durable_writes_and_keeps_the_node_serving() ->
             async def all_held() -> bool:
                 return len(node.held_shards()) == shards
 
-            await _until(all_held, "every shard held", 20)
+            await eventually_async(all_held, 20, "every shard held")
             assert node.config.data_bytes > 0, "the cluster got no data byte budget"
             store = StateStore(
                 await probe.bucket(BucketSpec(name=f"accord_{cluster}_state"), create=False)
@@ -198,7 +191,9 @@ async def test_full_store_refuses_durable_writes_and_keeps_the_node_serving() ->
                     return False
                 return True
 
-            await _until(writes_resume, "a durable write to succeed after delete_state", 30)
+            await eventually_async(
+                writes_resume, 30, "a durable write to succeed after delete_state"
+            )
             for k in fresh[1:]:
                 assert await node.ask(_counter(k), Bump(PAD), returns=int, timeout=10) == 1
             # A deleted counter starts over; a kept one still has its acknowledged count.
@@ -227,7 +222,7 @@ async def test_memory_buckets_lost_with_a_server_restart_come_back_above_old_epo
         async def all_held() -> bool:
             return len(node.held_shards()) == node.config.num_shards
 
-        await _until(all_held, "every shard held", 20)
+        await eventually_async(all_held, 20, "every shard held")
         assert await node.ask(_counter(1), Bump(), returns=int, timeout=10) == 1
         before = node.held_shards()
 
@@ -240,7 +235,9 @@ async def test_memory_buckets_lost_with_a_server_restart_come_back_above_old_epo
             held = node.held_shards()
             return len(held) == len(before) and min(held.values()) > max(before.values())
 
-        await _until(taken_again, "every shard held again, at epochs above the old ones", 30)
+        await eventually_async(
+            taken_again, 30, "every shard held again, at epochs above the old ones"
+        )
 
         async def counted() -> bool:
             try:
@@ -248,7 +245,7 @@ async def test_memory_buckets_lost_with_a_server_restart_come_back_above_old_epo
             except (accord.DeliveryTimeout, accord.NotConnected, accord.OutcomeUnknown):
                 return False
 
-        await _until(counted, "the counter to take its second bump (not fenced)", 30)
+        await eventually_async(counted, 30, "the counter to take its second bump (not fenced)")
         assert await node.ask(_counter(1), Read(), returns=int, timeout=10) == 2
     finally:
         await node.stop()

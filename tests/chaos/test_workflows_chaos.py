@@ -107,7 +107,7 @@ async def test_sleep_fires_after_its_node_was_killed(tmp_path: Path) -> None:
             assert st == "waiting"
             from accord._status import cluster_status
 
-            owners = shard_owners(await cluster_status(mesh))
+            owners = shard_owners(await cluster_status(mesh, timeout=15))
             owner = owners[shard_of("sleeper/nap", mesh.config.num_shards)][0]
             cluster.nodes[owner].kill()
             woke = await h.result(timeout=60)

@@ -15,29 +15,17 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Iterator
 
 import pytest
 
 import accord
-from accord.testing import Cluster, wait_for_placement
+from accord.testing import Cluster, eventually, wait_for_placement
 
 from .dashboard_proc import ROOT, dashboard_process, get
 
 CLUSTER = "dashapi"
 NODES = {"node-1", "node-2"}
-
-
-def _until(cond: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout}s: {what}")
-        time.sleep(0.1)
 
 
 async def _dead_letter(c: Cluster) -> None:
@@ -68,7 +56,7 @@ def accord_cli(*args: str) -> subprocess.CompletedProcess[str]:
 
 def test_lists_are_paginated(dash: tuple[Cluster, str]) -> None:
     _, url = dash
-    page = _until(lambda: (p := get(f"{url}/api/shards?offset=10&limit=5")[1])["total"] == 64
+    page = eventually(lambda: (p := get(f"{url}/api/shards?offset=10&limit=5")[1])["total"] == 64
                   and p, 30, "every shard owned")  # fmt: skip
     assert [s["shard"] for s in page["items"]] == [10, 11, 12, 13, 14]
     assert (page["offset"], page["limit"]) == (10, 5)
@@ -107,7 +95,7 @@ def test_a_foreign_host_name_is_refused(dash: tuple[Cluster, str]) -> None:
 
 def test_dead_letter_replay_is_guarded_and_delivers_again(dash: tuple[Cluster, str]) -> None:
     _, url = dash
-    letters = _until(lambda: get(f"{url}/api/dlq")[1]["items"], 30, "a dead letter listed")
+    letters = eventually(lambda: get(f"{url}/api/dlq")[1]["items"], 30, "a dead letter listed")
     seq = letters[0]["seq"]
     assert letters[0]["target"] == "flaky/a"
     replay = f"{url}/api/dlq/{seq}/replay"
@@ -127,7 +115,7 @@ def test_dead_letter_replay_is_guarded_and_delivers_again(dash: tuple[Cluster, s
             d["target"] == "flaky/a" and d["seq"] > seq for d in items
         )
 
-    _until(again, 30, "the replayed message dead-lettered again under a new sequence")
+    eventually(again, 30, "the replayed message dead-lettered again under a new sequence")
 
 
 def test_top_once_json_lists_the_nodes(dash: tuple[Cluster, str]) -> None:

@@ -31,6 +31,7 @@ from accord.engine._api import (
 )
 from accord.engine._nats import NatsTransport
 from accord.engine._nats_errors import map_errors
+from accord.testing import eventually_async
 
 _serials = itertools.count(1)
 
@@ -48,14 +49,6 @@ def _name(what: str) -> str:
     return f"eng{what}{next(_serials)}"
 
 
-async def _until(cond: Callable[[], Awaitable[bool]], what: str, timeout: float = 10.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not await cond():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"not within {timeout}s: {what}")
-        await asyncio.sleep(0.05)
-
-
 async def test_create_takes_a_key_whose_ttl_expired(engine: NatsTransport) -> None:
     """The server's expiry marker (`Nats-Marker-Reason`) counts as absent for `create`, and the
     new revision is above the expired one (a fencing token that only grows)."""
@@ -67,7 +60,7 @@ async def test_create_takes_a_key_whose_ttl_expired(engine: NatsTransport) -> No
     async def expired() -> bool:
         return await kv.get("shard.1", leader=True) is None
 
-    await _until(expired, "the key expired")
+    await eventually_async(expired, 10.0, "the key expired")
     second = await kv.create("shard.1", b"b", ttl=1)
     assert second > first
     got = await kv.get("shard.1", leader=True)
@@ -131,7 +124,7 @@ async def test_pull_loop_tops_up_and_keeps_stream_order(engine: NatsTransport) -
         state = await engine.stream_state(stream)
         return state is not None and state.messages == 0
 
-    await _until(drained, "acked messages left the work queue")
+    await eventually_async(drained, 10.0, "acked messages left the work queue")
 
 
 async def test_closed_connection_raises_not_connected(nats_url: str) -> None:
@@ -184,11 +177,13 @@ async def test_no_pull_request_while_has_capacity_waits(engine: NatsTransport) -
             info = await engine.api_call(f"CONSUMER.INFO.{stream}.c", b"", 5.0)
             return len(got) >= 10 and info["num_waiting"] == 0
 
-        await _until(requests_ended, "the pull requests made before the block ended")
+        await eventually_async(
+            requests_ended, 10.0, "the pull requests made before the block ended"
+        )
         info = await engine.api_call(f"CONSUMER.INFO.{stream}.c", b"", 5.0)
         assert 10 <= info["delivered"]["consumer_seq"] <= 10 + 8
         room.set()
-        await _until(lambda: _true(len(got) == 60), "the rest once there is room")
+        await eventually_async(lambda: _true(len(got) == 60), 10.0, "the rest once there is room")
     finally:
         await consumer.stop()
 

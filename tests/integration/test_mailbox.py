@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -19,6 +19,7 @@ from accord.delivery._mailbox import ShardMailbox, ensure_streams, mailbox_subje
 from accord.engine._api import Delivery
 from accord.engine._nats import NatsTransport
 from accord.engine._nats_consumer import PULL_EXPIRES
+from accord.testing import eventually_async
 
 _serials = itertools.count(1)
 
@@ -43,15 +44,6 @@ async def _publish(js: Any, names: Names, shard: int, payloads: list[bytes]) -> 
         await js.append(mailbox_subject(names, shard), p, msg_id=p.decode())
 
 
-async def _until(cond: Callable[[], bool], timeout: float, what: str) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not cond():
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.01)
-
-
 async def _capacity() -> None:
     return None
 
@@ -71,7 +63,7 @@ async def test_delivers_in_stream_order_beyond_one_batch_and_acked_ones_stay_ack
     try:
         sent = [f"m{i}".encode() for i in range(100)]
         await _publish(js, names, 3, sent)
-        await _until(lambda: len(got) >= 100, 10, "100 messages")
+        await eventually_async(lambda: len(got) >= 100, 10, "100 messages")
         assert got == sent  # 100 messages through requests of at most 8: order kept, none twice
         await asyncio.gather(*acks)  # every ack sent before the takeover (else: redelivered)
         await js.flush(5)
@@ -85,7 +77,9 @@ async def test_delivers_in_stream_order_beyond_one_batch_and_acked_ones_stay_ack
     await successor.start(previous_epoch=1)
     try:
         await _publish(js, names, 3, [b"after"])
-        await _until(lambda: again == [b"after"], 5, "the message sent after the takeover")
+        await eventually_async(
+            lambda: again == [b"after"], 5, "the message sent after the takeover"
+        )
     finally:
         await successor.stop()
 
@@ -100,7 +94,9 @@ async def test_consumes_again_after_its_pull_requests_expired(js: Any) -> None:
     try:
         await asyncio.sleep(PULL_EXPIRES + 1.0)  # the first requests end with 408s meanwhile
         await _publish(js, names, 0, [b"late"])
-        await _until(lambda: got == [b"late"], 2, "a message sent after the requests expired")
+        await eventually_async(
+            lambda: got == [b"late"], 2, "a message sent after the requests expired"
+        )
     finally:
         await mailbox.stop()
 
@@ -129,12 +125,12 @@ async def test_no_request_while_the_bulkhead_is_full(js: Any) -> None:
         # for has arrived. Nothing is asked for then, so nothing more can arrive, and the count
         # below is final until there is room.
         pull: Any = mailbox._consumer
-        await _until(
+        await eventually_async(
             lambda: blocked.is_set() and pull._owed <= 0, 5, "the pull loop blocked, settled"
         )
         assert len(got) <= 10 + 8  # what was asked for before the bulkhead filled, no more
         room.set()
-        await _until(lambda: len(got) == 60, 5, "the rest once there is room")
+        await eventually_async(lambda: len(got) == 60, 5, "the rest once there is room")
     finally:
         await mailbox.stop()
 
@@ -156,7 +152,7 @@ async def test_a_newer_epoch_redelivers_the_unacked_in_order_and_the_old_owner_s
     await first.start()
     sent = [f"u{i}".encode() for i in range(20)]
     await _publish(js, names, 2, sent)
-    await _until(lambda: len(old) == 20, 5, "the first owner's deliveries")
+    await eventually_async(lambda: len(old) == 20, 5, "the first owner's deliveries")
 
     owner["epoch"] = 2
     new: list[bytes] = []
@@ -169,10 +165,10 @@ async def test_a_newer_epoch_redelivers_the_unacked_in_order_and_the_old_owner_s
     second = ShardMailbox(js, names, 2, 2, new_dispatch, _capacity, lambda: owner["epoch"] == 2)
     await second.start(previous_epoch=1)
     try:
-        await _until(lambda: len(new) >= 20, 5, "the redeliveries to the new epoch")
+        await eventually_async(lambda: len(new) >= 20, 5, "the redeliveries to the new epoch")
         assert new == sent  # at once, in stream order, no ack-wait sat out
         await _publish(js, names, 2, [b"next"])
-        await _until(lambda: new[-1] == b"next", 5, "a new message")
+        await eventually_async(lambda: new[-1] == b"next", 5, "a new message")
         assert len(old) == 20  # the superseded consumer got nothing more
     finally:
         await second.stop()
@@ -196,6 +192,8 @@ async def test_a_consumer_left_by_an_owner_older_than_the_previous_one_is_replac
         consumers = await js.consumers(f"accord_{names.cluster}_mailbox")
         assert set(consumers) == {"shard-4-e3"}
         await _publish(js, names, 4, [b"to-the-new-owner"])
-        await _until(lambda: got == [b"to-the-new-owner"], 5, "the message on the new consumer")
+        await eventually_async(
+            lambda: got == [b"to-the-new-owner"], 5, "the message on the new consumer"
+        )
     finally:
         await third.stop()

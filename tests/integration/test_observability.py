@@ -107,7 +107,7 @@ async def test_n_asks_add_n_to_the_owning_nodes_messages_total(
     urls = await _urls(mesh)
     agent = "counter/observed"
     await mesh.ask(agent, Increment(1))  # activated; the count below starts after this
-    st = await cluster_status(mesh)
+    st = await cluster_status(mesh, timeout=15)
     shard = shard_of(agent, st["num_shards"])
     owner = next(s["owner"] for s in st["shards"] if s["shard"] == shard)
     labels = {"agent_type": "counter", "kind": "ask", "outcome": "ok"}
@@ -157,7 +157,7 @@ async def test_status_reports_the_stats_block(cluster: Cluster, mesh: accord.Mes
     assert set(stats["per_type"]["counter"]) == {"activations", "msgs_per_s", "mailbox_pending"}
     assert st["metrics_url"] == (await _urls(mesh, ("node-1",)))["node-1"]
     assert "turns" in st["counters"]
-    nodes = (await cluster_status(mesh))["nodes"]  # what `accord status --json` shows
+    nodes = (await cluster_status(mesh, timeout=15))["nodes"]  # what `accord status --json` shows
     assert {n["name"]: n["metrics_url"] for n in nodes} == await _urls(mesh)
 
 

@@ -21,7 +21,7 @@ import pytest
 
 import accord
 from accord.cluster._overrides import Override, override_key
-from accord.testing import Cluster, NodeProcess, wait_for_placement
+from accord.testing import Cluster, NodeProcess, eventually_async, wait_for_placement
 
 ROOT = Path(__file__).resolve().parents[2]
 APP = str(ROOT / "examples" / "placement_app.py")
@@ -29,17 +29,6 @@ GPU_APP = str(ROOT / "examples" / "placement_gpu_app.py")
 sys.path.insert(0, str(ROOT / "examples"))
 
 from placement_app import Add, Read, Where  # noqa: E402
-
-
-async def _until(probe, timeout: float, what: str):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while True:
-        value = await probe()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.05)
 
 
 def overlapping(log: Path, killed: dict[int, float] | None = None) -> list[str]:
@@ -98,10 +87,10 @@ async def test_migrate_under_exactly_once_traffic(tmp_path: Path) -> None:
                     i += 1
 
             task = asyncio.create_task(traffic())
-            await _until(lambda: asyncio.sleep(0, sent >= 20), 30, "traffic before the move")
+            await eventually_async(lambda: sent >= 20, 30, "traffic before the move")
             epoch = await mesh.migrate(agent, dst)
             assert epoch > 0
-            await _until(lambda: asyncio.sleep(0, sent >= 60), 30, "traffic after the move")
+            await eventually_async(lambda: sent >= 60, 30, "traffic after the move")
             stop.set()
             await task
             assert await mesh.ask(agent, Read(), timeout=10) == sent  # exact: none lost, none twice
@@ -166,7 +155,7 @@ async def test_heterogeneous_nodes(tmp_path: Path) -> None:
                     return False
                 return set(got) == {new_pid}
 
-            await _until(moved, 30, "B agents on the new node hosting B")
+            await eventually_async(moved, 30, "B agents on the new node hosting B")
     assert overlapping(log, killed) == []
 
 

@@ -22,7 +22,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from accord._status import cluster_status
-from accord.testing import Cluster, wait_for_placement
+from accord.testing import Cluster, eventually_async, wait_for_placement
 
 ROOT = Path(__file__).resolve().parents[2]
 APP = str(ROOT / "examples" / "pool_app.py")
@@ -35,15 +35,6 @@ def _entries(path: Path) -> list[dict[str, object]]:
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line]
-
-
-async def _until(probe, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not probe():
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.1)
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +73,7 @@ async def test_client_asks_are_handled_exactly_once_over_every_node(cluster: Clu
     log.unlink(missing_ok=True)
     async with cluster.connect() as mesh:  # a plain client: the pool is known from the registry
         await wait_for_placement(mesh, set(cluster.nodes), timeout=60)
-        before = (await cluster_status(mesh))["pools"]["thumbnail"]
+        before = (await cluster_status(mesh, timeout=15))["pools"]["thumbnail"]
         slots = asyncio.Semaphore(48)
 
         async def ask(n: int) -> str:
@@ -96,7 +87,7 @@ async def test_client_asks_are_handled_exactly_once_over_every_node(cluster: Clu
         done = [e for e in _entries(log) if e["event"] == "done"]
         assert Counter(e["task"] for e in done) == Counter(range(1000))  # each exactly once
         assert Counter(e["node"] for e in done) == by_node
-        after = (await cluster_status(mesh))["pools"]["thumbnail"]  # what `accord status` shows
+        after = (await cluster_status(mesh, timeout=15))["pools"]["thumbnail"]  # accord status
         assert set(after) == set(cluster.nodes)
         assert {n: after[n]["handled"] - before[n]["handled"] for n in after} == by_node
         assert {c["max_concurrency"] for c in after.values()} == {8}
@@ -121,7 +112,7 @@ async def _pool_metrics(url: str) -> dict[str, float]:
 async def test_pool_runs_and_refusals_are_counted_in_each_nodes_metrics(cluster: Cluster) -> None:
     async with cluster.connect() as mesh:
         await wait_for_placement(mesh, set(cluster.nodes), timeout=60)
-        st = await cluster_status(mesh)
+        st = await cluster_status(mesh, timeout=15)
         urls = {n["name"]: n["metrics_url"] for n in st["nodes"]}
         before = {n: await _pool_metrics(u) for n, u in urls.items()}
         pools = st["pools"]["thumbnail"]
@@ -131,7 +122,7 @@ async def test_pool_runs_and_refusals_are_counted_in_each_nodes_metrics(cluster:
                                       for n in range(30_000, 30_120)))  # fmt: skip
         assert sorted(d.n for d in done) == list(range(30_000, 30_120))
         after = {n: await _pool_metrics(u) for n, u in urls.items()}
-        now = (await cluster_status(mesh))["pools"]["thumbnail"]
+        now = (await cluster_status(mesh, timeout=15))["pools"]["thumbnail"]
     refused = 0
     for n in urls:
         grew = {k: after[n][k] - before[n][k] for k in after[n]}
@@ -167,10 +158,7 @@ async def test_sigkilled_workers_unfinished_durable_tasks_are_redone_elsewhere(
                     return node
             return None
 
-        found: list[str] = []
-        await _until(lambda: found.append(victim() or "") or found[-1], 30,
-                     "a node amid a durable task and an ask")  # fmt: skip
-        name = found[-1]
+        name = await eventually_async(victim, 30, "a node amid a durable task and an ask")
         cluster.nodes[name].kill()
         entries = _entries(log)
         by_victim = {e["task"]: e["event"] for e in entries if e["node"] == name}
@@ -180,7 +168,7 @@ async def test_sigkilled_workers_unfinished_durable_tasks_are_redone_elsewhere(
         def all_done() -> bool:
             return {e["task"] for e in _entries(log) if e["event"] == "done"} >= set(tasks)
 
-        await _until(all_done, 60, "every task to be done")
+        await eventually_async(all_done, 60, "every task to be done")
         results = await asyncio.gather(*(run.result(timeout=60) for run in runs))
         assert sum(sum(r.values()) for r in results) == 90  # every ask step answered
         done = {e["task"] for e in _entries(log) if e["event"] == "done"}

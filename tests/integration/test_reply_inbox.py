@@ -5,20 +5,12 @@ the connection's shared inbox, and a waiter given up on leaves nothing behind.""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 
 import pytest
 
 from accord.engine._nats import NatsTransport
-
-
-async def _until(cond: Callable[[], bool], what: str, timeout: float = 5.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not cond():
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.01)
+from accord.testing import eventually_async
 
 
 @pytest.fixture
@@ -50,7 +42,9 @@ async def test_a_waiter_given_up_on_is_forgotten_and_a_late_reply_dropped(
 ) -> None:
     subject, fut = await engine.reply_inbox()
     fut.cancel()  # the caller's deadline passed
-    await _until(lambda: engine._waiting == {}, "the waiter forgotten")  # by a done callback
+    await eventually_async(
+        lambda: engine._waiting == {}, 5.0, "the waiter forgotten"
+    )  # by a done callback
     await engine.publish(subject, b"too late")  # dropped: nobody waits, nothing raises
     await engine.flush(5)
     # The shared inbox still serves requests and new waiters.

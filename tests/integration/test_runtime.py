@@ -8,11 +8,10 @@ records with a deadline instead of sleeping.
 from __future__ import annotations
 
 import asyncio
-import inspect
 import itertools
 import uuid
 from collections import defaultdict
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import msgspec
@@ -22,6 +21,7 @@ import accord
 from accord import Agent, handler
 from accord._context import current_deadline
 from accord._ids import shard_of
+from accord.testing import eventually_async as eventually
 
 # -- records shared between agents and tests ------------------------------------------------
 
@@ -230,22 +230,6 @@ ALL_AGENTS: list[type[Agent]] = [
 
 
 # -- helpers and fixtures -------------------------------------------------------------------
-
-
-async def eventually(
-    condition: Callable[[], Any | Awaitable[Any]], *, timeout: float = 10.0, what: str = "condition"
-) -> Any:
-    """Poll `condition` until it is truthy (returning its value) or fail after `timeout`."""
-    deadline = now() + timeout
-    while True:
-        value = condition()
-        if inspect.isawaitable(value):
-            value = await value
-        if value:
-            return value
-        if now() >= deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.01)
 
 
 def unique_cluster() -> str:

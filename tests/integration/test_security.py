@@ -11,7 +11,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ from accord.engine._api import BucketSpec, ConsumerSpec
 from accord.engine._auth import Credentials
 from accord.engine._nats import NatsTransport
 from accord.engine._tls import ensure_ca
+from accord.testing import eventually
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -42,17 +42,6 @@ class Up:
         )  # fmt: skip
 
 
-def _until(probe: Any, timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = probe()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.2)
-
-
 @pytest.fixture(scope="module")
 def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Up]:
     """`accord up --tls --nodes 2` under its own ACCORD_HOME, stopped by PID afterwards."""
@@ -68,7 +57,7 @@ def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Up]:
     )  # fmt: skip
     try:
         url_file = home / "url"
-        url = _until(lambda: url_file.exists() and url_file.read_text().strip(), 30, "url file")
+        url = eventually(lambda: url_file.exists() and url_file.read_text().strip(), 30, "url file")
         it = Up(home, env, proc, url)
 
         def owned() -> bool:
@@ -78,7 +67,7 @@ def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Up]:
             st = json.loads(done.stdout)
             return len(st["shards"]) == st["num_shards"]
 
-        _until(owned, 60, "every shard owned")
+        eventually(owned, 60, "every shard owned")
         yield it
     finally:
         proc.send_signal(signal.SIGTERM)

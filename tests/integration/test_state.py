@@ -21,6 +21,7 @@ from accord._ids import AgentId
 from accord.engine._api import BucketSpec
 from accord.state._events import EventLog
 from accord.state._store import StateRecord, StateStore
+from accord.testing import eventually_async
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "examples"))
@@ -122,21 +123,14 @@ async def _node(url: str, cluster: str, name: str = "n1", **settings: Any) -> ac
     node = accord.Node(AGENTS, nats=url, name=name,
                        settings=accord.NodeSettings(cluster=cluster, **settings))  # fmt: skip
     await node.start()
-    await _until(lambda: len(node.held_shards()) == node.config.num_shards, "all shards held")
+    await eventually_async(
+        lambda: len(node.held_shards()) == node.config.num_shards, 20.0, "all shards held"
+    )
     return node
 
 
 async def _state_store(node: accord.Node, bucket: str) -> StateStore:
     return StateStore(await node._transport.bucket(BucketSpec(name=bucket), create=False))
-
-
-async def _until(cond: Any, what: str, timeout: float = 20.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not cond():
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -217,7 +211,7 @@ async def test_event_sourced_state_from_snapshot_and_replay_equals_full_log(nats
         amounts = [(i * 7) % 13 + 1 for i in range(23)]
         for a in amounts:
             await node.ask(agent, Deposit(a), timeout=10)
-        await _until(lambda: agent not in node._table.live, "idle deactivation")
+        await eventually_async(lambda: agent not in node._table.live, 20.0, "idle deactivation")
         rebuilt = await node.ask(agent, Snapshot(), timeout=10)  # snapshot + replay
         log = EventLog(node._transport, "accord_es1_es", "accord.es1.es")
         folded = Book()
@@ -304,9 +298,13 @@ async def test_state_moves_with_its_shard_on_handoff(nats_url: str) -> None:
         second = accord.Node(AGENTS, nats=nats_url, name="second",
                              settings=accord.NodeSettings(cluster=cluster))  # fmt: skip
         await second.start()
-        await _until(lambda: len(second.held_shards()) > 10, "the joiner to take shards")
-        await _until(
-            lambda: len(first.held_shards()) + len(second.held_shards()) == 64, "stable placement"
+        await eventually_async(
+            lambda: len(second.held_shards()) > 10, 20.0, "the joiner to take shards"
+        )
+        await eventually_async(
+            lambda: len(first.held_shards()) + len(second.held_shards()) == 64,
+            20.0,
+            "stable placement",
         )
         held = second.held_shards()
         moved = [a for a in agents if accord._ids.shard_of(a, 64) in held]

@@ -60,7 +60,7 @@ async def test_one_trace_with_a_parent_chain_across_client_and_two_nodes(
     with Cluster(APP, 2, env=env, log_dir=tmp_path / "logs", cluster="traced") as cluster:
         async with cluster.connect() as mesh:
             await wait_for_placement(mesh, set(cluster.nodes))
-            st = await cluster_status(mesh)
+            st = await cluster_status(mesh, timeout=15)
             a, b = _two_owned_by(st, "node-1", "node-2")
             pids = await mesh.ask(a, _hop(b), timeout=10)
             assert pids == [cluster.nodes["node-1"].pid, cluster.nodes["node-2"].pid]

@@ -9,12 +9,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from accord.testing import eventually
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -24,17 +25,6 @@ def _cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
         [sys.executable, "-m", "accord", *args],
         capture_output=True, text=True, timeout=60, cwd=ROOT, env=env,
     )  # fmt: skip
-
-
-def _until(probe: Any, timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = probe()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.2)
 
 
 def _running(pid: int) -> bool:
@@ -82,7 +72,9 @@ def test_up_runs_a_cluster_that_status_and_ask_find_and_a_signal_stops_it(
     started: dict[int, str] = {}
     try:
         url_file = home / "url"
-        url = _until(lambda: url_file.exists() and url_file.read_text().strip(), 30, "the url file")
+        url = eventually(
+            lambda: url_file.exists() and url_file.read_text().strip(), 30, "the url file"
+        )
         assert url.startswith("nats://")
 
         def two_alive() -> dict[str, Any] | None:
@@ -94,7 +86,7 @@ def test_up_runs_a_cluster_that_status_and_ask_find_and_a_signal_stops_it(
             owned = len(st["shards"]) == st["num_shards"]
             return st if len(alive) == 2 and owned else None
 
-        st = _until(two_alive, 60, "accord status to show 2 alive nodes owning every shard")
+        st = eventually(two_alive, 60, "accord status to show 2 alive nodes owning every shard")
         assert sorted(n["name"] for n in st["nodes"]) == ["node-1", "node-2"]
         node_pids = {int(n["pid"]) for n in st["nodes"]}
         metrics = [n["metrics_url"] for n in st["nodes"]]  # each node got a free port

@@ -6,7 +6,6 @@ from __future__ import annotations
 import itertools
 import json
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import pytest
 from accord import EngineError
 from accord._retry import Backoff
 from accord.engine._supervisor import EngineSupervisor, describe_exit
+from accord.testing import eventually
 
 
 class FakeServer:
@@ -59,14 +59,6 @@ class FakeServer:
         self._pid = None
 
 
-def _until(cond: Callable[[], bool], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        time.sleep(0.005)
-
-
 FAST = Backoff(0.001, 0.001)
 
 
@@ -95,7 +87,7 @@ def test_failures_spread_beyond_the_window_are_restarted_every_time() -> None:
     sup = EngineSupervisor(server, max_restarts=2, window=30, clock=lambda: float(next(ticks)),
                            backoff=FAST)  # fmt: skip
     sup.start()
-    _until(lambda: sup.restarts == 8)
+    eventually(lambda: sup.restarts == 8, 5.0, "the condition")
     assert sup.failure is None and not sup.wait_given_up(0)
     assert sup.pids == [1000 + n for n in range(1, 10)]
     sup.stop()

@@ -24,6 +24,7 @@ from accord.delivery._pools import pool_ask_subject
 from accord.engine._api import BucketSpec
 from accord.engine.memory import MemoryEngine
 from accord.runtime._pool import Pools
+from accord.testing import eventually_async
 
 
 class Job(msgspec.Struct):
@@ -125,16 +126,10 @@ async def _raw_ask(engine: MemoryEngine, n: int) -> tuple[bool, str]:
     return reply.ok, "" if reply.error is None else reply.error.code
 
 
-async def _until(probe, what: str) -> None:  # type: ignore[no-untyped-def]
-    async with asyncio.timeout(5):
-        while not probe():
-            await asyncio.sleep(0.005)
-
-
 async def test_asks_beyond_max_concurrency_are_answered_overloaded_not_run() -> None:
     async with pool_node() as (engine, _, pools):
         held = [asyncio.create_task(_raw_ask(engine, n)) for n in range(2)]
-        await _until(lambda: Gate.running == 2, "two handlers running")
+        await eventually_async(lambda: Gate.running == 2, 5, "two handlers running")
         refused = await asyncio.gather(*(_raw_ask(engine, n) for n in range(2, 5)))
         assert refused == [(False, "overloaded")] * 3
         assert pools.status()["gated"]["inflight"] == 2
@@ -146,12 +141,14 @@ async def test_asks_beyond_max_concurrency_are_answered_overloaded_not_run() -> 
 async def test_sender_retries_an_overloaded_ask_until_a_slot_frees_or_the_deadline() -> None:
     async with pool_node() as (_, client, pools):
         held = [asyncio.create_task(client.ask(f"gated/{n}", Job(n), timeout=5)) for n in (0, 1)]
-        await _until(lambda: Gate.running == 2, "two handlers running")
+        await eventually_async(lambda: Gate.running == 2, 5, "two handlers running")
         with pytest.raises(Overloaded):  # both slots held until the deadline: not processed
             await client.ask("gated/9", Job(9), timeout=0.3)
         refusals = pools.status()["gated"]["overloaded"]
         waiting = asyncio.create_task(client.ask("gated/2", Job(2), timeout=5))
-        await _until(lambda: pools.status()["gated"]["overloaded"] > refusals, "a refusal")
+        await eventually_async(
+            lambda: pools.status()["gated"]["overloaded"] > refusals, 5, "a refusal"
+        )
         Gate.opened.set()
         assert await waiting == 2 and [await t for t in held] == [0, 1]
         assert 9 not in Gate.done and Gate.peak == 2
@@ -161,10 +158,10 @@ async def test_durable_tells_beyond_max_concurrency_wait_and_all_run() -> None:
     async with pool_node() as (_, client, pools):
         for n in range(10):
             await client.tell(f"gated/{n}", Job(n), delivery="at_least_once")
-        await _until(lambda: Gate.running == 2, "two handlers running")
+        await eventually_async(lambda: Gate.running == 2, 5, "two handlers running")
         assert pools.status()["gated"]["running"] == 2
         Gate.opened.set()
-        await _until(lambda: len(Gate.done) == 10, "every tell handled")
+        await eventually_async(lambda: len(Gate.done) == 10, 5, "every tell handled")
         assert sorted(Gate.done) == list(range(10)) and Gate.peak == 2
 
 
@@ -172,10 +169,10 @@ async def test_at_most_once_tells_beyond_max_concurrency_wait_and_all_run() -> N
     async with pool_node() as (_, client, pools):
         for n in range(6):
             await client.tell(f"gated/{n}", Job(n))
-        await _until(lambda: Gate.running == 2, "two handlers running")
+        await eventually_async(lambda: Gate.running == 2, 5, "two handlers running")
         assert pools.status()["gated"]["inflight"] == 2  # the others wait in the subscription
         Gate.opened.set()
-        await _until(lambda: len(Gate.done) == 6, "every tell handled")
+        await eventually_async(lambda: len(Gate.done) == 6, 5, "every tell handled")
         assert sorted(Gate.done) == list(range(6)) and Gate.peak == 2
 
 
@@ -202,7 +199,7 @@ async def test_a_stopping_node_hands_back_unfinished_durable_tells_at_once() -> 
     async with pool_node() as (engine, client, first):
         for n in range(6):
             await client.tell(f"gated/{n}", Job(n), delivery="at_least_once")
-        await _until(lambda: Gate.running == 2, "two handlers running")
+        await eventually_async(lambda: Gate.running == 2, 5, "two handlers running")
         first._drain_timeout = 0.05  # the handlers under way do not finish in time
         await first.stop()
         assert Gate.done == []
@@ -212,7 +209,9 @@ async def test_a_stopping_node_hands_back_unfinished_durable_tells_at_once() -> 
                        drain_timeout=1.0)  # fmt: skip
         await second.start()
         try:  # well within the 6 s ack wait: handed back, not timed out
-            await _until(lambda: len(Gate.done) == 6, "every tell handled by the other node")
+            await eventually_async(
+                lambda: len(Gate.done) == 6, 5, "every tell handled by the other node"
+            )
         finally:
             await second.stop()
         assert sorted(Gate.done) == list(range(6))

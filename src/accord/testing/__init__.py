@@ -5,5 +5,14 @@ from ._cluster import Cluster as Cluster
 from ._cluster import NodeProcess as NodeProcess
 from ._cluster import connect_retrying as connect_retrying
 from ._cluster import wait_for_placement as wait_for_placement
+from ._wait import eventually as eventually
+from ._wait import eventually_async as eventually_async
 
-__all__ = ["Cluster", "NodeProcess", "connect_retrying", "wait_for_placement"]
+__all__ = [
+    "Cluster",
+    "NodeProcess",
+    "connect_retrying",
+    "eventually",
+    "eventually_async",
+    "wait_for_placement",
+]
