@@ -175,14 +175,7 @@ def retry(
     cluster: ClusterOpt = "default",
 ) -> None:
     """Go on with a failed or compensated run from its failed step (after fixing the cause)."""
-
-    async def main() -> None:
-        rid = _run_id(run_id)
-        async with _existing_cluster(nats, cluster) as mesh:
-            status = await mesh.workflow(rid).retry()
-        out.print(f"{status.id}: {status.state}")
-
-    _bad_input(main())
+    _bad_input(_act(run_id, nats, cluster, "retry"))
 
 
 @workflows.command()
@@ -192,11 +185,13 @@ def cancel(
     cluster: ClusterOpt = "default",
 ) -> None:
     """Cancel a run (its completed steps' compensations run, then it ends `cancelled`)."""
+    _bad_input(_act(run_id, nats, cluster, "cancel"))
 
-    async def main() -> None:
-        rid = _run_id(run_id)
-        async with _existing_cluster(nats, cluster) as mesh:
-            status = await mesh.workflow(rid).cancel()
-        out.print(f"{status.id}: {status.state}")
 
-    _bad_input(main())
+async def _act(run_id: str, nats: str | None, cluster: str, action: str) -> None:
+    """`retry` or `cancel` one run and print the state it is in afterwards."""
+    rid = _run_id(run_id)
+    async with _existing_cluster(nats, cluster) as mesh:
+        handle = mesh.workflow(rid)
+        status = await (handle.retry() if action == "retry" else handle.cancel())
+    out.print(f"{status.id}: {status.state}")
