@@ -6,6 +6,7 @@ Service placement decisions (`events.placement`) are in test_service_promises.py
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import sys
 import time
@@ -96,10 +97,19 @@ async def _until_event(
         await asyncio.sleep(0.05)
 
 
+_attempts = itertools.count()
+
+
+def _fresh(name: str) -> str:
+    """A cluster name of this attempt's own: a rerun on the module's server must not read the
+    events an earlier attempt appended."""
+    return f"{name}{next(_attempts)}"
+
+
 async def test_failure_detector_transitions_are_appended(
     nats_url: str, js: JetStreamContext
 ) -> None:
-    cluster = "evfd"
+    cluster = _fresh("evfd")
     n1 = await _node(nats_url, cluster, "fd-1")
     try:
         n2 = await _node(nats_url, cluster, "fd-2")
@@ -122,7 +132,7 @@ async def test_failure_detector_transitions_are_appended(
 
 
 async def test_quorum_decisions_are_appended(nats_url: str, js: JetStreamContext) -> None:
-    cluster = "evdec"
+    cluster = _fresh("evdec")
     node = await _node(nats_url, cluster, "dec-1")
     try:
         voters = ["voter/a", "voter/b", "voter/no1"]
@@ -142,7 +152,7 @@ async def test_quorum_decisions_are_appended(nats_url: str, js: JetStreamContext
 async def test_split_brain_merges_are_appended(nats_url: str, js: JetStreamContext) -> None:
     """A merge as a cut-off node sends it after healing (at-least-once, through the mailbox),
     for a last-writer-wins agent (a newer and an older peer state) and a CRDT one."""
-    cluster = "evmerge"
+    cluster = _fresh("evmerge")
     node = await _node(nats_url, cluster, "mg-1")
     try:
         await node.ask("ev_plain/p", Add(5), timeout=10)
