@@ -29,6 +29,7 @@ from .._ids import AgentId
 from .._retry import Backoff
 from .._spec import AgentSpec
 from ..cluster._hlc import HybridClock
+from ._commit import WITH_COMMIT
 from ._events import EventLog
 from ._store import (
     DedupEntry,
@@ -103,7 +104,10 @@ class Durable:
         if record is not None:
             self.record, self.revision = record, revision
             self._hlc.observe(record.hlc)
-        if self._events is not None:
+        if self._events is not None and record is not None:
+            # No record means no events: every activation stores its claim (below) before its
+            # first append, the record cannot expire (no `state_ttl` for event-sourced agents)
+            # and a deletion purges the events first. So a brand-new agent skips the log read.
             seq, count = await self._events.replay(
                 self.id, self.record.events_seq, self.spec.event_types, agent.apply
             )
@@ -212,7 +216,24 @@ class Durable:
         A changed state is stamped with the hybrid-logical time of this write (what
         last-writer-wins merges compare), unless `stamp` is False: a merge that adopted a peer's
         state keeps that write's time (`apply_merge`), or a later write elsewhere would lose.
+        The writes the turn registered (`state._commit.with_commit`) run concurrently with it;
+        the commit returns once all are done and raises the first failure (the state's own
+        first).
         """
+        extra: list[Callable[[], Awaitable[None]]] | None = agent.__dict__.pop(WITH_COMMIT, None)
+        if not extra:
+            await self._commit(agent, dedup, seq, stamp)
+            return
+        writes = [asyncio.ensure_future(w()) for w in extra]  # sent with the commit's requests
+        try:
+            await self._commit(agent, dedup, seq, stamp)
+        finally:
+            outcomes = await asyncio.gather(*writes, return_exceptions=True)
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
+
+    async def _commit(self, agent: Agent, dedup: DedupEntry | None, seq: int, stamp: bool) -> None:
         if seq > self.record.applied_seq:
             self.record.applied_seq = seq
         consistency = self.spec.options.consistency
@@ -257,6 +278,7 @@ class Durable:
     def rollback(self, agent: Agent) -> None:
         """Undo a failed turn's changes to the in-memory state."""
         agent.__dict__.pop("_pending_events", None)
+        agent.__dict__.pop(WITH_COMMIT, None)
         if self.spec.state_type is not None:
             agent.state = (  # type: ignore[attr-defined]
                 msgspec.msgpack.decode(self._saved, type=self.spec.state_type)

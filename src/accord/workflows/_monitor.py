@@ -23,6 +23,7 @@ import msgspec
 
 from .._errors import AccordError
 from ..engine._api import KV, BucketSpec
+from ..state._commit import with_commit
 from ._mesh_api import MeshLike
 
 log = logging.getLogger("accord.workflows")
@@ -85,6 +86,24 @@ async def index(mesh: MeshLike, entry: RunEntry, *, required: bool = False) -> N
         if required:
             raise
         log.warning("run index of %s not written: %s", entry.id, exc)
+
+
+_INDEX_SEQ = "_accord_wf_index_seq"
+
+
+def index_with_commit(agent: Any, entry: RunEntry) -> None:
+    """In a turn of the run's agent: write its index entry with the turn's commit, concurrently
+    with the turn's journal append (`state.with_commit`: one flush, one round trip less) — the
+    turn answers once both are stored. The last entry a turn gives is the one written. An entry
+    with the watchdog on (`watch` > 0) must be stored (the commit fails otherwise, and the
+    activation ends), else a failure is only logged."""
+    seq = agent.__dict__[_INDEX_SEQ] = agent.__dict__.get(_INDEX_SEQ, 0) + 1
+
+    async def write() -> None:
+        if agent.__dict__.get(_INDEX_SEQ) == seq:  # not replaced by a later entry of the turn
+            await index(agent.mesh, entry, required=entry.watch > 0)
+
+    with_commit(agent, write)
 
 
 async def unindex(mesh: MeshLike, run_id: str) -> None:

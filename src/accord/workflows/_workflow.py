@@ -55,7 +55,7 @@ from ._model import (
     WorkflowTimerFired,
     WorkflowWake,
 )
-from ._monitor import RunEntry, announce_end, event, index, unindex
+from ._monitor import RunEntry, announce_end, event, index_with_commit, unindex
 from ._timers import WAKE, cancel, schedule
 
 log = logging.getLogger("accord.workflows")
@@ -175,10 +175,10 @@ class Workflow(
                 await asyncio.sleep(delay)
                 delay = min(2.0, delay * 2)
 
-    async def _arm(self) -> None:
-        """In a turn: store the run index entry with the watchdog on. Raises `NotConnected`
-        (the turn fails; its sender asks again) if it cannot be stored."""
-        await self._index(watch=self.wake_every)
+    def _arm(self) -> None:
+        """In a turn: store the run index entry with the watchdog on, with the turn's commit
+        (which fails if it cannot be stored: the activation ends, its sender asks again)."""
+        self._index(watch=self.wake_every)
         self._parked, self._armed = 0, True
 
     async def _schedule(
@@ -272,7 +272,7 @@ class Workflow(
             self._input(msg.input)  # refuse an input of the wrong type: nothing is started
             version = type(self).__accord_workflow_version__
             self.emit(WfStarted(msg.input, version, time.time()))
-            await self._observe("started")  # the index entry is the watchdog: armed, or raises
+            await self._observe("started")  # the watchdog: the index entry, with the commit
             self._spawn()
         return self._report()
 
@@ -293,22 +293,22 @@ class Workflow(
         if msg.wait is not None:
             self._wait(msg.wait)
         if msg.arm and not self._armed:
-            await self._arm()
+            self._arm()
         if msg.park:
             j = self.state
             # (a park sent by a coroutine that a cancel then stopped must not turn the watchdog
             # off while the compensations run)
             if msg.park not in j.fired and msg.park not in j.taken and not j.cancelling:
                 self._parked, self._armed = msg.park, False
-                await self._index(watch=0.0)  # the watchdog off (best effort: it only wakes)
+                self._index(watch=0.0)  # the watchdog off (best effort: it only wakes)
         return 0
 
-    async def _unpark(self) -> None:
+    def _unpark(self) -> None:
         """In the turn that wakes a parked run: the watchdog on again, before the turn answers
-        (so a crash before that makes the timer or the signal be delivered again). Raises
-        `NotConnected` (the turn fails; it is delivered again) if it cannot be stored."""
+        (so a crash before that makes the timer or the signal be delivered again). If it cannot
+        be stored the commit fails (the activation ends; the timer or signal is sent again)."""
         if self._parked:
-            await self._arm()
+            self._arm()
 
     def _wait(self, w: WaitSignal) -> None:
         j = self.state
@@ -347,7 +347,7 @@ class Workflow(
                 if self._signal_waits[n] == msg.type and n not in j.taken:
                     del self._signal_waits[n]
                     self.emit(WfSignalTaken(n, index))
-                    await self._unpark()
+                    self._unpark()
                     self._wake(n)
                     break
         return self._report()
@@ -362,7 +362,7 @@ class Workflow(
         if j.timers[n].name.startswith("signal ") and n not in j.taken:
             self._signal_waits.pop(n, None)
             self.emit(WfSignalTaken(n, -1))
-        await self._unpark()
+        self._unpark()
         self._wake(n)
 
     @handler
@@ -373,7 +373,7 @@ class Workflow(
         with contextlib.suppress(AccordError):  # a watchdog key of an older version's run
             await cancel(self.mesh, self.id, WAKE)
         if self.state.started:  # ended, but the index entry that says so was not written
-            await self._index(watch=0.0)
+            self._index(watch=0.0)
         else:  # a start whose turn failed after arming: no run
             await unindex(self.mesh, str(self.id))
 
@@ -395,7 +395,7 @@ class Workflow(
                 # it; its first call that would do new work raises `CancelRun` (journaled here,
                 # so a crash meanwhile goes on compensating), then it ends `cancelled`.
                 self.emit(WfCancelling(time.time()))
-                await self._arm()  # compensating is running: a crash meanwhile resumes it
+                self._arm()  # compensating is running: a crash meanwhile resumes it
                 self._spawn(after=task)
                 await self._observe("cancelling", index_it=False)
             else:
@@ -440,18 +440,18 @@ class Workflow(
         if index_it:
             j = self.state
             running = j.started and j.ended is None and not self._parked
-            await self._index(watch=self.wake_every if running else 0.0)
+            self._index(watch=self.wake_every if running else 0.0)
             self._armed = running
 
-    async def _index(self, watch: float) -> None:
-        """Write the run index entry; with `watch` > 0 (the watchdog on) it must be stored
-        (`NotConnected` otherwise), else a failure is only logged."""
+    def _index(self, watch: float) -> None:
+        """Write the run index entry with this turn's commit (`index_with_commit`); with
+        `watch` > 0 (the watchdog on) it must be stored, else a failure is only logged."""
         st = self._report().status
-        await index(self.mesh, RunEntry(
+        index_with_commit(self, RunEntry(
             id=st.id, type=st.type, state=st.state, steps_done=st.steps_done,
             attempts=st.attempts, error=st.error, started=self.state.started_at,
             updated=time.time(), watch=watch,
-        ), required=watch > 0)  # fmt: skip
+        ))  # fmt: skip
 
     def _report(self, journal: bool = False) -> WorkflowReport:
         j = self.state
