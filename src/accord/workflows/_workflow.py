@@ -87,6 +87,7 @@ class Workflow(
 
     state: Journal
     __accord_workflow_version__: ClassVar[int] = 1
+    __accord_create_first__: ClassVar[bool] = True  # most activations are of a new run
     wake_every: ClassVar[float] = 2.0
     """Seconds between the watchdog deliveries that re-activate a running run after a crash."""
 
