@@ -246,3 +246,27 @@ async def test_a_local_ask_skips_the_mailbox_and_is_applied_once_per_id(nats_url
             assert (await node.ask("wf_counter/b7", Read(), returns=Total)).applied == 5
         finally:
             await sub.unsubscribe()
+
+
+async def test_a_started_handle_learns_the_end_from_the_announcement_alone(
+    cluster: Cluster,
+) -> None:
+    """`start_workflow` listens for the end before it sends the start: the handle's `result()`
+    takes the end from the announcement (received even before `result()` was called), without
+    reading the run index or asking the run."""
+    async with cluster.connect() as mesh:
+        h = await mesh.start_workflow("local5", "announced", Job(3))
+        other = mesh.workflow(h.id)  # a handle without the listener: asks as before
+
+        async def ended() -> bool | None:
+            return True if (await other.status()).state == "completed" else None
+
+        await _eventually_value(ended, 60, "the run's end")
+
+        async def refused(*args: object, **kwargs: object) -> None:
+            raise AssertionError("result() asked the run or read the index")
+
+        h._ask = refused  # type: ignore[method-assign]
+        h._under_way = refused  # type: ignore[method-assign]
+        assert await h.result(timeout=30) == 3
+        assert await other.result(timeout=30) == 3

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import typing
 import uuid
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator
 from typing import Any
 
@@ -67,6 +68,10 @@ class WorkflowHandle:
     def __init__(self, mesh: MeshLike, run_id: str) -> None:
         self._mesh = mesh
         self.id = str(AgentId.parse(run_id))
+        # Set by `start_workflow`: listening to the run's end since before the start was sent,
+        # with the start's report (the first `result()` or `cancel()` takes both over).
+        self._listener: _Listener | None = None
+        self._started: WorkflowReport | None = None
 
     def __repr__(self) -> str:
         return f"WorkflowHandle({self.id!r})"
@@ -122,8 +127,9 @@ class WorkflowHandle:
         annotation when this process knows the workflow class). Raises `WorkflowFailed` when it
         failed, was compensated or cancelled; `DeliveryTimeout` if it has not ended within
         `timeout` seconds (None: wait for ever) — the run goes on either way."""
+        first = self._started if self._listener is not None else None
         async with self._ended() as until_ended:
-            st, report = await until_ended(None, timeout)
+            st, report = await until_ended(first, timeout)
         if st.state not in TERMINAL:
             raise DeliveryTimeout(f"workflow {self.id} still {st.state} after {timeout} s",
                                   maybe_delivered=True)  # fmt: skip
@@ -136,16 +142,15 @@ class WorkflowHandle:
 
     @contextlib.asynccontextmanager
     async def _ended(self) -> AsyncIterator[_Until]:
-        """Listen for the run's end announcement; yield `until_ended(first, timeout)`, which
-        returns (status, report) once the run ended or `timeout` passed (`first`: a report in
-        hand already, else the run is asked)."""
+        """Listen for the run's end announcement (or take over the listener `start_workflow`
+        left); yield `until_ended(first, timeout)`, which returns (status, report) once the run
+        ended or `timeout` passed (`first`: a report in hand already, made after the listening
+        began; else the run is asked)."""
         loop = asyncio.get_running_loop()
-        ended = asyncio.Event()
-        announced: list[bytes] = []
-
-        async def on_end(msg: Any) -> None:
-            announced.append(msg.data)
-            ended.set()
+        listener, self._listener = self._listener, None
+        if listener is None:
+            listener = await _Listener.listen(self._mesh, self.id)
+        ended, announced = listener.ended, listener.announced
 
         async def until_ended(
             first: WorkflowReport | None, timeout: float | None
@@ -184,12 +189,10 @@ class WorkflowHandle:
                             report = got
                 announced.clear()
 
-        sub = await self._mesh._transport.subscribe(done_subject(self._mesh, self.id), on_end)
         try:
             yield until_ended
         finally:
-            with contextlib.suppress(Exception):
-                await sub.unsubscribe()
+            await listener.close()
 
     async def _under_way(self) -> bool:
         """Does the run index show the run under way? Read from the engine, so the run is not
@@ -235,6 +238,42 @@ class WorkflowHandle:
         return report.status
 
 
+class _Listener:
+    """A subscription to one run's end announcements, and what it received."""
+
+    def __init__(self) -> None:
+        self.ended = asyncio.Event()
+        self.announced: list[bytes] = []
+        self.sub: Any = None
+
+    @classmethod
+    async def listen(cls, mesh: MeshLike, run_id: str) -> _Listener:
+        listener = cls()
+
+        async def on_end(msg: Any) -> None:
+            listener.announced.append(msg.data)
+            listener.ended.set()
+
+        listener.sub = await mesh._transport.subscribe(done_subject(mesh, run_id), on_end)
+        return listener
+
+    async def close(self) -> None:
+        sub, self.sub = self.sub, None
+        if sub is not None:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+
+    def close_soon(self) -> None:
+        """Unsubscribe from a finalizer (the handle was dropped before its `result()`)."""
+        if self.sub is None:
+            return
+        with contextlib.suppress(RuntimeError):  # no running loop (any more): nothing to do
+            task = asyncio.get_running_loop().create_task(self.close())
+            _closing.add(task)
+            task.add_done_callback(_closing.discard)
+
+
+_closing: set[asyncio.Task[None]] = set()
 _result_types: dict[type, Any] = {}
 
 
@@ -271,5 +310,14 @@ async def start_workflow(
             raise ConfigurationError(f"{workflow!r} is not an accord.Workflow subclass")
         type_name = spec.type_name
     handle = WorkflowHandle(mesh, str(AgentId(type_name, key)))
-    await handle._ask(WorkflowStart(msgspec.msgpack.encode(input)), timeout)
+    # Listening before the start is sent: the handle's `result()` then needs neither to read
+    # the run index nor to ask the run (any end after the start's report is announced to it).
+    listener = await _Listener.listen(mesh, handle.id)
+    try:
+        handle._started = await handle._ask(WorkflowStart(msgspec.msgpack.encode(input)), timeout)
+    except BaseException:
+        await listener.close()
+        raise
+    handle._listener = listener
+    weakref.finalize(handle, listener.close_soon)
     return handle
