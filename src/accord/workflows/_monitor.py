@@ -5,9 +5,10 @@ lists, and the lifecycle events appended to the cluster's events stream
 
 An index entry with `watch > 0` is also the run's watchdog: the timer service wakes the run every
 `watch` seconds until an entry without it replaces it (one key per run for both, so starting and
-ending a run cost one write each). Both are written by the run's agent during the turn that makes
-the transition, before that turn is committed: an entry or event of a turn that was then fenced
-may show (and be corrected by the next owner's write); the journal is the truth.
+ending a run cost one write each). Both are written by the run's agent in the turn that makes the
+transition — the event before the turn's commit, the entry with it (sent with the journal append):
+an entry or event of a turn that was then fenced may show (and be corrected by the next owner's
+write); the journal is the truth.
 """
 
 from __future__ import annotations
