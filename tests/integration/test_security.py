@@ -229,3 +229,72 @@ def test_mutual_tls_refuses_a_client_without_a_certificate(tmp_path: Path) -> No
         asyncio.run(main())
     finally:
         server.stop()
+
+
+def test_a_tls_connection_writes_a_flush_as_one_record_also_after_a_reconnection(
+    tmp_path: Path,
+) -> None:
+    """nats-py queues one command per publish; over TLS each used to become a TLS record of its
+    own (the CPU cost of TLS per ask). Proves a flush of many publishes is one `SSLObject.write`,
+    that every message arrives once and in order, and that a reconnected transport does the same."""
+    from accord.engine._auth import UserRegistry
+    from accord.engine._server import EmbeddedServer
+    from accord.engine._serverconf import ServerSecurity
+    from accord.engine._tls import issue_cert
+
+    reg = UserRegistry(tmp_path / "auth")
+    creds = reg.issue("n", "node", "*")
+    tls = issue_cert(tmp_path / "tls", "server", ["127.0.0.1"])
+    server = EmbeddedServer(tmp_path / "data", security=ServerSecurity(registry=reg, tls=tls))
+    url = server.start()
+
+    async def burst(t: NatsTransport, got: list[bytes], n: int) -> int:
+        """Publish n messages in one turn of the loop; return the SSLObject writes they took."""
+        sslobj = t.nc._transport._io_writer.transport._ssl_protocol._sslobj
+        writes = 0
+        write = sslobj.write
+
+        def counting(data: bytes) -> int:
+            nonlocal writes
+            writes += 1
+            return write(data)
+
+        sslobj.write = counting
+        try:
+            del got[:]
+            await asyncio.gather(*(t.publish("accord.x.burst", b"%d" % i) for i in range(n)))
+            await _until_async(lambda: len(got) >= n, 30, f"{n} messages back")
+        finally:
+            sslobj.write = write
+        assert got == [b"%d" % i for i in range(n)]  # once each, in order
+        return writes
+
+    async def main() -> None:
+        t = await NatsTransport.connect([url], "burst", timeout=5,
+                                        credentials=Credentials(creds, tls.ca))  # fmt: skip
+        try:
+            got: list[bytes] = []
+            await t.subscribe_direct("accord.x.burst", lambda m: got.append(m.data))
+            await t.flush(5)
+            assert await burst(t, got, 200) <= 2  # the burst, maybe the subscription's echo
+            await asyncio.to_thread(server.stop)
+            await asyncio.to_thread(server.start)
+            await _until_async(lambda: t.nc.is_connected and t.nc.stats["reconnects"] >= 1,
+                               60, "reconnected")  # fmt: skip
+            await t.flush(10)
+            assert await burst(t, got, 200) <= 2
+        finally:
+            await t.close()
+
+    try:
+        asyncio.run(main())
+    finally:
+        server.stop()
+
+
+async def _until_async(probe: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not probe():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.05)
