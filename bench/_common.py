@@ -51,6 +51,17 @@ def load_app(path: Path) -> ModuleType:
     return module
 
 
+def run_bench(
+    p: argparse.ArgumentParser, bench: Callable[[Any], Coroutine[Any, Any, dict[str, Any]]]
+) -> tuple[dict[str, Any], Any]:
+    """Parse the command line, run `bench(args)` on the chosen loop; return its result (with the
+    `env` block added) and the arguments."""
+    args = p.parse_args()
+    res, loop_name = run(lambda: bench(args), args.uvloop)
+    res["env"] = environment(loop_name)
+    return res, args
+
+
 def run(main: Callable[[], Coroutine[Any, Any, Any]], use_uvloop: bool) -> tuple[Any, str]:
     """Run `main()` on a fresh loop; return its result and the loop's name."""
     factory = None
@@ -123,6 +134,34 @@ def cpu_seconds(pid: int) -> float:
     text = Path(f"/proc/{pid}/stat").read_text()
     fields = text[text.rindex(")") + 2 :].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class Cpu:
+    """CPU seconds of a set of processes, accumulated over measured blocks (`start`/`stop`)."""
+
+    def __init__(self, pids: dict[str, int]) -> None:
+        self.pids = pids
+        self.total = dict.fromkeys(pids, 0.0)
+        self._before: dict[str, float] = {}
+
+    def start(self) -> None:
+        self._before = {k: cpu_seconds(p) for k, p in self.pids.items()}
+
+    def stop(self) -> dict[str, float]:
+        """End a block: add its CPU seconds per process to `total` and return them."""
+        used = {k: cpu_seconds(p) - self._before[k] for k, p in self.pids.items()}
+        for k, v in used.items():
+            self.total[k] += v
+        return used
+
+    def per_op_us(self, ops: int) -> dict[str, float]:
+        return {k: round(v / ops * 1e6, 1) for k, v in self.total.items()} if ops else {}
+
+
+async def activate(mesh: Any, agents: list[str], msg: Any, timeout: float = 60.0) -> None:
+    """One ask to every agent, 64 at a time (all at once times out on a loaded machine)."""
+    for k in range(0, len(agents), 64):
+        await asyncio.gather(*(mesh.ask(a, msg, timeout=timeout) for a in agents[k : k + 64]))
 
 
 async def sequential(call: Callable[[], Awaitable[Any]], n: int) -> list[float]:

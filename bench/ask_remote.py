@@ -39,15 +39,16 @@ import nats
 from _common import (
     BENCH_DIR,
     COUNTER_APP,
+    Cpu,
+    activate,
     cpu_seconds,
     emit,
-    environment,
     load_counter_app,
     median,
     parser,
     percentile,
     ratio,
-    run,
+    run_bench,
     sequential,
     throughput,
     verdict,
@@ -61,12 +62,6 @@ REQUEST_PAYLOAD = b"\x86\xa1v\x01\xa4kind\xa3ask" + b"y" * 48  # about an accord
 
 
 ASK_TIMEOUT = 60.0  # a loaded shared machine stalls for seconds: a bench must not die of it
-
-
-async def _activate(mesh: Any, agents: list[str], msg: Any) -> None:
-    """One ask to every agent, 64 at a time (all at once times out on a loaded machine)."""
-    for k in range(0, len(agents), 64):
-        await asyncio.gather(*(mesh.ask(a, msg, timeout=ASK_TIMEOUT) for a in agents[k : k + 64]))
 
 
 def start_responder(url: str) -> subprocess.Popen[bytes]:
@@ -116,7 +111,7 @@ async def bench(args: Any) -> dict[str, Any]:
                 if metered is not None:
                     mmesh = await meshes.enter_async_context(metered.connect())
                     await wait_for_placement(mmesh, {"node-1"}, timeout=30)
-                    await _activate(mmesh, agents, inc)
+                    await activate(mmesh, agents, inc)
                 nc = await nats.connect(cluster.url, name="bench-raw-client")
                 try:
 
@@ -148,7 +143,7 @@ async def bench(args: Any) -> dict[str, Any]:
                     reply = await accord_one()
                     assert reply.value >= 1, reply
                     await throughput(accord_many, 0.5, args.inflight)
-                    await _activate(mesh, agents, inc)
+                    await activate(mesh, agents, inc)
                     await sequential(accord_one, 300)
                     await sequential(raw_one, 300)
                     await throughput(raw_many, 0.5, args.inflight)
@@ -173,7 +168,7 @@ async def bench(args: Any) -> dict[str, Any]:
                         await sequential(metered_one, 300)
                         await throughput(metered_many, 0.5, args.inflight)
                     tput: dict[str, list[float]] = {k: [] for k in kinds}
-                    cpu = {k: dict.fromkeys(pids, 0.0) for k in kinds}
+                    cpu = {k: Cpu({w: p for w, p in pids.items() if p}) for k in kinds}
                     ops = dict.fromkeys(kinds, 0)
                     together: list[float] = []  # on/off throughput, both running at once
                     together_cpu: list[float] = []  # node CPU per op off/on, same interval
@@ -190,11 +185,9 @@ async def bench(args: Any) -> dict[str, Any]:
                         for name, _ in order:
                             lat[name] += await sequential(seq[name], args.n)
                         for name, fn in [*order, *baselines]:
-                            before = {k: cpu_seconds(p) for k, p in pids.items() if p}
+                            cpu[name].start()
                             done, elapsed = await throughput(fn, args.duration, args.inflight)
-                            for k, p in pids.items():
-                                if p:
-                                    cpu[name][k] += cpu_seconds(p) - before[k]
+                            cpu[name].stop()
                             ops[name] += done
                             tput[name].append(done / elapsed)
                         if metered is not None:  # both at once: the same noise, exactly
@@ -228,7 +221,7 @@ async def bench(args: Any) -> dict[str, Any]:
             "tput_ops_s": median(tput[name]),
             "tput_rounds_ops_s": [round(x) for x in tput[name]],
             # CPU microseconds per op during the throughput blocks, per process
-            "cpu_us_per_op": {k: round(v / ops[name] * 1e6, 1) for k, v in cpu[name].items()},
+            "cpu_us_per_op": cpu[name].per_op_us(ops[name]),
         }
     a = res["accord"]
     if "raw" in res:
@@ -290,9 +283,8 @@ def main() -> None:
     )
     p.add_argument("--metrics-only", action="store_true",
                    help="with --metrics: only the on/off pairs, no raw baselines")  # fmt: skip
-    args = p.parse_args()
-    res, loop_name = run(lambda: bench(args), args.uvloop)
-    res["env"] = environment(loop_name)
+    res, args = run_bench(p, bench)
+    loop_name = res["env"]["loop"]
     a = res["accord"]
     lines = (
         [f"ask_remote --metrics-only  (client loop: {loop_name})"]

@@ -25,15 +25,15 @@ from typing import Any
 
 from _common import (
     COUNTER_APP,
-    cpu_seconds,
+    Cpu,
+    activate,
     emit,
-    environment,
     load_counter_app,
     median,
     parser,
     percentile,
     ratio,
-    run,
+    run_bench,
     sequential,
     throughput,
 )
@@ -42,35 +42,43 @@ import accord
 from accord.engine._auth import UserRegistry
 from accord.engine._server import EmbeddedServer
 from accord.engine._serverconf import ServerSecurity
-from accord.engine._tls import issue_cert
+from accord.engine._tls import TlsFiles, issue_cert
 from accord.testing import Cluster, wait_for_placement
+
+SIDES = ("plain", "secure")
+PROCESSES = ("client", "node", "server")
+
+
+def secure_server(home: Path) -> tuple[EmbeddedServer, Path, TlsFiles]:
+    """An embedded server with NKey users and TLS from a generated CA (`accord up --tls`), and
+    a `node` credential for it."""
+    registry = UserRegistry(home / "auth")
+    creds = registry.issue("bench", "node", "*")
+    tls = issue_cert(home / "tls", "server", ["127.0.0.1", "localhost"])
+    server = EmbeddedServer(home / "data", security=ServerSecurity(registry=registry, tls=tls))
+    return server, creds, tls
 
 
 async def bench(args: Any) -> dict[str, Any]:
     inc = load_counter_app().Increment(1)
     agents = [f"counter/a{k}" for k in range(args.agents)]
-    home = Path(tempfile.mkdtemp(prefix="accord-bench-secure-"))
-    registry = UserRegistry(home / "auth")
-    creds = registry.issue("bench", "node", "*")
-    tls = issue_cert(home / "tls", "server", ["127.0.0.1", "localhost"])
-    secure_server = EmbeddedServer(home / "data",
-                                   security=ServerSecurity(registry=registry, tls=tls))  # fmt: skip
-    secure_url = await asyncio.to_thread(secure_server.start)
+    server, creds, tls = secure_server(Path(tempfile.mkdtemp(prefix="accord-bench-secure-")))
+    secure_url = await asyncio.to_thread(server.start)
     env = {"ACCORD_CREDS": str(creds), "ACCORD_TLS_CA": str(tls.ca)}
-    lat: dict[str, list[float]] = {"plain": [], "secure": []}
-    tput: dict[str, list[float]] = {"plain": [], "secure": []}
-    cpu: dict[str, list[float]] = {"plain": [], "secure": []}  # CPU µs per ask, each block
+    lat: dict[str, list[float]] = {s: [] for s in SIDES}
+    tput: dict[str, list[float]] = {s: [] for s in SIDES}
+    blocks: dict[str, list[dict[str, float]]] = {s: [] for s in SIDES}  # CPU µs per ask, each
     try:
         with (
             Cluster(str(COUNTER_APP), 1) as plain,
             Cluster(str(COUNTER_APP), 1, url=secure_url, env=env) as secure,
         ):
             assert plain.server is not None
-            me = os.getpid()
             pids = {
-                "plain": [me, plain.nodes["node-1"].pid, plain.server.pid],
-                "secure": [me, secure.nodes["node-1"].pid, secure_server.pid],
+                "plain": [os.getpid(), plain.nodes["node-1"].pid, plain.server.pid],
+                "secure": [os.getpid(), secure.nodes["node-1"].pid, server.pid],
             }
+            cpu = {s: Cpu(dict(zip(PROCESSES, pids[s], strict=True))) for s in SIDES}
             async with contextlib.AsyncExitStack() as stack:
                 meshes = {
                     "plain": await stack.enter_async_context(accord.connect(plain.url)),
@@ -80,37 +88,37 @@ async def bench(args: Any) -> dict[str, Any]:
                 }
                 for mesh in meshes.values():
                     await wait_for_placement(mesh, {"node-1"}, timeout=60)
-                    for k in range(0, len(agents), 64):  # activate, a batch at a time
-                        batch = agents[k : k + 64]
-                        await asyncio.gather(*(mesh.ask(a, inc, timeout=60) for a in batch))
+                    await activate(mesh, agents, inc)
                     await mesh.ask("counter/x", inc)
                 for r in range(args.rounds):
-                    order = ["plain", "secure"] if r % 2 == 0 else ["secure", "plain"]
-                    for name in order:
+                    for name in SIDES if r % 2 == 0 else SIDES[::-1]:
                         mesh = meshes[name]
 
                         async def one(m: Any = mesh) -> Any:
                             return await m.ask("counter/x", inc)
 
                         async def many(i: int, m: Any = mesh) -> Any:
-                            return await m.ask(agents[i % len(agents)], inc)
+                            return await m.ask(agents[i % len(agents)], inc, timeout=60)
 
                         lat[name] += await sequential(one, args.n)
-                        before = sum(cpu_seconds(p) for p in pids[name] if p)
+                        cpu[name].start()
                         done, elapsed = await throughput(many, args.duration, args.inflight)
-                        used = sum(cpu_seconds(p) for p in pids[name] if p) - before
+                        used = cpu[name].stop()
                         tput[name].append(done / elapsed)
-                        cpu[name].append(used * 1e6 / max(1, done))
+                        blocks[name].append({k: v * 1e6 / max(1, done) for k, v in used.items()})
     finally:
-        await asyncio.to_thread(secure_server.stop)
+        await asyncio.to_thread(server.stop)
     res: dict[str, Any] = {"benchmark": "ask_secure"}
-    for name in ("plain", "secure"):
+    for name in SIDES:
         res[name] = {
             "seq_p50_us": percentile(lat[name], 50) * 1e6,
             "seq_p99_us": percentile(lat[name], 99) * 1e6,
             "tput_ops_s": median(tput[name]),
             "tput_rounds_ops_s": [round(x) for x in tput[name]],
-            "cpu_us_per_op": median(cpu[name]),
+            "cpu_us_per_op": median([sum(b.values()) for b in blocks[name]]),
+            "cpu_us_per_op_by_process": {
+                k: round(median([b[k] for b in blocks[name]]), 1) for k in PROCESSES
+            },
         }
     per_round = [ratio(s_, p_) for s_, p_ in zip(tput["secure"], tput["plain"], strict=True)]
     res["throughput_ratio"] = median(per_round)
@@ -130,20 +138,21 @@ def main() -> None:
     p.add_argument("--duration", type=float, default=1.5, help="seconds per throughput block")
     p.add_argument("--inflight", type=int, default=64)
     p.add_argument("--agents", type=int, default=500)
-    args = p.parse_args()
-    res, loop_name = run(lambda: bench(args), args.uvloop)
-    res["env"] = environment(loop_name)
+    res, args = run_bench(p, bench)
     pl, se = res["plain"], res["secure"]
     lines = [
         "ask_secure  (auth + TLS vs plain, same run, interleaved rounds)",
-        f"  plain : p50 {pl['seq_p50_us']:.0f} us  p99 {pl['seq_p99_us']:.0f} us  "
-        f"throughput {pl['tput_ops_s']:.0f} ops/s",
-        f"  secure: p50 {se['seq_p50_us']:.0f} us  p99 {se['seq_p99_us']:.0f} us  "
-        f"throughput {se['tput_ops_s']:.0f} ops/s",
+        *(
+            f"  {name:<6}: p50 {r['seq_p50_us']:.0f} us  p99 {r['seq_p99_us']:.0f} us  "
+            f"throughput {r['tput_ops_s']:.0f} ops/s  CPU per ask {r['cpu_us_per_op']:.0f} us "
+            "(client {client} / node {node} / server {server})".format(
+                **r["cpu_us_per_op_by_process"]
+            )
+            for name, r in (("plain", pl), ("secure", se))
+        ),
         f"  throughput ratio {res['throughput_ratio']:.2f} (target >= 0.9; rounds "
-        f"{res['throughput_ratio_rounds']}), p50 ratio {res['p50_ratio']:.2f}",
-        f"  CPU per ask (client + node + server): plain {pl['cpu_us_per_op']:.0f} us, "
-        f"secure {se['cpu_us_per_op']:.0f} us, ratio {res['cpu_ratio']:.2f}",
+        f"{res['throughput_ratio_rounds']}), p50 ratio {res['p50_ratio']:.2f}, "
+        f"CPU ratio plain/secure {res['cpu_ratio']:.2f}",
     ]
     emit(res, args.json, lines)
 

@@ -40,7 +40,7 @@ import nats.errors
 from _common import (
     COUNTER_APP,
     ROOT,
-    cpu_seconds,
+    Cpu,
     emit,
     environment,
     load_counter_app,
@@ -157,25 +157,6 @@ def logged_ids(log: Path, prefix: str) -> list[str]:
     """The message ids of the processings logged by the tally agents, starting with prefix."""
     ids = (json.loads(x)["id"] for x in log.read_text().splitlines())
     return [i for i in ids if i.startswith(prefix)]
-
-
-class Cpu:
-    """CPU seconds of a set of processes, accumulated over measured blocks."""
-
-    def __init__(self, pids: dict[str, int]) -> None:
-        self.pids = pids
-        self.total = dict.fromkeys(pids, 0.0)
-        self._before: dict[str, float] = {}
-
-    def start(self) -> None:
-        self._before = {k: cpu_seconds(p) for k, p in self.pids.items()}
-
-    def stop(self) -> None:
-        for k, p in self.pids.items():
-            self.total[k] += cpu_seconds(p) - self._before[k]
-
-    def per_op_us(self, ops: int) -> dict[str, float]:
-        return {k: round(v / ops * 1e6, 1) for k, v in self.total.items()} if ops else {}
 
 
 async def start_raw_consumer(url: str, step: int) -> asyncio.subprocess.Process:
