@@ -292,6 +292,39 @@ def test_a_tls_connection_writes_a_flush_as_one_record_also_after_a_reconnection
         server.stop()
 
 
+def test_a_client_asking_for_tls_refuses_a_server_without_it(tmp_path: Path) -> None:
+    """nats-py upgrades to TLS only when the server asks for it: a client given a CA must not go
+    on in clear with a server (or a man in the middle) that does not, at first connect or after
+    a reconnection."""
+    from accord.engine._server import EmbeddedServer
+    from accord.engine._serverconf import ServerSecurity
+    from accord.engine._tls import issue_cert
+
+    tls = issue_cert(tmp_path / "tls", "server", ["127.0.0.1"])
+    secure = EmbeddedServer(tmp_path / "tls-data", security=ServerSecurity(tls=tls))
+    secure_url = secure.start()
+    plain = EmbeddedServer(tmp_path / "plain", port=secure.port)  # started when secure stops
+
+    async def main() -> None:
+        t = await NatsTransport.connect([secure_url], "strict", timeout=5,
+                                        credentials=Credentials(tls_ca=tls.ca))  # fmt: skip
+        try:
+            await asyncio.to_thread(secure.stop)
+            url = await asyncio.to_thread(plain.start)  # the same port, in clear
+            await _until_async(lambda: t.nc.is_closed, 60, "the connection closed")
+        finally:
+            await t.close()
+        with pytest.raises(accord.NotConnected, match="did not offer"):
+            await NatsTransport.connect([url], "strict", timeout=5,
+                                        credentials=Credentials(tls_ca=tls.ca))  # fmt: skip
+
+    try:
+        asyncio.run(main())
+    finally:
+        secure.stop()
+        plain.stop()
+
+
 async def _until_async(probe: Any, timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not probe():

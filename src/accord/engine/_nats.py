@@ -99,6 +99,15 @@ class NatsTransport(NatsJetStream):
         async def on_reconnect() -> None:
             log.info("NATS connection re-established")
             if held:
+                if wants_tls and not _is_tls(held[0]):
+                    # the server answered without TLS: end the connection rather than go on in
+                    # clear (nats-py has sent its CONNECT and queued commands by now; this stops
+                    # the rest). Closed from a task: nats-py awaits this callback.
+                    log.error("the NATS server came back without TLS; closing the connection")
+                    task = asyncio.ensure_future(held[0].close())
+                    closing.add(task)
+                    task.add_done_callback(closing.discard)
+                    return
                 _one_record_per_flush(held[0])
 
         async def on_error(exc: Exception) -> None:
@@ -123,7 +132,9 @@ class NatsTransport(NatsJetStream):
                 log.debug("nats connection error: %s", exc)
 
         options = credentials.connect_options() if credentials is not None else {}
-        if "tls" in options and _not_ssl_eof_noise not in logging.getLogger("asyncio").filters:
+        wants_tls = "tls" in options
+        closing: set[asyncio.Future[None]] = set()  # kept referenced until done
+        if wants_tls and _not_ssl_eof_noise not in logging.getLogger("asyncio").filters:
             logging.getLogger("asyncio").addFilter(_not_ssl_eof_noise)
         try:
             # nats-py retries the first connection as often as reconnections (forever here):
@@ -164,6 +175,14 @@ class NatsTransport(NatsJetStream):
                 )
             raise NotConnected(f"cannot connect to NATS at {','.join(servers)}: {why}") from None
         held.append(nc)
+        if wants_tls and not _is_tls(nc):
+            # nats-py upgrades only when the server's INFO asks for TLS; a server (or a man in
+            # the middle) that does not would get everything in clear
+            await nc.close()
+            raise NotConnected(
+                f"cannot connect to NATS at {','.join(servers)}: TLS was asked for "
+                "(--tls-ca / $ACCORD_TLS_CA) but the server did not offer it"
+            )
         _one_record_per_flush(nc)
         transport = cls(nc, name)
         transport.denied = denied
@@ -384,17 +403,23 @@ def _one_record_per_flush(nc: NatsClient) -> None:
     of the loop cost 40 `SSLObject.write` calls and 40 records, which the server then reads and
     routes one record at a time. Joined, they are one `SSLObject.write` (records of up to
     16 KiB). Same bytes, same order. A plain TCP transport joins them already (asyncio's
-    `writelines`), so only TLS connections are changed; called again after each reconnection,
-    which makes a new transport."""
+    `writelines`), so only TLS connections are changed. nats-py keeps the transport object
+    across reconnections (the joined `writelines` stays); this runs again after each one in
+    case it made a new one."""
     transport = getattr(nc, "_transport", None)
-    writer = getattr(transport, "_io_writer", None)
-    if transport is None or writer is None or writer.get_extra_info("sslcontext") is None:
+    if transport is None or not _is_tls(nc):
         return
 
     def writelines(payload: list[bytes]) -> None:
         transport.write(b"".join(payload))
 
     transport.writelines = writelines
+
+
+def _is_tls(nc: NatsClient) -> bool:
+    """Whether `nc`'s current connection runs over TLS."""
+    writer = getattr(getattr(nc, "_transport", None), "_io_writer", None)
+    return writer is not None and writer.get_extra_info("sslcontext") is not None
 
 
 def _expire(fut: asyncio.Future[Msg]) -> None:
