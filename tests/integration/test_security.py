@@ -22,7 +22,7 @@ from accord.engine._api import BucketSpec, ConsumerSpec
 from accord.engine._auth import Credentials
 from accord.engine._nats import NatsTransport
 from accord.engine._tls import ensure_ca
-from accord.testing import eventually
+from accord.testing import eventually, eventually_async
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -263,7 +263,7 @@ def test_a_tls_connection_writes_a_flush_as_one_record_also_after_a_reconnection
         try:
             del got[:]
             await asyncio.gather(*(t.publish("accord.x.burst", b"%d" % i) for i in range(n)))
-            await _until_async(lambda: len(got) >= n, 30, f"{n} messages back")
+            await eventually_async(lambda: len(got) >= n, 30, f"{n} messages back")
         finally:
             sslobj.write = write
         assert got == [b"%d" % i for i in range(n)]  # once each, in order
@@ -279,7 +279,7 @@ def test_a_tls_connection_writes_a_flush_as_one_record_also_after_a_reconnection
             assert await burst(t, got, 200) <= 2  # the burst, maybe the subscription's echo
             await asyncio.to_thread(server.stop)
             await asyncio.to_thread(server.start)
-            await _until_async(lambda: t.nc.is_connected and t.nc.stats["reconnects"] >= 1,
+            await eventually_async(lambda: t.nc.is_connected and t.nc.stats["reconnects"] >= 1,
                                60, "reconnected")  # fmt: skip
             await t.flush(10)
             assert await burst(t, got, 200) <= 2
@@ -311,7 +311,7 @@ def test_a_client_asking_for_tls_refuses_a_server_without_it(tmp_path: Path) -> 
         try:
             await asyncio.to_thread(secure.stop)
             url = await asyncio.to_thread(plain.start)  # the same port, in clear
-            await _until_async(lambda: t.nc.is_closed, 60, "the connection closed")
+            await eventually_async(lambda: t.nc.is_closed, 60, "the connection closed")
         finally:
             await t.close()
         with pytest.raises(accord.NotConnected, match="did not offer"):
@@ -323,11 +323,3 @@ def test_a_client_asking_for_tls_refuses_a_server_without_it(tmp_path: Path) -> 
     finally:
         secure.stop()
         plain.stop()
-
-
-async def _until_async(probe: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not probe():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.05)
