@@ -302,10 +302,10 @@ async def part_ask(args: Any, cluster: Cluster, mesh: Any, app: ModuleType) -> d
         async with cc.connect() as cmesh:
             await wait_for_placement(cmesh, {"node-1"}, timeout=30)
             modes = {
-                t: await mesh._mode(AgentId.parse(f"{t}/x"), None)
+                t: await mesh._directory.mode(AgentId.parse(f"{t}/x"), None)
                 for t in ("ledger", "slow_ledger")
             }
-            modes["counter"] = await cmesh._mode(AgentId.parse("counter/x"), None)
+            modes["counter"] = await cmesh._directory.mode(AgentId.parse("counter/x"), None)
             assert modes == {
                 "ledger": "exactly_once",
                 "slow_ledger": "at_most_once",
