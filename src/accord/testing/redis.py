@@ -35,12 +35,15 @@ class RedisServer:
     SIGKILL); `kill()` SIGKILLs it (the AOF keeps what was fsynced); `start()` again restarts
     it on the same port and data directory."""
 
-    def __init__(self, binary: str | None = None, appendfsync: str = "always") -> None:
+    def __init__(
+        self, binary: str | None = None, appendfsync: str = "always", hz: int | None = None
+    ) -> None:
         found = binary or shutil.which("redis-server") or "/usr/bin/redis-server"
         self.binary = found
         self.port = _free_port()
         self.dir = Path(tempfile.mkdtemp(prefix="accord-redis-"))
         self.appendfsync = appendfsync
+        self.hz = hz  # the server's cron rate; with `everysec` a WAITAOF waits ~1/hz
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -52,6 +55,8 @@ class RedisServer:
                 str(self.dir), "--appendonly", "yes", "--appendfsync", self.appendfsync,
                 "--save", "", "--protected-mode", "no", "--daemonize", "no",
                 "--logfile", str(self.dir / "redis.log")]  # fmt: skip
+        if self.hz is not None:
+            args += ["--hz", str(self.hz)]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
