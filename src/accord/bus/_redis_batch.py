@@ -18,6 +18,16 @@ MAX_INFLIGHT = 4
 FENCE_TTL_MS = 60_000  # the fence key outlives its producer by at most this
 
 
+def _fail(futs: list[asyncio.Future[Any]], exc: BaseException) -> None:
+    """A round trip failed: so did every command in it. A cancellation goes on up (the waiters
+    see a connection error)."""
+    for fut in futs:
+        if not fut.done():
+            fut.set_exception(exc if isinstance(exc, Exception) else ConnectionError())
+    if not isinstance(exc, Exception):
+        raise exc
+
+
 class Pipeliner:
     """`run(*args, **options)`: one command, sent with the others issued in the same tick (or
     while `max_inflight` pipelines are on the wire) as one non-transactional pipeline.
@@ -60,11 +70,7 @@ class Pipeliner:
                 pipe.execute_command(*args, **options)
             results = await pipe.execute(raise_on_error=False)
         except BaseException as exc:  # the connection failed: none of them is confirmed
-            for _args, _options, fut in batch:
-                if not fut.done():
-                    fut.set_exception(exc if isinstance(exc, Exception) else ConnectionError())
-            if not isinstance(exc, Exception):
-                raise
+            _fail([fut for _args, _options, fut in batch], exc)
             return
         finally:
             self._inflight -= 1
@@ -122,11 +128,7 @@ class Fence:
                 raise wrote
             local = 0 if isinstance(waited, Exception) else int(waited[0])
         except BaseException as exc:  # the fence failed: none of them is confirmed
-            for fut in batch:
-                if not fut.done():
-                    fut.set_exception(exc if isinstance(exc, Exception) else ConnectionError())
-            if not isinstance(exc, Exception):
-                raise
+            _fail(batch, exc)
             return
         finally:
             self._task = None
@@ -193,11 +195,7 @@ class ReadMux:
                 self.group, self.consumer, dict.fromkeys(live, ">"), count=count, block=block
             )
         except BaseException as exc:
-            for d in live.values():
-                if not d.fut.done():
-                    d.fut.set_exception(exc if isinstance(exc, Exception) else ConnectionError())
-            if not isinstance(exc, Exception):
-                raise
+            _fail([d.fut for d in live.values()], exc)
             return
         for stream, entries in reply or []:
             got = live.pop(stream.decode() if isinstance(stream, bytes) else str(stream), None)
