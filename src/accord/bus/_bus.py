@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import os
 import time
 import typing
 import uuid
@@ -120,7 +121,7 @@ class Bus:
     ) -> PublishAck:
         """`publish` with a JSON body named by its wire type (for the CLI and tools)."""
         check_name("topic", topic)
-        event_id = uuid.uuid4().hex
+        event_id = os.urandom(16).hex()  # 128 random bits, like uuid4 but a third of its cost
         k = key if key is not None else ""
         n = await self._partitions_of(topic)
         partition = zlib.crc32((k or event_id).encode()) % n

@@ -96,6 +96,7 @@ class GroupConsumer:
         self.handled = 0
         self.dead_lettered = 0
         self._task: asyncio.Task[None] | None = None
+        self._listed: tuple[float, list[str]] | None = None  # (when, members)
         self._stopping = False
         self.stopped = False
 
@@ -154,7 +155,7 @@ class GroupConsumer:
                 del self.held[p]
                 await part.abort()
         await self._expire_lapsed()
-        members = await self.backend.members(self.topic, self.group)
+        members = await self._members(loop.time())
         if self.name not in members:
             members = sorted([*members, self.name])
         desired = assign(self.partitions, members)
@@ -180,6 +181,14 @@ class GroupConsumer:
         for r in results:
             if isinstance(r, BaseException):
                 raise r
+
+    async def _members(self, now: float) -> list[str]:
+        """The group's live members, listed at most every ttl/2 (every other round: listing is
+        the round's dearest call, a bucket scan on JetStream). A member joining or dying is
+        seen up to ttl/4 later than by listing every round; leases are renewed every round."""
+        if self._listed is None or now - self._listed[0] >= self.ttl / 2 - 0.01:
+            self._listed = (now, await self.backend.members(self.topic, self.group))
+        return self._listed[1]
 
     async def _hand_over(self, p: int, part: _Partition) -> None:
         await part.finish()

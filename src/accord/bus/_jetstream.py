@@ -14,6 +14,7 @@ import contextlib
 import math
 import os
 import time
+from collections import deque
 from collections.abc import Iterator
 
 import msgspec
@@ -47,6 +48,7 @@ from ._api import (
 
 H_ID, H_KEY, H_TYPE, H_AT = "Accord-Bus-Id", "Accord-Bus-Key", "Accord-Bus-Type", "Accord-Bus-At"
 H_ONLY = "Accord-Bus-Only"
+H_MSG_ID = "Nats-Msg-Id"  # JetStream's dedup id, which is the event id
 DLQ_STREAM = "accord_bus_dlq"
 _DLQ_FIELDS = ("topic", "group", "key", "event_id", "type", "attempts", "error", "failed_at")
 
@@ -123,8 +125,9 @@ class JetStreamBackend:
         return default
 
     async def append(self, topic: str, partition: int, event: Event) -> PublishAck:
-        headers = {H_KEY: event.key, H_TYPE: event.type, H_AT: f"{event.published_at:.6f}",
-                   H_ID: event.id}  # fmt: skip
+        # the event id travels as `Nats-Msg-Id` (msg_id below), stored with the event: one
+        # header fewer to encode per publish than a header of its own
+        headers = {H_KEY: event.key, H_TYPE: event.type, H_AT: f"{event.published_at:.6f}"}
         if event.only:
             headers[H_ONLY] = event.only
         subject = subject_of(topic, partition)
@@ -329,16 +332,22 @@ class JetStreamReader:
         self.attempts = attempts
         self.prefix = prefix
         self.counted: dict[int, int] = {}
-        self.queue: asyncio.Queue[EngineDelivery] = asyncio.Queue()
+        self.queue: deque[EngineDelivery] = deque()
         self.consumer: EngineConsumer | None = None
         self._going = True
         self._space = asyncio.Event()
         self._space.set()
+        self._ready: asyncio.Future[None] | None = None  # a fetch waiting for deliveries
 
     def dispatch(self, d: EngineDelivery) -> bool:
-        self.queue.put_nowait(d)
-        if self.queue.qsize() >= 256:
+        # called in the connection's read loop: wakes a waiting fetch (a future and a timer,
+        # not a queue getter under `wait_for`, which costs a task per fetch)
+        self.queue.append(d)
+        if len(self.queue) >= 256:
             self._space.clear()
+        w = self._ready
+        if w is not None and not w.done():
+            w.set_result(None)
         return self._going
 
     async def has_capacity(self) -> None:
@@ -348,13 +357,18 @@ class JetStreamReader:
         return self._going
 
     async def fetch(self, limit: int, block: float) -> list[Fetched]:
-        out: list[Fetched] = []
-        if self.queue.empty():
-            with contextlib.suppress(TimeoutError):
-                out.append(_fetched(self.stream, await asyncio.wait_for(self.queue.get(), block)))
-        while len(out) < limit and not self.queue.empty():
-            out.append(_fetched(self.stream, self.queue.get_nowait()))
-        if self.queue.qsize() < 128:
+        if not self.queue:
+            loop = asyncio.get_running_loop()
+            w = self._ready = loop.create_future()
+            timer = loop.call_later(block, _wake, w)
+            try:
+                await w
+            finally:
+                timer.cancel()
+                self._ready = None
+        q = self.queue
+        out = [_fetched(self.stream, q.popleft()) for _ in range(min(limit, len(q)))]
+        if len(q) < 128:
             self._space.set()
         if self.counted:
             for f in out:
@@ -382,10 +396,15 @@ class JetStreamReader:
             await self.consumer.stop()
 
 
+def _wake(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
 def _fetched(stream: str, d: EngineDelivery) -> Fetched:
     h = d.headers or {}
     event = Event(
-        id=h.get(H_ID) or f"{stream}:{d.seq}",
+        id=h.get(H_MSG_ID) or h.get(H_ID) or f"{stream}:{d.seq}",  # H_ID: earlier versions
         key=h.get(H_KEY, ""),
         type=h.get(H_TYPE, ""),
         body=d.data,
