@@ -8,6 +8,7 @@ events, hands out a partition's events to the lease holder, acknowledges them an
 from __future__ import annotations
 
 import re
+from collections.abc import Awaitable, Callable
 from typing import Any, Literal, Protocol
 
 import msgspec
@@ -115,6 +116,15 @@ class PartitionReader(Protocol):
     async def fetch(self, limit: int, block: float) -> list[Fetched]:
         """Up to `limit` events, waiting up to `block` seconds for the first. Raises
         `BusUnavailable` when the store does not answer."""
+
+    def push(
+        self, take: Callable[[list[Fetched]], bool], has_room: Callable[[], Awaitable[None]]
+    ) -> bool:
+        """Deliver events by calling `take` (in order, from the event loop, never concurrently)
+        instead of through `fetch`, if this store delivers by itself: True if it will. `take`
+        returns False when the partition takes no more (the store stops delivering; what it
+        delivered and was refused comes again to the next holder); `has_room` returns when the
+        partition has room for more (the store waits for it before asking for more)."""
 
     async def ack(self, fs: list[Fetched]) -> None:
         """Done with these: the group never gets them again (an ack lost on the way means a

@@ -232,6 +232,7 @@ class _Partition:
         self.stopping = False
         self.fetching = True
         self._loops: list[asyncio.Task[None]] = []
+        self._fetcher: asyncio.Task[None] | None = None
         self._loop = asyncio.get_running_loop()
 
     def valid(self) -> bool:
@@ -247,8 +248,26 @@ class _Partition:
         return True
 
     def start(self) -> None:
-        self._loops = [asyncio.create_task(self._fetch()), asyncio.create_task(self._touch()),
+        # A store that delivers by itself (JetStream: the engine's pull loop) hands events
+        # straight to the key queues, in its read loop: no fetch loop to wake per event.
+        pushed = self.reader.push(self._take, self._has_room)
+        fetcher = [] if pushed else [asyncio.create_task(self._fetch())]
+        self._loops = [*fetcher, asyncio.create_task(self._touch()),
                        asyncio.create_task(self._acker())]  # fmt: skip
+        self._fetcher = fetcher[0] if fetcher else None
+
+    def _take(self, got: list[Fetched]) -> bool:
+        """Queue events the store pushed; False once this partition takes no more (what it
+        refused stays unacknowledged: the next holder gets it)."""
+        if self.stopping or not self.fetching:
+            return False
+        self._enqueue(got)
+        return True
+
+    async def _has_room(self) -> None:
+        while len(self.inflight) >= self.owner.settings.window and not self.stopping:
+            self.room.clear()
+            await self.room.wait()
 
     async def _fetch(self) -> None:
         backoff = Backoff(0.1, 2.0)
@@ -273,16 +292,19 @@ class _Partition:
             backoff.reset()
             if self.stopping or not self.fetching:
                 return  # what was read stays pending: the next holder reads it first
-            for f in got:
-                self.inflight[id(f)] = f
-                q = self.queues.get(f.event.key)
-                if q is not None:
-                    q.append(f)  # its key's task is running: it takes it in turn
-                    continue
-                self.queues[f.event.key] = deque([f])
-                task = asyncio.create_task(self._drain(f.event.key))
-                self.tasks.add(task)
-                task.add_done_callback(self.tasks.discard)
+            self._enqueue(got)
+
+    def _enqueue(self, got: list[Fetched]) -> None:
+        for f in got:
+            self.inflight[id(f)] = f
+            q = self.queues.get(f.event.key)
+            if q is not None:
+                q.append(f)  # its key's task is running: it takes it in turn
+                continue
+            self.queues[f.event.key] = deque([f])
+            task = asyncio.create_task(self._drain(f.event.key))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
 
     async def _touch(self) -> None:
         while True:
@@ -413,11 +435,11 @@ class _Partition:
     async def abort(self) -> None:
         self.stopping = True
         self.room.set()
-        await cancel_and_wait([*self._loops[1:], *self.tasks])
-        if self._loops:
+        await cancel_and_wait([t for t in self._loops if t is not self._fetcher] + [*self.tasks])
+        if self._fetcher is not None:
             # a read under way is let finish (within its block time): cancelled, its events
             # would be delivered to nobody and, on Redis, come again only after 2·min_idle
-            await asyncio.wait([self._loops[0]], timeout=2.0)
-            await cancel_and_wait(self._loops[:1])
+            await asyncio.wait([self._fetcher], timeout=2.0)
+            await cancel_and_wait([self._fetcher])
         with contextlib.suppress(AccordError):
             await self.reader.close()

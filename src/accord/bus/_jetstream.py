@@ -15,7 +15,7 @@ import math
 import os
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 
 import msgspec
 
@@ -338,10 +338,28 @@ class JetStreamReader:
         self._space = asyncio.Event()
         self._space.set()
         self._ready: asyncio.Future[None] | None = None  # a fetch waiting for deliveries
+        self._take: Callable[[list[Fetched]], bool] | None = None  # pushed to the partition
+        self._has_room: Callable[[], Awaitable[None]] | None = None
+
+    def push(
+        self, take: Callable[[list[Fetched]], bool], has_room: Callable[[], Awaitable[None]]
+    ) -> bool:
+        self._take, self._has_room = take, has_room
+        if self.queue:  # delivered before the partition started
+            early = self._go_on_counting([_fetched(self.stream, d) for d in self.queue])
+            self.queue.clear()
+            self._going = take(early)
+        self._space.set()
+        return True
 
     def dispatch(self, d: EngineDelivery) -> bool:
-        # called in the connection's read loop: wakes a waiting fetch (a future and a timer,
-        # not a queue getter under `wait_for`, which costs a task per fetch)
+        # called in the connection's read loop
+        if self._take is not None:
+            got = self._go_on_counting([_fetched(self.stream, d)])
+            self._going = self._going and self._take(got)
+            return self._going
+        # else: wakes a waiting fetch (a future and a timer, not a queue getter under
+        # `wait_for`, which costs a task per fetch)
         self.queue.append(d)
         if len(self.queue) >= 256:
             self._space.clear()
@@ -351,7 +369,10 @@ class JetStreamReader:
         return self._going
 
     async def has_capacity(self) -> None:
-        await self._space.wait()
+        if self._has_room is not None:
+            await self._has_room()
+        else:
+            await self._space.wait()
 
     def going(self) -> bool:
         return self._going
@@ -370,6 +391,10 @@ class JetStreamReader:
         out = [_fetched(self.stream, q.popleft()) for _ in range(min(limit, len(q)))]
         if len(q) < 128:
             self._space.set()
+        return self._go_on_counting(out)
+
+    def _go_on_counting(self, out: list[Fetched]) -> list[Fetched]:
+        """Attempts a previous holder recorded go on (see the class docstring)."""
         if self.counted:
             for f in out:
                 before = self.counted.pop(f.token.seq, 0)

@@ -369,6 +369,9 @@ class RedisReader:
         if floor is not None and floor != "0-1":
             await self.r.xtrim(self.key, minid=floor, approximate=False)
 
+    def push(self, take: Any, has_room: Any) -> bool:
+        return False  # read with `fetch`: one XREADGROUP over the consumer's partitions
+
     async def ack(self, fs: list[Fetched]) -> None:
         # One XACK for a batch (the consumer's ack loop collects them): with `appendfsync
         # always` every write command costs an fsync.
