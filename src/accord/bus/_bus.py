@@ -6,6 +6,7 @@ Routing to agents needs a `Mesh`: the one passed in, or one connected to the clu
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import inspect
 import os
@@ -82,6 +83,7 @@ class Bus:
         self.backend = backend
         self._default_partitions = partitions
         self._partitions: dict[str, int] = {}
+        self._resolving: dict[str, asyncio.Task[int]] = {}
         self._subs: list[Subscription] = []
         self._mesh = mesh
         self._mesh_factory = mesh_factory
@@ -94,10 +96,17 @@ class Bus:
 
     async def _partitions_of(self, topic: str) -> int:
         n = self._partitions.get(topic)
-        if n is None:
-            n = self._partitions[topic] = await self.backend.partitions(
-                topic, self._default_partitions
-            )
+        if n is not None:
+            return n
+        # One lookup per topic however many publishes wait for it: at 5,000/s a slow first
+        # lookup (a loaded server) had thousands of publishes each create the stream and read
+        # the topic's record, which kept the server from answering any of them within 5 s.
+        task = self._resolving.get(topic)
+        if task is None:
+            task = asyncio.create_task(self.backend.partitions(topic, self._default_partitions))
+            self._resolving[topic] = task
+            task.add_done_callback(lambda _t: self._resolving.pop(topic, None))
+        n = self._partitions[topic] = await asyncio.shield(task)  # a failure: the next retries
         return n
 
     async def publish(self, topic: str, msg: Any, *, key: str | None = None) -> PublishAck:
