@@ -104,6 +104,9 @@ def test_machine_configs_route_every_host_with_tls_fsync_and_users(tmp_path: Pat
         assert len(routes) == 2 and not any(h in r for r in routes)
         assert conf["jetstream"]["sync_interval"] == "always"
         assert conf["tls"]["ca_file"] and conf["cluster"]["tls"]["verify"] is True
+        # clients may start with TLS (no INFO in clear); a route has no such option
+        assert conf["tls"]["handshake_first"] == "300ms"
+        assert "handshake_first" not in conf["cluster"]["tls"]
         assert conf["authorization"]["users"][0]["nkey"].startswith("U")
         assert conf["max_payload"] == 1024 * 1024
         json.dumps(conf)  # what nats-server reads

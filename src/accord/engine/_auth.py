@@ -185,12 +185,16 @@ class Credentials:
     `tls_ca`: the CA that signed the server certificate (the server is verified against it);
     `tls_cert`/`tls_key`: a client certificate for mutual TLS. User/password and token in the
     URL (`nats://user:pw@host`) need none of this and keep working.
+    `tls_first`: with TLS, start the handshake before the server's INFO (its `handshake_first`,
+    on in every configuration accord writes), so nothing, not even INFO or CONNECT, ever
+    crosses the network in clear; `$ACCORD_TLS_FIRST=0` is for a server without it.
     """
 
     creds: Path | None = None
     tls_ca: Path | None = None
     tls_cert: Path | None = None
     tls_key: Path | None = None
+    tls_first: bool = field(default_factory=lambda: os.environ.get("ACCORD_TLS_FIRST") != "0")
 
     def connect_options(self) -> dict[str, Any]:
         opts: dict[str, Any] = {}
@@ -206,6 +210,7 @@ class Credentials:
                 opts["inbox_prefix"] = inbox_prefix(public_key(text))
         if self.tls_ca is not None or self.tls_cert is not None:
             opts["tls"] = self.ssl_context()
+            opts["tls_handshake_first"] = self.tls_first
         return opts
 
     def ssl_context(self) -> ssl.SSLContext:

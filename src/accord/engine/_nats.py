@@ -171,6 +171,9 @@ class NatsTransport(NatsJetStream):
                 why = f"TLS: {reason} " + (
                     "(the server wants a client certificate: $ACCORD_TLS_CERT, $ACCORD_TLS_KEY)"
                     if "CERTIFICATE_REQUIRED" in reason
+                    else "(the server answered in clear: it does not take TLS first "
+                    "(handshake_first); $ACCORD_TLS_FIRST=0 for such a server)"
+                    if "WRONG_VERSION_NUMBER" in reason
                     else "(is --tls-ca / $ACCORD_TLS_CA the right CA?)"
                 )
             raise NotConnected(f"cannot connect to NATS at {','.join(servers)}: {why}") from None

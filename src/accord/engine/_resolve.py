@@ -74,7 +74,7 @@ def resolve_credentials(
             except ValueError as exc:
                 raise ConfigurationError(f"{local_tls_file()}: unreadable: {exc}") from None
             paths = [Path(tls[k]) if tls.get(k) else None for k in ("ca", "cert", "key")]
-            found = Credentials(found.creds, *paths)
+            found = Credentials(found.creds, paths[0], paths[1], paths[2])
     return found
 
 

@@ -60,7 +60,7 @@ class ServerSecurity:
                 raise ConfigurationError("authentication is on but no user is issued")
             conf["authorization"] = authorization_block(users)
         if self.tls is not None:
-            conf["tls"] = tls_block(self.tls, self.verify_clients)
+            conf["tls"] = tls_block(self.tls, self.verify_clients, first=True)
         conf.update(self.extra)
         return conf
 
@@ -73,13 +73,23 @@ class ServerSecurity:
         return self.users is not None or self.registry is not None
 
 
-def tls_block(tls: TlsFiles, verify: bool) -> dict[str, Any]:
+#: how long a client listener waits for a client's TLS handshake before it sends its INFO in
+#: clear (for clients that do not start with TLS: the nats CLI, $ACCORD_TLS_FIRST=0)
+TLS_FIRST_WAIT = "300ms"
+
+
+def tls_block(tls: TlsFiles, verify: bool, *, first: bool = False) -> dict[str, Any]:
+    """A nats-server `tls` block; `first` (client connections): accept the TLS handshake before
+    INFO, so accord's clients never read a word in clear that a man in the middle could
+    forge to keep the session unencrypted (a route has no such option)."""
     block: dict[str, Any] = {
         "cert_file": str(tls.cert), "key_file": str(tls.key), "ca_file": str(tls.ca),
         "timeout": 2,
     }  # fmt: skip
     if verify:
         block["verify"] = True
+    if first:
+        block["handshake_first"] = TLS_FIRST_WAIT
     return block
 
 
