@@ -126,6 +126,11 @@ class Mesh(Migrating):
         """
         agent_id, shard = self._resolve(target)
         deadline = self._deadline(timeout)
+        route = self._local
+        if route is not None and delivery is None and self._breakers is None:
+            local = route.ask(agent_id, shard, msg, deadline)  # the common in-process ask
+            if local is not None:
+                return await self._sender.await_local(local, agent_id.type)
         mode = self._directory.known_mode(agent_id, delivery) or await self._directory.mode(
             agent_id, delivery, deadline - self._loop.time()
         )
@@ -137,17 +142,15 @@ class Mesh(Migrating):
                     mode, msg_id,
                 )  # fmt: skip
                 return self._sender.unwrap(agent_id, type_name, stored, returns)
-            route = self._local
             local = None if route is None else route.route(agent_id, shard, msg, deadline, ask=True)
             if local is not None:
-                return await self._sender.await_local(local, deadline, agent_id, type_name)
-            body = codec.encode(msg)
+                return await self._sender.await_local(local, agent_id.type)
             data = await self._sender.request(
-                agent_id, shard, type_name, body, "msgpack", deadline, msg,
+                agent_id, shard, type_name, codec.encode(msg), "msgpack", deadline, msg,
                 target if type(target) is str else None,
             )  # fmt: skip
             if isinstance(data, LocalResult):
-                return await self._sender.await_local(data.fut, deadline, agent_id, type_name)
+                return await self._sender.await_local(data.fut, agent_id.type)
             return self._sender.unwrap(agent_id, type_name, data, returns)
 
     async def ask_json(
@@ -242,11 +245,6 @@ class Mesh(Migrating):
                                      self._deadline(None), mode, msg_id)  # fmt: skip
             return
         await self._sender.publish_tell(agent_id, shard, type_name, body, "json")
-
-    def _local_spec(self, agent_type: str) -> AgentSpec | None:
-        """The spec of an agent type this process hosts (a node's), else None."""
-        local = self._local
-        return None if local is None else local.spec(agent_type)
 
     async def register_types(self, specs: Iterable[AgentSpec]) -> None:
         """Publish agent types' delivery modes so clients without the classes use them."""
@@ -452,6 +450,9 @@ class LocalRouteLike(Protocol):
 
     def spec(self, agent_type: str) -> AgentSpec | None: ...
     def tell(self, agent_id: AgentId, shard: int, msg: Any) -> bool: ...
+    def ask(
+        self, agent_id: AgentId, shard: int, msg: Any, deadline: float
+    ) -> asyncio.Future[Any] | None: ...
     def route(
         self, agent_id: AgentId, shard: int, msg: Any, deadline: float | None, *, ask: bool
     ) -> asyncio.Future[Any] | None: ...
@@ -478,8 +479,7 @@ def _here_once(
     fut = mesh._local.route_once(agent_id, shard, msg, msg_id, deadline)
     if fut is None:
         return None
-    type_name = codec.message_type_name(type(msg))
-    return mesh._sender.await_local(fut, deadline, agent_id, type_name)
+    return mesh._sender.await_local(fut, agent_id.type)
 
 
 def _not_here(

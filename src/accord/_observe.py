@@ -75,19 +75,26 @@ class Observer:
 class Observers(Observer):
     """The fan-out: reports every event to the registered observers, in registration order."""
 
-    __slots__ = ("_all", "active")
+    __slots__ = ("_all", "active", "sends")
 
     def __init__(self) -> None:
         self._all: tuple[Observer, ...] = ()
         self.active = False  # tested by call sites before building a report
+        # Some observer counts sent messages (`message_sent` overridden): tested by the senders,
+        # so a node whose observers only count turns (its status rates) pays nothing per send.
+        self.sends = False
 
     def add(self, observer: Observer) -> None:
         self._all = (*self._all, observer)
-        self.active = True
+        self._changed()
 
     def remove(self, observer: Observer) -> None:
         self._all = tuple(o for o in self._all if o is not observer)
+        self._changed()
+
+    def _changed(self) -> None:
         self.active = bool(self._all)
+        self.sends = any(type(o).message_sent is not Observer.message_sent for o in self._all)
 
     def _failed(self, observer: Observer) -> None:
         log.exception("observer %r failed and was removed", observer)

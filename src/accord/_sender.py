@@ -232,35 +232,22 @@ class Sender:
         published = req.headers is not None and KIND_HEADER in req.headers
         self._sent(agent_id.type, "publish" if published else "tell", "ok")
 
-    async def await_local(
-        self, fut: asyncio.Future[Any], deadline: float, agent_id: AgentId, type_name: str
-    ) -> Any:
-        def expire() -> None:
-            if not fut.done():
-                fut.set_exception(
-                    DeliveryTimeout(
-                        f"ask {agent_id} {type_name}: no reply within the deadline",
-                        maybe_delivered=True,
-                    )
-                )
-
-        timer = self._loop.call_at(deadline, expire)
+    async def await_local(self, fut: asyncio.Future[Any], agent_type: str) -> Any:
+        """The reply of an in-process ask, reported to the observers of sent messages. The
+        in-process route answers `fut` with `DeliveryTimeout` at its deadline."""
+        if not self._observe.sends:
+            return await fut
         try:
-            if not self._observe.active:
-                return await fut
-            try:
-                result = await fut
-            except AccordError as exc:
-                self._sent(agent_id.type, "ask", _outcome(exc.code))
-                raise
-            self._sent(agent_id.type, "ask", "ok")
-            return result
-        finally:
-            timer.cancel()
+            result = await fut
+        except AccordError as exc:
+            self._sent(agent_type, "ask", _outcome(exc.code))
+            raise
+        self._sent(agent_type, "ask", "ok")
+        return result
 
     def unwrap(self, agent_id: AgentId, type_name: str, data: bytes, returns: Any) -> Any:
         reply, enc = codec.decode_reply(data)
-        if self._observe.active:
+        if self._observe.sends:
             outcome = "ok" if reply.ok else _outcome(reply.error.code if reply.error else "")
             self._sent(agent_id.type, "ask", outcome)
         if reply.ok:
@@ -284,7 +271,7 @@ class Sender:
             raise NotConnected(f"no accord node answered on {subject}") from None
 
     def _sent(self, agent_type: str, kind: Kind, outcome: Outcome) -> None:
-        if self._observe.active:
+        if self._observe.sends:
             self._observe.message_sent(agent_type, kind, outcome)
 
     async def _split_brain(self, agent_id: AgentId, timeout: float) -> bool:

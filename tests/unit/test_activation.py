@@ -22,9 +22,10 @@ from accord.cluster._hlc import HybridClock
 from accord.delivery._mailbox import DurableDelivery
 from accord.engine._api import BucketSpec
 from accord.engine.memory import MemoryEngine
-from accord.runtime._activation import Activation, Work, _Recorded
+from accord.runtime._activation import Activation
 from accord.runtime._bulkhead import Bulkhead
 from accord.runtime._settings import NodeSettings, Stats
+from accord.runtime._work import Work, _Recorded
 from accord.state._durable import Durable
 from accord.state._store import MergeState, StateStore
 
@@ -214,7 +215,7 @@ async def test_asks_queued_when_the_lease_is_lost_learn_they_did_not_run(
     three asks queued behind it: the queued ones are told `NotRun` at once (a remote one is
     then bounced, and its sender asks the shard's next owner); the one under way is not
     answered (it may have had effects: its sender's timeout says "maybe")."""
-    from accord.runtime._activation import NotRun
+    from accord.runtime._work import NotRun
 
     Slow.gate = asyncio.Event()
     host = Host(store)

@@ -18,10 +18,11 @@ from accord._errors import Overloaded
 from accord._ids import AgentId
 from accord._observe import KIND_HEADER, PUBLISHED, Kind, Observer, Observers, Outcome, kind_of
 from accord._sender import _tell_headers
-from accord.runtime._activation import Activation, Work
+from accord.runtime._activation import Activation
 from accord.runtime._bulkhead import Bulkhead
 from accord.runtime._metrics import NodeMetrics
 from accord.runtime._settings import NodeSettings, Stats
+from accord.runtime._work import Work
 from accord.state._store import StateStore
 
 from . import test_inbound as inb

@@ -12,13 +12,10 @@ puts a fresh one in its place, which takes over the queue without waiting for th
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
-
-import msgspec
 
 from .. import _trace
 from .._agent import Agent
@@ -40,54 +37,12 @@ from ..delivery._mailbox import DurableDelivery, backoff_delay
 from ..state._durable import Durable
 from ..state._store import DedupEntry, MergeState, StateDeleted
 from ._host import Host
+from ._work import Work, _as_remote, _dedup_entry, _not_run, _Pending, _Recorded
 
 log = logging.getLogger("accord.activation")
 
 STORAGE_FULL_RETRY = 2.0
 """Seconds before a message whose state write found the store full is delivered again."""
-
-ReplyFn = Callable[[Any, BaseException | None], Awaitable[None] | None]
-#: A turn run by the runtime instead of a handler: (activation, agent, work).
-SystemTurn = Callable[["Activation", Agent, "Work"], Awaitable[None]]
-_enc = msgspec.msgpack.Encoder()
-
-
-class Work:
-    """A message accepted for an agent. `reply` is None for a tell.
-
-    `delivery` is set for mailbox (at-least-once / exactly-once) messages; `lookup` marks a request
-    for the recorded outcome of an exactly-once message (`handler` is then None); `system` is a
-    turn the runtime itself runs instead of a handler (a split-brain merge, `_cutoff.py`).
-    """
-
-    __slots__ = (
-        "data", "deadline", "delivery", "handler", "local", "lookup", "msg", "reply", "system",
-        "trace",
-    )  # fmt: skip
-
-    def __init__(
-        self,
-        handler: HandlerSpec | None,
-        msg: Any,
-        deadline: float | None,
-        reply: ReplyFn | None,
-        delivery: DurableDelivery | None = None,
-        data: bytes = b"",
-        lookup: str | None = None,
-        local: bool = False,
-        system: SystemTurn | None = None,
-        trace: dict[str, str] | None = None,
-    ) -> None:
-        self.trace = trace  # the sender's trace context (envelope headers), if it traces
-        self.system = system
-        self.local = local
-        self.handler = handler
-        self.msg = msg
-        self.deadline = deadline
-        self.reply = reply
-        self.delivery = delivery
-        self.data = data
-        self.lookup = lookup
 
 
 class Activation:
@@ -271,7 +226,7 @@ class Activation:
                 elif work.delivery is not None:
                     await self._durable_turn(agent, work, work.delivery)
                 elif work.reply is None and self.durable is None:
-                    await self._call(agent, work)  # a tell to a stateless agent: nothing after
+                    await self._invoke(agent, work)  # a tell to a stateless agent: nothing after
                 else:
                     await self._turn(agent, work)
             finally:
@@ -280,13 +235,17 @@ class Activation:
             if self.abandoned:
                 return  # the agent object may still be in use by the timed-out handler
 
-    async def _call(self, agent: Agent, work: Work) -> tuple[Any, AccordError | None]:
-        if self.host.observe.active or _trace.active is not None:
-            return await _observed(self, agent, work)
-        return await self._invoke(agent, work)
-
-    async def _invoke(self, agent: Agent, work: Work) -> tuple[Any, AccordError | None]:
+    async def _invoke(
+        self, agent: Agent, work: Work, traced: bool = False
+    ) -> tuple[Any, AccordError | None]:
+        """Run `work`'s handler (in a `process` span when tracing); report the turn to the
+        node's observers. One coroutine frame on the hot path."""
+        if not traced and _trace.active is not None:
+            return await _traced(self, agent, work)
         assert work.handler is not None
+        observe = self.host.observe
+        start = self.host.loop.time() if observe.active else 0.0
+        error: AccordError | None = None
         dl_token = current_deadline.set(work.deadline)
         try:
             if self._turn_timeout is None:
@@ -296,22 +255,16 @@ class Activation:
             after = self._after_turn.get(type(work.msg)) if self._after_turn else None
             if after is not None:
                 await after(work.msg, self._name, result)
-            return result, None
         except _Expired:
-            return None, self._timed_out(work.handler)
+            result, error = None, self._timed_out(work.handler)
         except Exception as exc:
-            if (
-                isinstance(exc, DeliveryTimeout)
-                and work.deadline is not None
-                and self.host.loop.time() >= work.deadline
-            ):
-                return None, exc  # the caller's own deadline passed: answered as "timeout"
-            self.host.stats.handler_errors += 1
-            log.debug("handler %s of %s raised", work.handler.name, self.id, exc_info=True)
-            return None, _as_remote(exc)
+            result, error = None, _handler_error(self, work, exc)
         finally:
             current_deadline.reset(dl_token)
             self.host.stats.turns += 1
+        if observe.active:
+            _report(self, work, error, start)
+        return result, error
 
     async def _bounded(self, turn: Awaitable[Any], timeout: float) -> Any:
         """Run the handler as a task of its own and wait at most `timeout` for it, so that a
@@ -356,7 +309,7 @@ class Activation:
 
     async def _turn(self, agent: Agent, work: Work) -> None:
         """An at-most-once message: run once; persist state if the agent has any; reply."""
-        result, error = await self._call(agent, work)
+        result, error = await self._invoke(agent, work)
         if self.durable is not None:
             if error is None:
                 try:
@@ -388,7 +341,7 @@ class Activation:
         opts = self.spec.options
         while True:
             dd.attempts += 1
-            result, error = await self._call(agent, work)
+            result, error = await self._invoke(agent, work)
             if not self._valid():
                 if self.durable is not None:
                     self.durable.rollback(agent)
@@ -492,29 +445,41 @@ class Activation:
             log.exception("deactivation of %s failed", self.id)
 
 
-async def _observed(act: Activation, agent: Agent, work: Work) -> tuple[Any, AccordError | None]:
-    """`Activation._invoke` in a `process` span when tracing, reported to the node's observers
-    (kind, outcome, duration)."""
-    clock = act.host.loop.time
-    start = clock()
-    kind: Kind = "ask" if work.reply is not None else kind_of(False, work.trace)
+async def _traced(act: Activation, agent: Agent, work: Work) -> tuple[Any, AccordError | None]:
+    """`Activation._invoke` in a `process` span, a child of the sender's."""
     tracing = _trace.active
-    if tracing is None:
-        result, error = await act._invoke(agent, work)
-    else:
-        with tracing.process(act.spec.type_name, kind, act._name, work.trace) as failed:
-            result, error = await act._invoke(agent, work)
-            if error is not None:
-                failed(error)
-    if not act.host.observe.active:
-        return result, error
+    assert tracing is not None
+    kind: Kind = "ask" if work.reply is not None else kind_of(False, work.trace)
+    with tracing.process(act.spec.type_name, kind, act._name, work.trace) as failed:
+        result, error = await act._invoke(agent, work, traced=True)
+        if error is not None:
+            failed(error)
+    return result, error
+
+
+def _report(act: Activation, work: Work, error: AccordError | None, start: float) -> None:
+    """A turn to the node's observers: its kind, outcome and duration."""
+    kind: Kind = "ask" if work.reply is not None else kind_of(False, work.trace)
     outcome: Outcome = (
         "ok" if error is None
         else "timeout" if isinstance(error, TurnTimeout | DeliveryTimeout)
         else "error"
     )  # fmt: skip
-    act.host.observe.turn_ended(act.spec.type_name, kind, outcome, clock() - start)
-    return result, error
+    act.host.observe.turn_ended(act.spec.type_name, kind, outcome, act.host.loop.time() - start)
+
+
+def _handler_error(act: Activation, work: Work, exc: Exception) -> AccordError:
+    """What a caller is answered when the handler raised `exc`."""
+    if (
+        isinstance(exc, DeliveryTimeout)
+        and work.deadline is not None
+        and act.host.loop.time() >= work.deadline
+    ):
+        return exc  # the caller's own deadline passed: answered as "timeout"
+    act.host.stats.handler_errors += 1
+    assert work.handler is not None
+    log.debug("handler %s of %s raised", work.handler.name, act.id, exc_info=True)
+    return _as_remote(exc)
 
 
 class _Expired(Exception):
@@ -527,63 +492,3 @@ def _consume(task: asyncio.Task[Any]) -> None:
         exc = task.exception()
         if exc is not None:
             log.debug("abandoned turn ended with %r", exc)
-
-
-class _Recorded:
-    """A reply recorded by exactly-once dedup, already msgpack-encoded."""
-
-    __slots__ = ("data",)
-
-    def __init__(self, data: bytes) -> None:
-        self.data = data
-
-
-class _Pending(AccordError):
-    code = "pending"
-
-
-class NotRun(DeliveryTimeout):
-    """Given to a queued ask's `reply` when the lease was lost before its turn: it certainly did
-    not run. An in-process sender gets it as an error; a remote one is bounced (the replier
-    answers "not delivered", and the sender tries the shard's next owner)."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message, maybe_delivered=False)
-
-
-async def _not_run(queue: deque[Work], agent_id: AgentId, *, remote: bool) -> None:
-    """The lease was lost: the queued asks never ran; tell their senders so at once. Stored
-    messages (`delivery`, not `local`) get nothing: the mailbox hands them to the next owner;
-    an unstored exactly-once ask (`LocalRoute.route_once`) is told, its sender asks again.
-
-    Bouncing a remote ask is safe because it was taken while this node's lease was valid
-    (`ShardManager.held_epoch`), so no other node subscribed to the shard when NATS routed it:
-    nobody else has it. Not so for an orphan (cut off: the next owner may have it too), whose
-    remote asks (`remote=False`) are left to time out."""
-    for work in queue:
-        if work.reply is not None and (work.local or (work.delivery is None and remote)):
-            sent = work.reply(None, NotRun(f"{agent_id}: lease lost before its turn"))
-            if sent is not None:
-                with contextlib.suppress(AccordError):  # best effort: else the ask times out
-                    await sent
-
-
-def _dedup_entry(msg_id: str, result: Any, error: AccordError | None) -> DedupEntry:
-    if error is None:
-        try:
-            return DedupEntry(msg_id, True, msgspec.Raw(_enc.encode(result)))
-        except (TypeError, ValueError, OverflowError) as exc:
-            error = RemoteError("TypeError", f"reply not encodable: {exc}")
-    return DedupEntry(
-        msg_id,
-        False,
-        code=error.code,
-        message=getattr(error, "remote_message", str(error)),
-        rtype=getattr(error, "remote_type", type(error).__name__),
-    )
-
-
-def _as_remote(exc: Exception) -> AccordError:
-    if isinstance(exc, RemoteError):
-        return exc
-    return RemoteError(type(exc).__name__, str(exc))

@@ -25,9 +25,10 @@ from ..cluster._config import Names
 from ..cluster._shards import ShardManager
 from ..engine._api import Subscription, Transport
 from ..state._store import MergeState
-from ._activation import Activation, Work
+from ._activation import Activation
 from ._settings import Stats
 from ._table import ActivationTable
+from ._work import Work
 
 log = logging.getLogger("accord.node")
 

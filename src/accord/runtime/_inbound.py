@@ -31,12 +31,12 @@ from ..delivery._dlq import dead_letter
 from ..delivery._mailbox import DurableDelivery
 from ..engine._api import Delivery, Engine, Message
 from ..state._store import MERGE_TYPE, MergeState
-from ._activation import NotRun, ReplyFn, Work, _Recorded
 from ._bulkhead import Bulkhead
 from ._cutoff import CutOff, merge_turn
 from ._placement import DURABLE, HANDLED, NodePlacement, RelayedDelivery
 from ._settings import Stats
 from ._table import ActivationTable
+from ._work import NotRun, ReplyFn, Work, _Recorded
 
 log = logging.getLogger("accord.node")
 

@@ -1,7 +1,11 @@
 """The in-process route: a message for a shard this node serves is handed to the activation
 directly, with the same semantics as over the wire (bulkheads, unknown types, deadlines) and no
-network hop. `Mesh` takes it as its `local` route; a plain client has none. `route_once` is the
-exactly-once ask of a caller that asks again until answered (a workflow's `ctx.ask`)."""
+network hop. `Mesh` takes it as its `local` route; a plain client has none. `ask` is the common
+ask in one step; `route_once` is the exactly-once ask of a caller that asks again until answered
+(a workflow's `ctx.ask`).
+
+The message object itself is handed over, not a copy: a sender must not change a message after
+sending it (docs/placement.md, "The in-process ask")."""
 
 from __future__ import annotations
 
@@ -19,9 +23,10 @@ from .._ids import AgentId
 from .._observe import PUBLISHED
 from .._spec import AgentSpec
 from ..delivery._mailbox import DurableDelivery
-from ._activation import ReplyFn, Work, _Recorded
 from ._bulkhead import Bulkhead
+from ._deadlines import Deadlines, Slot
 from ._table import ActivationTable
+from ._work import ReplyFn, Work, _Recorded
 
 
 class LocalRoute:
@@ -45,6 +50,7 @@ class LocalRoute:
         self._loop = loop
         self._delivered: asyncio.Future[Any] = loop.create_future()  # "handed over" (tells)
         self._delivered.set_result(None)
+        self._deadlines = Deadlines(loop)  # every ask future's timeout
 
     def attach(self, serving: Callable[[int], int | None]) -> None:
         """`serving(shard)`: the epoch under which this node takes new messages for a shard."""
@@ -80,6 +86,31 @@ class LocalRoute:
         if self.observe is not None:
             self.observe(agent_id, True)
         return True
+
+    def ask(
+        self, agent_id: AgentId, shard: int, msg: Any, deadline: float
+    ) -> asyncio.Future[Any] | None:
+        """An at-most-once ask to a live activation served here, in one step: the future of its
+        reply (`DeliveryTimeout` once `deadline` passes). Anything else (no activation yet, a
+        new epoch or an agent placed elsewhere, a full bulkhead, an unknown message, a durable
+        mode) returns None and takes `route` or the network, which decide and report it."""
+        act = self._live.get(agent_id)
+        if act is None or act.closing or not act.tells_direct or not self.open:
+            return None
+        h = act.spec.by_class.get(type(msg))
+        if h is None or self._epoch_for(agent_id, shard) != act.epoch:
+            return None
+        bulkhead = self._bulkhead
+        if bulkhead.total.n >= bulkhead.max_total or act.load.n >= bulkhead.max_per_type:
+            return None
+        if self.observe is not None:
+            self.observe(agent_id, True)
+        fut: asyncio.Future[Any] = self._loop.create_future()
+        slot = self._deadlines.add(fut, deadline, agent_id, msg)
+        tracing = _trace.active  # the turn's span is a child of the caller's
+        act.put(Work(h, msg, deadline, _future_replier(fut, slot), local=True,
+                     trace=None if tracing is None else tracing.headers()))  # fmt: skip
+        return fut
 
     def route(
         self, agent_id: AgentId, shard: int, msg: Any, deadline: float | None, *, ask: bool
@@ -124,8 +155,9 @@ class LocalRoute:
             act.put(Work(h, msg, deadline, None, trace=trace))
             return self._delivered
         fut: asyncio.Future[Any] = self._loop.create_future()
+        slot = self._deadlines.add(fut, deadline, agent_id, msg) if deadline is not None else {}
         tracing = _trace.active  # the turn's span is a child of the caller's
-        work = Work(h, msg, deadline, _future_replier(fut), local=True,
+        work = Work(h, msg, deadline, _future_replier(fut, slot), local=True,
                     trace=None if tracing is None else tracing.headers())  # fmt: skip
         self._table.get_or_create(agent_id, spec, shard, epoch).put(work)
         return fut
@@ -160,9 +192,10 @@ class LocalRoute:
             body=msgspec.Raw(body), id=msg_id, delivery="exactly_once",
         ))  # fmt: skip
         fut: asyncio.Future[Any] = self._loop.create_future()
+        slot = self._deadlines.add(fut, deadline, agent_id, msg)
         delivery = DurableDelivery(_Unstored(data), msg_id, "exactly_once")
         tracing = _trace.active  # the turn's span is a child of the caller's
-        work = Work(h, msg, deadline, _future_replier(fut, h.returns), delivery=delivery,
+        work = Work(h, msg, deadline, _future_replier(fut, slot, h.returns), delivery=delivery,
                     data=data, local=True,
                     trace=None if tracing is None else tracing.headers())  # fmt: skip
         self._table.get_or_create(agent_id, spec, shard, epoch).put(work)
@@ -196,10 +229,14 @@ def _nothing(shard: int) -> int | None:
     return None
 
 
-def _future_replier(fut: asyncio.Future[Any], returns: Any = Any) -> ReplyFn:
+def _future_replier(fut: asyncio.Future[Any], slot: Slot, returns: Any = Any) -> ReplyFn:
+    """The reply of an in-process ask: sets `fut` (once; a timed-out one stays as it is) and
+    takes it out of its deadline's `slot`."""
+
     def reply(result: Any, error: BaseException | None) -> None:
         if fut.done():
             return
+        slot.pop(fut, None)
         if error is not None:
             fut.set_exception(error)
         elif isinstance(result, _Recorded):  # an exactly-once reply recorded before (encoded)
