@@ -130,7 +130,8 @@ class Mesh(Migrating):
         if route is not None and delivery is None and self._breakers is None:
             local = route.ask(agent_id, shard, msg, deadline)  # the common in-process ask
             if local is not None:
-                return await self._sender.await_local(local, agent_id.type)
+                s = self._sender
+                return await (s.await_local(local, agent_id.type) if s.observed else local)
         mode = self._directory.known_mode(agent_id, delivery) or await self._directory.mode(
             agent_id, delivery, deadline - self._loop.time()
         )

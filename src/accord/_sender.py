@@ -232,6 +232,11 @@ class Sender:
         published = req.headers is not None and KIND_HEADER in req.headers
         self._sent(agent_id.type, "publish" if published else "tell", "ok")
 
+    @property
+    def observed(self) -> bool:
+        """Some observer counts sent messages (else awaiting an in-process reply is all)."""
+        return self._observe.sends
+
     async def await_local(self, fut: asyncio.Future[Any], agent_type: str) -> Any:
         """The reply of an in-process ask, reported to the observers of sent messages. The
         in-process route answers `fut` with `DeliveryTimeout` at its deadline."""

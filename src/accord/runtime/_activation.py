@@ -225,6 +225,12 @@ class Activation:
                     pass
                 elif work.delivery is not None:
                     await self._durable_turn(agent, work, work.delivery)
+                elif work.local and work.reply is not None and self.durable is None:
+                    result, error = await self._invoke(agent, work)  # an in-process ask, no state
+                    if self._valid():
+                        work.reply(result, error)  # sets the caller's future: nothing to await
+                    else:
+                        host.stats.replies_withheld += 1
                 elif work.reply is None and self.durable is None:
                     await self._invoke(agent, work)  # a tell to a stateless agent: nothing after
                 else:
@@ -251,7 +257,7 @@ class Activation:
             if self._turn_timeout is None:
                 result = await work.handler.fn(agent, work.msg)
             else:
-                result = await self._bounded(work.handler.fn(agent, work.msg), self._turn_timeout)
+                result = await _bounded(self, work.handler.fn(agent, work.msg), self._turn_timeout)
             after = self._after_turn.get(type(work.msg)) if self._after_turn else None
             if after is not None:
                 await after(work.msg, self._name, result)
@@ -265,22 +271,6 @@ class Activation:
         if observe.active:
             _report(self, work, error, start)
         return result, error
-
-    async def _bounded(self, turn: Awaitable[Any], timeout: float) -> Any:
-        """Run the handler as a task of its own and wait at most `timeout` for it, so that a
-        handler stuck in an await that ignores cancellation cannot hold this activation."""
-        task = asyncio.ensure_future(turn)
-        try:
-            done, _ = await asyncio.wait((task,), timeout=timeout)
-        except asyncio.CancelledError:
-            task.cancel()
-            raise
-        if done:
-            return task.result()
-        task.cancel()  # best effort: it may ignore it, or be blocked in a worker thread
-        task.add_done_callback(_consume)
-        self._stuck = task
-        raise _Expired
 
     def _timed_out(self, handler: HandlerSpec) -> TurnTimeout:
         self.abandoned = True
@@ -443,6 +433,23 @@ class Activation:
             await asyncio.wait_for(agent.on_deactivate(), self.host.deactivate_timeout)
         except Exception:
             log.exception("deactivation of %s failed", self.id)
+
+
+async def _bounded(act: Activation, turn: Awaitable[Any], timeout: float) -> Any:
+    """Run the handler as a task of its own and wait at most `timeout` for it, so that a
+    handler stuck in an await that ignores cancellation cannot hold this activation."""
+    task = asyncio.ensure_future(turn)
+    try:
+        done, _ = await asyncio.wait((task,), timeout=timeout)
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+    if done:
+        return task.result()
+    task.cancel()  # best effort: it may ignore it, or be blocked in a worker thread
+    task.add_done_callback(_consume)
+    act._stuck = task
+    raise _Expired
 
 
 async def _traced(act: Activation, agent: Agent, work: Work) -> tuple[Any, AccordError | None]:
