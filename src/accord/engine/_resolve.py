@@ -5,6 +5,7 @@ $ACCORD_CREDS / $ACCORD_TLS_CA, or those `accord up` wrote to its state director
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -67,14 +68,14 @@ def resolve_credentials(
     local = url_file().read_text().strip() if url_file().exists() else None
     if nats is None or (local and parse_servers(nats) == parse_servers(local)):
         if found.creds is None and local_creds_file().exists():
-            found = Credentials(local_creds_file(), found.tls_ca, found.tls_cert, found.tls_key)
+            found = dataclasses.replace(found, creds=local_creds_file())
         if found.tls_ca is None and local_tls_file().exists():
             try:
                 tls = json.loads(local_tls_file().read_text())
             except ValueError as exc:
                 raise ConfigurationError(f"{local_tls_file()}: unreadable: {exc}") from None
-            paths = [Path(tls[k]) if tls.get(k) else None for k in ("ca", "cert", "key")]
-            found = Credentials(found.creds, paths[0], paths[1], paths[2])
+            ca, cert, key = (Path(tls[k]) if tls.get(k) else None for k in ("ca", "cert", "key"))
+            found = dataclasses.replace(found, tls_ca=ca, tls_cert=cert, tls_key=key)
     return found
 
 
