@@ -17,6 +17,7 @@ import redis.asyncio as aioredis
 
 import accord
 from accord import ConfigurationError
+from accord.testing import eventually_async
 from accord.testing.redis import RedisServer, waitaof_server
 
 _serials = itertools.count(1)
@@ -29,20 +30,6 @@ class OrderPlaced(msgspec.Struct):
 
 def _topic(what: str) -> str:
     return f"t{what}{next(_serials)}"
-
-
-async def until(cond: Callable[[], object], what: str, within: float = 15.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + within
-    while True:
-        got = cond()
-        if asyncio.iscoroutine(got):
-            got = await got
-        if got:
-            return
-        if loop.time() > deadline:
-            raise AssertionError(f"not within {within}s: {what}")
-        await asyncio.sleep(0.05)
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +65,7 @@ async def test_publish_is_durable_and_the_handler_gets_the_decoded_event(
 
     sub = await bus.subscribe(topic, group="billing", handler=on_order, min_idle=2)
     try:
-        await until(lambda: len(got) == 1, "the event was handled")
+        await eventually_async(lambda: len(got) == 1, 15.0, "the event was handled")
     finally:
         await sub.stop()
     msg, d = got[0]
@@ -110,13 +97,20 @@ async def test_groups_fan_out_and_consumers_of_a_group_compete(bus: accord.bus.B
     ]
     try:
         # the two members of "a" have seen each other and split the partitions
-        await until(lambda: subs[0].partitions and subs[1].partitions, "group a split")
-        await until(lambda: len(subs[0].partitions) + len(subs[1].partitions) == 4, "all held")
+        await eventually_async(
+            lambda: subs[0].partitions and subs[1].partitions, 15.0, "group a split"
+        )
+        await eventually_async(
+            lambda: len(subs[0].partitions) + len(subs[1].partitions) == 4, 15.0, "all held"
+        )
         orders = [f"o{i}" for i in range(60)]
         for i, o in enumerate(orders):
             await bus.publish(topic, OrderPlaced(o, i), key=f"k{i % 12}")
-        await until(lambda: len(seen["a1"]) + len(seen["a2"]) == 60 and len(seen["b"]) == 60,
-                    "both groups handled everything")  # fmt: skip
+        await eventually_async(
+            lambda: len(seen["a1"]) + len(seen["a2"]) == 60 and len(seen["b"]) == 60,
+            15.0,
+            "both groups handled everything",
+        )
     finally:
         for s in subs:
             await s.stop()
@@ -148,7 +142,7 @@ async def test_same_key_in_publish_order_and_different_keys_concurrently(
         await bus.publish(topic, OrderPlaced("x", i), key=f"k{i % 8}")
     sub = await bus.subscribe(topic, group="g", handler=h, max_concurrency=4, min_idle=2)
     try:
-        await until(lambda: sum(map(len, per_key.values())) == 200, "all handled")
+        await eventually_async(lambda: sum(map(len, per_key.values())) == 200, 15.0, "all handled")
     finally:
         await sub.stop()
     for key, amounts in per_key.items():
@@ -181,13 +175,15 @@ async def test_failures_are_retried_then_dead_lettered_and_replayed(bus: accord.
     sub = await bus.subscribe(topic, group="g", handler=h, max_deliver=3, min_idle=2)
     sub2 = await bus.subscribe(topic, group="other", handler=h_other, min_idle=2)
     try:
-        await until(lambda: handled == ["next"], "the key's next event after the poison one")
+        await eventually_async(
+            lambda: handled == ["next"], 15.0, "the key's next event after the poison one"
+        )
 
         async def two_letters() -> bool:
             mine = [x for x in await bus.dead_letters() if x.topic == topic and x.group == "g"]
             return len(mine) == 2
 
-        await until(two_letters, "two dead letters")
+        await eventually_async(two_letters, 15.0, "two dead letters")
         assert attempts == [1, 2, 3]
         letters = {x.key: x for x in await bus.dead_letters() if (x.topic, x.group) == (topic, "g")}
         poison, bad = letters["k"], letters["j"]
@@ -196,10 +192,14 @@ async def test_failures_are_retried_then_dead_lettered_and_replayed(bus: accord.
         assert bad.attempts == 1 and "decode" in bad.error
         stats = {s.group: s for s in await bus.stats() if s.topic == topic}
         assert stats["g"].dead_letters == 2 and stats["g"].published == 3
-        await until(lambda: len(other) == 2, "the other group handled the decodable ones")
+        await eventually_async(
+            lambda: len(other) == 2, 15.0, "the other group handled the decodable ones"
+        )
         handled.append("healed")
         new_id = await bus.replay(poison.id)
-        await until(lambda: handled[-1:] == ["poison"], "the replayed event was handled")
+        await eventually_async(
+            lambda: handled[-1:] == ["poison"], 15.0, "the replayed event was handled"
+        )
         assert new_id != poison.event_id
         assert not [x for x in await bus.dead_letters() if x.id == poison.id]
 
@@ -207,7 +207,7 @@ async def test_failures_are_retried_then_dead_lettered_and_replayed(bus: accord.
             rows = [s for s in await bus.stats() if (s.topic, s.group) == (topic, "other")]
             return bool(rows) and rows[0].pending == 0 and rows[0].published == 4
 
-        await until(other_done, "the other group acknowledged the replay too")
+        await eventually_async(other_done, 15.0, "the other group acknowledged the replay too")
     finally:
         await sub.stop()
         await sub2.stop()
@@ -226,12 +226,12 @@ async def test_a_stopped_consumers_partitions_go_to_the_other(bus: accord.bus.Bu
     first = await bus.subscribe(topic, group="g", handler=h, min_idle=2)
     second = await bus.subscribe(topic, group="g", handler=h, min_idle=2)
     try:
-        await until(lambda: first.partitions and second.partitions, "split")
+        await eventually_async(lambda: first.partitions and second.partitions, 15.0, "split")
         await first.stop()
-        await until(lambda: len(second.partitions) == 4, "the second holds all")
+        await eventually_async(lambda: len(second.partitions) == 4, 15.0, "the second holds all")
         for i in range(40):
             await bus.publish(topic, OrderPlaced("x", i), key=f"k{i % 10}")
-        await until(lambda: sorted(set(seen)) == list(range(40)), "all handled")
+        await eventually_async(lambda: sorted(set(seen)) == list(range(40)), 15.0, "all handled")
     finally:
         await second.stop()
 
@@ -259,12 +259,14 @@ async def test_the_attempt_count_goes_on_after_a_consumer_dies_mid_retry(
     await bus.publish(topic, OrderPlaced("o", 1), key="k")
     a = await bus.subscribe(topic, group="g", handler=failing, max_deliver=10, min_idle=2)
     try:
-        await until(lambda: first == [1, 2, 3], "three attempts, the third one stuck")
+        await eventually_async(
+            lambda: first == [1, 2, 3], 15.0, "three attempts, the third one stuck"
+        )
     finally:
         await a.stop()  # gives the stuck handling its lease time, then gives up on it
     b = await bus.subscribe(topic, group="g", handler=healed, max_deliver=10, min_idle=2)
     try:
-        await until(lambda: second, "the event handled by the next holder")
+        await eventually_async(lambda: second, 15.0, "the event handled by the next holder")
     finally:
         await b.stop()
     assert second == [4]
@@ -283,7 +285,7 @@ async def test_a_removed_group_is_forgotten(bus: accord.bus.Bus) -> None:
         await bus.publish(topic, OrderPlaced("o", i), key=f"k{i}")
     sub = await bus.subscribe(topic, group="tmp", handler=h, min_idle=2)
     try:
-        await until(lambda: len(seen) == 3, "the group handled the events")
+        await eventually_async(lambda: len(seen) == 3, 15.0, "the group handled the events")
         with pytest.raises(ConfigurationError):
             await bus.remove_group(topic, "tmp")
     finally:
@@ -292,7 +294,9 @@ async def test_a_removed_group_is_forgotten(bus: accord.bus.Bus) -> None:
     assert [s.group for s in await bus.stats() if s.topic == topic] == [""]
     again = await bus.subscribe(topic, group="tmp", handler=h, min_idle=2)
     try:
-        await until(lambda: len(seen) == 6, "the re-made group read from the oldest event")
+        await eventually_async(
+            lambda: len(seen) == 6, 15.0, "the re-made group read from the oldest event"
+        )
     finally:
         await again.stop()
     assert sorted(seen) == [0, 0, 1, 1, 2, 2]
@@ -350,9 +354,14 @@ async def test_waitaof_fence_confirms_publishes_after_their_writes() -> None:
             await admin.echo("returned")  # marks in the monitor's list where they had returned
             await admin.config_set("appendfsync", "everysec")
             acks = await asyncio.gather(*(publish(i) for i in range(30, 50)))
-            await until(lambda: sum(1 for _c, cmd in seen if cmd == "XADD") == 50,
-                        "the monitor saw the publishes")  # fmt: skip
-            await until(lambda: seen[-1][1] == "WAITAOF", "the monitor saw the last WAITAOF")
+            await eventually_async(
+                lambda: sum(1 for _c, cmd in seen if cmd == "XADD") == 50,
+                15.0,
+                "the monitor saw the publishes",
+            )
+            await eventually_async(
+                lambda: seen[-1][1] == "WAITAOF", 15.0, "the monitor saw the last WAITAOF"
+            )
             task.cancel()
     finally:
         await admin.aclose()
