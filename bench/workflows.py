@@ -77,7 +77,11 @@ async def _timed(n: int, concurrency: int, one: Any, name: str = "") -> tuple[li
 async def _timers(mesh: accord.Mesh, n: int, spread: float) -> dict[str, float]:
     agents = [f"alarm/t{time.time_ns()}-{i}" for i in range(100)]
     start = time.time() + 5.0  # every reminder is stored before the first falls due
-    await asyncio.gather(*(mesh.ask(a, Arm(n // 100, spread, start), timeout=60) for a in agents))
+    # Due evenly over `spread`: agent i's k-th reminder at start + spread * (100 k + i) / n, one
+    # every spread / n seconds (not the 100 agents' k-th reminders all at once).
+    step = spread / max(1, n)
+    await asyncio.gather(*(mesh.ask(a, Arm(n // 100, spread, start + i * step), timeout=60)
+                           for i, a in enumerate(agents)))  # fmt: skip
     deadline = time.monotonic() + spread + 60
 
     async def late() -> list[float]:
