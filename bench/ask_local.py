@@ -19,11 +19,19 @@ throughput follows on busy cores, and as inner asks/s.
 
     python bench/ask_local.py --only agent_ask [--agent-asks 20000]   # that mode alone, ~10 s
     python bench/ask_local.py --profile 200000   # cProfile of accord's agent_ask, top 30 (tottime)
+    python bench/ask_local.py --sampling [--rounds 15]   # + the graph sampling's overhead
+
+`--sampling` adds a third system, `nosample`: the same node on a cluster of its own with the
+communication graph's sampling off (`PlacementSettings(sample=False)`), in the same rounds.
+Reported: ops/s accord / nosample per mode (local tells and asks, issue 16: "nothing measurable")
+and the agent_ask CPU per inner ask accord / nosample - 1 (median of rounds; target <= 3 %), the
+mode in which every message is sampled (agent->agent asks inside a turn).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -45,6 +53,7 @@ from _common import (
 
 import accord
 from accord import AgentId, EmbeddedServer, Node
+from accord.runtime._settings import PlacementSettings
 from accord.testing import wait_for_placement
 
 MODES = ("ask_seq", "ask_conc", "tell_seq", "tell_conc")
@@ -211,8 +220,20 @@ async def bench(args: Any) -> dict[str, Any]:
     try:
         settings = accord.NodeSettings(cluster="benchlocal")
         agent_types = [app.Counter, pairs.Pinger, pairs.Ponger]
-        async with Node(agent_types, nats=url, name="bench-local", settings=settings) as node:
+        async with contextlib.AsyncExitStack() as stack:
+            node = await stack.enter_async_context(
+                Node(agent_types, nats=url, name="bench-local", settings=settings)
+            )
             await wait_for_placement(node, {"bench-local"}, timeout=30)
+            unsampled = None
+            if args.sampling:  # the same node on a cluster of its own, sampling off
+                off = accord.NodeSettings(
+                    cluster="benchlocal-nosample", placement=PlacementSettings(sample=False)
+                )
+                unsampled = await stack.enter_async_context(
+                    Node(agent_types, nats=url, name="bench-nosample", settings=off)
+                )
+                await wait_for_placement(unsampled, {"bench-nosample"}, timeout=30)
             if args.profile:
                 await agent_ask(node, ping, 20_000, args.pairs)  # warm-up
                 await profile(node, ping, args.profile, args.pairs)
@@ -220,6 +241,8 @@ async def bench(args: Any) -> dict[str, Any]:
             raw = RawRuntime(app, pairs)
             try:
                 systems: dict[str, Any] = {"accord": node, "raw": raw}
+                if unsampled is not None:
+                    systems["nosample"] = unsampled
                 blocks: dict[str, Callable[[Any], Awaitable[Any]]] = {
                     "ask_seq": lambda s: ask_seq(s, inc, args.n_seq),
                     "ask_conc": lambda s: ask_conc(s, inc, agents, args.n_conc, args.inflight),
@@ -260,7 +283,7 @@ async def bench(args: Any) -> dict[str, Any]:
 
     res: dict[str, Any] = {"benchmark": "ask_local"}
     ran = (*modes, *agent_modes)
-    for name in ("accord", "raw"):
+    for name in systems:
         res[name] = {f"{m}_ops_s": median(rates[name][m]) for m in ran}
         if modes:
             res[name]["ask_seq_p50_us"] = percentile(lat[name], 50) * 1e6
@@ -274,6 +297,13 @@ async def bench(args: Any) -> dict[str, Any]:
         per_round = [a / r for a, r in zip(cpu["accord"], cpu["raw"], strict=True)]
         res["agent_ask_cpu_ratio"] = round(median(per_round), 2)
         res["agent_ask_failed"] = FAILED[0]
+    if "nosample" in systems:  # the graph's sampling: accord (on) against nosample (off)
+        res["sampling_ratios"] = {
+            m: ratio(res["accord"][f"{m}_ops_s"], res["nosample"][f"{m}_ops_s"]) for m in ran
+        }
+        if agent_modes:
+            per_round = [a / n for a, n in zip(cpu["accord"], cpu["nosample"], strict=True)]
+            res["sampling_cpu_overhead"] = round(median(per_round) - 1, 4)
     if modes:
         res["min_ratio"] = min(res["ratios"][m] for m in modes)
         res["target_met"] = res["min_ratio"] >= TARGET
@@ -304,6 +334,10 @@ def main() -> None:
     p.add_argument("--pairs", type=int, default=100, help="pairs asking at once (agent_ask)")
     p.add_argument("--only", choices=["agent_ask"], help="run only this mode")
     p.add_argument(
+        "--sampling", action="store_true",
+        help="also run a node with graph sampling off (`nosample`): the sampling overhead",
+    )  # fmt: skip
+    p.add_argument(
         "--profile", type=int, default=0, metavar="N", help="cProfile N inner asks (agent_ask)"
     )
     args = p.parse_args()
@@ -331,6 +365,18 @@ def main() -> None:
         f" us, raw {r['agent_ask_cpu_us']:.1f} us (best round); accord/raw"
         f" {res['agent_ask_cpu_ratio']:.2f} (median of rounds); {res['agent_ask_failed']} failed"
     )
+    if "sampling_ratios" in res:
+        sr = res["sampling_ratios"]
+        lines.append(
+            "  sampling on/off (ops/s): "
+            + ", ".join(f"{m} {sr[m]:.3f}" for m in sr)
+            + (
+                f"; agent_ask CPU per inner ask +{res['sampling_cpu_overhead']:.1%} "
+                f"(median of rounds) {verdict(res['sampling_cpu_overhead'], 0.03, False)}"
+                if "sampling_cpu_overhead" in res
+                else ""
+            )
+        )
     emit(res, args.json, lines)
 
 
