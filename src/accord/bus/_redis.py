@@ -33,6 +33,7 @@ from ._api import (
     PublishUnconfirmed,
 )
 from ._redis_batch import Fence, Pipeliner, ReadMux
+from ._redis_wire import Lanes
 
 PRE = "accord:bus"
 DLQ = f"{PRE}:dlq"
@@ -103,9 +104,11 @@ class RedisBackend:
         self._acquire = client.register_script(_ACQUIRE)
         self._renew = client.register_script(_RENEW)
         self._release = client.register_script(_RELEASE)
-        self.pipe = Pipeliner(client)  # publishes, acks and touches of one tick: one round trip
+        # connections of their own for the hot commands (the pool serves the blocking reads)
+        self.lanes = Lanes(client.connection_pool, SOCKET_TIMEOUT)
+        self.pipe = Pipeliner(self.lanes)  # publishes, acks and touches of one tick: one round trip
         # confirms publishes with WAITAOF apart from them (a key of this client's own)
-        self.fence = Fence(client, f"{PRE}:fence:{uuid.uuid4().hex}")
+        self.fence = Fence(self.lanes, f"{PRE}:fence:{uuid.uuid4().hex}")
         self._muxes: dict[tuple[str, str], ReadMux] = {}
 
     def mux(self, group: str, consumer: str) -> ReadMux:
@@ -280,6 +283,7 @@ class RedisBackend:
             row[1] = min([row[1], *candidates]) if row[1] else min(candidates)
 
     async def close(self) -> None:
+        await self.lanes.close()
         await self.r.aclose()
         await self.r.connection_pool.disconnect()
 
@@ -384,14 +388,14 @@ class RedisReader:
     async def touch(self, fs: list[Fetched]) -> None:
         with _mapped(f"touch on {self.key}"):  # resets their idle time, not their count
             await self.b.pipe.run("XCLAIM", self.key, self.group, self.consumer, 0,
-                                  *(f.token for f in fs), "JUSTID", parse_justid=True)  # fmt: skip
+                                  *(f.token for f in fs), "JUSTID")  # fmt: skip
 
     async def retrying(self, f: Fetched, attempt: int) -> None:
         # the pending list's delivery count is the store's attempt count: a next holder's
         # XAUTOCLAIM adds one to it (the attempt a crash cut short)
         with _mapped(f"count an attempt on {self.key}"):
             await self.b.pipe.run("XCLAIM", self.key, self.group, self.consumer, 0, f.token,
-                                  "RETRYCOUNT", attempt, "JUSTID", parse_justid=True)  # fmt: skip
+                                  "RETRYCOUNT", attempt, "JUSTID")  # fmt: skip
 
     async def close(self) -> None:
         return None

@@ -13,6 +13,8 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
+from ._redis_wire import Lanes
+
 #: pipelines one client keeps on the wire at once (the pool has 64 connections)
 MAX_INFLIGHT = 4
 FENCE_TTL_MS = 60_000  # the fence key outlives its producer by at most this
@@ -29,28 +31,28 @@ def _fail(futs: list[asyncio.Future[Any]], exc: BaseException) -> None:
 
 
 class Pipeliner:
-    """`run(*args, **options)`: one command, sent with the others issued in the same tick (or
-    while `max_inflight` pipelines are on the wire) as one non-transactional pipeline.
-    Raises what the command (or the connection) raised; the caller maps redis-py's errors.
-    `options` are redis-py's response options (e.g. `parse_justid=True` for `XCLAIM … JUSTID`):
-    a reply its parser chokes on would leave the rest of the pipeline's replies unread."""
+    """`run(*args)`: one command, sent with the others issued in the same tick (or while
+    `max_inflight` round trips are on the wire) in one round trip of `lanes`. Returns its raw
+    reply; raises the `ResponseError` the server answered it with, or what the connection
+    raised (for every command of that round trip); the caller maps redis-py's errors."""
 
-    def __init__(self, client: aioredis.Redis, max_inflight: int = MAX_INFLIGHT) -> None:
-        self.r = client
+    def __init__(self, lanes: Lanes, max_inflight: int = MAX_INFLIGHT) -> None:
+        self.lanes = lanes
         self.max_inflight = max_inflight
-        self._queue: list[tuple[tuple[Any, ...], dict[str, Any], asyncio.Future[Any]]] = []
+        self._queue: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] = []
         self._flushes: set[asyncio.Task[None]] = set()
         self._scheduled = False
         self._inflight = 0
 
-    async def run(self, *args: Any, **options: Any) -> Any:
+    async def run(self, *args: Any) -> Any:
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._queue.append((args, options, fut))
+        self._queue.append((args, fut))
         self._kick()
-        return await asyncio.shield(fut)  # a cancelled caller does not fail the others
+        # No shield: the future is this caller's alone; cancelled, the flush skips it.
+        return await fut
 
     def _kick(self) -> None:
-        # Group commit: at most `max_inflight` pipelines on the wire; what is issued meanwhile
+        # Group commit: at most `max_inflight` round trips on the wire; what is issued meanwhile
         # waits for one of them and goes with the others as the next one (fewer, bigger round
         # trips under load, each waiting at most one round trip longer).
         if self._queue and not self._scheduled and self._inflight < self.max_inflight:
@@ -65,17 +67,14 @@ class Pipeliner:
         batch, self._queue = self._queue, []
         self._inflight += 1
         try:
-            pipe = self.r.pipeline(transaction=False)
-            for args, options, _fut in batch:
-                pipe.execute_command(*args, **options)
-            results = await pipe.execute(raise_on_error=False)
+            results = await self.lanes.roundtrip([args for args, _fut in batch])
         except BaseException as exc:  # the connection failed: none of them is confirmed
-            _fail([fut for _args, _options, fut in batch], exc)
+            _fail([fut for _args, fut in batch], exc)
             return
         finally:
             self._inflight -= 1
             self._kick()
-        for (_args, _options, fut), res in zip(batch, results, strict=True):
+        for (_args, fut), res in zip(batch, results, strict=True):
             if fut.done():
                 continue
             if isinstance(res, Exception):
@@ -100,8 +99,8 @@ class Fence:
     for the next one (each publish waits at most two fsync periods). The writes themselves do
     not wait for a fence: their replies (with `everysec`, at once) are what readers see."""
 
-    def __init__(self, client: aioredis.Redis, key: str) -> None:
-        self.r = client
+    def __init__(self, lanes: Lanes, key: str) -> None:
+        self.lanes = lanes
         self.key = key
         self._waiting: list[asyncio.Future[int]] = []
         self._task: asyncio.Task[None] | None = None
@@ -111,7 +110,7 @@ class Fence:
         fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self._waiting.append(fut)
         self._kick()
-        return await asyncio.shield(fut)  # a cancelled publisher does not fail the others
+        return await fut  # this caller's alone: cancelled, the fence skips it
 
     def _kick(self) -> None:
         if self._waiting and self._task is None:
@@ -120,10 +119,9 @@ class Fence:
     async def _send(self) -> None:
         batch, self._waiting = self._waiting, []
         try:
-            pipe = self.r.pipeline(transaction=False)
-            pipe.set(self.key, b"1", px=FENCE_TTL_MS)
-            pipe.execute_command("WAITAOF", 1, 0, 1000)
-            wrote, waited = await pipe.execute(raise_on_error=False)
+            wrote, waited = await self.lanes.roundtrip(
+                [("SET", self.key, b"1", "PX", FENCE_TTL_MS), ("WAITAOF", 1, 0, 1000)]
+            )
             if isinstance(wrote, Exception):  # no write of its own: its WAITAOF proves nothing
                 raise wrote
             local = 0 if isinstance(waited, Exception) else int(waited[0])
