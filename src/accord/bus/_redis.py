@@ -104,7 +104,7 @@ class RedisBackend:
         self._acquire = client.register_script(_ACQUIRE)
         self._renew = client.register_script(_RENEW)
         self._release = client.register_script(_RELEASE)
-        # connections of their own for the hot commands (the pool serves the blocking reads)
+        # connections of their own for the hot commands and the new-entry reads (the pool: the rest)
         self.lanes = Lanes(client.connection_pool, SOCKET_TIMEOUT)
         self.pipe = Pipeliner(self.lanes)  # publishes, acks and touches of one tick: one round trip
         # confirms publishes with WAITAOF apart from them (a key of this client's own)
@@ -115,7 +115,7 @@ class RedisBackend:
         """The shared new-entry read of one consumer's partitions."""
         m = self._muxes.get((group, consumer))
         if m is None:
-            m = self._muxes[(group, consumer)] = ReadMux(self.r, group, consumer)
+            m = self._muxes[(group, consumer)] = ReadMux(self.lanes, group, consumer)
         return m
 
     @classmethod

@@ -1,9 +1,10 @@
 """Fewer, bigger Redis commands for the bus: commands issued in one loop tick (or while a few
-pipelines are on the wire) go in one pipeline, the `XREADGROUP >` reads of one consumer's
+round trips are on the wire) go in one round trip, the `XREADGROUP >` reads of one consumer's
 partitions go in one multi-stream read, and one `WAITAOF` fence confirms many publishes.
 
 With `appendfsync always` Redis fsyncs once per event-loop iteration before replying, so what
-counts is how many round trips (and pool connections) an event needs, not how many commands.
+counts is how many round trips (and connections) an event needs, not how many commands. The
+round trips themselves are `_redis_wire.Lanes`'.
 """
 
 from __future__ import annotations
@@ -11,11 +12,9 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-import redis.asyncio as aioredis
-
 from ._redis_wire import Lanes
 
-#: pipelines one client keeps on the wire at once (the pool has 64 connections)
+#: round trips of commands one client keeps on the wire at once
 MAX_INFLIGHT = 4
 FENCE_TTL_MS = 60_000  # the fence key outlives its producer by at most this
 
@@ -149,8 +148,8 @@ class ReadMux:
     until the earliest caller's deadline (so no read outlives the lease its caller checked). A
     caller whose stream got nothing is read again with the next batch until its deadline."""
 
-    def __init__(self, client: aioredis.Redis, group: str, consumer: str) -> None:
-        self.r = client
+    def __init__(self, lanes: Lanes, group: str, consumer: str) -> None:
+        self.lanes = lanes
         self.group = group
         self.consumer = consumer
         self._queue: list[_Demand] = []
@@ -188,17 +187,21 @@ class ReadMux:
             return
         block = max(1, int((min(d.deadline for d in live.values()) - now) * 1000))
         count = min(d.limit for d in live.values())
+        read = ("XREADGROUP", "GROUP", self.group, self.consumer, "COUNT", count, "BLOCK", block,
+                "STREAMS", *live, *[">"] * len(live))  # fmt: skip
         try:
-            reply: Any = await self.r.xreadgroup(
-                self.group, self.consumer, dict.fromkeys(live, ">"), count=count, block=block
-            )
+            (reply,) = await self.lanes.roundtrip([read])
+            if isinstance(reply, Exception):  # e.g. NOGROUP: the group was removed
+                raise reply
         except BaseException as exc:
             _fail([d.fut for d in live.values()], exc)
             return
-        for stream, entries in reply or []:
+        for stream, entries in reply or []:  # hiredis: [[stream, [[id, [f, v, …]], …]], …]
             got = live.pop(stream.decode() if isinstance(stream, bytes) else str(stream), None)
             if got is not None and not got.fut.done():
-                got.fut.set_result(entries)  # a cancelled caller's entries stay pending with us
+                # a cancelled caller's entries stay pending with us
+                got.fut.set_result([(eid, dict(zip(f[::2], f[1::2], strict=True)))
+                                    for eid, f in entries if f is not None])  # fmt: skip
         for d in live.values():  # nothing for these yet: again with the next read
             if not d.fut.done():
                 self._enqueue(d)

@@ -1,10 +1,11 @@
 """A lean round trip for the bus's hot commands (the XADDs, acks and touches of
-`_redis_batch.Pipeliner`, the WAITAOF fence): many commands, one write, one reply each.
+`_redis_batch.Pipeliner`, the WAITAOF fence, the consumers' `XREADGROUP >` reads): many
+commands, one write, one reply each.
 
 redis-py's `Pipeline` costs ~60 µs of CPU per round trip and ~8 µs per command on top of the
 command (a command stack, response callbacks, a retry wrapper, observability hooks, a pooled
 connection checked out and in, a timer per reply read). Here: a few connections of our own
-(the client's pool keeps serving everything else, its blocking reads among them), commands
+(the client's pool keeps serving everything else), commands
 packed by hand, one timer for the whole round trip, hiredis replies as they come.
 """
 
@@ -42,7 +43,8 @@ class Lanes:
     left unread would answer the next caller's commands."""
 
     def __init__(self, pool: aioredis.ConnectionPool, timeout: float) -> None:
-        self._kwargs = {**pool.connection_kwargs, "socket_timeout": None}
+        # RESP2 whatever the URL asks for: the callers read replies by their RESP2 shapes
+        self._kwargs = {**pool.connection_kwargs, "socket_timeout": None, "protocol": 2}
         self._cls = pool.connection_class
         self.timeout = timeout
         self._idle: list[Any] = []
