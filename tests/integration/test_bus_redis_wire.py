@@ -1,7 +1,8 @@
 """The Redis bus's lean round trip (`_redis_wire.Lanes`, under `_redis_batch.Pipeliner`) on a
 real server: a reply error fails only its command, a failed or timed-out round trip fails all of
-its commands and its connection is never reused (no stale reply answers a later command), and a
-cancelled caller does not fail the others of its round trip."""
+its commands and its connection is never reused (no stale reply answers a later command), a kept
+connection the server closed is replaced, and a cancelled caller does not fail the others of
+its round trip."""
 
 from __future__ import annotations
 
@@ -125,3 +126,19 @@ async def test_a_closed_lane_set_refuses_round_trips(admin: aioredis.Redis) -> N
     await lanes.close()
     with pytest.raises(rex.ConnectionError, match="closed"):
         await lanes.roundtrip([("PING",)])
+
+
+async def test_an_idle_connection_the_server_closed_is_replaced_not_failed(
+    server: RedisServer, admin: aioredis.Redis
+) -> None:
+    """After a server restart the first round trip goes through on a new connection (the kept
+    one is dead before any reply: nothing of it was executed by the new server)."""
+    lanes = _lanes(admin)
+    try:
+        assert await lanes.roundtrip([("ECHO", "before")]) == [b"before"]
+        server.kill()
+        server.start()
+        assert await lanes.roundtrip([("ECHO", "after")]) == [b"after"]
+        assert len(lanes._open) == 1
+    finally:
+        await lanes.close()

@@ -54,22 +54,38 @@ class Lanes:
     async def roundtrip(self, commands: list[tuple[Any, ...]]) -> list[Any]:
         """One reply per command: its value, or the `ResponseError` the server answered it with.
         Raises (for all of them) what the connection raised: redis-py's `ConnectionError`,
-        `TimeoutError` (after `timeout` seconds), `OSError`; a cancellation goes on up."""
+        `TimeoutError` (after `timeout` seconds), `OSError`; a cancellation goes on up.
+
+        A connection kept idle that fails before its first reply (the server closed it
+        meanwhile: a restart) is replaced and the round trip sent once more on a new one, as
+        redis-py's own retry did: had the server executed the commands after all, they run
+        twice (an XADD: a duplicate event, which at-least-once allows)."""
         if self._closed:
             raise rex.ConnectionError("the bus's Redis client is closed")
-        conn = self._idle.pop() if self._idle else self._new()
+        packed = pack(commands)
+        while True:
+            reused = bool(self._idle)
+            conn = self._idle.pop() if reused else self._new()
+            replies: list[Any] = []
+            try:
+                await self._on(conn, packed, len(commands), replies)
+                return replies
+            except (rex.ConnectionError, OSError) as exc:
+                stale = reused and not replies and not isinstance(exc, TimeoutError)
+                if not stale or isinstance(exc, rex.BusyLoadingError):
+                    raise
+
+    async def _on(self, conn: Any, packed: bytes, n: int, replies: list[Any]) -> None:
         clean = False
         try:
             async with asyncio.timeout(self.timeout):
-                await conn.send_packed_command(pack(commands), check_health=False)
-                replies: list[Any] = []
-                for _ in commands:
+                await conn.send_packed_command(packed, check_health=False)
+                for _ in range(n):
                     try:
                         replies.append(await conn.read_response())
                     except rex.ResponseError as exc:  # this command's, the others go on
                         replies.append(exc)
             clean = True
-            return replies
         finally:
             if clean:
                 self._idle.append(conn)
