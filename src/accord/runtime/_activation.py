@@ -85,6 +85,10 @@ class Activation:
         self._turn_timeout = spec.options.turn_timeout
         self.abandoned = False  # a turn timed out: no more turns here (see `_abandon`)
         self._stuck: asyncio.Task[Any] | None = None  # the timed-out handler, maybe still running
+        # An in-process ask may run its turn in the caller's task (`_inline.py`): no state, no
+        # turn timeout, not cut off. `inline_task`: such a turn that suspended, still running.
+        self.inline_ok = not spec.durable and self._turn_timeout is None
+        self.inline_task: asyncio.Task[None] | None = None
         self.task = host.loop.create_task(self._run(), name=f"accord-agent-{agent_id}")
 
     def put(self, work: Work) -> None:
@@ -109,6 +113,7 @@ class Activation:
 
     def make_orphan(self) -> None:
         self.orphan = True
+        self.inline_ok = False
         if self.durable is not None:
             self.durable.orphaned = True
 
@@ -147,6 +152,10 @@ class Activation:
         except asyncio.CancelledError:
             # Lease lost: stop at once. Queued asks learn they were not run (`_not_run`).
             cancelled = True
+            inline = self.inline_task
+            if inline is not None:  # an inline turn is this activation's turn: it stops too
+                inline.cancel()
+                await asyncio.wait((inline,))
             await _not_run(self.queue, self.id, remote=not self.orphan)
         except StateDeleted as exc:
             # Deleted or expired under this activation: its memory must not be written back;
@@ -188,8 +197,8 @@ class Activation:
         total = self._total
         shard_valid, shard, epoch = self._shard_valid, self.shard, self.epoch
         while True:
-            if not queue:
-                if self.closing:
+            if not queue or self.busy:  # busy here: an inline turn runs (it wakes this task)
+                if self.closing and not queue and not self.busy:
                     return
                 self._waiter = loop.create_future()
                 if self.durable is not None and self.durable.dirty:

@@ -23,6 +23,7 @@ from .._ids import AgentId
 from .._observe import PUBLISHED
 from .._spec import AgentSpec
 from ..delivery._mailbox import DurableDelivery
+from . import _inline
 from ._bulkhead import Bulkhead
 from ._deadlines import Deadlines, Slot
 from ._table import ActivationTable
@@ -108,8 +109,16 @@ class LocalRoute:
         fut: asyncio.Future[Any] = self._loop.create_future()
         slot = self._deadlines.add(fut, deadline, agent_id, msg)
         tracing = _trace.active  # the turn's span is a child of the caller's
-        act.put(Work(h, msg, deadline, _future_replier(fut, slot), local=True,
-                     trace=None if tracing is None else tracing.headers()))  # fmt: skip
+        work = Work(h, msg, deadline, _future_replier(fut, slot), local=True,
+                    trace=None if tracing is None else tracing.headers())  # fmt: skip
+        if (
+            _inline.idle(act)
+            and act._shard_valid(act.shard, act.epoch)
+            and self._loop.time() < deadline
+        ):
+            _inline.run(act, work)  # its turn in this task, up to its first suspension
+        else:
+            act.put(work)
         return fut
 
     def route(
