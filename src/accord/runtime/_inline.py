@@ -23,7 +23,9 @@ lease), as it would cancel its own turn.
 Python 3.11 has no eager tasks (3.12's `eager_start`): the task is created uninitialized
 (`Task.__new__`) for the first step and initialized (scheduled) only if the turn suspends.
 Nested inline turns (a callee that asks an idle agent in turn) are capped at `MAX_DEPTH`, past
-which the ask is queued: a long chain must not grow the C stack."""
+which the ask is queued: a long chain must not grow the C stack. And every `MAX_STREAK`-th
+inline-eligible ask is queued instead: a queued ask suspends its caller, so a handler asking in
+a tight loop still lets the event loop run (lease renewals, other agents) as it did before."""
 
 from __future__ import annotations
 
@@ -43,7 +45,11 @@ if TYPE_CHECKING:
 MAX_DEPTH = 8
 """Inline turns nested in one first step (A's turn asks B inline, whose turn asks C, ...)."""
 
+MAX_STREAK = 64
+"""Inline turns in a row before one ask is queued (a task switch: the loop runs in between)."""
+
 _depth = 0
+_streak = 0
 _enter_task = _tasks._enter_task
 _leave_task = _tasks._leave_task
 _current_task = _tasks.current_task
@@ -52,6 +58,11 @@ _Task = asyncio.Task
 
 def idle(act: Activation) -> bool:
     """`act` may run an in-process ask inline now."""
+    global _streak
+    _streak += 1
+    if _streak >= MAX_STREAK:
+        _streak = 0
+        return False  # this one is queued: its caller yields to the loop
     waiter = act._waiter
     return (
         not act.busy
