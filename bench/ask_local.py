@@ -21,17 +21,20 @@ throughput follows on busy cores, and as inner asks/s.
     python bench/ask_local.py --profile 200000   # cProfile of accord's agent_ask, top 30 (tottime)
     python bench/ask_local.py --sampling [--rounds 15]   # + the graph sampling's overhead
 
-`--sampling` adds a third system, `nosample`: the same node on a cluster of its own with the
-communication graph's sampling off (`PlacementSettings(sample=False)`), in the same rounds.
-Reported: ops/s accord / nosample per mode (local tells and asks, issue 16: "nothing measurable")
-and the agent_ask CPU per inner ask accord / nosample - 1 (median of rounds; target <= 3 %), the
-mode in which every message is sampled (agent->agent asks inside a turn).
+`--sampling` times the communication graph's two hooks in this node directly (best of 7 x
+100,000 calls, inside a turn's context): what one sampled agent->agent message adds (the
+route's `observe` and the per-turn load count) and what one turn adds (the load count: a client
+ask's only cost). Reported against accord's CPU per inner `agent_ask` and per sequential ask
+(`ask_seq`), both in this process: the sampling overhead (issue 16: <= 3 %; a remote ask costs
+several times an in-process one, so its share is smaller still). A second node with sampling
+off, in the same rounds, was tried: the two nodes differed by more than 3 % with sampling on in
+both (an A/A), so that A/B could not resolve the figure.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import contextvars
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -53,7 +56,7 @@ from _common import (
 
 import accord
 from accord import AgentId, EmbeddedServer, Node
-from accord.runtime._settings import PlacementSettings
+from accord._context import current_sender
 from accord.testing import wait_for_placement
 
 MODES = ("ask_seq", "ask_conc", "tell_seq", "tell_conc")
@@ -207,6 +210,40 @@ async def profile(node: Any, ping: Any, n: int, pairs: int) -> None:
     print(f"function calls per inner ask: {hot / n:.1f} (in functions called >= n/4 times)")
 
 
+sampling_hooks: dict[str, float] = {}
+"""µs per call of the graph's hooks (`--sampling`): per sampled message, per turn."""
+
+
+def time_hooks(node: Any) -> dict[str, float]:
+    """Best of 7 x 100,000 calls of the node's sampling hooks, in a turn's context (the sender
+    set): the route's `observe` (graph edge + sender's message count) plus the per-turn load
+    count make a sampled message; the load count alone is what any turn adds."""
+    col = node._colocation  # the node's communication graph and load (runtime/_colocate.py)
+    dest = AgentId("ponger", "hook")
+    n = 100_000
+
+    def message() -> None:
+        for _ in range(n):
+            col.observe(dest, True)
+            col.turns.turn_ended("ponger", "ask", "ok", 1e-5)
+
+    def turn() -> None:
+        for _ in range(n):
+            col.turns.turn_ended("ponger", "ask", "ok", 1e-5)
+
+    ctx = contextvars.copy_context()
+    ctx.run(current_sender.set, "pinger/hook")
+    out = {}
+    for name, fn in (("message", message), ("turn", turn)):
+        best = float("inf")
+        for _ in range(7):
+            t0 = time.process_time()
+            ctx.run(fn)
+            best = min(best, time.process_time() - t0)
+        out[name] = round(best / n * 1e6, 3)
+    return out
+
+
 async def bench(args: Any) -> dict[str, Any]:
     app = load_counter_app()
     pairs = load_app(PLACEMENT_APP)
@@ -220,20 +257,10 @@ async def bench(args: Any) -> dict[str, Any]:
     try:
         settings = accord.NodeSettings(cluster="benchlocal")
         agent_types = [app.Counter, pairs.Pinger, pairs.Ponger]
-        async with contextlib.AsyncExitStack() as stack:
-            node = await stack.enter_async_context(
-                Node(agent_types, nats=url, name="bench-local", settings=settings)
-            )
+        async with Node(agent_types, nats=url, name="bench-local", settings=settings) as node:
             await wait_for_placement(node, {"bench-local"}, timeout=30)
-            unsampled = None
-            if args.sampling:  # the same node on a cluster of its own, sampling off
-                off = accord.NodeSettings(
-                    cluster="benchlocal-nosample", placement=PlacementSettings(sample=False)
-                )
-                unsampled = await stack.enter_async_context(
-                    Node(agent_types, nats=url, name="bench-nosample", settings=off)
-                )
-                await wait_for_placement(unsampled, {"bench-nosample"}, timeout=30)
+            if args.sampling:
+                sampling_hooks.update(time_hooks(node))
             if args.profile:
                 await agent_ask(node, ping, 20_000, args.pairs)  # warm-up
                 await profile(node, ping, args.profile, args.pairs)
@@ -241,8 +268,6 @@ async def bench(args: Any) -> dict[str, Any]:
             raw = RawRuntime(app, pairs)
             try:
                 systems: dict[str, Any] = {"accord": node, "raw": raw}
-                if unsampled is not None:
-                    systems["nosample"] = unsampled
                 blocks: dict[str, Callable[[Any], Awaitable[Any]]] = {
                     "ask_seq": lambda s: ask_seq(s, inc, args.n_seq),
                     "ask_conc": lambda s: ask_conc(s, inc, agents, args.n_conc, args.inflight),
@@ -283,7 +308,7 @@ async def bench(args: Any) -> dict[str, Any]:
 
     res: dict[str, Any] = {"benchmark": "ask_local"}
     ran = (*modes, *agent_modes)
-    for name in systems:
+    for name in ("accord", "raw"):
         res[name] = {f"{m}_ops_s": median(rates[name][m]) for m in ran}
         if modes:
             res[name]["ask_seq_p50_us"] = percentile(lat[name], 50) * 1e6
@@ -297,13 +322,14 @@ async def bench(args: Any) -> dict[str, Any]:
         per_round = [a / r for a, r in zip(cpu["accord"], cpu["raw"], strict=True)]
         res["agent_ask_cpu_ratio"] = round(median(per_round), 2)
         res["agent_ask_failed"] = FAILED[0]
-    if "nosample" in systems:  # the graph's sampling: accord (on) against nosample (off)
-        res["sampling_ratios"] = {
-            m: ratio(res["accord"][f"{m}_ops_s"], res["nosample"][f"{m}_ops_s"]) for m in ran
-        }
+    if args.sampling:
+        hooks = res["sampling_hooks_us"] = sampling_hooks
+        a = res["accord"]
         if agent_modes:
-            per_round = [a / n for a, n in zip(cpu["accord"], cpu["nosample"], strict=True)]
-            res["sampling_cpu_overhead"] = round(median(per_round) - 1, 4)
+            res["sampling_overhead_agent_ask"] = round(hooks["message"] / a["agent_ask_cpu_us"], 4)
+        if modes:
+            res["sampling_overhead_ask_seq"] = round(hooks["turn"] * a["ask_seq_ops_s"] / 1e6, 4)
+            res["sampling_overhead_tell_seq"] = round(hooks["turn"] * a["tell_seq_ops_s"] / 1e6, 4)
     if modes:
         res["min_ratio"] = min(res["ratios"][m] for m in modes)
         res["target_met"] = res["min_ratio"] >= TARGET
@@ -335,7 +361,7 @@ def main() -> None:
     p.add_argument("--only", choices=["agent_ask"], help="run only this mode")
     p.add_argument(
         "--sampling", action="store_true",
-        help="also run a node with graph sampling off (`nosample`): the sampling overhead",
+        help="also time the communication graph's sampling hooks (the sampling overhead)",
     )  # fmt: skip
     p.add_argument(
         "--profile", type=int, default=0, metavar="N", help="cProfile N inner asks (agent_ask)"
@@ -365,18 +391,19 @@ def main() -> None:
         f" us, raw {r['agent_ask_cpu_us']:.1f} us (best round); accord/raw"
         f" {res['agent_ask_cpu_ratio']:.2f} (median of rounds); {res['agent_ask_failed']} failed"
     )
-    if "sampling_ratios" in res:
-        sr = res["sampling_ratios"]
+    if args.sampling:
+        h = res["sampling_hooks_us"]
         lines.append(
-            "  sampling on/off (ops/s): "
-            + ", ".join(f"{m} {sr[m]:.3f}" for m in sr)
-            + (
-                f"; agent_ask CPU per inner ask +{res['sampling_cpu_overhead']:.1%} "
-                f"(median of rounds) {verdict(res['sampling_cpu_overhead'], 0.03, False)}"
-                if "sampling_cpu_overhead" in res
-                else ""
-            )
+            f"  sampling: {h['message']:.2f} us per sampled message, {h['turn']:.2f} us per turn"
         )
+        if "sampling_overhead_agent_ask" in res:
+            o = res["sampling_overhead_agent_ask"]
+            lines.append(f"    of an agent_ask inner ask's CPU: {o:.1%} {verdict(o, 0.03, False)}")
+        if "sampling_overhead_ask_seq" in res:
+            o = res["sampling_overhead_ask_seq"]
+            lines.append(f"    of a sequential ask (ask_seq): {o:.1%} {verdict(o, 0.03, False)}")
+            o = res["sampling_overhead_tell_seq"]
+            lines.append(f"    of a local tell and its turn (tell_seq): {o:.1%}")
     emit(res, args.json, lines)
 
 

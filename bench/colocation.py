@@ -23,8 +23,9 @@ Each cluster is measured in two phases after its warm-up:
 Each phase also reports the CPU of every process (3 nodes, the server, this client) per inner
 ask, and `failed` client asks; the CPU ratio off/on is the throughput ratio the workload allows
 when all processes share busy cores, the stable figure on a noisy machine.
-Targets: split pairs <= 10 % on, pair throughput on/off >= 2, p99 on/off <= 0.5, sampling <= 3 %
-(CPU per inner ask off / nosample in the batch, with the same split pairs).
+Targets: split pairs <= 10 % on, pair throughput on/off >= 2, p99 on/off <= 0.5. Sampling (<= 3 %)
+is reported as off / nosample, next to the spread of the two `off` runs (an A/A noise floor,
+which on this VM exceeds 3 %); it is judged in one process by `bench/ask_local.py --sampling`.
 """
 
 from __future__ import annotations
@@ -83,11 +84,17 @@ async def measure(args: Any, node_args: list[str], adaptive: bool) -> dict[str, 
             t_start = time.monotonic()
             await asyncio.sleep(8.0)  # warm-up: activations, and a first decay period
             if adaptive:  # until the rounds settle (or give up after 90 s)
+                # Settled: the traffic crosses nodes <= 10 % and the split pairs no longer
+                # change between two looks a round apart (the traffic-weighted share falls
+                # before the last rounds have moved the slow, split pairs).
+                last = -1.0
                 while time.monotonic() - t_start < 90:
                     topo = await topology(mesh, names)
-                    if topo["rate"] and topo["cross_node_fraction"] <= 0.10:
+                    split_now = await split_pairs(mesh, app, args.pairs)
+                    if topo["rate"] and topo["cross_node_fraction"] <= 0.10 and split_now == last:
                         converged_after = round(time.monotonic() - t_start, 1)
                         break
+                    last = split_now
                     await asyncio.sleep(3.0)
             # CPU of every process of the run (3 nodes, the server, this client) per inner ask:
             # the stable measure on a shared machine, where throughput follows total CPU.
@@ -132,24 +139,29 @@ async def measure(args: Any, node_args: list[str], adaptive: bool) -> dict[str, 
             elapsed = time.monotonic() - t0
             cpu = [b - a for a, b in zip(cpu0, cpu_now(), strict=True)]
             batch = _figures(len(batch_lat) * args.inner, elapsed, cpu, batch_lat)
-            where = app.Where()
-            split = 0
-            for i in range(args.pairs):  # the pairs whose two agents are in different processes
-                a, b = await asyncio.gather(
-                    mesh.ask(f"pinger/{i}", where), mesh.ask(f"ponger/{i}", where)
-                )
-                split += a != b
+            split = await split_pairs(mesh, app, args.pairs)
             status = await cluster_status(mesh)
     return {
         **loop,
         "batch": batch,
         "failed": failed,
         "cross_node_fraction": topo["cross_node_fraction"],
-        "split_pairs": round(split / args.pairs, 4),
+        "split_pairs": round(split, 4),
         "moves": len(topo["moves"]),
         "converged_after_s": converged_after,
         "nodes": len(status["nodes"]),
     }
+
+
+async def split_pairs(mesh: Any, app: Any, pairs: int) -> float:
+    """The share of pairs whose two agents run in different processes (`Where`: the pid)."""
+    where = app.Where()
+
+    async def split(i: int) -> bool:
+        a, b = await asyncio.gather(mesh.ask(f"pinger/{i}", where), mesh.ask(f"ponger/{i}", where))
+        return bool(a != b)
+
+    return sum(await asyncio.gather(*(split(i) for i in range(pairs)))) / pairs
 
 
 def _figures(asks: int, elapsed: float, cpu: list[float], lat: list[float]) -> dict[str, Any]:
@@ -195,6 +207,12 @@ async def bench(args: Any) -> dict[str, Any]:
         "sampling_overhead": round(
             1 - ratio(off["inner_asks_per_s"], nosample["inner_asks_per_s"]), 4
         ),
+        # The same cluster run twice (A/A): how far apart CPU per inner ask falls by itself.
+        "off_spread": round(
+            abs(off1["batch"]["cpu_us_per_inner_ask"] - off2["batch"]["cpu_us_per_inner_ask"])
+            / off_b["cpu_us_per_inner_ask"],
+            4,
+        ),
         "sampling_cpu_overhead": round(
             ratio(off_b["cpu_us_per_inner_ask"], nosample["batch"]["cpu_us_per_inner_ask"]) - 1, 4
         ),
@@ -226,10 +244,10 @@ def main() -> None:
         f"loop (time-boxed, traffic-weighted cross-node off {off['cross_node_fraction']:.1%}, "
         f"on {on['cross_node_fraction']:.1%}): throughput on/off {result['throughput_ratio']}, "
         f"p99 on/off {result['p99_ratio']}, CPU per inner ask off/on {result['cpu_bound_ratio']}",
-        f"sampling overhead: {result['sampling_overhead']:.1%} (loop throughput), "
-        f"{result['sampling_cpu_overhead']:.1%} (batch CPU per inner ask; split pairs off "
-        f"{off['split_pairs']:.1%}, nosample {result['nosample']['split_pairs']:.1%}) "
-        + verdict(result["sampling_cpu_overhead"], 0.03, False),
+        f"sampling overhead (reported here, judged by `ask_local.py --sampling`): "
+        f"{result['sampling_overhead']:.1%} (loop throughput), "
+        f"{result['sampling_cpu_overhead']:.1%} (batch CPU per inner ask, off / nosample); "
+        f"noise floor, off_first vs off_last batch CPU: {result['off_spread']:.1%}",
     ]
     emit(result, args.json, lines)
 
