@@ -9,7 +9,9 @@ secure/plain ratio (its range is reported); `cpu_ratio` compares the CPU all thr
 (client, node, nats-server) spend per ask, plain/secure — on a machine shared with other work
 the steadier figure, since a CPU-bound 2-core run's throughput ratio tends to it.
 
-    python bench/ask_secure.py [--rounds 3] [--json]
+    python bench/ask_secure.py [--rounds 3] [--only tls|auth] [--json]
+
+`--only tls` / `--only auth` turn on one of the two on the secure side, to split the cost.
 
 Target (issue 15): secure throughput >= 0.9x plain; p50 reported.
 """
@@ -49,12 +51,17 @@ SIDES = ("plain", "secure")
 PROCESSES = ("client", "node", "server")
 
 
-def secure_server(home: Path) -> tuple[EmbeddedServer, Path, TlsFiles]:
+def secure_server(
+    home: Path, only: str | None = None
+) -> tuple[EmbeddedServer, Path | None, TlsFiles | None]:
     """An embedded server with NKey users and TLS from a generated CA (`accord up --tls`), and
-    a `node` credential for it."""
-    registry = UserRegistry(home / "auth")
-    creds = registry.issue("bench", "node", "*")
-    tls = issue_cert(home / "tls", "server", ["127.0.0.1", "localhost"])
+    a `node` credential for it; `only` ("tls" or "auth"): just that one."""
+    registry, creds, tls = None, None, None
+    if only != "tls":
+        registry = UserRegistry(home / "auth")
+        creds = registry.issue("bench", "node", "*")
+    if only != "auth":
+        tls = issue_cert(home / "tls", "server", ["127.0.0.1", "localhost"])
     server = EmbeddedServer(home / "data", security=ServerSecurity(registry=registry, tls=tls))
     return server, creds, tls
 
@@ -62,9 +69,12 @@ def secure_server(home: Path) -> tuple[EmbeddedServer, Path, TlsFiles]:
 async def bench(args: Any) -> dict[str, Any]:
     inc = load_counter_app().Increment(1)
     agents = [f"counter/a{k}" for k in range(args.agents)]
-    server, creds, tls = secure_server(Path(tempfile.mkdtemp(prefix="accord-bench-secure-")))
+    home = Path(tempfile.mkdtemp(prefix="accord-bench-secure-"))
+    server, creds, tls = secure_server(home, args.only)
     secure_url = await asyncio.to_thread(server.start)
-    env = {"ACCORD_CREDS": str(creds), "ACCORD_TLS_CA": str(tls.ca)}
+    env = {"ACCORD_CREDS": str(creds)} if creds is not None else {}
+    if tls is not None:
+        env["ACCORD_TLS_CA"] = str(tls.ca)
     lat: dict[str, list[float]] = {s: [] for s in SIDES}
     tput: dict[str, list[float]] = {s: [] for s in SIDES}
     blocks: dict[str, list[dict[str, float]]] = {s: [] for s in SIDES}  # CPU µs per ask, each
@@ -83,7 +93,7 @@ async def bench(args: Any) -> dict[str, Any]:
                 meshes = {
                     "plain": await stack.enter_async_context(accord.connect(plain.url)),
                     "secure": await stack.enter_async_context(
-                        accord.connect(secure_url, creds=creds, tls_ca=tls.ca)
+                        accord.connect(secure_url, creds=creds, tls_ca=tls.ca if tls else None)
                     ),
                 }
                 for mesh in meshes.values():
@@ -108,7 +118,7 @@ async def bench(args: Any) -> dict[str, Any]:
                         blocks[name].append({k: v * 1e6 / max(1, done) for k, v in used.items()})
     finally:
         await asyncio.to_thread(server.stop)
-    res: dict[str, Any] = {"benchmark": "ask_secure"}
+    res: dict[str, Any] = {"benchmark": "ask_secure", "mode": args.only or "auth+tls"}
     for name in SIDES:
         res[name] = {
             "seq_p50_us": percentile(lat[name], 50) * 1e6,
@@ -138,10 +148,11 @@ def main() -> None:
     p.add_argument("--duration", type=float, default=1.5, help="seconds per throughput block")
     p.add_argument("--inflight", type=int, default=64)
     p.add_argument("--agents", type=int, default=500)
+    p.add_argument("--only", choices=("tls", "auth"), help="secure side: only TLS or only auth")
     res, args = run_bench(p, bench)
     pl, se = res["plain"], res["secure"]
     lines = [
-        "ask_secure  (auth + TLS vs plain, same run, interleaved rounds)",
+        f"ask_secure  ({res['mode']} vs plain, same run, interleaved rounds)",
         *(
             f"  {name:<6}: p50 {r['seq_p50_us']:.0f} us  p99 {r['seq_p99_us']:.0f} us  "
             f"throughput {r['tput_ops_s']:.0f} ops/s  CPU per ask {r['cpu_us_per_op']:.0f} us "
