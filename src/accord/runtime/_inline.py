@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import math
 import types
 from asyncio import tasks as _tasks
 from collections.abc import Coroutine, Generator
@@ -56,28 +57,33 @@ _current_task = _tasks.current_task
 _Task = asyncio.Task
 
 
-def idle(act: Activation) -> bool:
-    """`act` may run an in-process ask inline now."""
+def idle(act: Activation, deadline: float = math.inf) -> bool:
+    """`act` may run an in-process ask due by `deadline` inline now. Every `MAX_STREAK`-th ask
+    that may is queued instead (False): its caller yields to the loop."""
     global _streak
+    waiter = act._waiter
+    if (
+        act.busy
+        or act.queue
+        or waiter is None
+        or waiter.done()
+        or not act.inline_ok
+        or act.closing
+        or _depth >= MAX_DEPTH
+        or not act._shard_valid(act.shard, act.epoch)
+        or act.host.loop.time() >= deadline
+    ):
+        return False
     _streak += 1
     if _streak >= MAX_STREAK:
         _streak = 0
-        return False  # this one is queued: its caller yields to the loop
-    waiter = act._waiter
-    return (
-        not act.busy
-        and not act.queue
-        and waiter is not None
-        and not waiter.done()
-        and act.inline_ok
-        and not act.closing
-        and _depth < MAX_DEPTH
-    )
+        return False
+    return True
 
 
 def run(act: Activation, work: Work) -> None:
     """Run `work` (an in-process ask with its reply) as `act`'s turn, inline: see the module
-    docstring. The caller checked `idle(act)` just before (no await in between)."""
+    docstring. The caller checked `idle(act, deadline)` just before (no await in between)."""
     global _depth
     loop = act.host.loop
     act.busy = True

@@ -111,11 +111,7 @@ class LocalRoute:
         tracing = _trace.active  # the turn's span is a child of the caller's
         work = Work(h, msg, deadline, _future_replier(fut, slot), local=True,
                     trace=None if tracing is None else tracing.headers())  # fmt: skip
-        if (
-            _inline.idle(act)
-            and act._shard_valid(act.shard, act.epoch)
-            and self._loop.time() < deadline
-        ):
+        if _inline.idle(act, deadline):
             _inline.run(act, work)  # its turn in this task, up to its first suspension
         else:
             act.put(work)
