@@ -151,12 +151,8 @@ async def _at_least(log: Path, n: int) -> bool | None:
 
 @pytest.fixture
 def redis_server() -> Iterator[RedisServer]:
-    server = RedisServer()
-    server.start()
-    try:
+    with RedisServer() as server:
         yield server
-    finally:
-        server.cleanup()
 
 
 async def test_redis_consumer_sigkill_and_server_restart_lose_nothing(

@@ -34,12 +34,8 @@ def _topic(what: str) -> str:
 
 @pytest.fixture(scope="module")
 def redis_url() -> Iterator[str]:
-    server = RedisServer()
-    url = server.start()
-    try:
-        yield url
-    finally:
-        server.cleanup()
+    with RedisServer() as server:
+        yield server.url
 
 
 @pytest.fixture(params=["jetstream", "redis"])

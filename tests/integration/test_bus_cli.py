@@ -35,12 +35,8 @@ async def cli_async(*args: str, home: Path) -> subprocess.CompletedProcess[str]:
 
 @pytest.fixture(scope="module")
 def redis_url() -> Iterator[str]:
-    server = RedisServer()
-    url = server.start()
-    try:
-        yield url
-    finally:
-        server.cleanup()
+    with RedisServer() as server:
+        yield server.url
 
 
 class Charge(msgspec.Struct):

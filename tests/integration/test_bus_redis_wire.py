@@ -21,12 +21,8 @@ from accord.testing.redis import RedisServer
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[RedisServer]:
-    s = RedisServer()
-    s.start()
-    try:
+    with RedisServer() as s:
         yield s
-    finally:
-        s.cleanup()
 
 
 @pytest.fixture

@@ -9,6 +9,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+from types import TracebackType
 
 
 def waitaof_server() -> str | None:
@@ -31,7 +32,8 @@ def _free_port() -> int:
 
 
 class RedisServer:
-    """`start()` returns the `redis://` URL; `stop()` ends the process by PID (SIGTERM, then
+    """`start()` returns the `redis://` URL (or `with RedisServer() as s:`, started, then
+    cleaned up); `stop()` ends the process by PID (SIGTERM, then
     SIGKILL); `kill()` SIGKILLs it (the AOF keeps what was fsynced); `start()` again restarts
     it on the same port and data directory."""
 
@@ -96,3 +98,17 @@ class RedisServer:
         """Stop it and remove its data directory."""
         self.stop()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+    def __enter__(self) -> RedisServer:
+        """Started; `cleanup()` on exit (also when it does not start)."""
+        try:
+            self.start()
+        except BaseException:
+            self.cleanup()
+            raise
+        return self
+
+    def __exit__(
+        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.cleanup()
