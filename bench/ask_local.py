@@ -210,10 +210,6 @@ async def profile(node: Any, ping: Any, n: int, pairs: int) -> None:
     print(f"function calls per inner ask: {hot / n:.1f} (in functions called >= n/4 times)")
 
 
-sampling_hooks: dict[str, float] = {}
-"""µs per call of the graph's hooks (`--sampling`): per sampled message, per turn."""
-
-
 def time_hooks(node: Any) -> dict[str, float]:
     """Best of 7 x 100,000 calls of the node's sampling hooks, in a turn's context (the sender
     set): the route's `observe` (graph edge + sender's message count) plus the per-turn load
@@ -259,8 +255,7 @@ async def bench(args: Any) -> dict[str, Any]:
         agent_types = [app.Counter, pairs.Pinger, pairs.Ponger]
         async with Node(agent_types, nats=url, name="bench-local", settings=settings) as node:
             await wait_for_placement(node, {"bench-local"}, timeout=30)
-            if args.sampling:
-                sampling_hooks.update(time_hooks(node))
+            hooks = time_hooks(node) if args.sampling else {}  # µs per message, per turn
             if args.profile:
                 await agent_ask(node, ping, 20_000, args.pairs)  # warm-up
                 await profile(node, ping, args.profile, args.pairs)
@@ -323,7 +318,7 @@ async def bench(args: Any) -> dict[str, Any]:
         res["agent_ask_cpu_ratio"] = round(median(per_round), 2)
         res["agent_ask_failed"] = FAILED[0]
     if args.sampling:
-        hooks = res["sampling_hooks_us"] = sampling_hooks
+        res["sampling_hooks_us"] = hooks
         a = res["accord"]
         if agent_modes:
             res["sampling_overhead_agent_ask"] = round(hooks["message"] / a["agent_ask_cpu_us"], 4)
