@@ -175,6 +175,29 @@ def _figures(asks: int, elapsed: float, cpu: list[float], lat: list[float]) -> d
     }
 
 
+MEAN = ("inner_asks_per_s", "p50_ms", "p99_ms", "cross_node_fraction", "cpu_us_per_inner_ask")
+
+
+def _mean(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    """`a` with the figures in `MEAN` averaged with `b`'s, phase by phase."""
+    return {k: _mean(v, b[k]) if isinstance(v, dict) else (v + b[k]) / 2 if k in MEAN else v
+            for k, v in a.items()}  # fmt: skip
+
+
+def _ratios(on: dict[str, Any], off: dict[str, Any], prefix: str = "") -> dict[str, float]:
+    """Throughput and p99 on/off, and CPU per inner ask off/on: the throughput ratio CPU allows
+    when every process shares the cores."""
+    return {
+        f"{prefix}throughput_ratio": round(
+            ratio(on["inner_asks_per_s"], off["inner_asks_per_s"]), 3
+        ),
+        f"{prefix}p99_ratio": round(ratio(on["p99_ms"], off["p99_ms"]), 3),
+        f"{prefix}cpu_bound_ratio": round(
+            ratio(off["cpu_us_per_inner_ask"], on["cpu_us_per_inner_ask"]), 3
+        ),
+    }
+
+
 async def bench(args: Any) -> dict[str, Any]:
     # off twice, first and last: the machine's drift over the run shows as their difference,
     # and the ratios use their mean.
@@ -182,28 +205,16 @@ async def bench(args: Any) -> dict[str, Any]:
     on = await measure(args, ["--adaptive", "--placement-round", "3"], adaptive=True)
     nosample = await measure(args, ["--no-sampling"], adaptive=False)
     off2 = await measure(args, [], adaptive=False)
-    mean = ("inner_asks_per_s", "p50_ms", "p99_ms", "cross_node_fraction", "cpu_us_per_inner_ask")
-    off = {k: (off1[k] + off2[k]) / 2 if k in mean else off1[k] for k in off1}
-    off["batch"] = {k: (off1["batch"][k] + off2["batch"][k]) / 2 if k in mean else v
-                    for k, v in off1["batch"].items()}  # fmt: skip
+    off = _mean(off1, off2)
     on_b, off_b = on["batch"], off["batch"]
     return {
-        "batch_throughput_ratio": round(
-            ratio(on_b["inner_asks_per_s"], off_b["inner_asks_per_s"]), 3
-        ),
-        "batch_p99_ratio": round(ratio(on_b["p99_ms"], off_b["p99_ms"]), 3),
-        "batch_cpu_bound_ratio": round(
-            ratio(off_b["cpu_us_per_inner_ask"], on_b["cpu_us_per_inner_ask"]), 3
-        ),
+        **_ratios(on_b, off_b, "batch_"),
         "off": off,
         "off_first": off1,
         "off_last": off2,
         "on": on,
         "nosample": nosample,
-        "throughput_ratio": round(ratio(on["inner_asks_per_s"], off["inner_asks_per_s"]), 3),
-        "p99_ratio": round(ratio(on["p99_ms"], off["p99_ms"]), 3),
-        # The throughput ratio CPU allows when every process shares the cores (off/on CPU).
-        "cpu_bound_ratio": round(ratio(off["cpu_us_per_inner_ask"], on["cpu_us_per_inner_ask"]), 3),
+        **_ratios(on, off),
         "sampling_overhead": round(
             1 - ratio(off["inner_asks_per_s"], nosample["inner_asks_per_s"]), 4
         ),
