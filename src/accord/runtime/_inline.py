@@ -20,8 +20,11 @@ so a caller that is cancelled or times out (its future's deadline slot) does not
 with a queued turn. The activation's turn task cancels it if it is cancelled itself (a lost
 lease), as it would cancel its own turn.
 
-Python 3.11 has no eager tasks (3.12's `eager_start`): the task is created uninitialized
-(`Task.__new__`) for the first step and initialized (scheduled) only if the turn suspends.
+On Python 3.12 and later the turn's task is an eager task (`eager_start`): its constructor runs
+the first step, and schedules the task only if the turn suspends. Python 3.11 has no eager
+tasks: there the task is created uninitialized (`Task.__new__`), made the current task for the
+first step by hand (`asyncio.tasks._enter_task`/`_leave_task`), and initialized (scheduled)
+only if the turn suspends, with the started coroutine wrapped (`_resume`).
 Nested inline turns (a callee that asks an idle agent in turn) are capped at `MAX_DEPTH`, past
 which the ask is queued: a long chain must not grow the C stack. And every `MAX_STREAK`-th
 inline-eligible ask is queued instead: a queued ask suspends its caller, so a handler asking in
@@ -32,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import math
+import sys
 import types
 from asyncio import tasks as _tasks
 from collections.abc import Coroutine, Generator
@@ -84,6 +88,30 @@ def idle(act: Activation, deadline: float = math.inf) -> bool:
 def run(act: Activation, work: Work) -> None:
     """Run `work` (an in-process ask with its reply) as `act`'s turn, inline: see the module
     docstring. The caller checked `idle(act, deadline)` just before (no await in between)."""
+    if _EAGER:
+        _run_eager(act, work)
+    else:
+        _run_311(act, work)
+
+
+_EAGER = sys.version_info >= (3, 12)
+
+
+def _run_eager(act: Activation, work: Work) -> None:
+    global _depth
+    act.busy = True
+    _depth += 1
+    try:  # the constructor runs the first step, in a copy of the caller's context
+        task = _Task(_turn(act, work), loop=act.host.loop, eager_start=True)  # type: ignore[call-arg]
+    finally:
+        _depth -= 1
+    if task.done():
+        task.result()  # finished in its first step (what it raised, the caller gets)
+    else:
+        act.inline_task = task
+
+
+def _run_311(act: Activation, work: Work) -> None:
     global _depth
     loop = act.host.loop
     act.busy = True
