@@ -4,7 +4,9 @@ and the multi-machine configurations."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import ssl
 from pathlib import Path
 from typing import Any
 
@@ -159,3 +161,33 @@ def test_every_command_that_talks_to_a_cluster_takes_the_connection_options() ->
         assert {"--creds", "--tls-ca", "--tls-cert", "--tls-key"} <= opts, path
     up = dict(commands)["accord up"]  # its --tls-* are its server's PKI: kept, no --creds
     assert "--tls-cert" in up and "--creds" not in up
+
+
+def _handshake(client: ssl.SSLContext, server: ssl.SSLContext, hostname: str) -> str:
+    """A TLS handshake between the two contexts over memory BIOs; the version agreed."""
+    c_in, c_out, s_in, s_out = ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO()
+    c = client.wrap_bio(c_in, c_out, server_hostname=hostname)
+    s = server.wrap_bio(s_in, s_out, server_side=True)
+    for _ in range(10):
+        for end in (c, s):
+            with contextlib.suppress(ssl.SSLWantReadError):
+                end.do_handshake()
+        s_in.write(c_out.read())
+        c_in.write(s_out.read())
+    return str(c.version())
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost"])
+def test_generated_certificates_pass_strict_x509_verification(tmp_path: Path, host: str) -> None:
+    """Python 3.13's default client context verifies strictly (RFC 5280: key identifiers, key
+    usage); the generated CA and certificates must pass it on every version, mutual TLS too."""
+    srv = issue_cert(tmp_path, "server", ["127.0.0.1", "localhost"])
+    cli = issue_cert(tmp_path, "client", ["client"], client=True)
+    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server.load_cert_chain(srv.cert, srv.key)
+    server.load_verify_locations(srv.ca)
+    server.verify_mode = ssl.CERT_REQUIRED
+    server.verify_flags |= ssl.VERIFY_X509_STRICT
+    client = Credentials(tls_ca=srv.ca, tls_cert=cli.cert, tls_key=cli.key).ssl_context()
+    client.verify_flags |= ssl.VERIFY_X509_STRICT
+    assert _handshake(client, server, host) == "TLSv1.3"

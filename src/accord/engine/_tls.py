@@ -2,7 +2,8 @@
 certificates it signs for the given host names and addresses (the `cryptography` package).
 
 Keys are written 0600 next to the CA in the state directory; clients verify the server against
-`ca.pem` (see `_auth.Credentials`).
+`ca.pem` (see `_auth.Credentials`). The certificates carry what strict RFC 5280 verification
+requires (key identifiers, key usage): Python 3.13's default client context checks it.
 """
 
 from __future__ import annotations
@@ -39,6 +40,24 @@ def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
     )
 
 
+#: An ECDSA leaf signs the handshake (TLS 1.3) and agrees keys (ECDH suites of TLS 1.2).
+_LEAF_USAGE = x509.KeyUsage(
+    digital_signature=True, key_agreement=True, content_commitment=False, key_encipherment=False,
+    data_encipherment=False, key_cert_sign=False, crl_sign=False, encipher_only=False,
+    decipher_only=False,
+)  # fmt: skip
+
+
+def _authority_key_id(ca_cert: x509.Certificate) -> x509.AuthorityKeyIdentifier:
+    """The issuer's key identifier: its own SubjectKeyIdentifier, else one derived from its key
+    (a CA made before accord wrote one)."""
+    try:
+        ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    except x509.ExtensionNotFound:
+        return x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_cert.public_key())  # type: ignore[arg-type]
+    return x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski)
+
+
 def _name(cn: str) -> x509.Name:
     return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
 
@@ -73,6 +92,7 @@ def ensure_ca(directory: Path, cluster: str = "accord") -> tuple[Path, Path]:
             ),
             critical=True,
         )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .sign(key, hashes.SHA256())
     )
     write_private(key_path, _key_pem(key))
@@ -108,7 +128,10 @@ def issue_cert(directory: Path, name: str, hosts: list[str], *, client: bool = F
         .not_valid_before(now - datetime.timedelta(minutes=5))
         .not_valid_after(now + datetime.timedelta(days=VALID_DAYS))
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(_LEAF_USAGE, critical=True)
         .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(_authority_key_id(ca_cert), critical=False)
     )
     if sans:
         builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
