@@ -5,12 +5,18 @@ and the multi-machine configurations."""
 from __future__ import annotations
 
 import contextlib
+import datetime
+import ipaddress
 import json
 import ssl
 from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from accord import ConfigurationError
 from accord.engine._auth import Credentials, UserRegistry, inbox_prefix, permissions, public_key
@@ -191,3 +197,57 @@ def test_generated_certificates_pass_strict_x509_verification(tmp_path: Path, ho
     client = Credentials(tls_ca=srv.ca, tls_cert=cli.cert, tls_key=cli.key).ssl_context()
     client.verify_flags |= ssl.VERIFY_X509_STRICT
     assert _handshake(client, server, host) == "TLSv1.3"
+
+
+def _server_context(cert: Path, key: Path) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(cert, key)
+    return ctx
+
+
+def test_a_ca_without_a_key_identifier_is_re_signed_and_what_it_signed_still_verifies(
+    tmp_path: Path,
+) -> None:
+    """A CA made before accord wrote key identifiers (Python 3.13's clients refuse it) is
+    re-signed in place with its own key when it next issues a certificate."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "accord accord CA")])
+    now = datetime.datetime.now(datetime.UTC)
+    usage = x509.KeyUsage(True, False, False, False, False, True, True, False, False)
+
+    def cert(subject: x509.Name, public: Any, *, ca: bool) -> x509.Certificate:
+        b = (
+            x509.CertificateBuilder().subject_name(subject).issuer_name(name)
+            .public_key(public).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=30))
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=0 if ca else None), True)
+        )  # fmt: skip
+        if ca:
+            b = b.add_extension(usage, critical=True)
+        else:
+            ip = x509.IPAddress(ipaddress.ip_address("127.0.0.1"))
+            b = b.add_extension(x509.SubjectAlternativeName([ip]), critical=False)
+        return b.sign(key, hashes.SHA256())
+
+    pem = serialization.Encoding.PEM
+    pkcs8 = (pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    (tmp_path / "ca.pem").write_bytes(cert(name, key.public_key(), ca=True).public_bytes(pem))
+    (tmp_path / "ca-key.pem").write_bytes(key.private_bytes(*pkcs8))
+    leaf_key = ec.generate_private_key(ec.SECP256R1())
+    leaf = cert(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "old")]),
+                leaf_key.public_key(), ca=False)  # fmt: skip
+    (tmp_path / "old.pem").write_bytes(leaf.public_bytes(pem))
+    (tmp_path / "old-key.pem").write_bytes(leaf_key.private_bytes(*pkcs8))
+
+    srv = issue_cert(tmp_path, "server", ["127.0.0.1"])
+    ca = x509.load_pem_x509_certificate(srv.ca.read_bytes())
+    ca.extensions.get_extension_for_class(x509.SubjectKeyIdentifier)  # raises if absent
+    assert ca.subject == name and ca.public_key() == key.public_key()
+    strict = Credentials(tls_ca=srv.ca).ssl_context()
+    strict.verify_flags |= ssl.VERIFY_X509_STRICT
+    assert _handshake(strict, _server_context(srv.cert, srv.key), "127.0.0.1") == "TLSv1.3"
+    lenient = Credentials(tls_ca=srv.ca).ssl_context()  # what 3.11 and 3.12 check by default
+    lenient.verify_flags &= ~ssl.VERIFY_X509_STRICT
+    old = _server_context(tmp_path / "old.pem", tmp_path / "old-key.pem")
+    assert _handshake(lenient, old, "127.0.0.1") == "TLSv1.3"

@@ -66,6 +66,7 @@ def ensure_ca(directory: Path, cluster: str = "accord") -> tuple[Path, Path]:
     """The CA certificate and key in `directory`, created once (reused when present)."""
     cert_path, key_path = directory / "ca.pem", directory / "ca-key.pem"
     if cert_path.exists() and key_path.exists():
+        _add_key_identifier(cert_path, key_path)
         return cert_path, key_path
     key = ec.generate_private_key(ec.SECP256R1())
     now = datetime.datetime.now(datetime.UTC)
@@ -99,6 +100,41 @@ def ensure_ca(directory: Path, cluster: str = "accord") -> tuple[Path, Path]:
     write_private(cert_path, cert.public_bytes(serialization.Encoding.PEM))
     cert_path.chmod(0o644)  # the CA certificate is public: clients on other machines need it
     return cert_path, key_path
+
+
+def _add_key_identifier(cert_path: Path, key_path: Path) -> None:
+    """Re-sign a CA made before accord gave it a SubjectKeyIdentifier (strict verification, as
+    Python 3.13's clients do it, refuses it): same key, subject and validity, so what it signed
+    still verifies. An unreadable CA is left alone (the server's start reports it)."""
+    try:
+        ca = x509.load_pem_x509_certificate(cert_path.read_bytes())
+        key = serialization.load_pem_private_key(key_path.read_bytes(), None)
+        ca.extensions.get_extension_for_class(x509.SubjectKeyIdentifier)
+        return
+    except x509.ExtensionNotFound:
+        pass
+    except (OSError, ValueError, TypeError):
+        return
+    if not isinstance(key, ec.EllipticCurvePrivateKey) or ca.subject != ca.issuer:
+        return
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(ca.subject)
+        .issuer_name(ca.issuer)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(ca.not_valid_before_utc)
+        .not_valid_after(ca.not_valid_after_utc)
+    )
+    for ext in ca.extensions:
+        builder = builder.add_extension(ext.value, ext.critical)
+    builder = builder.add_extension(
+        x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False
+    )
+    write_private(
+        cert_path, builder.sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
+    )
+    cert_path.chmod(0o644)
 
 
 def issue_cert(directory: Path, name: str, hosts: list[str], *, client: bool = False) -> TlsFiles:
