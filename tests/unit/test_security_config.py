@@ -183,26 +183,25 @@ def _handshake(client: ssl.SSLContext, server: ssl.SSLContext, hostname: str) ->
     return str(c.version())
 
 
+def _server_context(cert: Path, key: Path) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(cert, key)
+    return ctx
+
+
 @pytest.mark.parametrize("host", ["127.0.0.1", "localhost"])
 def test_generated_certificates_pass_strict_x509_verification(tmp_path: Path, host: str) -> None:
     """Python 3.13's default client context verifies strictly (RFC 5280: key identifiers, key
     usage); the generated CA and certificates must pass it on every version, mutual TLS too."""
     srv = issue_cert(tmp_path, "server", ["127.0.0.1", "localhost"])
     cli = issue_cert(tmp_path, "client", ["client"], client=True)
-    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    server.load_cert_chain(srv.cert, srv.key)
+    server = _server_context(srv.cert, srv.key)
     server.load_verify_locations(srv.ca)
     server.verify_mode = ssl.CERT_REQUIRED
     server.verify_flags |= ssl.VERIFY_X509_STRICT
     client = Credentials(tls_ca=srv.ca, tls_cert=cli.cert, tls_key=cli.key).ssl_context()
     client.verify_flags |= ssl.VERIFY_X509_STRICT
     assert _handshake(client, server, host) == "TLSv1.3"
-
-
-def _server_context(cert: Path, key: Path) -> ssl.SSLContext:
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.load_cert_chain(cert, key)
-    return ctx
 
 
 def test_a_ca_without_a_key_identifier_is_re_signed_and_what_it_signed_still_verifies(

@@ -108,11 +108,14 @@ def _add_key_identifier(cert_path: Path, key_path: Path) -> None:
     still verifies. An unreadable CA is left alone (the server's start reports it)."""
     try:
         ca = x509.load_pem_x509_certificate(cert_path.read_bytes())
-        key = serialization.load_pem_private_key(key_path.read_bytes(), None)
         ca.extensions.get_extension_for_class(x509.SubjectKeyIdentifier)
         return
     except x509.ExtensionNotFound:
         pass
+    except (OSError, ValueError):
+        return
+    try:
+        key = serialization.load_pem_private_key(key_path.read_bytes(), None)
     except (OSError, ValueError, TypeError):
         return
     if not isinstance(key, ec.EllipticCurvePrivateKey) or ca.subject != ca.issuer:

@@ -85,18 +85,6 @@ def idle(act: Activation, deadline: float = math.inf) -> bool:
     return True
 
 
-def run(act: Activation, work: Work) -> None:
-    """Run `work` (an in-process ask with its reply) as `act`'s turn, inline: see the module
-    docstring. The caller checked `idle(act, deadline)` just before (no await in between)."""
-    if _EAGER:
-        _run_eager(act, work)
-    else:
-        _run_311(act, work)
-
-
-_EAGER = sys.version_info >= (3, 12)
-
-
 def _run_eager(act: Activation, work: Work) -> None:
     global _depth
     act.busy = True
@@ -134,6 +122,12 @@ def _run_311(act: Activation, work: Work) -> None:
             _enter_task(loop, caller)
     task.__init__(_resume(coro, yielded), loop=loop, context=ctx)  # type: ignore[misc]
     act.inline_task = task
+
+
+#: `run(act, work)`: run `work` (an in-process ask with its reply) as `act`'s turn, inline (see
+#: the module docstring). The caller checked `idle(act, deadline)` just before (no await in
+#: between). Chosen once, by interpreter version.
+run = _run_eager if sys.version_info >= (3, 12) else _run_311
 
 
 @types.coroutine
