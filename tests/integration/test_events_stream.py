@@ -179,6 +179,14 @@ async def test_split_brain_merges_are_appended(nats_url: str, js: JetStreamConte
         assert ours["outcome"] == "ours" and ours["hlc"] == older
         merged = await _until_event(js, cluster, "merge", lambda e: e["agent"] == "gcount/g")
         assert merged["outcome"] == "merged" and merged["by"] == "mg-1"
+        # The same peer state merged again (a repeated send): the merge is recorded once. A
+        # newer state sent after it is recorded once its own event is in, so is the repeat's.
+        await node.tell("ev_plain/p", plain_new, delivery="at_least_once", msg_id="m4")
+        await node.tell("ev_plain/p", merge(Total(100), newer + 1), delivery="at_least_once",
+                        msg_id="m5")  # fmt: skip
+        await _until_event(js, cluster, "merge", lambda e: e["hlc"] == newer + 1)
+        events = await _events(js, cluster, "merge")
+        assert [e["hlc"] for e in events if e["agent"] == "ev_plain/p"] == [newer, newer + 1]
         # The events tell what the state says.
         assert await node.ask("ev_plain/p", Read(), timeout=10) == 100
         assert await node.ask("ev_plain/q", Read(), timeout=10) == 5

@@ -19,11 +19,10 @@ import msgspec
 
 from .._agent import Agent
 from .._background import Background
-from .._errors import AccordError
 from .._ids import AgentId
-from ..cluster._config import Names
+from ..cluster._config import ENGINE_FAILURES, Names
 from ..cluster._shards import ShardManager
-from ..engine._api import Subscription, Transport
+from ..engine._api import Engine, Subscription
 from ..state._store import MergeState
 from ._activation import Activation
 from ._settings import Stats
@@ -35,6 +34,9 @@ log = logging.getLogger("accord.node")
 #: How the merge of a cut-off activation reaches the shard's owner (an at-least-once tell).
 SendMerge = Callable[[AgentId, MergeState, str], Awaitable[None]]
 
+#: How often, one second apart, a merge or its event is tried before it is given up (logged).
+ATTEMPTS = 30
+
 
 class CutOff:
     def __init__(
@@ -43,7 +45,7 @@ class CutOff:
         names: Names,
         shards: ShardManager,
         table: ActivationTable,
-        transport: Transport,
+        engine: Engine,
         send_merge: SendMerge,
         stats: Stats,
         sends: Background,
@@ -52,7 +54,7 @@ class CutOff:
         self._names = names
         self._shards = shards
         self._table = table
-        self._transport = transport
+        self._engine = engine
         self._send_merge_msg = send_merge
         self._stats = stats
         self._sends = sends
@@ -149,13 +151,9 @@ class CutOff:
 
     async def _send_merge(self, agent_id: AgentId, payload: MergeState) -> None:
         msg_id = f"merge:{self._node}:{payload.epoch}:{payload.hlc}:{agent_id}"
-        for _ in range(30):
-            try:
-                await self._send_merge_msg(agent_id, payload, msg_id)
-                return
-            except AccordError as exc:
-                log.warning("merge of %s not sent yet: %s", agent_id, exc)
-                await asyncio.sleep(1.0)
+        await _retrying(
+            f"merge of {agent_id}", lambda: self._send_merge_msg(agent_id, payload, msg_id)
+        )
 
     def record(self, agent_id: AgentId, incoming: MergeState, outcome: str) -> None:
         """The owner folded a split-brain peer's state in: log it and append it to the events."""
@@ -163,9 +161,30 @@ class CutOff:
                  "hlc": incoming.hlc, "outcome": outcome, "by": self._node}  # fmt: skip
         log.info("merged split-brain state of %s from %s: %s", agent_id, incoming.node, outcome)
         self._stats.merges += 1
-        self._sends.spawn(
-            self._transport.publish(self._names.events_subject("merge"), msgspec.json.encode(event))
-        )
+        # Stored, not just published: right after a heal the events stream may have no leader
+        # for a few seconds, and a merge is recorded once (the id dedups a repeated turn's).
+        msg_id = f"merge-event:{self._node}:{incoming.node}:{incoming.epoch}:{incoming.hlc}"
+        data, subject = msgspec.json.encode(event), self._names.events_subject("merge")
+
+        def append() -> Awaitable[object]:
+            return self._engine.append(subject, data, msg_id=f"{msg_id}:{agent_id}")
+
+        self._sends.spawn(_retrying(f"merge event of {agent_id}", append),
+                          name=f"accord-merge-event-{agent_id}")  # fmt: skip
+
+
+async def _retrying(what: str, attempt: Callable[[], Awaitable[object]]) -> None:
+    """`attempt` until the engine confirms it, one second apart, `ATTEMPTS` times at most."""
+    for n in range(ATTEMPTS):
+        try:
+            await attempt()
+            return
+        except ENGINE_FAILURES as exc:
+            if n == ATTEMPTS - 1:
+                log.error("%s given up after %d attempts: %s", what, ATTEMPTS, exc)
+                return
+            log.warning("%s not stored yet: %s", what, exc)
+            await asyncio.sleep(1.0)
 
 
 async def merge_turn(act: Activation, agent: Agent, work: Work) -> None:
