@@ -28,6 +28,7 @@ import pytest
 
 import accord
 from accord._ids import AgentId, shard_of
+from accord.cluster._placement import assign
 from accord.engine._api import BucketSpec, NoResponders
 from accord.state._store import StateStore
 from accord.testing import connect_retrying
@@ -156,8 +157,10 @@ _mesh = connect_retrying  # retried: JetStream can be slow to answer while the l
 
 async def _placed(mesh: accord.Mesh, nodes: set[str], timeout: float = 60) -> dict[str, Any]:
     """Wait until every shard is owned, by all of `nodes` between them, in the view of every one
-    of them alike (one node's view can be stale right after a heal), and each holds what the
-    others say it does. Returns that placement as {"num_shards", "shards": [{shard, owner}]}."""
+    of them alike (one node's view can be stale right after a heal), each holds what the others
+    say it does, and the shards are where placement puts them for `nodes` (until then a node can
+    still hand shards off: an agent picked by its owner here would move). Returns that
+    placement as {"num_shards", "shards": [{shard, owner}]}."""
 
     async def view(node: str) -> dict[str, Any]:
         subject = f"{mesh.names.admin_subject}.{node}"
@@ -178,6 +181,8 @@ async def _placed(mesh: accord.Mesh, nodes: set[str], timeout: float = 60) -> di
             for node, v in views.items()
         ):
             return None  # a node without shards, or a handoff under way
+        if agreed != assign(num_shards, sorted(nodes)):
+            return None  # not yet where placement puts them: a rebalance is still to come
         shards = [{"shard": s, "owner": o} for s, o in sorted(agreed.items())]
         return {"num_shards": num_shards, "shards": shards}
 

@@ -104,19 +104,32 @@ async def test_split_brain_writes_merge_on_heal_and_each_merge_is_an_event(lab: 
 
         lab.heal()
 
-        async def merged() -> dict[str, dict[str, Any]] | None:
-            found = await _merge_events(nats_cluster.urls, nats_cluster.client_options)
-            by_agent = {e["agent"]: e for e in found or []}
-            return by_agent if {theirs, ours, counter} <= set(by_agent) else None
+        async def merged() -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]]] | None:
+            found = await _merge_events(nats_cluster.urls, nats_cluster.client_options) or []
+            from_cut_off = {e["agent"]: e for e in found if e.get("from_node") == "node-h1"}
+            return (found, from_cut_off) if {theirs, ours, counter} <= set(from_cut_off) else None
 
-        events = await eventually(merged, 90, "a merge event for each agent", interval=0.5)
-        for a in (theirs, ours, counter):
-            assert set(events[a]) == MERGE_FIELDS, events[a]
-            assert events[a]["from_node"] == "node-h1" and events[a]["by"] in everyone
-            assert events[a]["hlc"] > 0 and events[a]["from_epoch"] > 0
-        assert events[theirs]["outcome"] == "theirs"
-        assert events[ours]["outcome"] == "ours"
-        assert events[counter]["outcome"] == "merged"
+        found, events = await eventually(
+            merged, 90, "a merge event of node-h1's state for each agent", interval=0.5
+        )
+        # The majority may have served an agent before its lease ran out, on whichever of its
+        # nodes took the ask (standby): that node's state is merged into the owner as well.
+        for e in found:
+            assert set(e) == MERGE_FIELDS, e
+            assert e["from_node"] in everyone and e["by"] in everyone, e
+            assert e["hlc"] > 0 and e["from_epoch"] > 0, e
+        recorded = [(e["agent"], e["from_node"], e["from_epoch"], e["hlc"]) for e in found]
+        assert len(recorded) == len(set(recorded)), f"a merge recorded twice: {found}"
+        # `theirs`: the cut-off side's write is the newest of all, so it is adopted wherever.
+        assert events[theirs]["outcome"] == "theirs", found
+        # `ours`: the majority's write is the newer. node-h1's state is kept over what the owner
+        # holds only if the majority's write had not reached the owner yet (served in standby
+        # elsewhere); that write then comes later, and is adopted in turn.
+        later = [e for e in found if e["agent"] == ours and e["from_node"] != "node-h1"]
+        assert events[ours]["outcome"] == "ours" or any(e["outcome"] == "theirs" for e in later), (
+            found
+        )
+        assert all(e["outcome"] == "merged" for e in found if e["agent"] == counter), found
 
         await _placed(everywhere, everyone, timeout=90)
         expected = {theirs: 1, ours: 2, counter: 3}  # 1 before the cut, +1 on each side
