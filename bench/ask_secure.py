@@ -9,7 +9,7 @@ secure/plain ratio (its range is reported); `cpu_ratio` compares the CPU all thr
 (client, node, nats-server) spend per ask, plain/secure — on a machine shared with other work
 the steadier figure, since a CPU-bound 2-core run's throughput ratio tends to it.
 
-    python bench/ask_secure.py [--rounds 3] [--only tls|auth] [--json]
+    python bench/ask_secure.py [--rounds 10] [--only tls|auth] [--json]
 
 `--only tls` / `--only auth` turn on one of the two on the secure side, to split the cost.
 
@@ -143,7 +143,7 @@ async def bench(args: Any) -> dict[str, Any]:
 
 def main() -> None:
     p = parser(__doc__.splitlines()[0])
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--n", type=int, default=1000, help="sequential asks per round")
     p.add_argument("--duration", type=float, default=1.5, help="seconds per throughput block")
     p.add_argument("--inflight", type=int, default=64)
