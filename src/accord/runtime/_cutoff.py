@@ -151,9 +151,8 @@ class CutOff:
 
     async def _send_merge(self, agent_id: AgentId, payload: MergeState) -> None:
         msg_id = f"merge:{self._node}:{payload.epoch}:{payload.hlc}:{agent_id}"
-        await _retrying(
-            f"merge of {agent_id}", lambda: self._send_merge_msg(agent_id, payload, msg_id)
-        )
+        send = functools.partial(self._send_merge_msg, agent_id, payload, msg_id)
+        await _retrying(f"merge of {agent_id}", send)
 
     def record(self, agent_id: AgentId, incoming: MergeState, outcome: str) -> None:
         """The owner folded a split-brain peer's state in: log it and append it to the events."""
@@ -163,12 +162,10 @@ class CutOff:
         self._stats.merges += 1
         # Stored, not just published: right after a heal the events stream may have no leader
         # for a few seconds, and a merge is recorded once (the id dedups a repeated turn's).
-        msg_id = f"merge-event:{self._node}:{incoming.node}:{incoming.epoch}:{incoming.hlc}"
-        data, subject = msgspec.json.encode(event), self._names.events_subject("merge")
-
-        def append() -> Awaitable[object]:
-            return self._engine.append(subject, data, msg_id=f"{msg_id}:{agent_id}")
-
+        msg_id = (f"merge-event:{self._node}:{incoming.node}:{incoming.epoch}:{incoming.hlc}:"
+                  f"{agent_id}")  # fmt: skip
+        append = functools.partial(self._engine.append, self._names.events_subject("merge"),
+                                   msgspec.json.encode(event), msg_id=msg_id)  # fmt: skip
         self._sends.spawn(_retrying(f"merge event of {agent_id}", append),
                           name=f"accord-merge-event-{agent_id}")  # fmt: skip
 
