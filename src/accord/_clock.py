@@ -32,17 +32,45 @@ class Clock(Protocol):
 
 class LoopClock:
     """`time.monotonic` with the running loop's timers (the loop's clock is monotonic too, but may
-    differ by an offset, so deadlines are converted)."""
+    differ by an offset, so deadlines are converted).
+
+    A loop's timers may also fire a little early on `time.monotonic`: uvloop's run on libuv's
+    millisecond loop time, read once per loop iteration, and fire up to ~1 ms before the
+    deadline. Code such as a lease's expiry (`now() >= valid_until` in the timer) relies on
+    `call_at` and `sleep` never returning early, so both wait out what is left."""
 
     def now(self) -> float:
         return time.monotonic()
 
     def call_at(self, when: float, fn: Callable[[], None]) -> TimerHandle:
-        loop = asyncio.get_running_loop()
-        return loop.call_later(max(0.0, when - time.monotonic()), fn)
+        return _LoopTimer(asyncio.get_running_loop(), when, fn)
 
     async def sleep(self, seconds: float) -> None:
+        end = time.monotonic() + seconds
         await asyncio.sleep(seconds)
+        while (left := end - time.monotonic()) > 0:  # woken early (uvloop): the rest
+            await asyncio.sleep(left)
+
+
+class _LoopTimer:
+    """A loop timer that runs `fn` once `time.monotonic()` has reached `when`: fired early, it
+    sets itself again for the rest."""
+
+    __slots__ = ("_fn", "_handle", "_loop", "_when")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, when: float, fn: Callable[[], None]):
+        self._loop, self._when, self._fn = loop, when, fn
+        self._handle = loop.call_later(max(0.0, when - time.monotonic()), self._fire)
+
+    def _fire(self) -> None:
+        left = self._when - time.monotonic()
+        if left > 0:
+            self._handle = self._loop.call_later(left, self._fire)
+        else:
+            self._fn()
+
+    def cancel(self) -> None:
+        self._handle.cancel()
 
 
 class _Timer:

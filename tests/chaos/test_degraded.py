@@ -46,7 +46,7 @@ async def _refused(mesh: accord.Mesh, agent: str, seen: list[str]) -> Degraded |
 async def _status(mesh: accord.Mesh, node: str) -> Any:
     try:
         subject = f"{mesh.names.admin_subject}.{node}"
-        return msgspec.json.decode(await mesh._transport_request(subject, b"{}", 2.0))
+        return msgspec.json.decode(await mesh._sender.transport_request(subject, b"{}", 2.0))
     except accord.AccordError as exc:
         return f"nothing ({type(exc).__name__}: {exc})"
 

@@ -325,19 +325,38 @@ def test_replicas_converge_under_random_gossip(spec: Spec, data: st.DataObject) 
     assert spec.observe(replicas[0]) == spec.expected(everything)
 
 
-@by_spec
-@pytest.mark.parametrize("codec", [msgspec.msgpack, msgspec.json], ids=["msgpack", "json"])
+# JSON only for the specs whose states it can carry (`json_roundtrips`); the one it cannot has
+# its own test below, which states the limitation instead of skipping it.
+CODEC_CASES = [
+    pytest.param(spec, codec, id=f"{spec.name}-{name}")
+    for spec in SPECS
+    for name, codec in (("msgpack", msgspec.msgpack), ("json", msgspec.json))
+    if codec is msgspec.msgpack or spec.json_roundtrips
+]
+
+
+@pytest.mark.parametrize(("spec", "codec"), CODEC_CASES)
 @LAW_SETTINGS
 @given(data=st.data())
 def test_msgspec_roundtrip(spec: Spec, codec: Any, data: st.DataObject) -> None:
-    if codec is msgspec.json and not spec.json_roundtrips:
-        pytest.skip("mixed str/int dict keys collapse to strings in JSON")
     state = data.draw(states(spec))
 
     decoded = codec.decode(codec.encode(state), type=spec.decode_type)
 
     assert decoded == state
     assert spec.observe(decoded) == spec.observe(state)
+
+
+def test_a_mixed_key_orset_cannot_roundtrip_through_json_but_does_through_msgpack() -> None:
+    """The limitation `json_roundtrips=False` declares: JSON object keys are strings, so an
+    ORSet holding both 1 and "1" decodes with its elements merged or mistyped."""
+    state = ORSet[str | int]().add(1, "a:0").add("1", "b:0")
+    assert msgspec.msgpack.decode(msgspec.msgpack.encode(state), type=ORSet[str | int]) == state
+    try:
+        decoded = msgspec.json.decode(msgspec.json.encode(state), type=ORSet[str | int])
+    except msgspec.ValidationError:
+        return  # refused outright: also not a round trip
+    assert decoded != state
 
 
 def test_orset_concurrent_add_beats_remove() -> None:
