@@ -28,7 +28,8 @@ def parser(description: str) -> argparse.ArgumentParser:
     p.add_argument(
         "--uvloop",
         action="store_true",
-        help="run the benchmark process on uvloop (if installed); node processes are unchanged",
+        help="run the benchmark process on uvloop (if installed); node processes run on "
+        "$ACCORD_LOOP's loop (asyncio unless set; ACCORD_LOOP=uvloop for uvloop)",
     )
     return p
 
@@ -105,6 +106,7 @@ def environment(loop_name: str) -> dict[str, Any]:
     return {
         "python": platform.python_version(),
         "loop": loop_name,
+        "node_loop": os.environ.get("ACCORD_LOOP", "").strip().lower() or "asyncio",
         "cpus": os.cpu_count(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
@@ -191,3 +193,73 @@ async def throughput(
 
     await asyncio.gather(*(worker(w) for w in range(inflight)))
     return count, time.perf_counter() - t0
+
+
+async def alternating_rounds(
+    meshes: dict[str, Any], cpu: dict[str, Cpu], args: Any, agents: list[str], msg: Any
+) -> tuple[dict[str, list[float]], dict[str, list[float]], dict[str, list[dict[str, float]]]]:
+    """`args.rounds` rounds over the sides of `meshes` (one-node clusters; which side goes first
+    alternates), after each side's placement and a first ask to every agent: per round and side,
+    `args.n` sequential asks of `msg` to counter/x, then `args.duration` s with `args.inflight`
+    asks in flight over `agents`. Returns per side the latencies, each block's throughput and
+    each block's CPU µs per ask of `cpu[side]`'s processes."""
+    from accord.testing import wait_for_placement
+
+    for mesh in meshes.values():
+        await wait_for_placement(mesh, {"node-1"}, timeout=60)
+        await activate(mesh, agents, msg)
+        await mesh.ask("counter/x", msg)
+    sides = list(meshes)
+    lat: dict[str, list[float]] = {s: [] for s in sides}
+    tput: dict[str, list[float]] = {s: [] for s in sides}
+    blocks: dict[str, list[dict[str, float]]] = {s: [] for s in sides}
+    for r in range(args.rounds):
+        for name in sides if r % 2 == 0 else sides[::-1]:
+            mesh = meshes[name]
+
+            async def one(m: Any = mesh) -> Any:
+                return await m.ask("counter/x", msg)
+
+            async def many(i: int, m: Any = mesh) -> Any:
+                return await m.ask(agents[i % len(agents)], msg, timeout=60)
+
+            lat[name] += await sequential(one, args.n)
+            cpu[name].start()
+            done, elapsed = await throughput(many, args.duration, args.inflight)
+            used = cpu[name].stop()
+            tput[name].append(done / elapsed)
+            blocks[name].append({k: v * 1e6 / max(1, done) for k, v in used.items()})
+    return lat, tput, blocks
+
+
+def side_summary(
+    lat: list[float], tput: list[float], blocks: list[dict[str, float]]
+) -> dict[str, Any]:
+    """One side of `alternating_rounds`: p50/p99, median throughput, median CPU per ask (the sum
+    and each process)."""
+    return {
+        "seq_p50_us": percentile(lat, 50) * 1e6,
+        "seq_p99_us": percentile(lat, 99) * 1e6,
+        "tput_ops_s": median(tput),
+        "tput_rounds_ops_s": [round(x) for x in tput],
+        "cpu_us_per_op": median([sum(b.values()) for b in blocks]),
+        "cpu_us_per_op_by_process": {
+            k: round(median([b[k] for b in blocks]), 1) for k in blocks[0]
+        },
+    }
+
+
+def add_round_options(p: argparse.ArgumentParser) -> None:
+    """The options of `alternating_rounds`: rounds, asks per round, block length, in flight,
+    agents."""
+    p.add_argument("--rounds", type=int, default=10)
+    p.add_argument("--n", type=int, default=1000, help="sequential asks per round")
+    p.add_argument("--duration", type=float, default=1.5, help="seconds per throughput block")
+    p.add_argument("--inflight", type=int, default=64)
+    p.add_argument("--agents", type=int, default=500)
+
+
+def round_params(args: Any) -> dict[str, Any]:
+    """`add_round_options`' values, as a result's `params` block."""
+    return {"rounds": args.rounds, "seq_per_round": args.n, "inflight": args.inflight,
+            "duration_s": args.duration, "agents": args.agents}  # fmt: skip

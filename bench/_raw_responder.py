@@ -1,7 +1,8 @@
 """Baseline responder for bench/ask_remote.py: a bare nats-py process that answers every request.
 
 It subscribes to one subject, decodes nothing and replies with a small fixed payload. It runs on
-the default asyncio loop, like an `accord node` process, so the comparison is process for process.
+the loop an `accord node` process would ($ACCORD_LOOP: asyncio unless set to uvloop), so the
+comparison is process for process.
 With --fanout N it also subscribes to `<subject>.0` .. `<subject>.N-1` (one nats-py subscription,
 hence one dispatch task, each), the shape of a node's per-shard subscriptions.
 Prints `ready` once subscribed; exits on SIGTERM/SIGINT.
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import signal
 
 import nats
@@ -45,4 +47,10 @@ if __name__ == "__main__":
     p.add_argument("--subject", default="bench.raw")
     p.add_argument("--fanout", type=int, default=0, help="also subscribe to <subject>.0..N-1")
     a = p.parse_args()
-    asyncio.run(main(a.nats, a.subject, a.fanout))
+    factory = None
+    if os.environ.get("ACCORD_LOOP", "").strip().lower() == "uvloop":
+        import uvloop
+
+        factory = uvloop.new_event_loop
+    with asyncio.Runner(loop_factory=factory) as runner:
+        runner.run(main(a.nats, a.subject, a.fanout))

@@ -28,16 +28,16 @@ from typing import Any
 from _common import (
     COUNTER_APP,
     Cpu,
-    activate,
+    add_round_options,
+    alternating_rounds,
     emit,
     load_counter_app,
     median,
     parser,
-    percentile,
     ratio,
+    round_params,
     run_bench,
-    sequential,
-    throughput,
+    side_summary,
 )
 
 import accord
@@ -45,7 +45,7 @@ from accord.engine._auth import UserRegistry
 from accord.engine._server import EmbeddedServer
 from accord.engine._serverconf import ServerSecurity
 from accord.engine._tls import TlsFiles, issue_cert
-from accord.testing import Cluster, wait_for_placement
+from accord.testing import Cluster
 
 SIDES = ("plain", "secure")
 PROCESSES = ("client", "node", "server")
@@ -75,9 +75,6 @@ async def bench(args: Any) -> dict[str, Any]:
     env = {"ACCORD_CREDS": str(creds)} if creds is not None else {}
     if tls is not None:
         env["ACCORD_TLS_CA"] = str(tls.ca)
-    lat: dict[str, list[float]] = {s: [] for s in SIDES}
-    tput: dict[str, list[float]] = {s: [] for s in SIDES}
-    blocks: dict[str, list[dict[str, float]]] = {s: [] for s in SIDES}  # CPU µs per ask, each
     try:
         with (
             Cluster(str(COUNTER_APP), 1) as plain,
@@ -96,58 +93,25 @@ async def bench(args: Any) -> dict[str, Any]:
                         accord.connect(secure_url, creds=creds, tls_ca=tls.ca if tls else None)
                     ),
                 }
-                for mesh in meshes.values():
-                    await wait_for_placement(mesh, {"node-1"}, timeout=60)
-                    await activate(mesh, agents, inc)
-                    await mesh.ask("counter/x", inc)
-                for r in range(args.rounds):
-                    for name in SIDES if r % 2 == 0 else SIDES[::-1]:
-                        mesh = meshes[name]
-
-                        async def one(m: Any = mesh) -> Any:
-                            return await m.ask("counter/x", inc)
-
-                        async def many(i: int, m: Any = mesh) -> Any:
-                            return await m.ask(agents[i % len(agents)], inc, timeout=60)
-
-                        lat[name] += await sequential(one, args.n)
-                        cpu[name].start()
-                        done, elapsed = await throughput(many, args.duration, args.inflight)
-                        used = cpu[name].stop()
-                        tput[name].append(done / elapsed)
-                        blocks[name].append({k: v * 1e6 / max(1, done) for k, v in used.items()})
+                lat, tput, blocks = await alternating_rounds(meshes, cpu, args, agents, inc)
     finally:
         await asyncio.to_thread(server.stop)
     res: dict[str, Any] = {"benchmark": "ask_secure", "mode": args.only or "auth+tls"}
     for name in SIDES:
-        res[name] = {
-            "seq_p50_us": percentile(lat[name], 50) * 1e6,
-            "seq_p99_us": percentile(lat[name], 99) * 1e6,
-            "tput_ops_s": median(tput[name]),
-            "tput_rounds_ops_s": [round(x) for x in tput[name]],
-            "cpu_us_per_op": median([sum(b.values()) for b in blocks[name]]),
-            "cpu_us_per_op_by_process": {
-                k: round(median([b[k] for b in blocks[name]]), 1) for k in PROCESSES
-            },
-        }
+        res[name] = side_summary(lat[name], tput[name], blocks[name])
     per_round = [ratio(s_, p_) for s_, p_ in zip(tput["secure"], tput["plain"], strict=True)]
     res["throughput_ratio"] = median(per_round)
     res["throughput_ratio_rounds"] = [round(x, 2) for x in per_round]
     res["cpu_ratio"] = ratio(res["plain"]["cpu_us_per_op"], res["secure"]["cpu_us_per_op"])
     res["p50_ratio"] = ratio(res["secure"]["seq_p50_us"], res["plain"]["seq_p50_us"])
     res["throughput_target_met"] = res["throughput_ratio"] >= 0.9
-    res["params"] = {"rounds": args.rounds, "seq_per_round": args.n, "inflight": args.inflight,
-                     "duration_s": args.duration, "agents": len(agents)}  # fmt: skip
+    res["params"] = round_params(args)
     return res
 
 
 def main() -> None:
     p = parser(__doc__.splitlines()[0])
-    p.add_argument("--rounds", type=int, default=10)
-    p.add_argument("--n", type=int, default=1000, help="sequential asks per round")
-    p.add_argument("--duration", type=float, default=1.5, help="seconds per throughput block")
-    p.add_argument("--inflight", type=int, default=64)
-    p.add_argument("--agents", type=int, default=500)
+    add_round_options(p)
     p.add_argument("--only", choices=("tls", "auth"), help="secure side: only TLS or only auth")
     res, args = run_bench(p, bench)
     pl, se = res["plain"], res["secure"]

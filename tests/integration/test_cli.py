@@ -35,6 +35,8 @@ def accord(*args: str, env: dict[str, str] | None = None) -> subprocess.Complete
         (["dlq", "list"], 2, "no cluster given"),
         (["node", "--app", "no/such/app.py", "--nats", "nats://127.0.0.1:1"], 2, "not found"),
         (["up", "--nodes", "2"], 2, "--app is required"),
+        (["node", "--loop", "trio", "--app", "examples/counter_app.py"], 2, "event loop 'trio'"),
+        (["up", "--nodes", "0", "--loop", "gevent"], 2, "choose one of asyncio, uvloop"),
         (["status", "--nats", "nats://127.0.0.1:1"], 1, "cannot connect"),
     ],
 )
@@ -45,6 +47,15 @@ def test_bad_input_is_a_clear_error(
     assert result.returncode == code, (result.stdout, result.stderr)
     assert message in result.stderr + result.stdout
     assert "Traceback" not in result.stderr
+
+
+def test_a_bad_accord_loop_in_the_environment_is_a_clear_error(tmp_path: Path) -> None:
+    result = accord("status", "--nats", "nats://127.0.0.1:1",
+                    env={"ACCORD_HOME": str(tmp_path), "ACCORD_LOOP": "libuv"})  # fmt: skip
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert result.stderr.strip() == (
+        "error: unknown event loop 'libuv' (--loop / $ACCORD_LOOP): choose one of asyncio, uvloop"
+    )
 
 
 def test_ask_tell_status_against_a_running_node(nats_url: str) -> None:

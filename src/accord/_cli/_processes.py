@@ -12,7 +12,18 @@ from typing import Annotated
 import typer
 
 from .._errors import ConfigurationError
-from ._common import ClusterOpt, NatsOpt, _run, _until_signalled, app, err, out
+from ._common import (
+    ClusterOpt,
+    LoopOpt,
+    NatsOpt,
+    _run,
+    _until_signalled,
+    app,
+    err,
+    out,
+    running_loop_name,
+    use_loop,
+)
 from ._logs import LogFormatOpt, setup_or_exit
 from ._security import SyncOpt, check_sync, up_security
 
@@ -67,6 +78,7 @@ def node(
     ] = True,
     log_level: Annotated[str, typer.Option("--log-level")] = "info",
     log_format: LogFormatOpt = "text",
+    loop: LoopOpt = None,
 ) -> None:
     """Run one node process (agents from --app, plus the node agent for services) until
     SIGTERM/SIGINT."""
@@ -74,6 +86,7 @@ def node(
     from ..runtime._node import Node
     from ..runtime._settings import NodeSettings, PlacementSettings
 
+    use_loop(loop)
     formatter = setup_or_exit(log_level, log_format)
 
     async def main() -> None:
@@ -101,7 +114,10 @@ def node(
             formatter.node = node.node_name
         async with node as n:
             logging.getLogger("accord").info(
-                "node %s serving %s", n.node_name, ", ".join(sorted(n.specs)) or "no agent types"
+                "node %s serving %s (event loop: %s)",
+                n.node_name,
+                ", ".join(sorted(n.specs)) or "no agent types",
+                running_loop_name(),
             )
             await _until_signalled()
 
@@ -126,8 +142,11 @@ def up(
         bool, typer.Option("--tls-verify", help="Mutual TLS: clients present certificates.")
     ] = False,
     sync: SyncOpt = "default",
+    loop: LoopOpt = None,
 ) -> None:
     """Start an embedded nats-server and N node processes; Ctrl-C stops everything.
+
+    `--loop uvloop` runs this command and every node on uvloop (docs/operations.md).
 
     Each node serves /metrics, /healthz and /readyz on a free port (printed; `--no-metrics`: off).
 
@@ -144,6 +163,7 @@ def up(
     if nodes and not app_ref:
         err.print("[red]error:[/red] --app is required when --nodes > 0", highlight=False)
         raise typer.Exit(2)
+    use_loop(loop)
     setup_or_exit(log_level, log_format)
     sync_ = check_sync(sync)
 
@@ -243,10 +263,12 @@ def demo(
     tls: Annotated[
         bool, typer.Option("--tls", help="Authenticated server with TLS (generated CA).")
     ] = False,
+    loop: LoopOpt = None,
 ) -> None:
     """Embedded server + 3 nodes; traffic; SIGKILL one node; show failover; summary."""
     from .._demo import run_demo
 
+    use_loop(loop)
     if not Path(app_ref).exists() and not app_ref.replace(".", "").replace("_", "").isalnum():
         err.print(f"[red]error:[/red] demo app {app_ref!r} not found; run from the repository root "
                   "or pass --app", highlight=False)  # fmt: skip
