@@ -20,7 +20,7 @@ from accord._cli import app
 from accord._cli._logs import JsonFormatter
 from accord._clock import VirtualClock
 from accord._context import current_sender
-from accord.cluster._shards import LOSS_GATHER, LossLog
+from accord.cluster._losslog import LOSS_GATHER, LossLog
 from accord.engine._api import Entry
 from accord.runtime._bulkhead import Bulkhead
 from accord.runtime._metrics import NodeMetrics
