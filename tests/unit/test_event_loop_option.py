@@ -87,3 +87,15 @@ def test_running_loop_name_tells_the_loops_apart() -> None:
     assert asyncio.run(which()) == "asyncio"
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         assert runner.run(which()) == "uvloop"
+
+
+def test_the_missing_uvloop_error_keeps_its_brackets_on_the_terminal(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Printed, the hint still says `accord[fast]`: square brackets in an error are text, not
+    rich markup (which would swallow `[fast]`)."""
+    monkeypatch.setitem(sys.modules, "uvloop", None)
+    with pytest.raises(typer.Exit) as exc:
+        use_loop("uvloop")
+    assert exc.value.exit_code == 2
+    assert "pip install 'accord[fast]'" in capsys.readouterr().err

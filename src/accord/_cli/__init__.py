@@ -18,7 +18,7 @@ from . import (
     _topology,
     _workflows,
 )  # fmt: skip
-from ._common import add_connection_options, app, err
+from ._common import add_connection_options, app, print_error
 
 add_connection_options(app)  # every command registered above: --creds etc. after it too
 
@@ -41,5 +41,5 @@ def main() -> None:
     try:
         app()
     except msgspec.MsgspecError as exc:  # defensive: never show a traceback
-        err.print(f"[red]error:[/red] {exc}", highlight=False)
+        print_error(str(exc))
         sys.exit(1)

@@ -18,6 +18,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from .._errors import AccordError, ConfigurationError
 
@@ -29,6 +30,19 @@ app = typer.Typer(
 )
 out = Console()
 err = Console(stderr=True, soft_wrap=True)  # one error line, never wrapped mid-message
+
+
+def print_error(text: str) -> None:
+    """`error: <text>` on stderr, one line. `text` is printed as it is: square brackets in it
+    (`pip install 'accord[fast]'`, a subject, user input) are not read as rich markup."""
+    err.print(f"[red]error:[/red] {escape(text)}", highlight=False)
+
+
+def print_warning(text: str) -> None:
+    """`warning: <text>` on stderr, like `print_error`."""
+    err.print(f"[yellow]warning:[/yellow] {escape(text)}", highlight=False)
+
+
 T = TypeVar("T")
 
 NatsOpt = Annotated[
@@ -70,7 +84,7 @@ def use_connection_options(**given: str | None) -> None:
     for key, value in given.items():
         if value is not None:
             if not Path(value).expanduser().is_file():
-                err.print(f"[red]error:[/red] {value}: no such file", highlight=False)
+                print_error(f"{value}: no such file")
                 raise typer.Exit(2)
             os.environ[CONNECTION_ENV[key]] = str(Path(value).expanduser().resolve())
 
@@ -156,7 +170,7 @@ def use_loop(name: str | None) -> None:
     try:
         loop_factory(name)
     except ConfigurationError as exc:
-        err.print(f"[red]error:[/red] {exc}", highlight=False)
+        print_error(str(exc))
         raise typer.Exit(2) from None
     os.environ[LOOP_ENV] = name.strip().lower()
 
@@ -207,10 +221,10 @@ def _run(coro: Coroutine[Any, Any, T]) -> T:
         with asyncio.Runner(loop_factory=factory) as runner:
             return runner.run(coro)
     except ConfigurationError as exc:
-        err.print(f"[red]error:[/red] {exc}", highlight=False)
+        print_error(str(exc))
         raise typer.Exit(2) from None
     except AccordError as exc:
-        err.print(f"[red]error:[/red] {type(exc).__name__}: {exc}", highlight=False)
+        print_error(f"{type(exc).__name__}: {exc}")
         raise typer.Exit(1) from None
     except KeyboardInterrupt:
         raise typer.Exit(130) from None

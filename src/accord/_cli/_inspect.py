@@ -14,7 +14,7 @@ import typer
 from rich.table import Table
 
 from .._errors import ConfigurationError
-from ._common import ClusterOpt, JsonOpt, NatsOpt, _existing_cluster, _run, app, err, out
+from ._common import ClusterOpt, JsonOpt, NatsOpt, _existing_cluster, _run, app, out, print_warning
 
 
 @app.command()
@@ -75,7 +75,7 @@ def _print_pools(pools: dict[str, dict[str, Any]]) -> None:
 
 def _print_replication(rep: dict[str, Any]) -> None:
     if "error" in rep:
-        err.print(f"[yellow]warning:[/yellow] replication unknown: {rep['error']}")
+        print_warning(f"replication unknown: {rep['error']}")
         return
     if not rep:
         return
@@ -90,7 +90,7 @@ def _print_replication(rep: dict[str, Any]) -> None:
         table.add_row(r["name"], r["kind"], replicas, current, r["leader"] or "-")
     out.print(table)
     if rep["warning"]:
-        err.print(f"[yellow]warning:[/yellow] {rep['warning']}", highlight=False)
+        print_warning(str(rep["warning"]))
 
 
 @app.command()

@@ -76,7 +76,7 @@ def setup_or_exit(level: str, fmt: str) -> JsonFormatter | None:
     try:
         return setup_logging(level, fmt)
     except ConfigurationError as exc:
-        from ._common import err
+        from ._common import print_error
 
-        err.print(f"[red]error:[/red] {exc}", highlight=False)
+        print_error(str(exc))
         raise typer.Exit(2) from None

@@ -20,8 +20,8 @@ from ._common import (
     _run,
     _until_signalled,
     app,
-    err,
     out,
+    print_error,
 )
 from ._logs import LogFormatOpt, setup_or_exit
 
@@ -49,8 +49,7 @@ def top(
     from ..dashboard._top import render
 
     if as_json and not once:
-        err.print("[red]error:[/red] --json prints one snapshot: use it with --once",
-                  highlight=False)  # fmt: skip
+        print_error("--json prints one snapshot: use it with --once")
         raise typer.Exit(2)
     setup_or_exit(log_level, log_format)  # on stderr: the view is drawn on stdout
 
@@ -122,7 +121,7 @@ def dashboard(
     from ..dashboard._server import serving
 
     if not host.strip():
-        err.print("[red]error:[/red] --host must not be empty", highlight=False)
+        print_error("--host must not be empty")
         raise typer.Exit(2)
     setup_or_exit(log_level, log_format)
 

@@ -19,8 +19,8 @@ from ._common import (
     _run,
     _until_signalled,
     app,
-    err,
     out,
+    print_error,
     running_loop_name,
     use_loop,
 )
@@ -161,7 +161,7 @@ def up(
     from ..testing import NodeProcess
 
     if nodes and not app_ref:
-        err.print("[red]error:[/red] --app is required when --nodes > 0", highlight=False)
+        print_error("--app is required when --nodes > 0")
         raise typer.Exit(2)
     use_loop(loop)
     setup_or_exit(log_level, log_format)
@@ -219,7 +219,7 @@ def up(
             restarts = f" (nats-server restarted {supervisor.restarts} time(s))"
             out.print(f"stopped.{restarts if supervisor.restarts else ''}")
         if supervisor.failure is not None:
-            err.print(f"[red]error:[/red] EngineError: {supervisor.failure}", highlight=False)
+            print_error(f"EngineError: {supervisor.failure}")
             return 1
         return 0
 
@@ -270,8 +270,7 @@ def demo(
 
     use_loop(loop)
     if not Path(app_ref).exists() and not app_ref.replace(".", "").replace("_", "").isalnum():
-        err.print(f"[red]error:[/red] demo app {app_ref!r} not found; run from the repository root "
-                  "or pass --app", highlight=False)  # fmt: skip
+        print_error(f"demo app {app_ref!r} not found; run from the repository root or pass --app")
         raise typer.Exit(2)
     code = _run(run_demo(app_ref, agents, out, tls=tls))
     raise typer.Exit(code)

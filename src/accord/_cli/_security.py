@@ -20,7 +20,7 @@ from ..engine._auth import ROLES, Role, UserRegistry
 from ..engine._resolve import auth_dir, local_creds_file, local_tls_file, state_dir, tls_dir
 from ..engine._serverconf import ServerSecurity, Sync, machine_configs
 from ..engine._tls import TlsFiles, ensure_ca, issue_cert
-from ._common import _run, app, err, out
+from ._common import _run, app, out, print_error
 
 creds_app = typer.Typer(help="Credentials: NKey users with a role (node, client, observer).")
 app.add_typer(creds_app, name="creds")
@@ -212,6 +212,6 @@ SyncOpt = Annotated[
 
 def check_sync(value: str) -> Literal["always", "default"]:
     if value not in ("always", "default"):
-        err.print(f"[red]error:[/red] --sync must be always or default, got {value!r}")
+        print_error(f"--sync must be always or default, got {value!r}")
         raise typer.Exit(2)
     return "always" if value == "always" else "default"
