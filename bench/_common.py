@@ -16,6 +16,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from accord import _loops
+
 ROOT = Path(__file__).resolve().parent.parent
 COUNTER_APP = ROOT / "examples" / "counter_app.py"
 PARTITION_APP = ROOT / "examples" / "partition_app.py"
@@ -106,7 +108,7 @@ def environment(loop_name: str) -> dict[str, Any]:
     return {
         "python": platform.python_version(),
         "loop": loop_name,
-        "node_loop": os.environ.get("ACCORD_LOOP", "").strip().lower() or "asyncio",
+        "node_loop": _loops.loop_name(),
         "cpus": os.cpu_count(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
     }

@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import signal
 
 import nats
+
+from accord._loops import loop_factory, loop_name
 
 # About the size of an accord reply envelope carrying a Count.
 PAYLOAD = b"\x85\xa1v\x01\xa2ok\xc3\xa4body" + b"x" * 48
@@ -47,10 +48,5 @@ if __name__ == "__main__":
     p.add_argument("--subject", default="bench.raw")
     p.add_argument("--fanout", type=int, default=0, help="also subscribe to <subject>.0..N-1")
     a = p.parse_args()
-    factory = None
-    if os.environ.get("ACCORD_LOOP", "").strip().lower() == "uvloop":
-        import uvloop
-
-        factory = uvloop.new_event_loop
-    with asyncio.Runner(loop_factory=factory) as runner:
+    with asyncio.Runner(loop_factory=loop_factory(loop_name())) as runner:
         runner.run(main(a.nats, a.subject, a.fanout))

@@ -13,8 +13,9 @@ import typer
 import uvloop
 
 from accord._cli import _common
-from accord._cli._common import LOOP_ENV, loop_factory, loop_name, running_loop_name, use_loop
+from accord._cli._common import use_loop
 from accord._errors import ConfigurationError
+from accord._loops import LOOP_ENV, loop_factory, loop_name, running_loop_name
 
 
 def test_asyncio_is_the_default_and_uvloop_is_its_factory(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -21,6 +21,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from .._errors import AccordError, ConfigurationError
+from .._loops import LOOP_ENV, loop_factory, loop_name
 
 app = typer.Typer(
     add_completion=False,
@@ -147,10 +148,8 @@ def add_connection_options(typer_app: typer.Typer) -> None:
         add_connection_options(sub)
 
 
-#: The event loops a command can run on (`--loop`, $ACCORD_LOOP); uvloop comes with the `fast`
-#: extra. `accord up` passes its choice on to the node processes it starts (the environment).
-LOOPS = ("asyncio", "uvloop")
-LOOP_ENV = "ACCORD_LOOP"
+#: `--loop` (uvloop comes with the `fast` extra): the loop of this command, and through
+#: $ACCORD_LOOP of the node processes it starts (`accord up`).
 LoopOpt = Annotated[
     str | None,
     typer.Option(
@@ -163,7 +162,7 @@ LoopOpt = Annotated[
 
 def use_loop(name: str | None) -> None:
     """Run this command (and the node processes it starts) on the event loop `name` (None: keep
-    $ACCORD_LOOP or the default). A name that is not one of `LOOPS`, or uvloop when it is not
+    $ACCORD_LOOP or the default). A name that is not one of `_loops.LOOPS`, or uvloop when it is not
     installed, is bad input: one line and exit 2."""
     if name is None:
         return
@@ -173,38 +172,6 @@ def use_loop(name: str | None) -> None:
         print_error(str(exc))
         raise typer.Exit(2) from None
     os.environ[LOOP_ENV] = name.strip().lower()
-
-
-def loop_name() -> str:
-    """The event loop chosen for this process: $ACCORD_LOOP, else "asyncio"."""
-    return os.environ.get(LOOP_ENV, "").strip().lower() or "asyncio"
-
-
-def loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
-    """The `asyncio.Runner` loop factory of the loop `name` (None: asyncio's own). Raises
-    `ConfigurationError` for an unknown name or for uvloop when it is not installed."""
-    name = name.strip().lower()
-    if name == "asyncio":
-        return None
-    if name == "uvloop":
-        try:
-            import uvloop
-        except ImportError:
-            raise ConfigurationError(
-                "event loop uvloop is not installed: pip install 'accord[fast]' "
-                f"(or --loop asyncio / {LOOP_ENV}=asyncio)"
-            ) from None
-        factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
-        return factory
-    raise ConfigurationError(
-        f"unknown event loop {name!r} (--loop / ${LOOP_ENV}): choose one of {', '.join(LOOPS)}"
-    )
-
-
-def running_loop_name() -> str:
-    """Which loop runs the calling coroutine: "uvloop" or "asyncio" (what a node logs)."""
-    module = type(asyncio.get_running_loop()).__module__
-    return "uvloop" if module.split(".")[0] == "uvloop" else "asyncio"
 
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")]

@@ -12,6 +12,7 @@ from typing import Annotated
 import typer
 
 from .._errors import ConfigurationError
+from .._loops import running_loop_name
 from ._common import (
     ClusterOpt,
     LoopOpt,
@@ -21,7 +22,6 @@ from ._common import (
     app,
     out,
     print_error,
-    running_loop_name,
     use_loop,
 )
 from ._logs import LogFormatOpt, setup_or_exit
