@@ -17,6 +17,7 @@ from types import ModuleType
 from typing import Any
 
 from accord import _loops
+from accord._errors import ConfigurationError
 
 ROOT = Path(__file__).resolve().parent.parent
 COUNTER_APP = ROOT / "examples" / "counter_app.py"
@@ -71,11 +72,9 @@ def run(main: Callable[[], Coroutine[Any, Any, Any]], use_uvloop: bool) -> tuple
     loop_name = "asyncio"
     if use_uvloop:
         try:
-            import uvloop
-
-            factory = uvloop.new_event_loop
+            factory = _loops.loop_factory("uvloop")
             loop_name = "uvloop"
-        except ImportError:
+        except ConfigurationError:
             print("uvloop not installed; using the default asyncio loop", file=sys.stderr)
     with asyncio.Runner(loop_factory=factory) as runner:
         return runner.run(main()), loop_name
